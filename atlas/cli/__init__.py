@@ -1,0 +1,94 @@
+"""The ``atlas`` command line. Thin: parses arguments, builds the settings, calls the library.
+
+Sub-commands live in one module each and are imported lazily, so ``atlas --help`` is instant and
+heavy libraries (torch, neo4j) load only inside the command that needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from typing import Any
+
+import click
+
+from atlas.errors import AtlasError
+
+#: command name -> "module:attribute" (a click command or group)
+_COMMANDS: dict[str, str] = {
+    "db": "atlas.cli.db:db",
+    "attribute": "atlas.cli.attribute:attribute",
+    "toy": "atlas.cli.toy:toy",
+    "import": "atlas.cli.store:import_cmd",
+    "export": "atlas.cli.store:export_cmd",
+    "query": "atlas.cli.store:query",
+    "cypher": "atlas.cli.store:cypher",
+    "supernode": "atlas.cli.store:supernode",
+    "annotate": "atlas.cli.store:annotate",
+    "enqueue": "atlas.cli.jobs:enqueue",
+    "batch": "atlas.cli.jobs:batch",
+    "jobs": "atlas.cli.jobs:jobs",
+    "worker": "atlas.cli.jobs:worker",
+    "demo": "atlas.cli.demo:demo",
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(_COMMANDS) | set(super().list_commands(ctx)))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = _COMMANDS.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        module_name, attr = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                return None  # not built yet
+            raise
+        command = getattr(module, attr, None)
+        return command if isinstance(command, click.Command) else None
+
+
+@click.group(cls=_LazyGroup)
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int) -> None:
+    """Circuit Atlas: attribution graphs for many prompts, queried across prompts in Neo4j."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    ctx.ensure_object(dict)
+
+
+def get_settings(ctx: click.Context | None = None) -> Any:
+    """Build the settings once per CLI invocation (the entry point owns them)."""
+    from atlas.settings import AtlasSettings
+
+    ctx = ctx or click.get_current_context()
+    obj = ctx.find_root().ensure_object(dict)
+    if "settings" not in obj:
+        obj["settings"] = AtlasSettings()
+    return obj["settings"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors become one line on stderr and a non-zero exit."""
+    try:
+        cli.main(args=argv, standalone_mode=False, prog_name="atlas")
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except AtlasError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,97 @@
+"""The one settings object. Built at entry points (CLI, worker) and passed down; nothing below
+the entry points reads the environment.
+
+Every field can be set from the environment (the field name in upper case, e.g. ``NEO4J_URI``)
+or from a ``.env`` file in the working directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_home() -> Path:
+    return Path.home() / ".circuit-atlas"
+
+
+class AtlasSettings(BaseSettings):
+    """Connection, storage and compute settings for Circuit Atlas."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", env_prefix="")
+
+    atlas_home: Path = Field(default_factory=_default_home)
+    """Root for everything the project keeps locally: the embedded Neo4j (data, logs, built
+    launcher), the artifact store and the toy world. Env: ATLAS_HOME."""
+
+    neo4j_uri: str | None = None
+    """Bolt URI of an existing Neo4j (e.g. ``bolt://db:7687``). Unset: the local launcher is used
+    (the embedded default) and its URI is ``bolt://127.0.0.1:{neo4j_bolt_port}``."""
+
+    neo4j_user: str = "neo4j"
+    """Neo4j user name."""
+
+    neo4j_password: SecretStr = SecretStr("")
+    """Neo4j password. Empty for the local launcher, which runs without auth on loopback."""
+
+    neo4j_database: str = "neo4j"
+    """Database name (Community Edition has exactly one user database, ``neo4j``)."""
+
+    neo4j_bolt_port: int = 7697
+    """Bolt port of the local launcher (not 7687, so it never collides with a real install)."""
+
+    neo4j_heap: str = "1g"
+    """JVM heap of the local launcher."""
+
+    neo4j_pagecache: str = "1g"
+    """Page cache of the local launcher."""
+
+    redis_url: str | None = None
+    """Celery broker and result backend, e.g. ``redis://127.0.0.1:6379/0``. Unset: ``enqueue``
+    and ``batch`` run the task code inline (the embedded default)."""
+
+    artifact_dir: Path | None = None
+    """Content-addressed artifact store. Default: ``{atlas_home}/artifacts``."""
+
+    device: str = "auto"
+    """Torch device for attribution: ``auto`` (cuda if available, else cpu), ``cpu``, ``cuda``,
+    ``cuda:N``."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Model and transcoder dtype for attribution."""
+
+    batch_size: int = 64
+    """Targets per backward pass in attribution."""
+
+    query_timeout_s: float = 30.0
+    """Server-side timeout for read queries, raw Cypher included."""
+
+    cypher_row_cap: int = 10_000
+    """Most rows a raw ``atlas cypher`` query returns."""
+
+    @property
+    def resolved_artifact_dir(self) -> Path:
+        return self.artifact_dir or (self.atlas_home / "artifacts")
+
+    @property
+    def local_neo4j_home(self) -> Path:
+        return self.atlas_home / "neo4j"
+
+    @property
+    def uses_local_neo4j(self) -> bool:
+        return self.neo4j_uri is None
+
+    @property
+    def resolved_neo4j_uri(self) -> str:
+        return self.neo4j_uri or f"bolt://127.0.0.1:{self.neo4j_bolt_port}"
+
+    def resolved_device(self) -> str:
+        """The torch device string; ``auto`` becomes ``cuda`` when a GPU is present."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
