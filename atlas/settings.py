@@ -53,6 +53,10 @@ class AtlasSettings(BaseSettings):
     """Celery broker and result backend, e.g. ``redis://127.0.0.1:6379/0``. Unset: ``enqueue``
     and ``batch`` run the task code inline (the embedded default)."""
 
+    celery_visibility_timeout_s: int = 6 * 3600
+    """Seconds before Redis hands an unacknowledged task to another worker. Must exceed the
+    longest task (tasks are acked late), or long attributions run twice."""
+
     artifact_dir: Path | None = None
     """Content-addressed artifact store. Default: ``{atlas_home}/artifacts``."""
 
@@ -71,6 +75,16 @@ class AtlasSettings(BaseSettings):
 
     cypher_row_cap: int = 10_000
     """Most rows a raw ``atlas cypher`` query returns."""
+
+    ingest_batch_size: int = 5000
+    """Rows per ``UNWIND $rows`` write when ingesting a prompt into Neo4j."""
+
+    ingest_min_abs_weight: float = 0.0
+    """Edges with ``|weight|`` below this are not stored (0: keep every edge of the graph, which
+    is the pruned graph when the artifact is pruned)."""
+
+    ingest_max_edges: int | None = None
+    """Keep at most this many edges per prompt (largest ``|weight|`` first); None: all."""
 
     @property
     def resolved_artifact_dir(self) -> Path:

@@ -17,3 +17,541 @@ SHOW_CONSTRAINTS = "SHOW CONSTRAINTS YIELD name, type, labelsOrTypes, properties
 
 # Used by the tests' fixture and ``atlas db wipe``: batched so large atlases do not blow memory.
 WIPE_DATABASE = "MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS"
+
+# =========================================================================== jobs (workers engineer)
+# Job records live in Neo4j next to the atlas, so job state survives a Redis restart (or loss) and
+# every worker, wherever it runs, reports to the same place. One (:Job) per batch and one
+# (:JobItem) per prompt spec, keyed "{job id}/{item index}". Used by atlas.jobs only.
+JOB_SCHEMA = (
+    "CREATE CONSTRAINT job_id IF NOT EXISTS FOR (j:Job) REQUIRE j.id IS UNIQUE",
+    "CREATE CONSTRAINT job_item_key IF NOT EXISTS FOR (i:JobItem) REQUIRE i.key IS UNIQUE",
+    "CREATE INDEX job_item_job IF NOT EXISTS FOR (i:JobItem) ON (i.job_id)",
+    "CREATE INDEX job_item_spec IF NOT EXISTS FOR (i:JobItem) ON (i.spec_id)",
+)
+
+JOB_CREATE = """
+MERGE (j:Job {id: $job_id})
+  ON CREATE SET j.created_at = $now, j.source = $source, j.n_items = $n_items, j.mode = $mode
+"""
+
+# $rows: [{idx, spec, spec_id, state, prompt_id, outcome, reason}]
+JOB_ADD_ITEMS = """
+UNWIND $rows AS row
+MERGE (i:JobItem {key: $job_id + '/' + toString(row.idx)})
+  ON CREATE SET i.job_id = $job_id, i.idx = row.idx, i.spec = row.spec, i.spec_id = row.spec_id,
+                i.state = row.state, i.prompt_id = row.prompt_id, i.outcome = row.outcome,
+                i.reason = row.reason, i.attempts = 0, i.created_at = $now, i.updated_at = $now
+"""
+
+# A finished item ('done') never goes back to a running state when a redelivered message runs
+# again; 'failed' can be overwritten by a later success (retry).
+JOB_MARK_ITEM = """
+MATCH (i:JobItem {key: $key})
+WITH i, (i.state = 'done' AND $state <> 'done') AS stale
+SET i.attempts = coalesce(i.attempts, 0) + CASE WHEN $attempt THEN 1 ELSE 0 END,
+    i.updated_at = $now
+WITH i, stale WHERE NOT stale
+SET i.state = $state,
+    i.prompt_id = coalesce($prompt_id, i.prompt_id),
+    i.outcome = coalesce($outcome, i.outcome),
+    i.reason = CASE WHEN $state = 'failed' THEN $reason ELSE NULL END,
+    i.timings = coalesce($timings, i.timings)
+"""
+
+JOB_GET = """
+MATCH (j:Job {id: $job_id})
+RETURN j.id AS id, j.created_at AS created_at, j.source AS source, j.n_items AS n_items,
+       j.mode AS mode
+"""
+
+JOB_STATE_COUNTS = """
+MATCH (i:JobItem {job_id: $job_id})
+RETURN i.state AS state, count(*) AS n
+"""
+
+JOB_ITEMS = """
+MATCH (i:JobItem {job_id: $job_id})
+WHERE $states IS NULL OR i.state IN $states
+RETURN i.idx AS idx, i.spec AS spec, i.spec_id AS spec_id, i.state AS state,
+       i.prompt_id AS prompt_id, i.outcome AS outcome, i.reason AS reason,
+       i.attempts AS attempts, i.timings AS timings, i.updated_at AS updated_at
+ORDER BY i.idx
+"""
+
+JOB_LIST = """
+MATCH (j:Job)
+WITH j ORDER BY j.created_at DESC LIMIT $limit
+OPTIONAL MATCH (i:JobItem {job_id: j.id})
+RETURN j.id AS id, j.created_at AS created_at, j.source AS source, j.n_items AS n_items,
+       j.mode AS mode,
+       count(CASE WHEN i.state = 'done' THEN 1 END) AS done,
+       count(CASE WHEN i.state = 'failed' THEN 1 END) AS failed
+ORDER BY created_at DESC
+"""
+
+# spec ids already finished by some earlier job, with the prompt each produced
+JOB_DONE_SPECS = """
+UNWIND $spec_ids AS sid
+MATCH (i:JobItem {spec_id: sid})
+WHERE i.state = 'done' AND i.prompt_id IS NOT NULL
+RETURN sid AS spec_id, collect(DISTINCT i.prompt_id) AS prompt_ids
+"""
+
+# which of these prompt ids are complete in the atlas
+PROMPTS_PRESENT = """
+UNWIND $prompt_ids AS pid
+MATCH (p:Prompt {id: pid})
+WHERE p.complete
+RETURN p.id AS prompt_id
+"""
+
+# items still counted as running when nothing has touched them for $stale_s seconds
+JOB_STALE_ITEMS = """
+MATCH (i:JobItem {job_id: $job_id})
+WHERE i.state IN ['queued', 'attributing', 'ingesting'] AND i.updated_at < $before
+RETURN i.idx AS idx, i.spec AS spec, i.state AS state
+ORDER BY i.idx
+"""
+# =========================================================================== end of jobs section
+
+# =========================================================================== graph model
+# (:Model {name})  (:TranscoderSet {hash})-[:FOR_MODEL]->(:Model)
+# (:Feature {fid = "<tset>/<layer>/<index>"})   (:Token {tid = "<model>/<vocab id>", text_norm})
+# (:Prompt {id, complete})-[:USES_MODEL]->(:Model), -[:USES_TRANSCODERS]->(:TranscoderSet)
+# (:Node:FeatureNode|ErrorNode|TokenNode|LogitNode {key = "<prompt>/<node id>", prompt, id, ref})
+#     -[:EDGE {w}]->(:Node)          source -> target, w = A[target, source]; one prompt only
+#     -[:OF]->(:Feature | :Token)    instance of a global entity
+# (:Feature)-[:AGG {n_prompts, sum_w, max_w, min_w}]->(:Feature)     (mean = sum_w / n_prompts)
+# (:Supernode {name})-[:HAS]->(:Feature);  (:Supernode)-[:SAGG {...}]->(:Supernode)
+# See schema/README.md for the drawing.
+
+# --------------------------------------------------------------------------- ingestion
+# Claims the prompt: MERGE on the unique id, then a SET that takes the node's write lock, so a
+# second ingester of the same prompt waits here and then sees ``complete = true``.
+CLAIM_PROMPT = """
+MERGE (p:Prompt {id: $id})
+ON CREATE SET p.complete = false
+SET p.complete = coalesce(p.complete, false)
+RETURN p.complete AS complete
+"""
+
+# Leftovers of an incomplete prompt (never visible: every read filters on ``complete``).
+DELETE_PROMPT_NODES = """
+MATCH (n:Node {prompt: $id})
+WITH n LIMIT $batch
+DETACH DELETE n
+RETURN count(*) AS deleted
+"""
+
+WRITE_PROMPT = """
+MATCH (p:Prompt {id: $id})
+MERGE (m:Model {name: $model.name})
+ON CREATE SET m.family = $model.family, m.n_layers = $model.n_layers,
+              m.d_model = $model.d_model, m.vocab_size = $model.vocab_size
+MERGE (t:TranscoderSet {hash: $tset.hash})
+ON CREATE SET t.name = $tset.name, t.kind = $tset.kind, t.d_transcoder = $tset.d_transcoder
+MERGE (t)-[:FOR_MODEL]->(m)
+MERGE (p)-[:USES_MODEL]->(m)
+MERGE (p)-[:USES_TRANSCODERS]->(t)
+SET p += $props
+"""
+
+MERGE_FEATURES = """
+UNWIND $rows AS r
+MERGE (f:Feature {fid: r.fid})
+ON CREATE SET f.tset = r.tset, f.layer = r.layer, f.index = r.index,
+              f.n_prompts = 0, f.max_act = r.act, f.sum_act = 0.0
+SET f.label = coalesce(f.label, r.label),
+    f.n_prompts = f.n_prompts + 1,
+    f.sum_act = f.sum_act + r.act,
+    f.max_act = CASE WHEN r.act > f.max_act THEN r.act ELSE f.max_act END
+RETURN f.fid AS fid, elementId(f) AS eid
+"""
+
+MERGE_TOKENS = """
+UNWIND $rows AS r
+MERGE (t:Token {tid: r.tid})
+ON CREATE SET t.model = r.model, t.token_id = r.token_id
+SET t.text = coalesce(t.text, r.text),
+    t.text_norm = coalesce(t.text_norm, r.text_norm)
+"""
+
+_NODE_PROPS = """key: r.key, prompt: $prompt, id: r.id, idx: r.idx, kind: r.kind, ref: r.ref,
+                 layer: r.layer, pos: r.pos, feature: r.feature, token_id: r.token_id,
+                 activation: r.activation, influence: r.influence, logit_prob: r.logit_prob"""
+
+CREATE_FEATURE_NODES = f"""
+UNWIND $rows AS r
+MATCH (f:Feature {{fid: r.ref}})
+CREATE (n:Node:FeatureNode {{{_NODE_PROPS}}})-[:OF]->(f)
+RETURN r.idx AS idx, elementId(n) AS eid
+"""
+
+CREATE_ERROR_NODES = f"""
+UNWIND $rows AS r
+CREATE (n:Node:ErrorNode {{{_NODE_PROPS}}})
+RETURN r.idx AS idx, elementId(n) AS eid
+"""
+
+CREATE_TOKEN_NODES = f"""
+UNWIND $rows AS r
+MATCH (t:Token {{tid: r.ref}})
+CREATE (n:Node:TokenNode {{{_NODE_PROPS}}})-[:OF]->(t)
+RETURN r.idx AS idx, elementId(n) AS eid
+"""
+
+CREATE_LOGIT_NODES = f"""
+UNWIND $rows AS r
+MATCH (t:Token {{tid: r.ref}})
+CREATE (n:Node:LogitNode {{{_NODE_PROPS}}})-[:OF]->(t)
+RETURN r.idx AS idx, elementId(n) AS eid
+"""
+
+# Rows: {s, t, w} with s/t the element ids returned by the CREATE_*_NODES queries of this
+# transaction (a node-by-id seek is cheaper than two index seeks per edge).
+CREATE_EDGES = """
+UNWIND $rows AS r
+MATCH (s:Node) WHERE elementId(s) = r.s
+MATCH (t:Node) WHERE elementId(t) = r.t
+CREATE (s)-[:EDGE {w: r.w}]->(t)
+"""
+
+# Rows: one per (source feature, target feature) pair of ONE prompt, weights summed over positions;
+# ``a``/``b`` are the features' element ids returned by MERGE_FEATURES in this transaction.
+# Runs once per prompt (the prompt's claim guarantees it), so counts never double.
+UPDATE_FEATURE_AGG = """
+UNWIND $rows AS r
+MATCH (a:Feature) WHERE elementId(a) = r.a
+MATCH (b:Feature) WHERE elementId(b) = r.b
+MERGE (a)-[g:AGG]->(b)
+ON CREATE SET g.n_prompts = 1, g.sum_w = r.w, g.max_w = r.w, g.min_w = r.w
+ON MATCH SET g.n_prompts = g.n_prompts + 1,
+    g.sum_w = g.sum_w + r.w,
+    g.max_w = CASE WHEN r.w > g.max_w THEN r.w ELSE g.max_w END,
+    g.min_w = CASE WHEN r.w < g.min_w THEN r.w ELSE g.min_w END
+"""
+
+HAS_SUPERNODES = "MATCH (s:Supernode) RETURN count(s) > 0 AS any"
+
+# Supernode-level aggregate contributed by one prompt (run in the prompt's transaction).
+UPDATE_SUPERNODE_AGG_FOR_PROMPT = """
+MATCH (s:Supernode)-[:HAS]->(:Feature)<-[:OF]-(a:FeatureNode {prompt: $prompt})
+MATCH (a)-[e:EDGE]->(b:FeatureNode)-[:OF]->(:Feature)<-[:HAS]-(t:Supernode)
+WHERE s <> t
+WITH s, t, sum(e.w) AS w
+MERGE (s)-[g:SAGG]->(t)
+ON CREATE SET g.n_prompts = 1, g.sum_w = w, g.max_w = w, g.min_w = w
+ON MATCH SET g.n_prompts = g.n_prompts + 1,
+    g.sum_w = g.sum_w + w,
+    g.max_w = CASE WHEN w > g.max_w THEN w ELSE g.max_w END,
+    g.min_w = CASE WHEN w < g.min_w THEN w ELSE g.min_w END
+"""
+
+COMPLETE_PROMPT = """
+MATCH (p:Prompt {id: $id})
+SET p.complete = true, p.ingested_at = datetime()
+"""
+
+# Baseline for the benchmark: the same rows written with plain CREATE, no checks, no links.
+BASELINE_CREATE_NODES = """
+UNWIND $rows AS r
+CREATE (n:BaselineNode {key: r.key, prompt: $prompt, id: r.id, idx: r.idx, kind: r.kind,
+                        ref: r.ref, layer: r.layer, pos: r.pos, feature: r.feature,
+                        token_id: r.token_id, activation: r.activation,
+                        influence: r.influence, logit_prob: r.logit_prob})
+RETURN r.idx AS idx, elementId(n) AS eid
+"""
+
+BASELINE_CREATE_EDGES = """
+UNWIND $rows AS r
+MATCH (s) WHERE elementId(s) = r.s
+MATCH (t) WHERE elementId(t) = r.t
+CREATE (s)-[:BASELINE_EDGE {w: r.w}]->(t)
+"""
+
+BASELINE_WIPE = """
+MATCH (n:BaselineNode) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 5000 ROWS
+"""
+
+# --------------------------------------------------------------------------- prompts, export
+PROMPT_EXISTS = "MATCH (p:Prompt {id: $id}) WHERE p.complete RETURN p.id AS id"
+
+COUNT_PROMPTS = "MATCH (p:Prompt) WHERE p.complete RETURN count(p) AS n"
+
+LIST_PROMPTS = """
+MATCH (p:Prompt) WHERE p.complete
+RETURN p.id AS id, p.text AS text, p.n_nodes AS n_nodes, p.n_edges AS n_edges,
+       p.replacement_score AS replacement_score, p.completeness_score AS completeness_score
+ORDER BY p.ingested_at DESC LIMIT $limit
+"""
+
+# Prompts whose id starts with the given prefix (users type short ids).
+FIND_PROMPT_BY_PREFIX = """
+MATCH (p:Prompt) WHERE p.complete AND p.id STARTS WITH $prefix
+RETURN p.id AS id LIMIT 2
+"""
+
+EXPORT_PROMPT = """
+MATCH (p:Prompt {id: $id}) WHERE p.complete
+RETURN p.meta_json AS meta_json, p.input_ids AS input_ids
+"""
+
+PROMPT_SUPERNODES = """
+MATCH (s:Supernode)-[:HAS]->(:Feature)<-[:OF]-(n:FeatureNode {prompt: $id})
+RETURN s.name AS name, collect(n.id) AS ids ORDER BY name
+"""
+
+EXPORT_NODES = """
+MATCH (n:Node {prompt: $id})
+OPTIONAL MATCH (n)-[:OF]->(f:Feature)
+OPTIONAL MATCH (n)-[:OF]->(t:Token)
+RETURN t.text AS token_text, n.idx AS idx, n.id AS id, n.kind AS kind, n.layer AS layer, n.pos AS pos,
+       n.feature AS feature, n.token_id AS token_id, n.activation AS activation,
+       n.influence AS influence, n.logit_prob AS logit_prob, f.label AS label
+ORDER BY idx
+"""
+
+EXPORT_EDGES = """
+MATCH (s:Node {prompt: $id})-[e:EDGE]->(t:Node)
+RETURN s.idx AS source, t.idx AS target, e.w AS weight
+"""
+
+# --------------------------------------------------------------------------- endpoints
+FEATURES_BY_LAYER_INDEX = """
+MATCH (f:Feature) WHERE f.layer = $layer AND f.index = $index
+RETURN f.fid AS ref
+"""
+
+TOKENS_BY_TEXT = "MATCH (t:Token {text_norm: $text}) RETURN t.tid AS ref"
+
+REF_TEXTS = """
+UNWIND $refs AS ref
+OPTIONAL MATCH (t:Token {tid: ref})
+OPTIONAL MATCH (f:Feature {fid: ref})
+RETURN ref, coalesce(t.text, f.label) AS text
+"""
+
+# --------------------------------------------------------------------------- named queries
+# Paths of 1..H edges inside one prompt (node keys embed the prompt id, so EDGE never crosses
+# prompts). Cypher needs a literal upper bound on the quantifier: one text per H, built below
+# from a fixed template with an integer from a closed range (never from user text).
+_PATHS_TEMPLATE = """
+MATCH (a:Node) WHERE a.ref IN $from_refs AND a.kind = $from_kind
+MATCH p = (a) ((u:Node)-[e:EDGE WHERE abs(e.w) >= $min_weight]->(v:Node)){1,__H__} (b:Node)
+WHERE b.ref IN $to_refs AND b.kind = $to_kind
+RETURN a.prompt AS prompt,
+       [n IN nodes(p) | n.id] AS nodes,
+       [n IN nodes(p) | coalesce(n.ref, n.kind + ':' + toString(n.layer))] AS refs,
+       [r IN relationships(p) | r.w] AS weights
+LIMIT $cap
+"""
+
+PATHS_MAX_HOPS = 6
+PATHS: dict[int, str] = {h: _PATHS_TEMPLATE.replace("__H__", str(h)) for h in range(1, PATHS_MAX_HOPS + 1)}
+
+ACTIVE_PROMPTS = """
+MATCH (n:FeatureNode) WHERE n.ref IN $refs
+WITH n.prompt AS prompt, max(n.activation) AS max_activation,
+     min(n.influence) AS best_influence, count(n) AS n_instances,
+     collect(DISTINCT n.pos) AS positions
+MATCH (p:Prompt {id: prompt}) WHERE p.complete
+RETURN prompt, p.text AS text, max_activation, best_influence, n_instances, positions
+ORDER BY max_activation DESC LIMIT $limit
+"""
+
+TOP_CONTRIBUTORS = """
+MATCH (l:LogitNode) WHERE l.ref IN $refs
+MATCH (s:Node)-[e:EDGE]->(l)
+WITH coalesce(s.ref, s.kind + ':' + toString(s.layer)) AS source, s.kind AS kind,
+     s.layer AS layer, e.w AS w, l.prompt AS prompt
+RETURN source, kind, layer, count(DISTINCT prompt) AS n_prompts, sum(w) AS sum_w,
+       sum(abs(w)) AS sum_abs, max(w) AS max_w
+ORDER BY sum_abs DESC LIMIT $limit
+"""
+
+FEATURE_NEIGHBOURS = """
+MATCH (f:Feature {fid: $fid})
+CALL (f) {
+  MATCH (f)-[g:AGG]->(h:Feature)
+  RETURN 'out' AS direction, h, g
+  UNION ALL
+  MATCH (f)<-[g:AGG]-(h:Feature)
+  RETURN 'in' AS direction, h, g
+}
+RETURN direction, h.fid AS neighbour, h.label AS label, g.n_prompts AS n_prompts,
+       g.sum_w AS sum_w, g.sum_w / g.n_prompts AS mean_w, g.max_w AS max_w, g.min_w AS min_w
+ORDER BY g.n_prompts DESC, abs(g.sum_w) DESC LIMIT $limit
+"""
+
+SUPERNODE_NEIGHBOURS = """
+MATCH (s:Supernode {name: $name})
+CALL (s) {
+  MATCH (s)-[g:SAGG]->(t:Supernode)
+  RETURN 'out' AS direction, t, g
+  UNION ALL
+  MATCH (s)<-[g:SAGG]-(t:Supernode)
+  RETURN 'in' AS direction, t, g
+}
+RETURN direction, t.name AS neighbour, g.n_prompts AS n_prompts, g.sum_w AS sum_w,
+       g.sum_w / g.n_prompts AS mean_w, g.max_w AS max_w, g.min_w AS min_w
+ORDER BY g.n_prompts DESC, abs(g.sum_w) DESC LIMIT $limit
+"""
+
+# One prompt collapsed to supernodes: member feature nodes become their supernode; token and
+# logit nodes stay; everything else is dropped. Edge weights are summed per group pair.
+PROMPT_SUPERNODE_GRAPH = """
+MATCH (p:Prompt {id: $id}) WHERE p.complete
+MATCH (a:Node {prompt: $id})-[e:EDGE]->(b:Node)
+OPTIONAL MATCH (a)-[:OF]->(:Feature)<-[:HAS]-(sa:Supernode)
+OPTIONAL MATCH (b)-[:OF]->(:Feature)<-[:HAS]-(sb:Supernode)
+WITH a, b, e, sa, sb
+WHERE (sa IS NOT NULL OR a.kind = 'token') AND (sb IS NOT NULL OR b.kind = 'logit')
+WITH CASE WHEN sa IS NULL THEN a.id ELSE 'supernode:' + sa.name END AS source,
+     CASE WHEN sb IS NULL THEN b.id ELSE 'supernode:' + sb.name END AS target, e.w AS w
+WHERE source <> target
+RETURN source, target, sum(w) AS weight, count(*) AS n_edges
+ORDER BY abs(weight) DESC
+"""
+
+# Two prompts side by side: active features (by global feature) and feature-feature edges.
+COMPARE_FEATURES = """
+MATCH (n:FeatureNode) WHERE n.prompt IN [$a, $b]
+WITH n.ref AS ref, n.prompt AS prompt, max(n.activation) AS act
+WITH ref, collect([prompt, act]) AS acts
+OPTIONAL MATCH (f:Feature {fid: ref})
+RETURN ref, f.label AS label,
+       [x IN acts WHERE x[0] = $a | x[1]][0] AS act_a,
+       [x IN acts WHERE x[0] = $b | x[1]][0] AS act_b
+"""
+
+COMPARE_EDGES = """
+MATCH (s:FeatureNode)-[e:EDGE]->(t:FeatureNode) WHERE s.prompt IN [$a, $b]
+WITH s.ref AS source, t.ref AS target, s.prompt AS prompt, sum(e.w) AS w
+WITH source, target, collect([prompt, w]) AS ws
+WHERE size(ws) = 2
+RETURN source, target,
+       [x IN ws WHERE x[0] = $a | x[1]][0] AS w_a,
+       [x IN ws WHERE x[0] = $b | x[1]][0] AS w_b
+ORDER BY abs(w_a) + abs(w_b) DESC LIMIT $limit
+"""
+
+# --------------------------------------------------------------------------- supernodes
+UPSERT_SUPERNODE = """
+MERGE (s:Supernode {name: $name})
+SET s.kind = $kind, s.pattern = $pattern, s.updated_at = datetime()
+WITH s
+OPTIONAL MATCH (s)-[h:HAS]->()
+DELETE h
+WITH DISTINCT s
+UNWIND $fids AS fid
+MATCH (f:Feature {fid: fid})
+MERGE (s)-[:HAS]->(f)
+RETURN count(f) AS n_members
+"""
+
+SUPERNODE_EXISTS = "MATCH (s:Supernode {name: $name}) RETURN s.name AS name"
+
+FEATURES_BY_LABEL_PATTERN = """
+MATCH (f:Feature) WHERE f.label =~ $pattern
+RETURN f.fid AS fid
+"""
+
+FEATURES_BY_TOKEN_PATTERN = """
+MATCH (f:Feature) WHERE any(t IN coalesce(f.top_tokens, []) WHERE t =~ $pattern)
+RETURN f.fid AS fid
+"""
+
+# Features of prompts' graphs matched by (layer, index) pairs (for qParams imports).
+FEATURES_BY_PAIRS = """
+UNWIND $pairs AS pair
+MATCH (f:Feature) WHERE f.layer = pair[0] AND f.index = pair[1]
+  AND ($tset IS NULL OR f.tset = $tset)
+RETURN f.fid AS fid
+"""
+
+LIST_SUPERNODES = """
+MATCH (s:Supernode)
+OPTIONAL MATCH (s)-[:HAS]->(f:Feature)
+RETURN s.name AS name, s.kind AS kind, s.pattern AS pattern, count(f) AS n_members
+ORDER BY name
+"""
+
+SHOW_SUPERNODE = """
+MATCH (s:Supernode {name: $name})
+OPTIONAL MATCH (s)-[:HAS]->(f:Feature)
+RETURN s.name AS name, s.kind AS kind, s.pattern AS pattern,
+       [x IN collect(f) | {fid: x.fid, label: x.label, n_prompts: x.n_prompts}] AS members
+"""
+
+SUPERNODE_MEMBERS = "MATCH (:Supernode {name: $name})-[:HAS]->(f:Feature) RETURN f.fid AS ref"
+
+DELETE_SUPERNODE = """
+MATCH (s:Supernode {name: $name})
+DETACH DELETE s
+RETURN count(*) AS deleted
+"""
+
+CLEAR_SUPERNODE_AGG = "MATCH (:Supernode {name: $name})-[g:SAGG]-() DELETE g"
+
+# Full recomputation of one supernode's aggregate edges over every ingested prompt.
+REBUILD_SUPERNODE_AGG_OUT = """
+MATCH (s:Supernode {name: $name})-[:HAS]->(:Feature)<-[:OF]-(a:FeatureNode)
+MATCH (a)-[e:EDGE]->(b:FeatureNode)-[:OF]->(:Feature)<-[:HAS]-(t:Supernode)
+WHERE s <> t
+WITH s, t, a.prompt AS prompt, sum(e.w) AS w
+WITH s, t, count(prompt) AS n_prompts, sum(w) AS sum_w, max(w) AS max_w, min(w) AS min_w
+MERGE (s)-[g:SAGG]->(t)
+SET g.n_prompts = n_prompts, g.sum_w = sum_w, g.max_w = max_w, g.min_w = min_w
+"""
+
+REBUILD_SUPERNODE_AGG_IN = """
+MATCH (s:Supernode {name: $name})-[:HAS]->(:Feature)<-[:OF]-(b:FeatureNode)
+MATCH (t:Supernode)-[:HAS]->(:Feature)<-[:OF]-(a:FeatureNode)-[e:EDGE]->(b)
+WHERE s <> t
+WITH s, t, b.prompt AS prompt, sum(e.w) AS w
+WITH s, t, count(prompt) AS n_prompts, sum(w) AS sum_w, max(w) AS max_w, min(w) AS min_w
+MERGE (t)-[g:SAGG]->(s)
+SET g.n_prompts = n_prompts, g.sum_w = sum_w, g.max_w = max_w, g.min_w = min_w
+"""
+
+# --------------------------------------------------------------------------- annotation
+SET_FEATURE_LENS = """
+UNWIND $rows AS r
+MATCH (f:Feature {fid: r.fid})
+SET f.top_tokens = r.top_tokens, f.top_values = r.top_values,
+    f.bottom_tokens = r.bottom_tokens, f.bottom_values = r.bottom_values
+"""
+
+FEATURES_OF_TSET = """
+MATCH (f:Feature) WHERE f.tset = $tset
+RETURN f.fid AS fid, f.layer AS layer, f.index AS index
+"""
+
+FEATURES_TO_LABEL = """
+MATCH (f:Feature) WHERE $fids IS NULL OR f.fid IN $fids
+RETURN f.fid AS fid, f.top_tokens AS top_tokens, f.bottom_tokens AS bottom_tokens
+"""
+
+# Top activating (prompt, position, token text) of one feature, from what is ingested.
+TOP_ACTIVATIONS = """
+MATCH (f:Feature {fid: $fid})<-[:OF]-(n:FeatureNode)
+WITH n ORDER BY n.activation DESC LIMIT $limit
+MATCH (p:Prompt {id: n.prompt}) WHERE p.complete
+RETURN n.prompt AS prompt, n.pos AS pos, n.activation AS activation, p.tokens[n.pos] AS token
+"""
+
+SET_FEATURE_LABELS = """
+UNWIND $rows AS r
+MATCH (f:Feature {fid: r.fid})
+SET f.label = r.label, f.top_activations = r.top_activations
+"""
+
+# --------------------------------------------------------------------------- stats
+STORE_COUNTS = """
+CALL () { MATCH (p:Prompt) WHERE p.complete RETURN count(p) AS prompts }
+CALL () { MATCH (n:Node) RETURN count(n) AS nodes }
+CALL () { MATCH ()-[e:EDGE]->() RETURN count(e) AS edges }
+CALL () { MATCH (f:Feature) RETURN count(f) AS features }
+CALL () { MATCH ()-[g:AGG]->() RETURN count(g) AS agg_edges }
+RETURN prompts, nodes, edges, features, agg_edges
+"""

@@ -1,0 +1,324 @@
+"""The replacement context: one real forward pass, one frozen forward pass, batched backwards.
+
+:func:`precompute` runs the model once (no grad) and reads, per layer, the transcoder input and
+the MLP's residual contribution; from them it derives the active features, their activations,
+the error vectors and the token vectors.
+
+:class:`ReplacementContext` then runs the *frozen* model once on ``batch`` copies of the prompt:
+attention patterns and norm scales detached (:func:`atlas.models.frozen`), every MLP output
+replaced by ``skip + detach(mlp_out - skip)`` plus a zero "delta" leaf per layer, and a zero
+delta leaf on the embedding output. The residual stream is then linear in the deltas, and the
+gradient of a target with respect to a delta is the target's direct-effect read-out at that
+layer. :meth:`ReplacementContext.rows` injects one target per batch element (an encoder row at
+a feature's layer/position, or a demeaned unembedding row at the last position) and contracts the
+gradients with the source vectors:
+
+* feature sources per layer, grouped by position into a padded ``(n_pos, c_max, d_model)`` block,
+  contracted with one batched matmul over positions (no gather of ``batch x n_active x d_model``),
+  restricted to positions ``<=`` the deepest target position of the batch;
+* autograd only traverses the layers below the deepest target layer of the batch;
+* error and token sources: one ``einsum`` each.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from atlas.errors import AttributionError
+from atlas.models.freezing import frozen
+from atlas.models.loading import LoadedModel
+from atlas.transcoders.loading import TranscoderSet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Precomputed:
+    """Everything the real forward pass yields (shapes with ``P = n_pos``, ``D = d_model``).
+
+    input_ids       (P,)              int64
+    token_vectors   (P, D)            embedding output as the residual stream sees it
+    mlp_in          (L, P, D)         transcoder inputs
+    mlp_out         (L, P, D)         MLP residual contributions
+    errors          (L, P, D)         mlp_out - reconstruction (zeroed at the ignored positions)
+    logits          (V,)              final logits at the last position (after any softcap)
+    active          (F, 3)            int64 [layer, pos, feature], sorted
+    values          (F,)              activations of the active features
+    """
+
+    input_ids: torch.Tensor
+    token_vectors: torch.Tensor
+    mlp_in: torch.Tensor
+    mlp_out: torch.Tensor
+    errors: torch.Tensor
+    logits: torch.Tensor
+    active: torch.Tensor
+    values: torch.Tensor
+
+
+def zero_positions(model: LoadedModel) -> int:
+    """How many leading positions have their features and errors zeroed (gemma-3-it: 4)."""
+    name = model.info.name.lower()
+    return 4 if ("gemma-3" in name and name.rstrip("/").endswith("-it")) else 1
+
+
+def _hook_points(model: LoadedModel, tset: TranscoderSet) -> list[tuple[Any, str, Any]]:
+    adapter = model.adapter
+    points = []
+    for layer in adapter.layers(model.hf):
+        in_mod, where = adapter.feature_input_module(layer, tset.feature_input_hook)
+        out_mod = adapter.feature_output_module(layer, tset.feature_output_hook)
+        points.append((in_mod, where, out_mod))
+    return points
+
+
+def _forward_kwargs(hf: Any) -> dict[str, Any]:
+    params = inspect.signature(hf.forward).parameters
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
+@torch.no_grad()
+def precompute(model: LoadedModel, tset: TranscoderSet, input_ids: torch.Tensor) -> Precomputed:
+    """Run the real model once and derive features, errors and token vectors."""
+    hf, adapter = model.hf, model.adapter
+    n_layers = model.n_layers
+    store: dict[Any, torch.Tensor] = {}
+    handles = []
+
+    def save(key: Any) -> Any:
+        def hook(_m: Any, args: Any, out: Any = None) -> None:
+            val = out if out is not None else args[0]
+            store[key] = (val[0] if isinstance(val, tuple) else val)[0].detach()
+
+        return hook
+
+    handles.append(adapter.embed(hf).register_forward_hook(save("emb")))
+    for layer, (in_mod, where, out_mod) in enumerate(_hook_points(model, tset)):
+        if where == "output":
+            handles.append(in_mod.register_forward_hook(save(("in", layer))))
+        else:
+            handles.append(in_mod.register_forward_pre_hook(save(("in", layer))))
+        handles.append(out_mod.register_forward_hook(save(("out", layer))))
+    ids = input_ids.to(model.device)[None]
+    try:
+        out = hf(input_ids=ids, use_cache=False, **_forward_kwargs(hf))
+    except torch.OutOfMemoryError as exc:
+        raise AttributionError(f"out of memory in the forward pass: {exc}") from exc
+    finally:
+        for h in handles:
+            h.remove()
+    logits = out.logits[0, -1].float()
+    mlp_in = torch.stack([store[("in", i)] for i in range(n_layers)])
+    mlp_out = torch.stack([store[("out", i)] for i in range(n_layers)])
+    n_zero = zero_positions(model)
+
+    acts = []
+    for layer in range(n_layers):
+        a = tset.encode(layer, mlp_in[layer])
+        a[:n_zero] = 0
+        acts.append(a)
+    recon = tset.reconstruct(acts, list(mlp_in))
+    errors = (mlp_out.to(recon[0].dtype) - torch.stack(recon)).to(mlp_out.dtype)
+    errors[:, :n_zero] = 0
+    active_list, values_list = [], []
+    for layer, a in enumerate(acts):
+        nz = torch.nonzero(a, as_tuple=False)  # row-major: sorted by pos, then feature
+        active_list.append(
+            torch.cat([torch.full((nz.shape[0], 1), layer, device=nz.device), nz], dim=1)
+        )
+        values_list.append(a[nz[:, 0], nz[:, 1]])
+    return Precomputed(
+        input_ids=input_ids.cpu(),
+        token_vectors=store["emb"],
+        mlp_in=mlp_in,
+        mlp_out=mlp_out,
+        errors=errors,
+        logits=logits,
+        active=torch.cat(active_list).to(torch.long),
+        values=torch.cat(values_list),
+    )
+
+
+@dataclass
+class _SourceBlock:
+    """Feature sources of one (source layer, write layer) pair, padded per position."""
+
+    write_layer: int
+    vectors: torch.Tensor  # (P, c_max, D)
+    cols: torch.Tensor  # (P, c_max) column index, -1 = padding
+    valid: torch.Tensor  # (P, c_max) bool
+
+
+class ReplacementContext:
+    """Frozen forward pass on ``batch`` copies of the prompt, kept for many backward passes.
+
+    Use as a context manager (it holds the frozen model state)::
+
+        with ReplacementContext(model, tset, pre, batch=64) as ctx:
+            rows = ctx.rows(layers, positions, vectors)   # (b, n_feat + L*P + P)
+    """
+
+    def __init__(
+        self, model: LoadedModel, tset: TranscoderSet, pre: Precomputed, *, batch: int
+    ) -> None:
+        self.model, self.tset, self.pre, self.batch = model, tset, pre, batch
+        self.n_layers = model.n_layers
+        self.n_pos = int(pre.input_ids.shape[0])
+        self.n_feat = int(pre.active.shape[0])
+        self.n_cols = self.n_feat + (self.n_layers + 1) * self.n_pos
+        self._blocks = self._build_blocks()
+        self._frozen: Any = None
+
+    # ------------------------------------------------------------------ sources
+    def _build_blocks(self) -> list[list[_SourceBlock]]:
+        """``blocks[w]``: feature-source blocks that write into layer ``w``'s MLP output."""
+        pre, tset, n_pos = self.pre, self.tset, self.n_pos
+        blocks: list[list[_SourceBlock]] = [[] for _ in range(self.n_layers)]
+        layers = pre.active[:, 0]
+        device = pre.values.device
+        for src in range(self.n_layers):
+            idx = torch.nonzero(layers == src).flatten()
+            if idx.numel() == 0:
+                continue
+            pos = pre.active[idx, 1]
+            feat = pre.active[idx, 2]
+            counts = torch.bincount(pos, minlength=n_pos)
+            c_max = int(counts.max())
+            # slot of each feature within its position (features are sorted by pos)
+            starts = torch.cumsum(counts, 0) - counts
+            slot = torch.arange(idx.numel(), device=device) - starts[pos]
+            cols = torch.full((n_pos, c_max), -1, dtype=torch.long, device=device)
+            cols[pos, slot] = idx
+            valid = cols >= 0
+            vals = pre.values[idx][:, None]
+            targets = range(src, self.n_layers) if tset.is_clt else [src]
+            for write in targets:
+                dec = tset.w_dec[src][feat, write - src] if tset.is_clt else tset.w_dec[src][feat]
+                vec = torch.zeros(n_pos, c_max, dec.shape[-1], dtype=dec.dtype, device=device)
+                vec[pos, slot] = dec * vals
+                blocks[write].append(_SourceBlock(write, vec, cols, valid))
+        return blocks
+
+    # ------------------------------------------------------------------ frozen forward
+    def __enter__(self) -> ReplacementContext:
+        model, tset = self.model, self.tset
+        hf, adapter = model.hf, model.adapter
+        b, p, d = self.batch, self.n_pos, model.d_model
+        dev, dt = model.device, model.dtype
+        self.delta_emb = torch.zeros(b, p, d, device=dev, dtype=dt, requires_grad=True)
+        self.deltas = [
+            torch.zeros(b, p, d, device=dev, dtype=dt, requires_grad=True)
+            for _ in range(self.n_layers)
+        ]
+        self.targets_in: list[torch.Tensor | None] = [None] * self.n_layers
+        handles = []
+
+        def emb_hook(_m: Any, _a: Any, out: torch.Tensor) -> torch.Tensor:
+            return out + self.delta_emb
+
+        handles.append(adapter.embed(hf).register_forward_hook(emb_hook))
+        for layer, (in_mod, where, out_mod) in enumerate(_hook_points(model, tset)):
+
+            def in_hook(_m: Any, args: Any, out: Any = None, layer: int = layer) -> None:
+                val = out if out is not None else args[0]
+                self.targets_in[layer] = val[0] if isinstance(val, tuple) else val
+
+            def out_hook(_m: Any, _a: Any, out: torch.Tensor, layer: int = layer) -> torch.Tensor:
+                new = out.detach() + self.deltas[layer]
+                if tset.has_skip:
+                    x = self.targets_in[layer]
+                    assert x is not None
+                    s = tset.skip(layer, x).to(out.dtype)
+                    new = new + (s - s.detach())
+                return new
+
+            if where == "output":
+                handles.append(in_mod.register_forward_hook(in_hook))
+            else:
+                handles.append(in_mod.register_forward_pre_hook(in_hook))
+            handles.append(out_mod.register_forward_hook(out_hook))
+
+        self._frozen = frozen(model)
+        self._frozen.__enter__()
+        try:
+            ids = self.pre.input_ids.to(dev)[None].expand(b, -1)
+            with torch.enable_grad():
+                out = adapter.base(hf)(input_ids=ids, use_cache=False)
+            self.final = out.last_hidden_state
+        except torch.OutOfMemoryError as exc:
+            self.__exit__(None, None, None)
+            raise AttributionError(
+                f"out of memory in the frozen forward pass (batch {b}); lower the batch size"
+            ) from exc
+        finally:
+            for h in handles:
+                h.remove()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._frozen is not None:
+            self._frozen.__exit__(None, None, None)
+            self._frozen = None
+        self.final = None  # type: ignore[assignment]
+        self.targets_in = [None] * self.n_layers
+
+    # ------------------------------------------------------------------ backward
+    def rows(
+        self, layers: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor
+    ) -> torch.Tensor:
+        """Direct effects of every source on ``len(layers) <= batch`` targets.
+
+        ``layers[i] == n_layers`` means a logit target (``vectors[i]`` a demeaned unembedding
+        row, read at the final residual, ``positions[i]`` the last position); otherwise the
+        target is the pre-activation ``vectors[i] . x`` of the transcoder input at
+        ``(layers[i], positions[i])``. Returns float32 ``(len(layers), n_cols)`` with columns
+        ``[features | errors (layer-major) | tokens]``.
+        """
+        n = int(layers.shape[0])
+        if n > self.batch or n == 0:
+            raise AttributionError(f"batch of {n} targets for a context of {self.batch}")
+        n_layers, n_pos = self.n_layers, self.n_pos
+        layers_l = layers.tolist()
+        positions_l = positions.tolist()
+        vectors = vectors.to(self.model.device, self.model.dtype)
+        outputs, grads_out = [], []
+        for lay in sorted(set(layers_l)):
+            sel = [i for i, x in enumerate(layers_l) if x == lay]
+            tensor = self.final if lay == n_layers else self.targets_in[lay]
+            assert tensor is not None
+            g = torch.zeros_like(tensor)
+            g[sel, [positions_l[i] for i in sel]] = vectors[sel].to(g.dtype)
+            outputs.append(tensor)
+            grads_out.append(g)
+        top = max(layers_l)
+        inputs = [self.delta_emb] + self.deltas[:top]
+        grads = torch.autograd.grad(
+            outputs, inputs, grads_out, retain_graph=True, allow_unused=True
+        )
+        p_max = max(positions_l) + 1
+        out = torch.zeros(n, self.n_cols, dtype=torch.float32, device=self.model.device)
+        g_emb = grads[0]
+        if g_emb is not None:
+            tok = torch.einsum("bpd,pd->bp", g_emb[:n, :p_max], self.pre.token_vectors[:p_max])
+            start = self.n_feat + n_layers * n_pos
+            out[:, start : start + p_max] = tok.float()
+        for w, g in enumerate(grads[1:]):
+            if g is None:
+                continue
+            g = g[:n, :p_max]
+            err = torch.einsum("bpd,pd->bp", g, self.pre.errors[w, :p_max])
+            start = self.n_feat + w * n_pos
+            out[:, start : start + p_max] = err.float()
+            gt = g.transpose(0, 1)  # (p, b, d)
+            for blk in self._blocks[w]:
+                vals = torch.bmm(gt, blk.vectors[:p_max].transpose(1, 2))  # (p, b, c)
+                valid = blk.valid[:p_max]
+                cols = blk.cols[:p_max][valid]
+                contrib = vals.permute(1, 0, 2)[:, valid].float()  # (b, n_valid)
+                out.index_add_(1, cols, contrib)
+        return out

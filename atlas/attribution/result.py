@@ -1,0 +1,207 @@
+"""The engine's output: :class:`AttributionResult`, and its conversion to :class:`atlas.graph.Graph`."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+
+import torch
+
+import atlas
+from atlas.attribution.pruning import graph_scores
+from atlas.attribution.pruning import prune as prune_fn
+from atlas.graph import (
+    AttributionSettings,
+    Graph,
+    GraphMetadata,
+    ModelInfo,
+    NodeKind,
+    TranscoderInfo,
+)
+
+
+@dataclass
+class AttributionResult:
+    """A full (unpruned) attribution graph for one prompt.
+
+    Layout (the reference's; ``P = n_pos``, ``L = n_layers``, ``F = n_active``,
+    ``S = n_selected``, ``k = n_logits``, ``N = S + L·P + P + k``):
+
+    input_ids            (P,) int64       prompt tokens, a special token first
+    active_features      (F, 3) int64     every active ``[layer, pos, feature]``, sorted
+    activation_values    (F,) float32     their activations
+    selected_features    (S,) int64       indices into ``active_features`` that are graph nodes
+                                          (all of them unless ``max_feature_nodes`` was set)
+    logit_tokens         (k,) int64       logit targets, most probable first
+    logit_probabilities  (k,) float32     their probabilities
+    adjacency            (N, N) float32   dense, rows = targets, columns = sources, nodes ordered
+                                          ``[selected features | errors (l * P + p) | tokens |
+                                          logits]``; ``adjacency[t, s]`` = raw direct effect of
+                                          ``s`` on ``t``'s pre-activation (feature) or demeaned
+                                          logit. Error, token rows are zero; logit columns zero.
+    """
+
+    prompt: str
+    tokens: list[str]
+    input_ids: torch.Tensor
+    active_features: torch.Tensor
+    activation_values: torch.Tensor
+    selected_features: torch.Tensor
+    logit_tokens: torch.Tensor
+    logit_probabilities: torch.Tensor
+    adjacency: torch.Tensor
+    model: ModelInfo
+    transcoders: TranscoderInfo
+    settings: AttributionSettings
+    elapsed_s: float
+    stats: dict[str, float] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def n_pos(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.n_layers
+
+    @property
+    def n_features(self) -> int:
+        """Feature nodes (selected features)."""
+        return int(self.selected_features.shape[0])
+
+    @property
+    def n_errors(self) -> int:
+        return self.n_layers * self.n_pos
+
+    @property
+    def n_logits(self) -> int:
+        return int(self.logit_tokens.shape[0])
+
+    @property
+    def n_nodes(self) -> int:
+        return int(self.adjacency.shape[0])
+
+    def dense(self) -> torch.Tensor:
+        """The ``(N, N)`` adjacency (already dense)."""
+        return self.adjacency
+
+    def logit_weights(self) -> torch.Tensor:
+        w = torch.zeros(self.n_nodes, dtype=torch.float32, device=self.adjacency.device)
+        w[self.n_nodes - self.n_logits :] = self.logit_probabilities.float().to(w.device)
+        return w
+
+    def scores(self) -> tuple[float, float]:
+        """``(replacement_score, completeness_score)``."""
+        return graph_scores(
+            self.adjacency, self.logit_weights(), self.n_features, self.n_errors, self.n_pos
+        )
+
+    # ------------------------------------------------------------------ graph
+    def node_columns(self) -> dict[str, torch.Tensor]:
+        """Per-node columns of :class:`atlas.graph.Graph` (unpruned, influence NaN)."""
+        s, lp, p, k = self.n_features, self.n_errors, self.n_pos, self.n_logits
+        feats = self.active_features[self.selected_features].cpu()
+        acts = self.activation_values[self.selected_features].float().cpu()
+        err_layer = torch.arange(self.n_layers).repeat_interleave(p)
+        err_pos = torch.arange(p).repeat(self.n_layers)
+        kind = torch.cat(
+            [
+                torch.full((s,), NodeKind.FEATURE),
+                torch.full((lp,), NodeKind.ERROR),
+                torch.full((p,), NodeKind.TOKEN),
+                torch.full((k,), NodeKind.LOGIT),
+            ]
+        )
+        layer = torch.cat(
+            [feats[:, 0], err_layer, torch.full((p,), -1), torch.full((k,), self.n_layers)]
+        )
+        pos = torch.cat([feats[:, 1], err_pos, torch.arange(p), torch.full((k,), p - 1)])
+        feature = torch.cat([feats[:, 2], torch.full((lp + p + k,), -1)])
+        token_id = torch.cat(
+            [torch.full((s + lp,), -1), self.input_ids.cpu(), self.logit_tokens.cpu()]
+        )
+        activation = torch.cat([acts, torch.zeros(lp + p + k)])
+        logit_prob = torch.cat([torch.zeros(s + lp + p), self.logit_probabilities.float().cpu()])
+        return {
+            "kind": kind,
+            "layer": layer,
+            "pos": pos,
+            "feature": feature,
+            "token_id": token_id,
+            "activation": activation,
+            "logit_prob": logit_prob,
+        }
+
+    def to_graph(
+        self, prune: bool = True, node_threshold: float = 0.8, edge_threshold: float = 0.98
+    ) -> Graph:
+        """Convert to a :class:`Graph` (influence column filled).
+
+        ``prune=True`` keeps the pruned nodes and edges (see :mod:`atlas.attribution.pruning`);
+        ``prune=False`` keeps every node and every non-zero edge.
+        """
+        do_prune = prune
+        adj = self.adjacency
+        res = prune_fn(
+            adj,
+            self.logit_weights(),
+            self.n_pos,
+            self.n_logits,
+            self.n_features,
+            node_threshold=node_threshold,
+            edge_threshold=edge_threshold,
+        )
+        cols = self.node_columns()
+        cols["influence"] = res.cumulative_scores.float().cpu()
+        if do_prune:
+            keep = res.node_mask.cpu()
+            new_index = torch.full((self.n_nodes,), -1, dtype=torch.long)
+            new_index[keep] = torch.arange(int(keep.sum()))
+            et, es = res.edge_index[0].cpu(), res.edge_index[1].cpu()
+            weights = adj[res.edge_index[0], res.edge_index[1]].float().cpu()
+            nz = weights != 0
+            et, es, weights = new_index[et[nz]], new_index[es[nz]], weights[nz]
+            order = torch.argsort(et * self.n_nodes + es)
+            et, es, weights = et[order], es[order], weights[order]
+            cols = {name: col[keep] for name, col in cols.items()}
+        else:
+            et_l, es_l, w_l = [], [], []
+            for i in range(0, self.n_nodes, 1024):
+                blk = adj[i : i + 1024]
+                t, s_ = torch.nonzero(blk, as_tuple=True)
+                et_l.append((t + i).cpu())
+                es_l.append(s_.cpu())
+                w_l.append(blk[t, s_].float().cpu())
+            et, es, weights = torch.cat(et_l), torch.cat(es_l), torch.cat(w_l)
+        replacement, completeness = self.scores()
+        settings = self.settings.model_copy(
+            update={
+                "node_threshold": node_threshold,
+                "edge_threshold": edge_threshold,
+                "pruned": do_prune,
+            }
+        )
+        meta = GraphMetadata(
+            prompt=self.prompt,
+            tokens=self.tokens,
+            model=self.model,
+            transcoders=self.transcoders,
+            settings=settings,
+            replacement_score=replacement,
+            completeness_score=completeness,
+            code_version=atlas.__version__,
+            elapsed_s=self.elapsed_s,
+            created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        )
+        return Graph(
+            metadata=meta,
+            input_ids=self.input_ids.cpu(),
+            edge_target=et,
+            edge_source=es,
+            edge_weight=weights,
+            **cols,
+        )
+
+
+__all__ = ["AttributionResult"]

@@ -1,0 +1,119 @@
+"""``atlas db``: the Neo4j the project talks to.
+
+With no ``NEO4J_URI`` the commands manage the local launcher (a real Neo4j 5.26 Community run
+from Maven Central jars, Bolt on 127.0.0.1, data under ``$ATLAS_HOME/neo4j``). With
+``NEO4J_URI`` set there is nothing to start or stop; ``status`` and ``init`` talk to that server.
+"""
+
+from __future__ import annotations
+
+import click
+
+from atlas.cli import get_settings
+
+
+def _progress(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@click.group()
+def db() -> None:
+    """Start, stop, check and initialise the Neo4j database."""
+
+
+@db.command()
+def start() -> None:
+    """Start the local Neo4j (built with Maven on first use) and print its Bolt URI."""
+    from atlas.services import neo4j_local
+
+    settings = get_settings()
+    if not settings.uses_local_neo4j:
+        click.echo(f"NEO4J_URI is set ({settings.neo4j_uri}): nothing to start")
+        return
+    try:
+        uri = neo4j_local.start(settings, progress=_progress)
+    except neo4j_local.LauncherAlreadyRunning as exc:
+        click.echo(f"{exc}", err=True)
+        click.echo(exc.uri)
+        return
+    click.echo(uri)
+
+
+@db.command()
+def stop() -> None:
+    """Stop the local Neo4j (clean shutdown)."""
+    from atlas.services import neo4j_local
+
+    settings = get_settings()
+    if not settings.uses_local_neo4j:
+        click.echo(f"NEO4J_URI is set ({settings.neo4j_uri}): nothing to stop")
+        return
+    if neo4j_local.stop(settings):
+        click.echo("local Neo4j stopped")
+    else:
+        click.echo("local Neo4j was not running")
+
+
+@db.command()
+def status() -> None:
+    """Say whether the Neo4j answers (exit 1 when it does not)."""
+    settings = get_settings()
+    if settings.uses_local_neo4j:
+        from atlas.services import neo4j_local
+
+        state = neo4j_local.status(settings)
+        click.echo(state.describe())
+        if not state.answers:
+            raise SystemExit(1)
+        return
+    from atlas.store.connection import open_driver
+
+    with open_driver(settings) as driver:
+        info = driver.get_server_info()
+    click.echo(f"Neo4j at {settings.neo4j_uri} answers (server {info.agent})")
+
+
+@db.command()
+@click.option(
+    "--schema-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=str),
+    default=None,
+    help="Directory of .cypher files (default: the repository's schema/).",
+)
+def init(schema_dir: str | None) -> None:
+    """Apply schema/*.cypher (idempotent) and wait until every index is online.
+
+    Starts the local Neo4j first when NEO4J_URI is unset and it is not running.
+    """
+    from pathlib import Path
+
+    from atlas.store.connection import ensure_local_neo4j, open_driver
+    from atlas.store.schema import apply_schema
+
+    settings = get_settings()
+    ensure_local_neo4j(settings, progress=_progress)
+    with open_driver(settings) as driver:
+        report = apply_schema(
+            driver,
+            Path(schema_dir) if schema_dir else None,
+            database=settings.neo4j_database,
+        )
+    click.echo(
+        f"schema applied: {len(report.files)} files, {report.statements} statements, "
+        f"{report.indexes_online} indexes online"
+    )
+
+
+@db.command()
+@click.option("--yes", is_flag=True, help="Really delete every node and relationship.")
+def wipe(yes: bool) -> None:
+    """Delete all data (constraints and indexes stay)."""
+    from atlas.store import queries
+    from atlas.store.connection import open_driver
+
+    if not yes:
+        raise click.UsageError("refusing to wipe without --yes")
+    settings = get_settings()
+    with open_driver(settings) as driver, driver.session(database=settings.neo4j_database) as s:
+        s.run(queries.WIPE_DATABASE).consume()
+    click.echo(f"wiped {settings.resolved_neo4j_uri}")

@@ -1,0 +1,697 @@
+"""Interchange JSON: export a :class:`~atlas.graph.Graph` to, and import one from, the graph format of
+Anthropic's attribution-graphs frontend and Neuronpedia (``graph-schema.json``).
+
+Format (one JSON object)::
+
+    {"metadata": {"slug", "scan", "prompt", "prompt_tokens", "node_threshold", "schema_version",
+                  "generation_settings", "pruning_settings", "info", ...},
+     "qParams":  {"pinnedIds": [...], "supernodes": [[label, node_id, ...], ...],
+                  "linkType": "both", "clickedId": "", "sg_pos": ""},
+     "nodes":    [{"node_id", "feature", "layer", "ctx_idx", "feature_type", "jsNodeId", "clerp",
+                   "influence", "activation", "token_prob", "is_target_logit", ...}, ...],
+     "links":    [{"source": node_id, "target": node_id, "weight": A[target, source]}, ...]}
+
+Node ids written by :func:`graph_to_json` are the project's (see :mod:`atlas.graph`):
+
+==========  =================================  ===============================================
+kind        ``node_id``                        ``feature`` field / ``feature_type``
+==========  =================================  ===============================================
+feature     ``{layer}_{feature}_{pos}``        Cantor pair ``(l+f)(l+f+1)/2 + f`` (schema 1) /
+                                               ``"cross layer transcoder"``
+error       ``{layer}_-1_{pos}``               ``-1`` / ``"mlp reconstruction error"``
+token       ``E_{token_id}_{pos}``             ``pos`` / ``"embedding"``
+logit       ``{n_layers+1}_{token_id}_{pos}``  ``token_id`` / ``"logit"``
+==========  =================================  ===============================================
+
+The error id differs from circuit-tracer 0.5.0, which writes ``0_{layer}_{pos}`` for errors: that
+id collides with the layer-0 feature ``layer`` at the same position (circuit-tracer issue #78).
+:func:`graph_from_json` reads both. It classifies nodes by ``feature_type`` (not by id) and
+resolves a colliding id in a link as follows: as a *target* it is the feature (error nodes have
+no incoming edges); as a *source* it is the candidate consistent with the order circuit-tracer
+writes links in (grouped by target, sources in node order) and with the layer rule (a source
+sits below its target). A collision that none of these settles is refused with
+:class:`~atlas.errors.InputError`.
+
+``weight`` is the raw adjacency entry (not normalised). ``influence`` is the node's cumulative
+influence rank from pruning (the frontend's dynamic pruning reads it), ``null`` where unknown.
+Everything the frontend does not need but a lossless round trip does (our full
+:class:`~atlas.graph.GraphMetadata`, the input ids) travels under ``metadata["atlas"]``; the
+schema allows extra keys, and foreign files simply lack it.
+
+Supernodes (``qParams.supernodes``) and labels (``clerp``) come back in
+``graph.metadata.extra["supernodes"]`` (``[[label, node_id, ...], ...]`` with the project's ids)
+and ``graph.metadata.extra["labels"]`` (``{node_id: label}``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from atlas.errors import InputError
+from atlas.graph import (
+    AttributionSettings,
+    Graph,
+    GraphMetadata,
+    ModelInfo,
+    NodeKind,
+    TranscoderInfo,
+    node_id,
+)
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+"""``metadata.schema_version`` written by :func:`graph_to_json` (Cantor-paired ``feature``)."""
+
+FEATURE_TYPE_FEATURE = "cross layer transcoder"
+FEATURE_TYPE_ERROR = "mlp reconstruction error"
+FEATURE_TYPE_TOKEN = "embedding"
+FEATURE_TYPE_LOGIT = "logit"
+
+#: feature_type strings read as transcoder features (the frontend draws all of them the same way).
+_FEATURE_TYPES = {FEATURE_TYPE_FEATURE, "transcoder", "per layer transcoder", "plt", "clt"}
+
+_FEATURE_ID = re.compile(r"^(-?\d+)_(-?\d+)_(-?\d+)$")
+_TOKEN_ID = re.compile(r"^E_(-?\d+)_(-?\d+)$")
+
+GENERATOR_NAME = "circuit-atlas"
+
+
+def cantor_pair(layer: int, feature: int) -> int:
+    """Cantor pairing of (layer, feature), the ``feature`` field under schema_version 1."""
+    s = layer + feature
+    return s * (s + 1) // 2 + feature
+
+
+def cantor_unpair(z: int) -> tuple[int, int]:
+    """Inverse of :func:`cantor_pair`: ``z -> (layer, feature)``."""
+    w = (math.isqrt(8 * z + 1) - 1) // 2
+    feature = z - w * (w + 1) // 2
+    return w - feature, feature
+
+
+# --------------------------------------------------------------------------------------- export
+def _float_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _normalise_supernodes(
+    supernodes: Sequence[Sequence[str]] | Mapping[str, Sequence[str]] | None,
+) -> list[list[str]]:
+    if supernodes is None:
+        return []
+    if isinstance(supernodes, Mapping):
+        return [[str(label), *[str(m) for m in members]] for label, members in supernodes.items()]
+    out: list[list[str]] = []
+    for i, sn in enumerate(supernodes):
+        if isinstance(sn, str) or not isinstance(sn, Sequence) or len(sn) < 1:
+            raise InputError(f"supernode {i} must be [label, node_id, ...], got {sn!r}")
+        out.append([str(x) for x in sn])
+    return out
+
+
+def graph_to_json(
+    graph: Graph,
+    *,
+    slug: str | None = None,
+    labels: Mapping[str, str] | None = None,
+    supernodes: Sequence[Sequence[str]] | Mapping[str, Sequence[str]] | None = None,
+    token_decoder: Callable[[int], str] | None = None,
+) -> dict[str, Any]:
+    """Export ``graph`` as an interchange JSON object (a ``dict`` ready for :func:`json.dump`).
+
+    Args:
+        graph: the (usually pruned) graph; every node and edge is written.
+        slug: the graph's slug; default: the prompt id.
+        labels: ``{node_id: label}`` written as ``clerp``; merged over
+            ``graph.metadata.extra["labels"]``.
+        supernodes: ``[[label, node_id, ...], ...]`` (or ``{label: [node_id, ...]}``) written to
+            ``qParams.supernodes``; default ``graph.metadata.extra["supernodes"]``.
+        token_decoder: token id -> text, for the logit nodes' ``Output "..."`` labels. Without
+            it, a logit token that also occurs in the prompt takes that position's text, others
+            are written as ``#<id>``.
+
+    Raises:
+        InputError: a label or supernode names a node id the graph does not have.
+    """
+    meta = graph.metadata
+    ids = graph.node_ids()
+    id_set = set(ids)
+    all_labels: dict[str, str] = dict(meta.extra.get("labels") or {})
+    all_labels.update(labels or {})
+    unknown = sorted(set(all_labels) - id_set)
+    if unknown:
+        raise InputError(f"label for unknown node id {unknown[0]!r} ({len(unknown)} unknown)")
+    sns = _normalise_supernodes(
+        supernodes if supernodes is not None else meta.extra.get("supernodes")
+    )
+    for sn in sns:
+        missing = [m for m in sn[1:] if m not in id_set]
+        if missing:
+            raise InputError(f"supernode {sn[0]!r} names unknown node id {missing[0]!r}")
+
+    input_ids = graph.input_ids.tolist()
+    tokens = list(meta.tokens)
+    text_of_id: dict[int, str] = {}
+    for tid, text in zip(input_ids, tokens, strict=False):
+        text_of_id.setdefault(int(tid), text)
+
+    def decode(tid: int) -> str:
+        if token_decoder is not None:
+            return token_decoder(tid)
+        return text_of_id.get(tid, f"#{tid}")
+
+    n_layers = graph.n_layers
+    first_logit = True
+    nodes: list[dict[str, Any]] = []
+    cols = zip(
+        ids,
+        graph.kind.tolist(),
+        graph.layer.tolist(),
+        graph.pos.tolist(),
+        graph.feature.tolist(),
+        graph.token_id.tolist(),
+        graph.activation.tolist(),
+        graph.influence.tolist(),
+        graph.logit_prob.tolist(),
+        strict=True,
+    )
+    for nid, kind, layer, pos, feat, tid, act, infl, prob in cols:
+        node: dict[str, Any] = {
+            "node_id": nid,
+            "feature": None,
+            "layer": "",
+            "ctx_idx": int(pos),
+            "feature_type": "",
+            "token_prob": 0.0,
+            "is_target_logit": False,
+            "run_idx": 0,
+            "reverse_ctx_idx": 0,
+            "jsNodeId": "",
+            "clerp": all_labels.get(nid, ""),
+            "influence": _float_or_none(infl),
+            "activation": None,
+        }
+        if kind == NodeKind.FEATURE:
+            node.update(
+                feature=cantor_pair(layer, feat),
+                layer=str(layer),
+                feature_type=FEATURE_TYPE_FEATURE,
+                jsNodeId=f"{layer}_{feat}-0",
+                activation=float(act),
+            )
+        elif kind == NodeKind.ERROR:
+            node.update(
+                feature=-1,
+                layer=str(layer),
+                feature_type=FEATURE_TYPE_ERROR,
+                jsNodeId=f"{layer}_-1_{pos}-0",
+            )
+        elif kind == NodeKind.TOKEN:
+            node.update(
+                feature=int(pos),
+                layer="E",
+                feature_type=FEATURE_TYPE_TOKEN,
+                jsNodeId=f"E_{tid}-{pos}",
+            )
+        else:
+            node.update(
+                feature=int(tid),
+                layer=str(n_layers + 1),
+                feature_type=FEATURE_TYPE_LOGIT,
+                token_prob=float(prob),
+                is_target_logit=first_logit,
+                jsNodeId=f"L_{tid}-{pos}",
+            )
+            if not node["clerp"]:
+                node["clerp"] = f'Output "{decode(int(tid))}" (p={prob:.3f})'
+            first_logit = False
+        nodes.append(node)
+
+    links = [
+        {"source": ids[s], "target": ids[t], "weight": w}
+        for t, s, w in zip(
+            graph.edge_target.tolist(),
+            graph.edge_source.tolist(),
+            graph.edge_weight.tolist(),
+            strict=True,
+        )
+    ]
+
+    settings = meta.settings
+    generation: dict[str, Any] = {
+        "max_n_logits": settings.max_n_logits,
+        "desired_logit_prob": settings.desired_logit_prob,
+    }
+    if settings.max_feature_nodes is not None:
+        generation["max_feature_nodes"] = settings.max_feature_nodes
+    generator: dict[str, Any] = {"name": GENERATOR_NAME}
+    if meta.code_version:
+        generator["version"] = meta.code_version
+    info: dict[str, Any] = {"generator": generator, "source_urls": [meta.transcoders.name]}
+    metadata: dict[str, Any] = {
+        "slug": slug or meta.prompt_id(),
+        "scan": meta.model.name,
+        "transcoder_list": [],
+        "prompt_tokens": tokens,
+        "prompt": meta.prompt,
+        "node_threshold": settings.node_threshold,
+        "schema_version": SCHEMA_VERSION,
+        "generation_settings": generation,
+        "pruning_settings": {
+            "node_threshold": settings.node_threshold,
+            "edge_threshold": settings.edge_threshold,
+        },
+        "info": info,
+        "atlas": {
+            "graph_metadata": meta.model_dump(mode="json"),
+            "input_ids": input_ids,
+        },
+    }
+    qparams = {
+        "pinnedIds": [],
+        "supernodes": sns,
+        "linkType": "both",
+        "clickedId": "",
+        "sg_pos": "",
+    }
+    return {"metadata": metadata, "qParams": qparams, "nodes": nodes, "links": links}
+
+
+# --------------------------------------------------------------------------------------- import
+@dataclass
+class _Node:
+    kind: NodeKind
+    layer: int
+    pos: int
+    feature: int
+    token_id: int
+    activation: float
+    influence: float
+    logit_prob: float
+    file_order: int
+    json_id: str
+    clerp: str
+
+    def sort_key(self) -> tuple[int, ...]:
+        if self.kind == NodeKind.FEATURE:
+            return (0, self.layer, self.pos, self.feature)
+        if self.kind == NodeKind.ERROR:
+            return (1, self.layer, self.pos, 0)
+        if self.kind == NodeKind.TOKEN:
+            return (2, self.pos, 0, 0)
+        return (3, self.file_order, 0, 0)
+
+
+def _load(data: dict[str, Any] | str | Path) -> dict[str, Any]:
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise InputError(f"cannot read graph JSON {path}: {exc.strerror or exc}") from exc
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
+        data = loaded
+    if not isinstance(data, dict):
+        raise InputError(f"graph JSON must be an object, got {type(data).__name__}")
+    for key, typ in (("metadata", dict), ("nodes", list), ("links", list)):
+        if key not in data:
+            raise InputError(f"graph JSON has no {key!r}")
+        if not isinstance(data[key], typ):
+            raise InputError(f"graph JSON {key!r} must be a {typ.__name__}")
+    qp = data.get("qParams", {})
+    if qp is not None and not isinstance(qp, dict):
+        raise InputError("graph JSON 'qParams' must be an object")
+    return data
+
+
+def _int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise InputError(f"{what} must be an integer, got {value!r}")
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise InputError(f"{what} must be an integer, got {value!r}") from exc
+
+
+def _num(value: Any, what: str, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"{what} must be a number, got {value!r}")
+    return float(value)
+
+
+def _parse_node(raw: Any, i: int, schema_version: int | None) -> _Node:
+    if not isinstance(raw, dict):
+        raise InputError(f"node {i} is not an object")
+    nid = raw.get("node_id")
+    if not isinstance(nid, str) or not nid:
+        raise InputError(f"node {i} has no string node_id")
+    ftype = raw.get("feature_type")
+    if not isinstance(ftype, str):
+        raise InputError(f"node {nid!r} has no feature_type")
+    pos = _int(raw.get("ctx_idx"), f"node {nid!r} ctx_idx")
+    if pos < 0:
+        raise InputError(f"node {nid!r} has negative ctx_idx")
+    infl = _num(raw.get("influence"), f"node {nid!r} influence", math.nan)
+    clerp = raw.get("clerp") or ""
+    if not isinstance(clerp, str):
+        raise InputError(f"node {nid!r} clerp must be a string")
+
+    def mk(kind: NodeKind, layer: int, feat: int, tid: int, act: float, prob: float) -> _Node:
+        return _Node(kind, layer, pos, feat, tid, act, infl, prob, i, nid, clerp)
+
+    if ftype == FEATURE_TYPE_TOKEN:
+        m = _TOKEN_ID.match(nid)
+        if not m:
+            raise InputError(f"embedding node id {nid!r} is not E_<token_id>_<pos>")
+        if int(m.group(2)) != pos:
+            raise InputError(f"embedding node {nid!r} disagrees with its ctx_idx {pos}")
+        return mk(NodeKind.TOKEN, -1, -1, int(m.group(1)), 0.0, 0.0)
+    layer = _int(raw.get("layer"), f"node {nid!r} layer")
+    if ftype == FEATURE_TYPE_LOGIT:
+        m = _FEATURE_ID.match(nid)
+        tid = raw.get("feature")
+        token_id = _int(tid, f"logit node {nid!r} feature") if tid is not None else None
+        if token_id is None:
+            if not m:
+                raise InputError(f"logit node id {nid!r} is not <layer>_<token_id>_<pos>")
+            token_id = int(m.group(2))
+        prob = _num(raw.get("token_prob"), f"node {nid!r} token_prob", 0.0)
+        return mk(NodeKind.LOGIT, layer, -1, token_id, 0.0, prob)
+    if layer < 0:
+        raise InputError(f"node {nid!r} has negative layer")
+    if ftype == FEATURE_TYPE_ERROR:
+        return mk(NodeKind.ERROR, layer, -1, -1, 0.0, 0.0)
+    if ftype in _FEATURE_TYPES:
+        m = _FEATURE_ID.match(nid)
+        if m and int(m.group(1)) == layer and int(m.group(3)) == pos:
+            feat = int(m.group(2))
+        else:
+            raw_feat = _int(raw.get("feature"), f"node {nid!r} feature")
+            feat = cantor_unpair(raw_feat)[1] if schema_version == 1 else raw_feat
+        if feat < 0:
+            raise InputError(f"feature node {nid!r} has a negative feature index")
+        act = _num(raw.get("activation"), f"node {nid!r} activation", 0.0)
+        if not math.isfinite(act):
+            raise InputError(f"feature node {nid!r} has a non-finite activation")
+        return mk(NodeKind.FEATURE, layer, feat, -1, act, 0.0)
+    raise InputError(f"node {nid!r} has unknown feature_type {ftype!r}")
+
+
+def _resolve_links(
+    links: list[Any],
+    by_id: dict[str, list[int]],
+    nodes: list[_Node],
+) -> tuple[list[int], list[int], list[float]]:
+    """Map link endpoints to node indices (``nodes`` is in canonical order)."""
+    n = len(links)
+    tgt: list[int] = [-1] * n
+    src: list[int] = [-1] * n
+    tgt_raw: list[str] = [""] * n
+    src_cands: list[list[int]] = [[]] * n
+    weights: list[float] = [0.0] * n
+    for i, raw in enumerate(links):
+        if not isinstance(raw, dict):
+            raise InputError(f"link {i} is not an object")
+        s, t, w = raw.get("source"), raw.get("target"), raw.get("weight")
+        if not isinstance(s, str) or not isinstance(t, str):
+            raise InputError(f"link {i} needs string source and target")
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise InputError(f"link {i} ({s} -> {t}) has a non-numeric weight {w!r}")
+        if not math.isfinite(w):
+            raise InputError(f"link {i} ({s} -> {t}) has a non-finite weight {w!r}")
+        if t not in by_id:
+            raise InputError(f"link {i} targets unknown node id {t!r}")
+        if s not in by_id:
+            raise InputError(f"link {i} comes from unknown node id {s!r}")
+        tc = by_id[t]
+        # An ambiguous target (circuit-tracer's error/feature id collision) is the feature:
+        # error nodes never have incoming edges.
+        tgt[i] = tc[0] if len(tc) == 1 else next(j for j in tc if nodes[j].kind == NodeKind.FEATURE)
+        tgt_raw[i] = t
+        src_cands[i] = by_id[s]
+        if len(by_id[s]) == 1:
+            src[i] = by_id[s][0]
+        weights[i] = float(w)
+
+    for i in range(n):
+        if src[i] >= 0:
+            continue
+        target = nodes[tgt[i]]
+        cands = src_cands[i]
+        by_layer = [
+            j for j in cands if target.kind == NodeKind.LOGIT or nodes[j].layer < target.layer
+        ]
+        # order rule: within a run of links with the same target, sources ascend in node order
+        lo, hi = -1, len(nodes)
+        k = i - 1
+        while k >= 0 and tgt_raw[k] == tgt_raw[i]:
+            if src[k] >= 0:
+                lo = src[k]
+                break
+            k -= 1
+        k = i + 1
+        while k < n and tgt_raw[k] == tgt_raw[i]:
+            if len(src_cands[k]) == 1:
+                hi = src_cands[k][0]
+                break
+            k += 1
+        by_order = [j for j in by_layer if lo < j < hi]
+        chosen = by_order if by_order else by_layer
+        if len(chosen) != 1:
+            sid = links[i]["source"]
+            raise InputError(
+                f"link {i} source {sid!r} is ambiguous (circuit-tracer 0.5.0 error/feature id "
+                f"collision, issue #78) and cannot be resolved"
+            )
+        src[i] = chosen[0]
+    return tgt, src, weights
+
+
+def graph_from_json(data: dict[str, Any] | str | Path) -> Graph:
+    """Import an interchange JSON graph (ours, circuit-tracer's, or any schema-valid one).
+
+    Args:
+        data: the parsed JSON object, or the path of a ``.json`` file.
+
+    Returns:
+        A :class:`~atlas.graph.Graph` with nodes in the canonical order (features by layer, pos,
+        feature; errors layer-major; tokens; logits in file order) and edges sorted by (target,
+        source). Supernodes and labels are in ``metadata.extra``; for foreign files the model
+        and transcoder provenance is what the file says (``scan``), with unknown sizes as 0.
+
+    Raises:
+        InputError: malformed JSON or structure, duplicate node ids, links to unknown ids,
+            non-finite weights, duplicate links, unresolvable id collisions.
+    """
+    doc = _load(data)
+    md = doc["metadata"]
+    qp = doc.get("qParams") or {}
+    schema_version = md.get("schema_version")
+    atlas_block = md.get("atlas") if isinstance(md.get("atlas"), dict) else None
+
+    parsed = [_parse_node(raw, i, schema_version) for i, raw in enumerate(doc["nodes"])]
+
+    # duplicate ids: only circuit-tracer's error/feature collision is tolerated
+    seen: dict[str, list[_Node]] = {}
+    for nd in parsed:
+        seen.setdefault(nd.json_id, []).append(nd)
+    for nid, group in seen.items():
+        if len(group) == 1:
+            continue
+        kinds = sorted(g.kind for g in group)
+        if len(group) == 2 and kinds == [NodeKind.FEATURE, NodeKind.ERROR]:
+            continue
+        raise InputError(f"duplicate node id {nid!r} in graph JSON")
+
+    logits = [nd for nd in parsed if nd.kind == NodeKind.LOGIT]
+    if logits:
+        n_layers = logits[0].layer - 1
+        if any(nd.layer != logits[0].layer for nd in logits):
+            raise InputError("logit nodes disagree on the logit layer")
+    elif atlas_block is not None:
+        n_layers = int(atlas_block["graph_metadata"]["model"]["n_layers"])
+    else:
+        n_layers = 1 + max((nd.layer for nd in parsed), default=-1)
+    for nd in parsed:
+        if nd.kind in (NodeKind.FEATURE, NodeKind.ERROR) and nd.layer >= n_layers:
+            raise InputError(f"node {nd.json_id!r} is at layer {nd.layer} >= n_layers {n_layers}")
+        if nd.kind == NodeKind.LOGIT:
+            nd.layer = n_layers
+
+    identities: set[tuple[int, ...]] = set()
+    for nd in parsed:
+        ident = (int(nd.kind), nd.layer, nd.pos, nd.feature, nd.token_id)
+        if ident in identities:
+            raise InputError(f"node {nd.json_id!r} duplicates another node")
+        identities.add(ident)
+
+    nodes = sorted(parsed, key=_Node.sort_key)
+    by_id: dict[str, list[int]] = {}
+    for j, nd in enumerate(nodes):
+        by_id.setdefault(nd.json_id, []).append(j)
+
+    tgt, src, weights = _resolve_links(doc["links"], by_id, nodes)
+    pairs = set(zip(tgt, src, strict=True))
+    if len(pairs) != len(tgt):
+        raise InputError("graph JSON has duplicate links (same source and target)")
+
+    prompt_tokens = md.get("prompt_tokens")
+    if not isinstance(prompt_tokens, list) or not all(isinstance(t, str) for t in prompt_tokens):
+        raise InputError("metadata.prompt_tokens must be a list of strings")
+    n_pos = len(prompt_tokens)
+    for nd in nodes:
+        if nd.pos >= n_pos:
+            raise InputError(f"node {nd.json_id!r} has ctx_idx {nd.pos} >= {n_pos} prompt tokens")
+    if atlas_block is not None and isinstance(atlas_block.get("input_ids"), list):
+        input_ids = [_int(x, "metadata.atlas.input_ids") for x in atlas_block["input_ids"]]
+    else:
+        input_ids = [-1] * n_pos
+        for nd in nodes:
+            if nd.kind == NodeKind.TOKEN:
+                input_ids[nd.pos] = nd.token_id
+
+    metadata = _metadata(md, qp, nodes, n_layers, atlas_block)
+
+    order = sorted(range(len(tgt)), key=lambda i: (tgt[i], src[i]))
+    graph = Graph(
+        metadata=metadata,
+        input_ids=torch.tensor(input_ids, dtype=torch.int64),
+        kind=torch.tensor([int(nd.kind) for nd in nodes], dtype=torch.int8),
+        layer=torch.tensor([nd.layer for nd in nodes], dtype=torch.int32),
+        pos=torch.tensor([nd.pos for nd in nodes], dtype=torch.int32),
+        feature=torch.tensor([nd.feature for nd in nodes], dtype=torch.int64),
+        token_id=torch.tensor([nd.token_id for nd in nodes], dtype=torch.int64),
+        activation=torch.tensor([nd.activation for nd in nodes], dtype=torch.float32),
+        influence=torch.tensor([nd.influence for nd in nodes], dtype=torch.float32),
+        logit_prob=torch.tensor([nd.logit_prob for nd in nodes], dtype=torch.float32),
+        edge_target=torch.tensor([tgt[i] for i in order], dtype=torch.int64),
+        edge_source=torch.tensor([src[i] for i in order], dtype=torch.int64),
+        edge_weight=torch.tensor([weights[i] for i in order], dtype=torch.float32),
+    )
+    return graph
+
+
+def _our_id(nd: _Node, n_layers: int) -> str:
+    return node_id(nd.kind, nd.layer, nd.pos, nd.feature, nd.token_id, n_layers)
+
+
+def _metadata(
+    md: dict[str, Any],
+    qp: dict[str, Any],
+    nodes: list[_Node],
+    n_layers: int,
+    atlas_block: dict[str, Any] | None,
+) -> GraphMetadata:
+    # json id -> our id, for supernode members (a colliding id means the feature, as for targets)
+    id_map: dict[str, str] = {}
+    for nd in nodes:
+        if nd.json_id not in id_map or nd.kind == NodeKind.FEATURE:
+            id_map[nd.json_id] = _our_id(nd, n_layers)
+    labels = {
+        _our_id(nd, n_layers): nd.clerp
+        for nd in nodes
+        if nd.clerp and nd.kind in (NodeKind.FEATURE, NodeKind.ERROR, NodeKind.TOKEN)
+    }
+    raw_sns = qp.get("supernodes") or []
+    if not isinstance(raw_sns, list):
+        raise InputError("qParams.supernodes must be a list")
+    supernodes: list[list[str]] = []
+    for i, sn in enumerate(raw_sns):
+        if not isinstance(sn, list) or not sn or not all(isinstance(x, str) for x in sn):
+            raise InputError(f"qParams.supernodes[{i}] must be [label, node_id, ...]")
+        members = []
+        for m in sn[1:]:
+            if m not in id_map:
+                raise InputError(f"supernode {sn[0]!r} names unknown node id {m!r}")
+            members.append(id_map[m])
+        supernodes.append([sn[0], *members])
+
+    if atlas_block is not None and "graph_metadata" in atlas_block:
+        try:
+            meta = GraphMetadata.model_validate(atlas_block["graph_metadata"])
+        except Exception as exc:  # pydantic.ValidationError: keep the message to one line
+            first = str(exc).splitlines()[0]
+            raise InputError(f"metadata.atlas.graph_metadata is malformed: {first}") from exc
+        kept = dict(meta.extra)
+        if labels:
+            kept["labels"] = labels
+        if supernodes:
+            kept["supernodes"] = supernodes
+        return meta.model_copy(update={"extra": kept})
+
+    scan = md.get("scan")
+    if not isinstance(scan, str) or not scan:
+        raise InputError("metadata.scan must be a non-empty string")
+    prompt = md.get("prompt")
+    if not isinstance(prompt, str):
+        raise InputError("metadata.prompt must be a string")
+    gen: dict[str, Any] = md.get("generation_settings") or {}
+    prune: dict[str, Any] = md.get("pruning_settings") or {}
+    if not isinstance(gen, dict) or not isinstance(prune, dict):
+        raise InputError("metadata generation_settings / pruning_settings must be objects")
+    node_threshold = prune.get("node_threshold", md.get("node_threshold"))
+    settings: dict[str, Any] = {"pruned": True}
+    for key, value in (
+        ("max_n_logits", gen.get("max_n_logits")),
+        ("desired_logit_prob", gen.get("desired_logit_prob")),
+        ("max_feature_nodes", gen.get("max_feature_nodes")),
+        ("node_threshold", node_threshold),
+        ("edge_threshold", prune.get("edge_threshold")),
+    ):
+        if value is not None:
+            settings[key] = value
+    try:
+        attribution_settings = AttributionSettings(**settings)
+    except Exception as exc:
+        raise InputError(f"graph JSON settings are malformed: {str(exc).splitlines()[0]}") from exc
+    scan_hash = hashlib.sha256(scan.encode()).hexdigest()[:16]
+    extra: dict[str, Any] = {
+        "imported_from": {
+            "format": "interchange-json",
+            "slug": md.get("slug"),
+            "scan": scan,
+            "schema_version": md.get("schema_version"),
+        }
+    }
+    if labels:
+        extra["labels"] = labels
+    if supernodes:
+        extra["supernodes"] = supernodes
+    for key in ("pinnedIds", "clickedId"):
+        if qp.get(key):
+            extra.setdefault("qParams", {})[key] = qp[key]
+    return GraphMetadata(
+        prompt=prompt,
+        tokens=list(md["prompt_tokens"]),
+        model=ModelInfo(name=scan, family="unknown", n_layers=n_layers, d_model=0, vocab_size=0),
+        transcoders=TranscoderInfo(
+            name=scan, kind="unknown", content_hash=f"scan-{scan_hash}", d_transcoder=0
+        ),
+        settings=attribution_settings,
+        extra=extra,
+    )
+
+
+def write_json(graph: Graph, path: str | Path, **kwargs: Any) -> Path:
+    """Write :func:`graph_to_json` output to ``path`` (compact, UTF-8); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = graph_to_json(graph, **kwargs)
+    path.write_text(json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False))
+    return path

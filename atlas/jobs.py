@@ -1,0 +1,276 @@
+"""Job records: what a batch asked for and where each prompt stands.
+
+Where they live: in Neo4j, next to the atlas (``(:Job)`` and ``(:JobItem)`` nodes; the Cypher is
+the "jobs" section of :mod:`atlas.store.queries`). Redis only carries the messages, so job state
+survives a Redis restart or loss, every worker reports to the same place wherever it runs, and
+the inline mode (no Redis at all) keeps the same records. The atlas itself stays the source of
+truth for "done": a prompt whose id is a complete ``(:Prompt)`` is never computed again unless
+forced, whatever the job records say.
+
+Item states::
+
+    queued -> attributing -> ingesting -> done
+                    \\------------\\-----> failed   (permanent; ``reason`` says why)
+
+``done`` is final: a redelivered message that runs again cannot move an item back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from atlas.errors import InputError, ServiceUnavailable, StoreError
+from atlas.store import queries as q
+
+log = logging.getLogger(__name__)
+
+ItemState = Literal["queued", "attributing", "ingesting", "done", "failed"]
+ACTIVE_STATES: tuple[str, ...] = ("queued", "attributing", "ingesting")
+
+
+class JobItem(BaseModel):
+    """One prompt spec of a job, as recorded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    idx: int
+    spec: dict[str, Any]
+    spec_id: str
+    state: ItemState
+    prompt_id: str | None = None
+    outcome: str | None = None
+    reason: str | None = None
+    attempts: int = 0
+    timings: dict[str, float] = Field(default_factory=dict)
+    updated_at: float | None = None
+
+
+class JobSummary(BaseModel):
+    """Counts of a job's items by state."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str
+    created_at: float | None = None
+    source: str | None = None
+    mode: str | None = None
+    n_items: int = 0
+    done: int = 0
+    failed: int = 0
+    queued: int = 0
+    running: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.n_items - self.done - self.failed)
+
+    @property
+    def finished(self) -> bool:
+        return self.remaining == 0
+
+
+def new_job_id() -> str:
+    """A fresh job id: sortable by time, unique by a random tail."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def _run(driver: Any, query: str, **params: Any) -> list[dict[str, Any]]:
+    """Run one query in a managed write transaction (retried on transient errors by the driver)."""
+    import neo4j.exceptions as nex
+
+    def work(tx: Any) -> list[dict[str, Any]]:
+        return [record.data() for record in tx.run(query, **params)]
+
+    try:
+        with driver.session(notifications_min_severity="OFF") as session:
+            result: list[dict[str, Any]] = session.execute_write(work)
+            return result
+    except nex.ServiceUnavailable as exc:
+        raise ServiceUnavailable(f"Neo4j is not reachable for job records: {exc}") from exc
+    except nex.SessionExpired as exc:
+        raise ServiceUnavailable(f"Neo4j session expired while writing job records: {exc}") from exc
+    except nex.Neo4jError as exc:
+        raise StoreError(f"job record query failed: {exc.message or exc}") from exc
+
+
+def ensure_job_schema(driver: Any) -> None:
+    """Create the job constraints and indexes (idempotent)."""
+    for stmt in q.JOB_SCHEMA:
+        _run(driver, stmt)
+
+
+def prompts_present(driver: Any, prompt_ids: Sequence[str]) -> set[str]:
+    """The subset of ``prompt_ids`` that are complete prompts in the atlas."""
+    if not prompt_ids:
+        return set()
+    rows = _run(driver, q.PROMPTS_PRESENT, prompt_ids=list(prompt_ids))
+    return {r["prompt_id"] for r in rows}
+
+
+class JobStore:
+    """Reads and writes job records through a Neo4j driver (passed in, never global)."""
+
+    def __init__(self, driver: Any) -> None:
+        self.driver = driver
+
+    # ------------------------------------------------------------------ writes
+    def create(
+        self,
+        job_id: str,
+        specs: Sequence[dict[str, Any]],
+        spec_ids: Sequence[str],
+        *,
+        source: str,
+        mode: str,
+        already_done: dict[int, str] | None = None,
+    ) -> None:
+        """Record a job and its items; items in ``already_done`` (idx -> prompt id) start done."""
+        already_done = already_done or {}
+        now = time.time()
+        _run(
+            driver=self.driver,
+            query=q.JOB_CREATE,
+            job_id=job_id,
+            now=now,
+            source=source,
+            n_items=len(specs),
+            mode=mode,
+        )
+        rows = []
+        for idx, (spec, sid) in enumerate(zip(specs, spec_ids, strict=True)):
+            done = already_done.get(idx)
+            rows.append(
+                {
+                    "idx": idx,
+                    "spec": json.dumps(spec, sort_keys=True),
+                    "spec_id": sid,
+                    "state": "done" if done else "queued",
+                    "prompt_id": done,
+                    "outcome": "present" if done else None,
+                    "reason": None,
+                }
+            )
+        for start in range(0, len(rows), 5000):
+            _run(
+                self.driver,
+                q.JOB_ADD_ITEMS,
+                job_id=job_id,
+                rows=rows[start : start + 5000],
+                now=now,
+            )
+
+    def mark(
+        self,
+        job_id: str,
+        item: int,
+        *,
+        state: ItemState,
+        prompt_id: str | None = None,
+        outcome: str | None = None,
+        reason: str | None = None,
+        timings: dict[str, float] | None = None,
+        attempt: bool = False,
+    ) -> None:
+        """Move one item to ``state`` (``done`` is final; see the module docstring)."""
+        _run(
+            self.driver,
+            q.JOB_MARK_ITEM,
+            key=f"{job_id}/{item}",
+            state=state,
+            prompt_id=prompt_id,
+            outcome=outcome,
+            reason=reason,
+            timings=json.dumps({k: round(v, 6) for k, v in timings.items()}) if timings else None,
+            attempt=attempt,
+            now=time.time(),
+        )
+
+    # ------------------------------------------------------------------ reads
+    def summary(self, job_id: str) -> JobSummary:
+        """Counts by state. Raises :class:`InputError` for an unknown job."""
+        rows = _run(self.driver, q.JOB_GET, job_id=job_id)
+        if not rows:
+            raise InputError(f"no job {job_id!r} (see `atlas jobs list`)")
+        head = rows[0]
+        counts = {r["state"]: r["n"] for r in _run(self.driver, q.JOB_STATE_COUNTS, job_id=job_id)}
+        return JobSummary(
+            job_id=job_id,
+            created_at=head["created_at"],
+            source=head["source"],
+            mode=head["mode"],
+            n_items=head["n_items"] or 0,
+            done=counts.get("done", 0),
+            failed=counts.get("failed", 0),
+            queued=counts.get("queued", 0),
+            running=counts.get("attributing", 0) + counts.get("ingesting", 0),
+        )
+
+    def items(self, job_id: str, states: Iterable[str] | None = None) -> list[JobItem]:
+        """The items of a job (optionally only those in ``states``), in index order."""
+        rows = _run(
+            self.driver,
+            q.JOB_ITEMS,
+            job_id=job_id,
+            states=list(states) if states is not None else None,
+        )
+        out = []
+        for r in rows:
+            r = dict(r)
+            r["spec"] = json.loads(r["spec"]) if r["spec"] else {}
+            r["timings"] = json.loads(r["timings"]) if r["timings"] else {}
+            r["attempts"] = r["attempts"] or 0
+            out.append(JobItem.model_validate(r))
+        return out
+
+    def list(self, limit: int = 20) -> list[JobSummary]:
+        """The most recent jobs with done / failed counts."""
+        rows = _run(self.driver, q.JOB_LIST, limit=limit)
+        return [
+            JobSummary(
+                job_id=r["id"],
+                created_at=r["created_at"],
+                source=r["source"],
+                mode=r["mode"],
+                n_items=r["n_items"] or 0,
+                done=r["done"],
+                failed=r["failed"],
+            )
+            for r in rows
+        ]
+
+    def done_specs(self, spec_ids: Sequence[str]) -> dict[str, list[str]]:
+        """spec id -> prompt ids produced by earlier finished items with that spec id."""
+        if not spec_ids:
+            return {}
+        rows = _run(self.driver, q.JOB_DONE_SPECS, spec_ids=list(set(spec_ids)))
+        return {r["spec_id"]: r["prompt_ids"] for r in rows}
+
+    def stale_items(self, job_id: str, stale_s: float) -> list[JobItem]:
+        """Active items that nothing has touched for ``stale_s`` seconds."""
+        rows = _run(self.driver, q.JOB_STALE_ITEMS, job_id=job_id, before=time.time() - stale_s)
+        return [i for i in self.items(job_id, ACTIVE_STATES) if i.idx in {r["idx"] for r in rows}]
+
+
+def skip_done(store: JobStore, spec_ids: Sequence[str]) -> dict[int, str]:
+    """Items (by index) whose spec already produced a prompt that is still in the atlas.
+
+    This is the CLI's cheap check when a batch file is re-run; the workers check again by
+    prompt id (the authoritative identity) before computing anything.
+    """
+    done = store.done_specs(spec_ids)
+    candidates = {pid for pids in done.values() for pid in pids}
+    present = prompts_present(store.driver, sorted(candidates))
+    out: dict[int, str] = {}
+    for idx, sid in enumerate(spec_ids):
+        for pid in done.get(sid, []):
+            if pid in present:
+                out[idx] = pid
+                break
+    return out

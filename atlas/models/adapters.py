@@ -1,0 +1,194 @@
+"""One small adapter per model family, all sharing one mechanism.
+
+An adapter answers, for one Hugging Face architecture, the handful of questions the attribution
+engine asks: where the decoder layers are, which module's output is the MLP input (after the
+pre-MLP norm), which module's output is the MLP's contribution to the residual stream (Gemma:
+after the post-feed-forward norm), where the embedding, final norm and unembedding live, which
+norm style the family uses (so norm scales can be frozen) and the final-logit softcap.
+
+Transcoder hook names follow circuit-tracer's (TransformerLens) convention:
+
+    feature_input_hook   ``ln2.hook_normalized`` | ``mlp.hook_in``  -> output of the pre-MLP norm
+                         ``hook_resid_mid``                          -> input of the pre-MLP norm
+    feature_output_hook  ``hook_mlp_out``   -> the MLP's residual contribution (Gemma: post-FF norm)
+                         ``mlp.hook_out``   -> the MLP module's own output
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import nn
+
+from atlas.errors import ConfigError, TranscoderError
+
+NormStyle = Literal["gemma_rms", "rms", "layernorm"]
+
+INPUT_HOOKS_NORM_OUT = ("ln2.hook_normalized", "mlp.hook_in")
+INPUT_HOOKS_NORM_IN = ("hook_resid_mid",)
+OUTPUT_HOOKS = ("hook_mlp_out", "mlp.hook_out")
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """Where things are in one model family (see the module docstring)."""
+
+    family: str
+    """Short family name: gemma2, gemma3, llama, qwen2, qwen3, gpt2."""
+    model_types: tuple[str, ...]
+    """``config.model_type`` values this adapter serves."""
+    base_attr: str
+    """Attribute of the causal-LM wrapper that holds the base model (``model``/``transformer``)."""
+    layers_attr: str
+    """Attribute of the base model holding the decoder layers."""
+    embed_attr: str
+    """Attribute of the base model holding the token embedding."""
+    final_norm_attr: str
+    """Attribute of the base model holding the final norm."""
+    mlp_in_norm_attr: str
+    """Attribute of a layer: the norm whose output is the MLP input."""
+    mlp_attr: str
+    """Attribute of a layer: the MLP module."""
+    mlp_out_attr: str
+    """Attribute of a layer: the module whose output is the MLP's residual contribution."""
+    norm_style: NormStyle
+    """How the family's norms compute (for freezing their scale)."""
+    default_input_hook: str
+    default_output_hook: str
+
+    # ------------------------------------------------------------------ access
+    def base(self, hf: nn.Module) -> nn.Module:
+        base = getattr(hf, self.base_attr)
+        assert isinstance(base, nn.Module)
+        return base
+
+    def layers(self, hf: nn.Module) -> list[nn.Module]:
+        return list(getattr(self.base(hf), self.layers_attr))
+
+    def embed(self, hf: nn.Module) -> nn.Module:
+        mod = getattr(self.base(hf), self.embed_attr)
+        assert isinstance(mod, nn.Module)
+        return mod
+
+    def final_norm(self, hf: nn.Module) -> nn.Module:
+        mod = getattr(self.base(hf), self.final_norm_attr)
+        assert isinstance(mod, nn.Module)
+        return mod
+
+    def unembed_weight(self, hf: Any) -> Any:
+        """``(vocab, d_model)`` unembedding matrix."""
+        return hf.get_output_embeddings().weight
+
+    def logit_softcap(self, config: Any) -> float | None:
+        cap = getattr(config, "final_logit_softcapping", None)
+        return float(cap) if cap else None
+
+    def norm_modules(self, hf: nn.Module) -> list[nn.Module]:
+        """Every norm in the base model whose scale must be frozen."""
+        out = []
+        for mod in self.base(hf).modules():
+            name = type(mod).__name__
+            if isinstance(mod, nn.LayerNorm) or name.endswith("RMSNorm"):
+                out.append(mod)
+        return out
+
+    def feature_input_module(self, layer: nn.Module, hook: str) -> tuple[nn.Module, str]:
+        """``(module, "input"|"output")`` where a transcoder with ``hook`` reads its input."""
+        norm = getattr(layer, self.mlp_in_norm_attr)
+        if hook in INPUT_HOOKS_NORM_OUT:
+            return norm, "output"
+        if hook in INPUT_HOOKS_NORM_IN:
+            return norm, "input"
+        raise TranscoderError(
+            f"unsupported feature_input_hook {hook!r} for {self.family}; supported: "
+            f"{', '.join(INPUT_HOOKS_NORM_OUT + INPUT_HOOKS_NORM_IN)}"
+        )
+
+    def feature_output_module(self, layer: nn.Module, hook: str) -> nn.Module:
+        """The module whose output a transcoder with ``hook`` reconstructs."""
+        if hook == "hook_mlp_out":
+            mod = getattr(layer, self.mlp_out_attr)
+        elif hook == "mlp.hook_out":
+            mod = getattr(layer, self.mlp_attr)
+        else:
+            raise TranscoderError(
+                f"unsupported feature_output_hook {hook!r} for {self.family}; supported: "
+                f"{', '.join(OUTPUT_HOOKS)}"
+            )
+        assert isinstance(mod, nn.Module)
+        return mod
+
+
+def _llama_like(family: str, model_types: tuple[str, ...]) -> FamilyAdapter:
+    return FamilyAdapter(
+        family=family,
+        model_types=model_types,
+        base_attr="model",
+        layers_attr="layers",
+        embed_attr="embed_tokens",
+        final_norm_attr="norm",
+        mlp_in_norm_attr="post_attention_layernorm",
+        mlp_attr="mlp",
+        mlp_out_attr="mlp",
+        norm_style="rms",
+        default_input_hook="mlp.hook_in",
+        default_output_hook="mlp.hook_out",
+    )
+
+
+def _gemma(family: str, model_types: tuple[str, ...]) -> FamilyAdapter:
+    return FamilyAdapter(
+        family=family,
+        model_types=model_types,
+        base_attr="model",
+        layers_attr="layers",
+        embed_attr="embed_tokens",
+        final_norm_attr="norm",
+        mlp_in_norm_attr="pre_feedforward_layernorm",
+        mlp_attr="mlp",
+        mlp_out_attr="post_feedforward_layernorm",
+        norm_style="gemma_rms",
+        default_input_hook="ln2.hook_normalized",
+        default_output_hook="hook_mlp_out",
+    )
+
+
+ADAPTERS: dict[str, FamilyAdapter] = {
+    "gemma2": _gemma("gemma2", ("gemma2",)),
+    "gemma3": _gemma("gemma3", ("gemma3_text",)),
+    "llama": _llama_like("llama", ("llama",)),
+    "qwen2": _llama_like("qwen2", ("qwen2",)),
+    "qwen3": _llama_like("qwen3", ("qwen3",)),
+    "gpt2": FamilyAdapter(
+        family="gpt2",
+        model_types=("gpt2",),
+        base_attr="transformer",
+        layers_attr="h",
+        embed_attr="wte",
+        final_norm_attr="ln_f",
+        mlp_in_norm_attr="ln_2",
+        mlp_attr="mlp",
+        mlp_out_attr="mlp",
+        norm_style="layernorm",
+        default_input_hook="ln2.hook_normalized",
+        default_output_hook="hook_mlp_out",
+    ),
+}
+
+SUPPORTED_FAMILIES = tuple(ADAPTERS)
+
+
+def adapter_for_config(config: Any) -> FamilyAdapter:
+    """The adapter for a transformers config; :class:`ConfigError` for unknown architectures."""
+    model_type = getattr(config, "model_type", None)
+    for adapter in ADAPTERS.values():
+        if model_type in adapter.model_types:
+            return adapter
+    hint = ""
+    if model_type == "gemma3":
+        hint = " (multimodal Gemma 3 checkpoints: use the text-only Gemma3ForCausalLM weights)"
+    raise ConfigError(
+        f"unsupported model architecture {model_type!r}{hint}; supported families: "
+        f"{', '.join(SUPPORTED_FAMILIES)}"
+    )

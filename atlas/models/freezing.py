@@ -1,0 +1,142 @@
+"""Freezing attention patterns and norm scales: the linearisation of the local replacement model.
+
+Inside :func:`frozen`, the model computes exactly the same values as normally, but
+
+* attention runs through :func:`frozen_attention` (registered with transformers'
+  ``AttentionInterface`` as ``"atlas_frozen"``), which detaches the attention pattern: the output
+  is linear in the values, queries and keys carry no gradient;
+* every norm's scale (``rsqrt(mean x^2 + eps)``, or LayerNorm's ``rsqrt(var + eps)``) is detached;
+  LayerNorm's mean subtraction stays (it is linear);
+* all parameters stop requiring grad, so autograd only follows the residual stream.
+
+MLP outputs are frozen by the attribution engine's own hooks (they depend on the transcoders).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from atlas.models.loading import LoadedModel
+
+FROZEN_ATTN = "atlas_frozen"
+_registered = False
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    if n_rep == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def frozen_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention whose pattern is detached (same values, gradient only through V)."""
+    n_rep = query.shape[1] // key.shape[1]
+    key = _repeat_kv(key, n_rep)
+    value = _repeat_kv(value, n_rep)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask[..., : key.shape[-2]]
+    pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype).detach()
+    out = torch.matmul(pattern, value).transpose(1, 2).contiguous()
+    return out, pattern
+
+
+def register_frozen_attention() -> None:
+    """Register :func:`frozen_attention` (and the eager mask) with transformers, once."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(FROZEN_ATTN, frozen_attention)
+    AttentionMaskInterface.register(FROZEN_ATTN, eager_mask)
+    _registered = True
+
+
+def _frozen_rms(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    eps = getattr(self, "variance_epsilon", None) or getattr(self, "eps", 1e-6)
+    xf = x.float()
+    scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps).detach()
+    weight = self.weight  # type: ignore[attr-defined]
+    return (weight * (xf * scale).to(x.dtype)) if weight is not None else (xf * scale).to(x.dtype)
+
+
+def _frozen_gemma_rms(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    eps = getattr(self, "eps", 1e-6)
+    xf = x.float()
+    scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps).detach()
+    out = xf * scale * (1.0 + self.weight.float())  # type: ignore[attr-defined]
+    return out.type_as(x)
+
+
+def _frozen_layernorm(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    centred = xf - xf.mean(-1, keepdim=True)
+    scale = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps).detach()  # type: ignore[attr-defined]
+    out = centred * scale
+    if self.weight is not None:  # type: ignore[attr-defined]
+        out = out * self.weight.float()  # type: ignore[attr-defined]
+    if self.bias is not None:  # type: ignore[attr-defined]
+        out = out + self.bias.float()  # type: ignore[attr-defined]
+    return out.to(x.dtype)
+
+
+def _frozen_norm_forward(mod: nn.Module, style: str) -> Any:
+    if isinstance(mod, nn.LayerNorm):
+        return _frozen_layernorm
+    if "Gemma" in type(mod).__name__ or style == "gemma_rms":
+        return _frozen_gemma_rms
+    return _frozen_rms
+
+
+@contextlib.contextmanager
+def frozen(model: LoadedModel) -> Iterator[None]:
+    """Run the model with frozen attention patterns and norm scales (see the module docstring)."""
+    register_frozen_attention()
+    hf = model.hf
+    adapter = model.adapter
+    previous_impl = hf.config._attn_implementation
+    grad_flags = [(p, p.requires_grad) for p in hf.parameters()]
+    patched: list[nn.Module] = []
+    try:
+        hf.set_attn_implementation(FROZEN_ATTN)
+        for p, _ in grad_flags:
+            p.requires_grad_(False)
+        for mod in adapter.norm_modules(hf):
+            fn = _frozen_norm_forward(mod, adapter.norm_style)
+            mod.forward = types.MethodType(fn, mod)  # type: ignore[method-assign]
+            patched.append(mod)
+        yield
+    finally:
+        for mod in patched:
+            with contextlib.suppress(AttributeError):
+                del mod.forward
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+        hf.set_attn_implementation(previous_impl)

@@ -1,0 +1,581 @@
+"""The bodies of the pipeline's tasks, as plain functions.
+
+``workers.tasks`` wraps these in Celery tasks; ``atlas enqueue`` / ``atlas batch`` call them inline
+when no broker is configured. Both run the same code, so the inline mode is a faithful stand-in
+for the distributed one. Nothing here imports Celery.
+
+Steps, each idempotent (at-least-once delivery may run any of them twice):
+
+``attribute_step``
+    prompt spec -> prompt id (computed from the spec, the model revision and the transcoder content
+    hash BEFORE the model runs) -> skip if the prompt is already in the atlas (unless forced) ->
+    reuse the content-addressed artifact if it exists -> else attribution -> artifact.
+``ingest_step``
+    artifact -> Neo4j (the store's idempotent ingestion) -> job item marked done.
+``annotate_step``
+    feature labels for one transcoder set (the store's annotation code).
+
+Models and transcoders are loaded once per process and kept in a small LRU keyed by reference
+(:data:`ENGINES`); it is filled lazily by the first task, never at import and never before a fork.
+
+Errors are sorted by :func:`classify`: transient faults (Neo4j/Redis unavailable) are retried
+with backoff by the caller, permanent ones (bad prompt, missing model, out of memory at batch size
+1) are recorded on the job item with their reason and never retried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from atlas.errors import AtlasError, AttributionError, InputError, ServiceUnavailable
+
+if TYPE_CHECKING:
+    from atlas.graph import Graph, ModelInfo, TranscoderInfo
+    from atlas.settings import AtlasSettings
+
+log = logging.getLogger(__name__)
+
+#: Longest prompt text accepted in a spec (characters); the engine checks tokens separately.
+MAX_PROMPT_CHARS = 20_000
+
+
+# --------------------------------------------------------------------------- payloads
+class PromptSpec(BaseModel):
+    """One prompt to attribute: what a line of a batch file holds.
+
+    ``model`` / ``transcoders`` unset mean the toy world (the embedded default).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    """The prompt text (the model's BOS is prepended by the engine)."""
+    model: str | None = None
+    """Hub id or local model directory; unset: the toy model."""
+    transcoders: str | None = None
+    """Transcoder directory or reference; unset: the toy transcoders."""
+    max_n_logits: int = Field(default=10, ge=1, le=1000)
+    """Most logit targets."""
+    desired_logit_prob: float = Field(default=0.95, gt=0.0, le=1.0)
+    """Cumulative probability at which logit targets stop."""
+    max_feature_nodes: int | None = Field(default=None, ge=1)
+    """Cap on feature rows (most influential first); unset: every active feature."""
+    explicit_logit_tokens: list[int] | None = None
+    """Vocabulary ids to use as logit targets instead of the top predictions."""
+    node_threshold: float = Field(default=0.8, gt=0.0, le=1.0)
+    """Pruning: cumulative node influence kept."""
+    edge_threshold: float = Field(default=0.98, gt=0.0, le=1.0)
+    """Pruning: cumulative edge score kept."""
+    force: bool = False
+    """Recompute and re-ingest even if the prompt is already in the atlas."""
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_ok(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt is empty")
+        if len(value) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
+        return value
+
+    def spec_id(self) -> str:
+        """Hash of the request (not of the model files): the CLI's cheap identity for skipping."""
+        body = self.model_dump(mode="json", exclude={"force"})
+        blob = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:32]
+
+
+class AttributePayload(BaseModel):
+    """Message of the ``attribute`` task."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spec: PromptSpec
+    job_id: str | None = None
+    item: int | None = None
+    """Index of the item in its job (the job record key is ``{job_id}/{item}``)."""
+    enqueued_at: float | None = None
+    """Unix time the message was sent (queueing time is measured from it)."""
+
+
+class IngestPayload(BaseModel):
+    """Message of the ``ingest`` task."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_id: str
+    artifact: str
+    """Path of the artifact in the artifact store."""
+    job_id: str | None = None
+    item: int | None = None
+    force: bool = False
+    enqueued_at: float | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+    """Seconds spent so far, carried along for the job record (queue, load, attribute, save)."""
+
+
+class AnnotatePayload(BaseModel):
+    """Message of the ``annotate`` task: label the features of one transcoder set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    transcoders: str | None = None
+    job_id: str | None = None
+
+
+Outcome = Literal["computed", "cached", "present", "failed", "ingested"]
+
+
+class StepResult(BaseModel):
+    """What a step did (returned by tasks, stored nowhere else)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    outcome: Outcome
+    prompt_id: str | None = None
+    artifact: str | None = None
+    reason: str | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- engine cache
+@dataclass
+class Engine:
+    """A loaded model + transcoder set and their provenance (one per reference pair)."""
+
+    model: Any
+    transcoders: Any
+    model_info: ModelInfo
+    transcoder_info: TranscoderInfo
+    load_s: float = 0.0
+
+
+@dataclass
+class EngineCache:
+    """LRU of loaded engines keyed by (model ref, transcoders ref, device, dtype).
+
+    Filled lazily by the first task of a process. Size 1 by default: a GPU holds one model.
+    """
+
+    size: int = 1
+    _items: OrderedDict[tuple[str, str, str, str], Engine] = field(default_factory=OrderedDict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def get(self, model_ref: str, tc_ref: str, settings: AtlasSettings) -> Engine:
+        """The engine for these references, loading it on first use."""
+        key = (model_ref, tc_ref, settings.resolved_device(), settings.dtype)
+        with self._lock:
+            engine = self._items.get(key)
+            if engine is not None:
+                self._items.move_to_end(key)
+                return engine
+            while len(self._items) >= self.size:
+                _, old = self._items.popitem(last=False)
+                del old
+            engine = _load_engine(model_ref, tc_ref, device=key[2], dtype=settings.dtype)
+            self._items[key] = engine
+            return engine
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+#: The process-wide engine cache used by the tasks (empty until the first task).
+ENGINES = EngineCache(size=1)
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _load_engine(model_ref: str, tc_ref: str, *, device: str, dtype: str) -> Engine:
+    from atlas.models import load_model
+    from atlas.transcoders import load_transcoders
+
+    t0 = time.perf_counter()
+    log.info("loading model %s and transcoders %s on %s", model_ref, tc_ref, device)
+    model = load_model(model_ref, device=device, dtype=_torch_dtype(dtype))
+    transcoders = load_transcoders(tc_ref, model, device=device, dtype=_torch_dtype(dtype))
+    return Engine(
+        model=model,
+        transcoders=transcoders,
+        model_info=model.info,
+        transcoder_info=transcoders.info,
+        load_s=time.perf_counter() - t0,
+    )
+
+
+def resolve_refs(spec_model: str | None, spec_tc: str | None) -> tuple[str, str]:
+    """The model and transcoder references of a spec, the toy world filling what is unset."""
+    if spec_model is not None and spec_tc is not None:
+        return spec_model, spec_tc
+    if (spec_model is None) != (spec_tc is None):
+        raise InputError("give both --model and --transcoders, or neither (the toy world)")
+    from atlas.toy import toy_paths
+
+    paths = toy_paths()
+    return str(paths.model), str(paths.transcoders)
+
+
+# --------------------------------------------------------------------------- identity
+def attribution_settings(spec: PromptSpec, settings: AtlasSettings) -> Any:
+    """The :class:`atlas.graph.AttributionSettings` the engine records for this spec."""
+    from atlas.graph import AttributionSettings
+
+    return AttributionSettings(
+        max_n_logits=spec.max_n_logits,
+        desired_logit_prob=spec.desired_logit_prob,
+        max_feature_nodes=spec.max_feature_nodes,
+        explicit_logit_tokens=spec.explicit_logit_tokens,
+        node_threshold=spec.node_threshold,
+        edge_threshold=spec.edge_threshold,
+        pruned=True,
+        dtype=settings.dtype,
+    )
+
+
+def prompt_id_for(spec: PromptSpec, engine: Engine, settings: AtlasSettings) -> str:
+    """The prompt's content hash, computed before anything runs on the model."""
+    from atlas.graph import GraphMetadata
+
+    meta = GraphMetadata(
+        prompt=spec.prompt,
+        tokens=[],
+        model=engine.model_info,
+        transcoders=engine.transcoder_info,
+        settings=attribution_settings(spec, settings),
+    )
+    return meta.prompt_id()
+
+
+# --------------------------------------------------------------------------- error sorting
+def classify(exc: BaseException) -> tuple[bool, str]:
+    """``(transient, one-line reason)`` for an exception raised by a step."""
+    reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+    if isinstance(exc, AtlasError):
+        return exc.transient, str(exc).splitlines()[0][:500] or type(exc).__name__
+    try:
+        import neo4j.exceptions as nex
+
+        if isinstance(exc, nex.ServiceUnavailable | nex.SessionExpired | nex.TransientError):
+            return True, reason
+    except ImportError:  # pragma: no cover - neo4j is a dependency
+        pass
+    try:
+        import redis.exceptions as rex
+
+        if isinstance(exc, rex.ConnectionError | rex.TimeoutError):
+            return True, reason
+    except ImportError:  # pragma: no cover - redis is a dependency
+        pass
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True, reason
+    return False, reason
+
+
+def _is_oom(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "out of memory" in text or type(exc).__name__ == "OutOfMemoryError"
+
+
+# --------------------------------------------------------------------------- store adapters
+def prompt_in_atlas(driver: Any, prompt_id: str) -> bool:
+    """Whether a complete prompt with this id is in the atlas."""
+    from atlas.jobs import prompts_present
+
+    return prompt_id in prompts_present(driver, [prompt_id])
+
+
+def _ingest(driver: Any, graph: Graph, settings: AtlasSettings, *, force: bool) -> None:
+    from atlas.store.ingest import ingest_graph
+
+    if force:
+        _delete_prompt(driver, graph.prompt_id, settings)
+    try:
+        ingest_graph(
+            driver,
+            graph,
+            database=settings.neo4j_database,
+            batch_size=settings.ingest_batch_size,
+            min_abs_weight=settings.ingest_min_abs_weight,
+            max_edges=settings.ingest_max_edges,
+        )
+    except AtlasError:
+        raise
+    except Exception as exc:
+        transient, reason = classify(exc)
+        if transient:
+            raise ServiceUnavailable(f"Neo4j failed during ingestion: {reason}") from exc
+        raise
+
+
+def _delete_prompt(driver: Any, prompt_id: str, settings: AtlasSettings) -> None:
+    """Remove a stored prompt before a forced re-ingestion (the store's code, if it has one)."""
+    from atlas.store import ingest as store_ingest
+
+    delete = getattr(store_ingest, "delete_prompt", None)
+    if delete is None:
+        log.warning("forced re-ingestion of %s: the store cannot delete prompts; kept", prompt_id)
+        return
+    delete(driver, prompt_id)
+
+
+# --------------------------------------------------------------------------- steps
+def attribute_step(
+    payload: AttributePayload,
+    settings: AtlasSettings,
+    *,
+    driver: Any,
+    engines: EngineCache = ENGINES,
+    on_ingest: Callable[[IngestPayload], None] | None = None,
+) -> StepResult:
+    """Run attribution for one prompt spec (idempotent); hand the artifact to ingestion.
+
+    ``on_ingest`` sends the ingest message (Celery); ``None`` runs :func:`ingest_step` inline.
+    Raises on failure: the caller decides between retry (:func:`classify` says transient) and
+    recording a permanent failure (:func:`record_failure`).
+    """
+    from atlas.graph import artifact_path
+    from atlas.jobs import JobStore
+
+    spec = payload.spec
+    jobs = JobStore(driver)
+    timings: dict[str, float] = {}
+    if payload.enqueued_at is not None:
+        timings["queue_s"] = max(0.0, time.time() - payload.enqueued_at)
+    if payload.job_id is not None and payload.item is not None:
+        jobs.mark(payload.job_id, payload.item, state="attributing", attempt=True)
+
+    t0 = time.perf_counter()
+    model_ref, tc_ref = resolve_refs(spec.model, spec.transcoders)
+    engine = engines.get(model_ref, tc_ref, settings)
+    timings["load_s"] = time.perf_counter() - t0
+    prompt_id = prompt_id_for(spec, engine, settings)
+    path = artifact_path(settings.resolved_artifact_dir, prompt_id)
+
+    if not spec.force and prompt_in_atlas(driver, prompt_id):
+        log.info("prompt %s already in the atlas: skipped", prompt_id)
+        if payload.job_id is not None and payload.item is not None:
+            jobs.mark(
+                payload.job_id,
+                payload.item,
+                state="done",
+                prompt_id=prompt_id,
+                outcome="present",
+                timings=timings,
+            )
+        return StepResult(
+            outcome="present", prompt_id=prompt_id, artifact=str(path), timings=timings
+        )
+
+    outcome: Outcome = "cached"
+    if spec.force or not path.is_file():
+        outcome = "computed"
+        graph = _run_attribution(spec, engine, settings, timings)
+        if graph.prompt_id != prompt_id:
+            log.warning("engine recorded prompt id %s, expected %s", graph.prompt_id, prompt_id)
+        t1 = time.perf_counter()
+        graph.save(path)
+        timings["save_s"] = time.perf_counter() - t1
+
+    ingest = IngestPayload(
+        prompt_id=prompt_id,
+        artifact=str(path),
+        job_id=payload.job_id,
+        item=payload.item,
+        force=spec.force,
+        enqueued_at=time.time(),
+        timings=timings,
+    )
+    if payload.job_id is not None and payload.item is not None:
+        jobs.mark(
+            payload.job_id,
+            payload.item,
+            state="ingesting",
+            prompt_id=prompt_id,
+            outcome=outcome,
+            timings=timings,
+        )
+    if on_ingest is None:
+        ingest_step(ingest, settings, driver=driver)
+    else:
+        on_ingest(ingest)
+    return StepResult(outcome=outcome, prompt_id=prompt_id, artifact=str(path), timings=timings)
+
+
+def _run_attribution(
+    spec: PromptSpec, engine: Engine, settings: AtlasSettings, timings: dict[str, float]
+) -> Graph:
+    """Attribution with the batch size halved on out-of-memory, down to 1 (then permanent)."""
+    from atlas.attribution import attribute
+
+    batch_size = max(1, settings.batch_size)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            result = attribute(
+                spec.prompt,
+                engine.model,
+                engine.transcoders,
+                max_n_logits=spec.max_n_logits,
+                desired_logit_prob=spec.desired_logit_prob,
+                max_feature_nodes=spec.max_feature_nodes,
+                batch_size=batch_size,
+                explicit_logit_tokens=spec.explicit_logit_tokens,
+            )
+            timings["attribute_s"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            graph: Graph = result.to_graph(
+                prune=True, node_threshold=spec.node_threshold, edge_threshold=spec.edge_threshold
+            )
+            timings["prune_s"] = time.perf_counter() - t1
+            return graph
+        except AtlasError as exc:
+            if not _is_oom(exc):
+                raise
+            oom: BaseException = exc
+        except (RuntimeError, MemoryError) as exc:
+            if not _is_oom(exc):
+                raise AttributionError(f"attribution failed: {classify(exc)[1]}") from exc
+            oom = exc
+        _free_accelerator_memory()
+        if batch_size == 1:
+            raise AttributionError(
+                "out of memory even at batch size 1: prompt too long for this device"
+            ) from oom
+        batch_size = max(1, batch_size // 2)
+        log.warning("out of memory: retrying with batch size %d", batch_size)
+
+
+def _free_accelerator_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # pragma: no cover - best effort
+        log.debug("could not empty the CUDA cache", exc_info=True)
+
+
+def ingest_step(payload: IngestPayload, settings: AtlasSettings, *, driver: Any) -> StepResult:
+    """Ingest one artifact into Neo4j (idempotent) and mark its job item done."""
+    from atlas.graph import Graph
+    from atlas.jobs import JobStore
+
+    timings = dict(payload.timings)
+    if payload.enqueued_at is not None:
+        timings["ingest_queue_s"] = max(0.0, time.time() - payload.enqueued_at)
+    t0 = time.perf_counter()
+    if not payload.force and prompt_in_atlas(driver, payload.prompt_id):
+        outcome: Outcome = "present"
+    else:
+        graph = Graph.load(payload.artifact)
+        timings["load_artifact_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        _ingest(driver, graph, settings, force=payload.force)
+        timings["ingest_s"] = time.perf_counter() - t1
+        outcome = "ingested"
+    if payload.job_id is not None and payload.item is not None:
+        JobStore(driver).mark(
+            payload.job_id, payload.item, state="done", prompt_id=payload.prompt_id, timings=timings
+        )
+    return StepResult(
+        outcome=outcome, prompt_id=payload.prompt_id, artifact=payload.artifact, timings=timings
+    )
+
+
+def annotate_step(
+    payload: AnnotatePayload,
+    settings: AtlasSettings,
+    *,
+    driver: Any,
+    engines: EngineCache = ENGINES,
+) -> dict[str, Any]:
+    """Label the features of one transcoder set (logit lens + top activations; the store's code)."""
+    from atlas import annotate
+
+    model_ref, tc_ref = resolve_refs(payload.model, payload.transcoders)
+    engine = engines.get(model_ref, tc_ref, settings)
+    fn = getattr(annotate, "annotate_features", None)
+    if fn is None:
+        raise AtlasError("feature annotation is not available in this build (atlas.annotate)")
+    result = fn(driver, engine.model, engine.transcoders)
+    return {"annotated": result if isinstance(result, int | dict) else None}
+
+
+def record_failure(driver: Any, job_id: str | None, item: int | None, reason: str) -> None:
+    """Mark a job item permanently failed with its reason (best effort: logs if Neo4j is down)."""
+    log.error("job %s item %s failed: %s", job_id, item, reason)
+    if job_id is None or item is None:
+        return
+    from atlas.jobs import JobStore
+
+    try:
+        JobStore(driver).mark(job_id, item, state="failed", reason=reason)
+    except Exception:
+        log.exception("could not record the failure of job %s item %s", job_id, item)
+
+
+# --------------------------------------------------------------------------- inline mode
+def run_with_retries(
+    fn: Callable[[], StepResult], *, max_retries: int = 5, base_delay_s: float = 1.0
+) -> StepResult:
+    """Run a step inline, retrying transient faults with exponential backoff."""
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            transient, reason = classify(exc)
+            if not transient or attempt >= max_retries:
+                raise
+            delay = min(base_delay_s * 2**attempt, 30.0)
+            log.warning("transient fault (%s): retrying in %.1fs", reason, delay)
+            time.sleep(delay)
+            attempt += 1
+
+
+def run_inline(
+    payload: AttributePayload,
+    settings: AtlasSettings,
+    *,
+    driver: Any,
+    engines: EngineCache = ENGINES,
+) -> StepResult:
+    """Attribute + ingest one spec in this process (the embedded default, no broker).
+
+    Transient faults are retried; a permanent failure is recorded on the job item and returned
+    as a ``failed`` result rather than raised, so one poison prompt does not stop a batch.
+    """
+    try:
+        return run_with_retries(
+            lambda: attribute_step(payload, settings, driver=driver, engines=engines)
+        )
+    except Exception as exc:
+        _, reason = classify(exc)
+        record_failure(driver, payload.job_id, payload.item, reason)
+        return StepResult(outcome="failed", reason=reason)
+
+
+def artifact_exists(settings: AtlasSettings, prompt_id: str) -> bool:
+    from atlas.graph import artifact_path
+
+    return Path(artifact_path(settings.resolved_artifact_dir, prompt_id)).is_file()

@@ -1,0 +1,408 @@
+"""Ingestion of attribution graphs into Neo4j.
+
+One prompt is one write transaction (``driver.session().execute_write``), so a prompt becomes
+visible only once all of it is written; a crash or a killed ingester leaves nothing (the server
+rolls the open transaction back). The first statement claims the prompt with ``MERGE`` on its
+unique id and takes its write lock: a second ingester of the same prompt waits, then sees
+``complete = true`` and writes nothing. Ingesting a prompt twice therefore changes nothing, and
+the aggregated feature layer (``AGG``) is updated exactly once per prompt. Deadlocks between
+concurrent ingesters (shared ``Feature`` nodes) are transient errors that ``execute_write``
+retries; the unit of work is idempotent, so a retry is safe.
+
+Rows are written in ``UNWIND $rows`` batches of ``settings.ingest_batch_size``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import neo4j
+import neo4j.exceptions
+
+from atlas.errors import ConfigError, InputError, ServiceUnavailable, StoreError
+from atlas.graph import Graph, NodeKind
+from atlas.store import queries as Q
+
+log = logging.getLogger(__name__)
+
+KIND_NAMES = {
+    NodeKind.FEATURE: "feature",
+    NodeKind.ERROR: "error",
+    NodeKind.TOKEN: "token",
+    NodeKind.LOGIT: "logit",
+}
+_CREATE_BY_KIND = {
+    "feature": Q.CREATE_FEATURE_NODES,
+    "error": Q.CREATE_ERROR_NODES,
+    "token": Q.CREATE_TOKEN_NODES,
+    "logit": Q.CREATE_LOGIT_NODES,
+}
+
+
+def feature_ref(tset: str, layer: int, index: int) -> str:
+    """Global key of a feature: ``<transcoder set hash>/<layer>/<index>``."""
+    return f"{tset}/{layer}/{index}"
+
+
+def token_ref(model: str, token_id: int) -> str:
+    """Global key of a vocabulary entry: ``<model name>/<token id>``."""
+    return f"{model}/{token_id}"
+
+
+def normalise_token_text(text: str) -> str:
+    """Token text as matched by ``token:TEXT`` / ``logit:TEXT``: surrounding whitespace stripped."""
+    return text.strip()
+
+
+@dataclass
+class PromptRows:
+    """Everything one prompt writes, as parameter rows (pure data, built without a database)."""
+
+    prompt_id: str
+    props: dict[str, Any]
+    model: dict[str, Any]
+    tset: dict[str, Any]
+    features: list[dict[str, Any]]
+    tokens: list[dict[str, Any]]
+    nodes: dict[str, list[dict[str, Any]]]
+    edges: list[tuple[int, int, float]]
+    """(source idx, target idx, weight) of the kept edges."""
+    agg: list[dict[str, Any]]
+    """One row per (source feature, target feature) pair: ``{s, t, w, n}``."""
+    n_nodes: int = 0
+    n_edges_total: int = 0
+    dropped_edges: int = field(default=0)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What one ``ingest_graph`` call did."""
+
+    prompt_id: str
+    created: bool
+    """False when the prompt was already in the atlas (nothing was written)."""
+    n_nodes: int
+    n_edges: int
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def graph_rows(
+    graph: Graph, *, min_abs_weight: float = 0.0, max_edges: int | None = None
+) -> PromptRows:
+    """Turn a :class:`Graph` into the parameter rows of its ingestion.
+
+    Raises :class:`InputError` for graphs that cannot be stored faithfully (duplicate node ids,
+    non-finite weights, a logit or token without a vocabulary id).
+    """
+    meta = graph.metadata
+    pid = graph.prompt_id
+    model_name = meta.model.name
+    tset = meta.transcoders.content_hash
+    ids = graph.node_ids()
+    if len(set(ids)) != len(ids):
+        raise InputError(f"prompt {pid}: graph has duplicate node ids")
+
+    kinds = graph.kind.tolist()
+    layers = graph.layer.tolist()
+    poss = graph.pos.tolist()
+    feats = graph.feature.tolist()
+    tok_ids = graph.token_id.tolist()
+    acts = graph.activation.tolist()
+    infl = graph.influence.tolist()
+    probs = graph.logit_prob.tolist()
+    input_ids = graph.input_ids.tolist()
+
+    # Token text: prompt tokens by position, then logit texts supplied by the engine/importer.
+    text_by_id: dict[int, str] = {}
+    for tid, text in zip(input_ids, meta.tokens, strict=False):
+        text_by_id.setdefault(int(tid), text)
+    logit_texts = meta.extra.get("logit_tokens")
+    logit_pos = [i for i, k in enumerate(kinds) if k == NodeKind.LOGIT]
+    if isinstance(logit_texts, list) and len(logit_texts) == len(logit_pos):
+        for i, text in zip(logit_pos, logit_texts, strict=True):
+            if isinstance(text, str):
+                text_by_id[int(tok_ids[i])] = text
+
+    labels = meta.extra.get("labels") if isinstance(meta.extra.get("labels"), dict) else {}
+    nodes: dict[str, list[dict[str, Any]]] = {k: [] for k in _CREATE_BY_KIND}
+    features: dict[str, dict[str, Any]] = {}
+    tokens: dict[str, dict[str, Any]] = {}
+    refs: list[str | None] = []
+    for i, k in enumerate(kinds):
+        kind = KIND_NAMES[NodeKind(k)]
+        ref: str | None = None
+        if kind == "feature":
+            ref = feature_ref(tset, layers[i], feats[i])
+            act = float(acts[i]) if math.isfinite(acts[i]) else 0.0
+            row = features.get(ref)
+            if row is None:
+                features[ref] = {
+                    "fid": ref,
+                    "tset": tset,
+                    "layer": layers[i],
+                    "index": feats[i],
+                    "act": act,
+                    "label": labels.get(ids[i]) if isinstance(labels.get(ids[i]), str) else None,
+                }
+            else:
+                row["act"] = max(row["act"], act)
+        elif kind in ("token", "logit"):
+            if tok_ids[i] < 0:
+                raise InputError(f"prompt {pid}: {kind} node {ids[i]} has no vocabulary id")
+            ref = token_ref(model_name, tok_ids[i])
+            text = text_by_id.get(int(tok_ids[i]))
+            tokens.setdefault(
+                ref,
+                {
+                    "tid": ref,
+                    "model": model_name,
+                    "token_id": tok_ids[i],
+                    "text": text,
+                    "text_norm": normalise_token_text(text) if text is not None else None,
+                },
+            )
+        refs.append(ref)
+        nodes[kind].append(
+            {
+                "key": f"{pid}/{ids[i]}",
+                "id": ids[i],
+                "idx": i,
+                "kind": kind,
+                "ref": ref,
+                "layer": layers[i],
+                "pos": poss[i],
+                "feature": feats[i],
+                "token_id": tok_ids[i],
+                "activation": _finite_or_none(acts[i]),
+                "influence": _finite_or_none(infl[i]),
+                "logit_prob": _finite_or_none(probs[i]),
+            }
+        )
+
+    src = graph.edge_source.tolist()
+    tgt = graph.edge_target.tolist()
+    wts = graph.edge_weight.tolist()
+    for w in wts:
+        if not math.isfinite(w):
+            raise InputError(f"prompt {pid}: non-finite edge weight")
+    order = list(range(len(wts)))
+    if min_abs_weight > 0:
+        order = [j for j in order if abs(wts[j]) >= min_abs_weight]
+    if max_edges is not None and len(order) > max_edges:
+        order = sorted(order, key=lambda j: -abs(wts[j]))[:max_edges]
+        order.sort()
+    edges = [(src[j], tgt[j], float(wts[j])) for j in order]
+
+    agg: dict[tuple[str, str], list[float]] = {}
+    for s, t, w in edges:
+        rs, rt = refs[s], refs[t]
+        if kinds[s] == NodeKind.FEATURE and kinds[t] == NodeKind.FEATURE and rs and rt:
+            acc = agg.get((rs, rt))
+            if acc is None:
+                agg[(rs, rt)] = [w, 1.0]
+            else:
+                acc[0] += w
+                acc[1] += 1.0
+
+    props = {
+        "text": meta.prompt,
+        "tokens": list(meta.tokens),
+        "input_ids": input_ids,
+        "model": model_name,
+        "tset": tset,
+        "image_sha256": meta.image_sha256,
+        "n_nodes": graph.n_nodes,
+        "n_edges": len(edges),
+        "n_edges_total": graph.n_edges,
+        "replacement_score": meta.replacement_score,
+        "completeness_score": meta.completeness_score,
+        "code_version": meta.code_version,
+        "created_at": meta.created_at,
+        "meta_json": meta.model_dump_json(),
+    }
+    return PromptRows(
+        prompt_id=pid,
+        props=props,
+        model=meta.model.model_dump(mode="json"),
+        tset={
+            "hash": tset,
+            "name": meta.transcoders.name,
+            "kind": meta.transcoders.kind,
+            "d_transcoder": meta.transcoders.d_transcoder,
+        },
+        features=sorted(features.values(), key=lambda r: r["fid"]),
+        tokens=sorted(tokens.values(), key=lambda r: r["tid"]),
+        nodes=nodes,
+        edges=edges,
+        agg=[
+            {"s": s, "t": t, "w": acc[0], "n": int(acc[1])}
+            for (s, t), acc in sorted(agg.items())
+        ],
+        n_nodes=graph.n_nodes,
+        n_edges_total=graph.n_edges,
+        dropped_edges=graph.n_edges - len(edges),
+    )
+
+
+def _chunks(rows: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def _write_prompt(tx: neo4j.ManagedTransaction, rows: PromptRows, batch: int) -> bool:
+    """The unit of work of one prompt (idempotent; rerun whole on transient errors)."""
+    pid = rows.prompt_id
+    claim = tx.run(Q.CLAIM_PROMPT, id=pid).single()
+    if claim is not None and claim["complete"]:
+        return False
+    while True:  # leftovers of an incomplete prompt (defensive: cannot exist when atomic)
+        rec = tx.run(Q.DELETE_PROMPT_NODES, id=pid, batch=batch).single()
+        if rec is None or rec["deleted"] == 0:
+            break
+    tx.run(Q.WRITE_PROMPT, id=pid, model=rows.model, tset=rows.tset, props=rows.props).consume()
+    feature_eids: dict[str, str] = {}
+    for chunk in _chunks(rows.features, batch):
+        for rec in tx.run(Q.MERGE_FEATURES, rows=chunk):
+            feature_eids[rec["fid"]] = rec["eid"]
+    for chunk in _chunks(rows.tokens, batch):
+        tx.run(Q.MERGE_TOKENS, rows=chunk).consume()
+    eids: dict[int, str] = {}
+    for kind, node_rows in rows.nodes.items():
+        for chunk in _chunks(node_rows, batch):
+            for rec in tx.run(_CREATE_BY_KIND[kind], rows=chunk, prompt=pid):
+                eids[rec["idx"]] = rec["eid"]
+    if len(eids) != rows.n_nodes:
+        raise StoreError(f"prompt {pid}: wrote {len(eids)} of {rows.n_nodes} nodes")
+    edge_rows = [{"s": eids[s], "t": eids[t], "w": w} for s, t, w in rows.edges]
+    for chunk in _chunks(edge_rows, batch):
+        tx.run(Q.CREATE_EDGES, rows=chunk).consume()
+    agg_rows = [{"a": feature_eids[r["s"]], "b": feature_eids[r["t"]], "w": r["w"]} for r in rows.agg]
+    for chunk in _chunks(agg_rows, batch):
+        tx.run(Q.UPDATE_FEATURE_AGG, rows=chunk).consume()
+    has_sn = tx.run(Q.HAS_SUPERNODES).single()
+    if has_sn is not None and has_sn["any"]:
+        tx.run(Q.UPDATE_SUPERNODE_AGG_FOR_PROMPT, prompt=pid).consume()
+    tx.run(Q.COMPLETE_PROMPT, id=pid).consume()
+    return True
+
+
+def translate_neo4j_error(exc: Exception, what: str) -> Exception:
+    """Map a driver exception to the project's exception tree (call as ``raise ... from exc``)."""
+    if isinstance(exc, neo4j.exceptions.ServiceUnavailable | neo4j.exceptions.SessionExpired):
+        return ServiceUnavailable(f"{what}: Neo4j unreachable: {exc}")
+    if isinstance(exc, neo4j.exceptions.AuthError):
+        from atlas.errors import AuthError
+
+        return AuthError(f"{what}: Neo4j refused the credentials")
+    if isinstance(exc, neo4j.exceptions.Neo4jError):
+        return StoreError(f"{what}: {exc.code}: {exc.message}")
+    return StoreError(f"{what}: {exc}")
+
+
+def ingest_graph(
+    driver: neo4j.Driver,
+    graph: Graph,
+    *,
+    database: str | None = None,
+    batch_size: int = 5000,
+    min_abs_weight: float = 0.0,
+    max_edges: int | None = None,
+) -> IngestResult:
+    """Store one graph (one transaction). Idempotent: a prompt already stored is left as is."""
+    rows = graph_rows(graph, min_abs_weight=min_abs_weight, max_edges=max_edges)
+    return ingest_rows(driver, rows, database=database, batch_size=batch_size)
+
+
+def ingest_rows(
+    driver: neo4j.Driver, rows: PromptRows, *, database: str | None = None, batch_size: int = 5000
+) -> IngestResult:
+    """Write prepared rows (see :func:`graph_rows`) as one transaction."""
+    if batch_size < 1:
+        raise ConfigError("ingest batch size must be >= 1")
+    try:
+        with driver.session(database=database) as session:
+            created = session.execute_write(_write_prompt, rows, batch_size)
+    except neo4j.exceptions.DriverError as exc:
+        raise translate_neo4j_error(exc, f"ingesting prompt {rows.prompt_id}") from exc
+    except neo4j.exceptions.Neo4jError as exc:
+        raise translate_neo4j_error(exc, f"ingesting prompt {rows.prompt_id}") from exc
+    if created:
+        log.info(
+            "ingested prompt %s: %d nodes, %d edges", rows.prompt_id, rows.n_nodes, len(rows.edges)
+        )
+    else:
+        log.info("prompt %s already stored; nothing written", rows.prompt_id)
+    return IngestResult(rows.prompt_id, bool(created), rows.n_nodes, len(rows.edges))
+
+
+def load_graph_file(path: str | Path) -> Graph:
+    """Read a graph from an artifact (``.safetensors``) or an interchange JSON file (``.json``)."""
+    path = Path(path)
+    if path.suffix == ".json":
+        try:
+            from atlas.interchange import graph_from_json
+        except ImportError as exc:
+            raise ConfigError("interchange JSON support (atlas.interchange) is missing") from exc
+        if not path.is_file():
+            raise InputError(f"no such file: {path}")
+        graph: Graph = graph_from_json(path)
+        return graph
+    if path.suffix == ".safetensors":
+        return Graph.load(path)
+    raise InputError(f"{path}: expected a .safetensors artifact or a .json interchange graph")
+
+
+def ingest_path(
+    driver: neo4j.Driver,
+    path: str | Path,
+    *,
+    database: str | None = None,
+    batch_size: int = 5000,
+    min_abs_weight: float = 0.0,
+    max_edges: int | None = None,
+) -> IngestResult:
+    """Load a graph file (artifact or interchange JSON) and ingest it."""
+    graph = load_graph_file(path)
+    return ingest_graph(
+        driver,
+        graph,
+        database=database,
+        batch_size=batch_size,
+        min_abs_weight=min_abs_weight,
+        max_edges=max_edges,
+    )
+
+
+def ingest_paths(
+    driver: neo4j.Driver,
+    paths: Sequence[str | Path],
+    *,
+    database: str | None = None,
+    batch_size: int = 5000,
+    min_abs_weight: float = 0.0,
+    max_edges: int | None = None,
+    on_done: Callable[[Path, IngestResult], None] | None = None,
+) -> list[IngestResult]:
+    """Ingest several files in order; ``on_done`` is called after each (for progress bars)."""
+    results = []
+    for p in paths:
+        res = ingest_path(
+            driver,
+            p,
+            database=database,
+            batch_size=batch_size,
+            min_abs_weight=min_abs_weight,
+            max_edges=max_edges,
+        )
+        results.append(res)
+        if on_done is not None:
+            on_done(Path(p), res)
+    return results

@@ -1,0 +1,121 @@
+"""Applying the versioned schema (``schema/*.cypher``) to Neo4j.
+
+Files are applied in name order. Statements end with ``;`` at the end of a line; ``//``
+comments are allowed (whole lines or trailing). Every statement should be idempotent
+(``CREATE ... IF NOT EXISTS``), so applying the schema twice changes nothing. After the last
+statement we wait until every index is ONLINE (``CALL db.awaitIndexes``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from atlas.errors import ConfigError, StoreError
+from atlas.store import queries
+
+if TYPE_CHECKING:
+    import neo4j
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchemaReport:
+    """What :func:`apply_schema` did."""
+
+    files: list[str]
+    statements: int
+    indexes_online: int
+
+
+def default_schema_dir() -> Path:
+    """``schema/`` at the repository root."""
+    return Path(__file__).resolve().parents[2] / "schema"
+
+
+def _strip_comment(line: str) -> str:
+    """``line`` without a ``//`` comment that is outside quotes and backticks."""
+    quote: str | None = None
+    i = 0
+    while i < len(line):
+        char = line[i]
+        if quote:
+            if char == "\\" and quote != "`":
+                i += 2
+                continue
+            if char == quote:
+                quote = None
+        elif char in ("'", '"', "`"):
+            quote = char
+        elif line.startswith("//", i):
+            return line[:i]
+        i += 1
+    return line
+
+
+def split_statements(text: str) -> list[str]:
+    """Split a ``.cypher`` file into statements (``;`` at line ends; ``//`` comments dropped)."""
+    statements: list[str] = []
+    current: list[str] = []
+    for raw in text.splitlines():
+        line = _strip_comment(raw).rstrip()
+        if not line.strip():
+            continue
+        if line.endswith(";"):
+            current.append(line[:-1])
+            statement = "\n".join(current).strip()
+            if statement:
+                statements.append(statement)
+            current = []
+        else:
+            current.append(line)
+    tail = "\n".join(current).strip()
+    if tail:
+        statements.append(tail)
+    return statements
+
+
+def schema_files(schema_dir: Path | None = None) -> list[Path]:
+    """The ``.cypher`` files of ``schema_dir``, in name order."""
+    directory = schema_dir or default_schema_dir()
+    if not directory.is_dir():
+        raise ConfigError(f"schema directory {directory} not found")
+    return sorted(directory.glob("*.cypher"), key=lambda path: path.name)
+
+
+def apply_schema(
+    driver: neo4j.Driver,
+    schema_dir: Path | None = None,
+    *,
+    database: str = "neo4j",
+    await_timeout_s: int = 300,
+) -> SchemaReport:
+    """Apply every schema file (each statement in its own auto-commit transaction), then wait
+    for all indexes to come ONLINE. Idempotent when the files use ``IF NOT EXISTS``."""
+    import neo4j.exceptions as neo4j_errors
+
+    files = schema_files(schema_dir)
+    count = 0
+    try:
+        with driver.session(database=database) as session:
+            for path in files:
+                for statement in split_statements(path.read_text()):
+                    logger.debug("%s: %s", path.name, statement)
+                    session.run(statement).consume()
+                    count += 1
+                logger.info("applied %s", path.name)
+            session.run(queries.AWAIT_INDEXES, timeout_s=await_timeout_s).consume()
+            online = sum(
+                1 for record in session.run(queries.SHOW_INDEXES) if record["state"] == "ONLINE"
+            )
+    except neo4j_errors.ServiceUnavailable as exc:
+        from atlas.errors import ServiceUnavailable
+
+        raise ServiceUnavailable(f"Neo4j went away while applying the schema: {exc}") from exc
+    except neo4j_errors.Neo4jError as exc:
+        message = " ".join(str(exc.message or exc).split())
+        raise StoreError(f"applying schema statement {count + 1} failed: {message}") from exc
+    return SchemaReport(files=[p.name for p in files], statements=count, indexes_online=online)

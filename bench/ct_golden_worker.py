@@ -1,0 +1,185 @@
+"""Runs circuit-tracer 0.5.0 (the reference) on a local model + transcoders. ct venv ONLY.
+
+This script is executed with ``bench/.venv-ct/bin/python`` (see ``bench/ct_env.sh``); it never runs in
+the project's own venv and the project never imports it. It is the oracle side of
+``bench/make_golden.py`` and ``bench/attribution.py``.
+
+Input: a JSON job file::
+
+    {"model_dir": "...", "transcoder_dir": "...", "scan": "tiny-gemma2-jumprelu",
+     "out_dir": "...", "device": "cpu",
+     "prompts": [{"slug": "p0", "prompt": "hello", "batch_size": 64,
+                  "max_feature_nodes": null, "update_interval": 4}],
+     "write_json": true, "measure_only": false}
+
+Output per prompt, under ``out_dir``:
+
+* ``<slug>.safetensors``: ``input_ids``, ``active_features`` (n, 3) [layer, pos, feature],
+  ``activation_values`` (n,), ``selected_features`` (m,), ``logit_tokens`` (k,),
+  ``logit_probabilities`` (k,), ``adjacency`` (N, N) float32 (rows = targets), the pruning results
+  of ``prune_graph`` at (0.8, 0.98): ``node_mask`` (N,) uint8, ``edge_index`` (2, E) int64 [target,
+  source] of the edge mask, ``cumulative_scores`` (N,); header metadata ``golden`` (JSON with the
+  prompt, settings, replacement/completeness scores, versions).
+* ``<slug>.json``: circuit-tracer's own ``create_graph_files`` export (its node ids, unchanged).
+
+With ``measure_only`` it skips pruning/JSON and writes only ``<slug>.timing.json`` (wall seconds)
+plus the tensors needed to compare against our engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+import yaml
+
+
+def _load_transcoders(tc_dir: Path, scan: str, device: torch.device):
+    from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+    from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
+
+    cfg = yaml.safe_load((tc_dir / "config.yaml").read_text())
+    kind = cfg["model_kind"]
+    if kind == "transcoder_set":
+        n = len(list(tc_dir.glob("layer_*.safetensors")))
+        paths = {i: str((tc_dir / f"layer_{i}.safetensors").resolve()) for i in range(n)}
+        return load_transcoder_set(
+            paths,
+            scan=scan,
+            feature_input_hook=cfg["feature_input_hook"],
+            feature_output_hook=cfg["feature_output_hook"],
+            device=device,
+            dtype=torch.float32,
+            lazy_encoder=False,
+            lazy_decoder=False,
+        )
+    if kind == "cross_layer_transcoder":
+        return load_clt(
+            str(tc_dir.resolve()),
+            feature_input_hook=cfg["feature_input_hook"],
+            feature_output_hook=cfg["feature_output_hook"],
+            scan=scan,
+            device=device,
+            dtype=torch.float32,
+            lazy_decoder=False,
+            lazy_encoder=False,
+        )
+    raise SystemExit(f"unknown model_kind {kind!r} in {tc_dir / 'config.yaml'}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("job", type=Path, help="job JSON file")
+    args = ap.parse_args()
+    job = json.loads(args.job.read_text())
+
+    import circuit_tracer
+    from circuit_tracer import ReplacementModel, attribute
+    from circuit_tracer.graph import compute_graph_scores, prune_graph
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    torch.set_grad_enabled(True)
+    device = torch.device(job.get("device", "cpu"))
+    model_dir = Path(job["model_dir"]).resolve()
+    tc_dir = Path(job["transcoder_dir"]).resolve()
+    out_dir = Path(job["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scan = job.get("scan") or tc_dir.name
+
+    t0 = time.perf_counter()
+    transcoders = _load_transcoders(tc_dir, scan, device)
+    model = ReplacementModel.from_pretrained_and_transcoders(
+        str(model_dir), transcoders, backend="nnsight", device=device, dtype=torch.float32
+    )
+    load_s = time.perf_counter() - t0
+    print(f"[ct] loaded model + transcoders in {load_s:.2f}s", file=sys.stderr)
+
+    for spec in job["prompts"]:
+        slug = spec["slug"]
+        t1 = time.perf_counter()
+        graph = attribute(
+            spec["prompt"],
+            model,
+            max_n_logits=spec.get("max_n_logits", 10),
+            desired_logit_prob=spec.get("desired_logit_prob", 0.95),
+            batch_size=spec.get("batch_size", 64),
+            max_feature_nodes=spec.get("max_feature_nodes"),
+            update_interval=spec.get("update_interval", 4),
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        attr_s = time.perf_counter() - t1
+        graph.to("cpu")
+        n_nodes = graph.adjacency_matrix.shape[0]
+        print(
+            f"[ct] {slug}: {len(graph.input_tokens)} tokens, {len(graph.active_features)} active, "
+            f"{len(graph.selected_features)} selected, N={n_nodes}, {attr_s:.2f}s",
+            file=sys.stderr,
+        )
+        tensors = {
+            "input_ids": graph.input_tokens.detach().cpu().to(torch.int64),
+            "active_features": graph.active_features.detach().cpu().to(torch.int64),
+            "activation_values": graph.activation_values.detach().cpu().float(),
+            "selected_features": graph.selected_features.detach().cpu().to(torch.int64),
+            "logit_tokens": graph.logit_token_ids.detach().cpu().to(torch.int64),
+            "logit_probabilities": graph.logit_probabilities.detach().cpu().float(),
+            "adjacency": graph.adjacency_matrix.detach().cpu().float().contiguous(),
+        }
+        meta: dict = {
+            "prompt": spec["prompt"],
+            "slug": slug,
+            "scan": scan,
+            "settings": {
+                "batch_size": spec.get("batch_size", 64),
+                "max_feature_nodes": spec.get("max_feature_nodes"),
+                "update_interval": spec.get("update_interval", 4),
+                "max_n_logits": spec.get("max_n_logits", 10),
+                "desired_logit_prob": spec.get("desired_logit_prob", 0.95),
+                "node_threshold": 0.8,
+                "edge_threshold": 0.98,
+            },
+            "versions": {
+                "circuit_tracer": circuit_tracer.__version__,
+                "torch": torch.__version__,
+            },
+            "attribute_s": attr_s,
+            "load_s": load_s,
+            "n_nodes": n_nodes,
+        }
+        if not job.get("measure_only"):
+            node_mask, edge_mask, cumulative = prune_graph(graph, 0.8, 0.98)
+            rep, comp = compute_graph_scores(graph)
+            tensors["node_mask"] = node_mask.cpu().to(torch.uint8)
+            tensors["edge_index"] = edge_mask.cpu().nonzero().T.contiguous().to(torch.int64)
+            tensors["cumulative_scores"] = cumulative.cpu().float()
+            meta["replacement_score"] = rep
+            meta["completeness_score"] = comp
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        save_file(
+            tensors, str(out_dir / f"{slug}.safetensors"), metadata={"golden": json.dumps(meta)}
+        )
+        if job.get("write_json") and not job.get("measure_only"):
+            from circuit_tracer.utils.create_graph_files import create_graph_files
+
+            tmp = out_dir / f".ctjson-{slug}"
+            create_graph_files(graph, slug=slug, output_path=str(tmp), scan=scan)
+            (tmp / f"{slug}.json").replace(out_dir / f"{slug}.json")
+            for p in tmp.iterdir():
+                p.unlink()
+            tmp.rmdir()
+        (out_dir / f"{slug}.timing.json").write_text(json.dumps(meta, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

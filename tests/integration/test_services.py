@@ -1,0 +1,255 @@
+"""Smoke and fault tests of the service layer against real servers: Neo4j, Redis, a worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import neo4j
+import pytest
+from click.testing import CliRunner
+from pydantic import SecretStr
+
+from atlas.errors import AuthError, ConfigError, ServiceUnavailable
+from atlas.services import _proc, neo4j_local, redis_local
+from atlas.settings import AtlasSettings
+from atlas.store import schema
+from atlas.store.connection import open_driver
+from tests.conftest import _launcher_build_root
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _settings(**kwargs: Any) -> AtlasSettings:
+    return AtlasSettings(_env_file=None, **kwargs)  # type: ignore[call-arg]
+
+
+# --------------------------------------------------------------------------- Neo4j
+
+
+def test_write_and_read_through_bolt(clean_neo4j: neo4j.Driver) -> None:
+    clean_neo4j.execute_query("CREATE (:Smoke {name: $name, n: $n})", name="bolt", n=42)
+    records, _, _ = clean_neo4j.execute_query(
+        "MATCH (s:Smoke {name: $name}) RETURN s.n AS n", name="bolt"
+    )
+    assert [r["n"] for r in records] == [42]
+
+
+def test_schema_init_is_idempotent(neo4j_driver: neo4j.Driver) -> None:
+    first = schema.apply_schema(neo4j_driver)
+    constraints = {r["name"] for r in neo4j_driver.execute_query("SHOW CONSTRAINTS").records}
+    indexes = {r["name"] for r in neo4j_driver.execute_query("SHOW INDEXES").records}
+    second = schema.apply_schema(neo4j_driver)
+    assert first.statements == second.statements > 0
+    assert first.files == second.files == [p.name for p in schema.schema_files()]
+    assert {
+        r["name"] for r in neo4j_driver.execute_query("SHOW CONSTRAINTS").records
+    } == constraints
+    assert {r["name"] for r in neo4j_driver.execute_query("SHOW INDEXES").records} == indexes
+    states = {r["state"] for r in neo4j_driver.execute_query("SHOW INDEXES").records}
+    assert states == {"ONLINE"}
+
+
+def test_split_statements_handles_comments_and_multiline() -> None:
+    text = (
+        "// header comment\n"
+        "CREATE CONSTRAINT a IF NOT EXISTS FOR (n:A) REQUIRE n.id IS UNIQUE; // trailing\n"
+        "\n"
+        "CREATE INDEX b IF NOT EXISTS\n"
+        "  FOR (n:B) ON (n.url);\n"
+        "MATCH (n {u: 'http://x;y'}) RETURN n;\n"
+    )
+    assert schema.split_statements(text) == [
+        "CREATE CONSTRAINT a IF NOT EXISTS FOR (n:A) REQUIRE n.id IS UNIQUE",
+        "CREATE INDEX b IF NOT EXISTS\n  FOR (n:B) ON (n.url)",
+        "MATCH (n {u: 'http://x;y'}) RETURN n",
+    ]
+
+
+def test_unreachable_neo4j_is_one_line_service_unavailable() -> None:
+    uri = f"bolt://127.0.0.1:{_proc.free_port()}"
+    with pytest.raises(ServiceUnavailable) as info:
+        open_driver(_settings(neo4j_uri=uri), connection_timeout_s=2.0)
+    message = str(info.value)
+    assert message.startswith(f"Neo4j at {uri} is not reachable")
+    assert "\n" not in message
+
+
+def test_launcher_lifecycle_persistence_and_faults(tmp_path: Path) -> None:
+    """One launcher with auth on: wrong password, second start refused, port in use, and data
+    (the changed password included) surviving stop/start."""
+    home = tmp_path / "neo4j"
+    port = _proc.free_port()
+    common: dict[str, Any] = {
+        "home": home,
+        "port": port,
+        "heap": "512m",
+        "pagecache": "128m",
+        "build_root": _launcher_build_root(),
+        "die_with_parent": True,
+        "auth": True,
+    }
+    uri = neo4j_local.start(**common)
+    try:
+        assert uri == f"bolt://127.0.0.1:{port}"
+        first = neo4j_local.status(home=home)
+        assert first.running and first.answers and first.uri == uri
+
+        # wrong password -> AuthError with the promised message
+        with pytest.raises(
+            AuthError, match=f"Neo4j at {uri} refused the credentials for user neo4j"
+        ):
+            open_driver(_settings(neo4j_uri=uri, neo4j_password=SecretStr("wrong-password")))
+
+        # a second start on the running store is refused and starts nothing
+        with pytest.raises(neo4j_local.LauncherAlreadyRunning, match="already runs"):
+            neo4j_local.start(**{**common, "port": _proc.free_port()})
+        assert neo4j_local.status(home=home).pid == first.pid
+
+        # another store on the same port: port in use, one line
+        with pytest.raises(ConfigError, match="already in use"):
+            neo4j_local.start(**{**common, "home": tmp_path / "other"})
+
+        # set a password (initial neo4j/neo4j must change), then write
+        with neo4j.GraphDatabase.driver(uri, auth=("neo4j", "neo4j")) as driver:
+            driver.execute_query(
+                "ALTER CURRENT USER SET PASSWORD FROM 'neo4j' TO 'atlas-secret'", database_="system"
+            )
+        settings = _settings(neo4j_uri=uri, neo4j_password=SecretStr("atlas-secret"))
+        with open_driver(settings) as driver:
+            driver.execute_query("CREATE (:Persisted {v: 'survives restart'})")
+    finally:
+        assert neo4j_local.stop(home=home)
+    assert not neo4j_local.status(home=home).running
+    assert not neo4j_local.stop(home=home)
+
+    neo4j_local.start(**common)
+    try:
+        with open_driver(settings) as driver:
+            records = driver.execute_query("MATCH (p:Persisted) RETURN p.v AS v").records
+        assert [r["v"] for r in records] == ["survives restart"]
+    finally:
+        neo4j_local.stop(home=home)
+
+
+def test_stale_pid_file_is_ignored(tmp_path: Path) -> None:
+    home = tmp_path / "neo4j"
+    home.mkdir()
+    _proc.write_pid_file(home / "neo4j.pid", {"pid": 2**22 - 3, "port": 1, "uri": "bolt://x"})
+    state = neo4j_local.status(home=home)
+    assert not state.running
+    assert not (home / "neo4j.pid").exists()
+
+
+def test_missing_java_names_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    with pytest.raises(ConfigError, match="apt-get install openjdk-17-jre-headless"):
+        neo4j_local.start(home=tmp_path / "neo4j", port=_proc.free_port(), build_root=tmp_path)
+
+
+# --------------------------------------------------------------------------- Redis / Celery
+
+
+def test_ping_round_trips_through_redis_and_a_real_worker(
+    celery_app: Any, start_worker: Any
+) -> None:
+    from workers.app import ping
+
+    worker = start_worker(app_module="workers.app", queues="attribute,ingest")
+    answer = ping(celery_app, payload={"hello": [1, 2, 3]}, timeout_s=60)
+    assert answer["pong"] == {"hello": [1, 2, 3]}
+    assert answer["pid"] == worker.proc.pid
+
+
+def test_celery_app_policy(celery_app: Any) -> None:
+    conf = celery_app.conf
+    assert conf.accept_content == ["json"] and conf.task_serializer == "json"
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.broker_transport_options["visibility_timeout"] >= 6 * 3600
+    assert conf.result_backend_transport_options["visibility_timeout"] >= 6 * 3600
+    assert conf.result_backend == conf.broker_url
+    router = celery_app.amqp.router
+    assert router.route({}, "atlas.attribute")["queue"].name == "attribute"
+    assert router.route({}, "atlas.ingest")["queue"].name == "ingest"
+
+
+def test_redis_down_is_one_line_service_unavailable() -> None:
+    from workers.app import check_broker, make_celery
+
+    url = f"redis://127.0.0.1:{_proc.free_port()}/0"
+    with pytest.raises(ServiceUnavailable) as info:
+        make_celery(_settings(redis_url=url), check=True)
+    assert str(info.value).startswith(f"Redis at {url} is not reachable")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="REDIS_URL"):
+        check_broker(_settings(redis_url=None))
+
+
+def test_local_redis_has_aof_and_stops(tmp_path: Path) -> None:
+    import redis
+
+    server = redis_local.start(tmp_path / "r", die_with_parent=True)
+    try:
+        assert redis_local.start(tmp_path / "r").pid == server.pid  # reuse, not a second one
+        client = redis.Redis.from_url(server.url)
+        assert client.config_get("appendonly")["appendonly"] == "yes"
+        assert client.config_get("bind")["bind"] == "127.0.0.1"
+        client.set("k", "v")
+        client.close()
+    finally:
+        assert redis_local.stop(tmp_path / "r")
+    assert redis_local.running(tmp_path / "r") is None
+    assert not redis_local.stop(tmp_path / "r")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_db_status_and_init_against_external_server(
+    neo4j_target: Any, neo4j_settings: AtlasSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from atlas.cli import cli
+
+    env = {
+        "NEO4J_URI": neo4j_target.uri,
+        "NEO4J_USER": neo4j_target.user,
+        "NEO4J_PASSWORD": neo4j_target.password,
+        "ATLAS_HOME": str(neo4j_settings.atlas_home),
+    }
+    runner = CliRunner()
+    result = runner.invoke(cli, ["db", "status"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "answers" in result.output
+    result = runner.invoke(cli, ["db", "start"], env=env)
+    assert result.exit_code == 0 and "nothing to start" in result.output
+    result = runner.invoke(cli, ["db", "init"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "indexes online" in result.output
+
+
+def test_cli_faults_are_one_line_and_nonzero(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    port = _proc.free_port()
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "NEO4J_URI": f"bolt://127.0.0.1:{port}",
+        "ATLAS_HOME": str(tmp_path),
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "atlas", "db", "init"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"error: Neo4j at bolt://127.0.0.1:{port} is not reachable")

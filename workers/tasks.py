@@ -1,0 +1,169 @@
+"""Celery tasks: thin wrappers around :mod:`atlas.pipeline` with the retry policy.
+
+Start a worker with ``atlas worker`` (or ``celery -A workers.tasks worker -Q attribute,ingest
+-c 1 --prefetch-multiplier 1``). The settings are built here, at the worker's entry point.
+
+Retry policy (one place, :func:`_retry_or_fail`): transient faults (Neo4j or Redis unavailable,
+:attr:`atlas.errors.AtlasError.transient`) are retried with exponential backoff and jitter up to
+:data:`MAX_RETRIES` times; anything else is a permanent failure, recorded on the job item with its
+reason and never retried. Tasks are idempotent (see :mod:`atlas.pipeline`), because delivery is
+at-least-once (acks_late, prefetch 1, a visibility timeout above the longest task: workers/app.py).
+
+Per-process resources (the Neo4j driver, the model cache) are created lazily by the first task in
+the process that runs it, never at import and never in a parent that forks.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from typing import Any
+
+from celery.exceptions import Retry
+from celery.signals import worker_process_init, worker_process_shutdown
+from pydantic import ValidationError
+
+from atlas import pipeline
+from atlas.errors import ServiceUnavailable
+from atlas.settings import AtlasSettings
+from workers.app import make_celery
+
+log = logging.getLogger(__name__)
+
+settings = AtlasSettings()
+app = make_celery(settings)
+
+#: Retries of a transient fault before the item is recorded as failed.
+MAX_RETRIES = 8
+#: Backoff: base * 2**retries seconds, capped, plus up to 25% jitter.
+BACKOFF_BASE_S = 2.0
+BACKOFF_CAP_S = 120.0
+
+_driver: Any = None
+_driver_lock = threading.Lock()
+
+
+def get_driver() -> Any:
+    """This process's Neo4j driver (created on first use)."""
+    global _driver
+    with _driver_lock:
+        if _driver is None:
+            from atlas.store.connection import open_driver
+
+            _driver = open_driver(settings)
+        return _driver
+
+
+@worker_process_init.connect
+def _reset_after_fork(**_: Any) -> None:
+    """A forked pool process must not share its parent's driver or models."""
+    global _driver
+    _driver = None
+    pipeline.ENGINES.clear()
+
+
+@worker_process_shutdown.connect
+def _close_driver(**_: Any) -> None:
+    global _driver
+    if _driver is not None:
+        try:
+            _driver.close()
+        except Exception:  # pragma: no cover - best effort at exit
+            log.debug("closing the Neo4j driver failed", exc_info=True)
+        _driver = None
+
+
+def backoff_s(retries: int) -> float:
+    """Seconds to wait before retry number ``retries + 1``."""
+    delay: float = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**retries)
+    return delay * (1.0 + 0.25 * random.random())
+
+
+def _drop_driver_on_outage() -> None:
+    """After a Neo4j outage, the next attempt reconnects from scratch."""
+    global _driver
+    with _driver_lock:
+        if _driver is not None:
+            try:
+                _driver.close()
+            except Exception:
+                log.debug("closing a broken driver failed", exc_info=True)
+            _driver = None
+
+
+def _retry_or_fail(task: Any, exc: BaseException, job_id: str | None, item: int | None) -> dict:
+    """Retry a transient fault with backoff; record anything else as a permanent failure."""
+    transient, reason = pipeline.classify(exc)
+    retries = int(task.request.retries or 0)
+    if transient and retries < MAX_RETRIES:
+        _drop_driver_on_outage()
+        countdown = backoff_s(retries)
+        log.warning(
+            "%s: transient fault (%s), retry %d in %.1fs", task.name, reason, retries + 1, countdown
+        )
+        raise task.retry(exc=exc, countdown=countdown, max_retries=MAX_RETRIES)
+    if transient:
+        reason = f"gave up after {retries} retries: {reason}"
+    try:
+        driver = get_driver()
+    except Exception:
+        driver = None
+    if driver is not None:
+        pipeline.record_failure(driver, job_id, item, reason)
+    else:
+        log.error("job %s item %s failed and Neo4j is unreachable: %s", job_id, item, reason)
+    return pipeline.StepResult(outcome="failed", reason=reason).model_dump(mode="json")
+
+
+def _send_ingest(payload: pipeline.IngestPayload) -> None:
+    try:
+        ingest.apply_async(args=[payload.model_dump(mode="json")], queue="ingest")
+    except Exception as exc:  # kombu raises OperationalError and friends when Redis is down
+        raise ServiceUnavailable(f"could not send the ingest message: {exc}") from exc
+
+
+@app.task(name="atlas.attribute", bind=True, acks_late=True, ignore_result=True)
+def attribute(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
+    """Attribute one prompt spec and hand its artifact to the ``ingest`` queue."""
+    try:
+        p = pipeline.AttributePayload.model_validate(payload)
+    except ValidationError as exc:
+        job_id, item = payload.get("job_id"), payload.get("item")
+        reason = f"malformed attribute payload: {exc.errors()[0]['msg']}"
+        return _retry_or_fail(self, ValueError(reason), job_id, item)
+    try:
+        result = pipeline.attribute_step(p, settings, driver=get_driver(), on_ingest=_send_ingest)
+        return result.model_dump(mode="json")
+    except Retry:
+        raise
+    except Exception as exc:
+        return _retry_or_fail(self, exc, p.job_id, p.item)
+
+
+@app.task(name="atlas.ingest", bind=True, acks_late=True, ignore_result=True)
+def ingest(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
+    """Ingest one artifact into Neo4j and mark its job item done."""
+    try:
+        p = pipeline.IngestPayload.model_validate(payload)
+    except ValidationError as exc:
+        reason = f"malformed ingest payload: {exc.errors()[0]['msg']}"
+        return _retry_or_fail(self, ValueError(reason), payload.get("job_id"), payload.get("item"))
+    try:
+        return pipeline.ingest_step(p, settings, driver=get_driver()).model_dump(mode="json")
+    except Retry:
+        raise
+    except Exception as exc:
+        return _retry_or_fail(self, exc, p.job_id, p.item)
+
+
+@app.task(name="atlas.annotate", bind=True, acks_late=True)
+def annotate(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
+    """Label the features of one transcoder set (logit lens + top activations)."""
+    p = pipeline.AnnotatePayload.model_validate(payload)
+    try:
+        return pipeline.annotate_step(p, settings, driver=get_driver())
+    except Retry:
+        raise
+    except Exception as exc:
+        return _retry_or_fail(self, exc, p.job_id, None)
