@@ -22,8 +22,10 @@ Output per prompt, under ``out_dir``:
   prompt, settings, replacement/completeness scores, versions).
 * ``<slug>.json``: circuit-tracer's own ``create_graph_files`` export (its node ids, unchanged).
 
-With ``measure_only`` it skips pruning/JSON and writes only ``<slug>.timing.json`` (wall seconds)
-plus the tensors needed to compare against our engine.
+With ``measure_only`` it skips the masks and the JSON (pruning is still run and timed) and writes
+``<slug>.timing.json`` (seconds, sizes, scores) plus the tensors needed to compare against our
+engine; ``"save_adjacency": "rows"`` keeps only sampled rows of the adjacency (see
+:func:`sample_rows`) so long prompts do not write gigabytes.
 """
 
 from __future__ import annotations
@@ -74,6 +76,18 @@ def _load_transcoders(tc_dir: Path, scan: str, device: torch.device):
             lazy_encoder=False,
         )
     raise SystemExit(f"unknown model_kind {kind!r} in {tc_dir / 'config.yaml'}")
+
+
+def sample_rows(
+    features: torch.Tensor, n_nodes: int, n_logits: int, stride: int = 64
+) -> torch.Tensor:
+    """Rows kept for comparison in benchmark runs: every logit row, and the feature rows whose
+    identity hashes to 0 mod ``stride`` (``bench/attribution.py`` applies the same rule)."""
+    lay, pos, feat = features[:, 0], features[:, 1], features[:, 2]
+    keep = ((lay * 7919 + pos * 104729 + feat) % stride) == 0
+    rows = torch.nonzero(keep).flatten()
+    logits = torch.arange(n_nodes - n_logits, n_nodes)
+    return torch.cat([rows, logits]).to(torch.int64)
 
 
 def main() -> int:
@@ -133,8 +147,15 @@ def main() -> int:
             "selected_features": graph.selected_features.detach().cpu().to(torch.int64),
             "logit_tokens": graph.logit_token_ids.detach().cpu().to(torch.int64),
             "logit_probabilities": graph.logit_probabilities.detach().cpu().float(),
-            "adjacency": graph.adjacency_matrix.detach().cpu().float().contiguous(),
         }
+        adjacency = graph.adjacency_matrix.detach().cpu().float()
+        if job.get("save_adjacency", "full") == "rows":
+            feats = graph.active_features[graph.selected_features].cpu()
+            row_index = sample_rows(feats, adjacency.shape[0], len(graph.logit_targets))
+            tensors["row_index"] = row_index
+            tensors["adjacency_rows"] = adjacency[row_index]
+        else:
+            tensors["adjacency"] = adjacency
         meta: dict = {
             "prompt": spec["prompt"],
             "slug": slug,
@@ -155,15 +176,27 @@ def main() -> int:
             "attribute_s": attr_s,
             "load_s": load_s,
             "n_nodes": n_nodes,
+            "n_active": len(graph.active_features),
+            "n_tokens": len(graph.input_tokens),
         }
+        if device.type == "cuda":
+            meta["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        graph.to(device)  # prune where circuit-tracer's create_graph_files would (GPU if any)
+        t2 = time.perf_counter()
+        node_mask, edge_mask, cumulative = prune_graph(graph, 0.8, 0.98)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        meta["prune_s"] = time.perf_counter() - t2
+        meta["n_pruned_nodes"] = int(node_mask.sum())
+        meta["n_pruned_edges"] = int(edge_mask.sum())
+        rep, comp = compute_graph_scores(graph)
+        meta["replacement_score"] = rep
+        meta["completeness_score"] = comp
         if not job.get("measure_only"):
-            node_mask, edge_mask, cumulative = prune_graph(graph, 0.8, 0.98)
-            rep, comp = compute_graph_scores(graph)
             tensors["node_mask"] = node_mask.cpu().to(torch.uint8)
             tensors["edge_index"] = edge_mask.cpu().nonzero().T.contiguous().to(torch.int64)
             tensors["cumulative_scores"] = cumulative.cpu().float()
-            meta["replacement_score"] = rep
-            meta["completeness_score"] = comp
         tensors = {k: v.contiguous() for k, v in tensors.items()}
         save_file(
             tensors, str(out_dir / f"{slug}.safetensors"), metadata={"golden": json.dumps(meta)}

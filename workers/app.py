@@ -22,7 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from atlas.errors import ConfigError
 
@@ -75,8 +75,14 @@ def make_celery(settings: AtlasSettings, *, check: bool = False) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_track_started=True,
-        task_queues=(Queue(ATTRIBUTE_QUEUE), Queue(INGEST_QUEUE)),
+        # one direct exchange per queue, so a message lands in exactly one queue
+        task_queues=tuple(
+            Queue(name, Exchange(name, type="direct"), routing_key=name)
+            for name in (ATTRIBUTE_QUEUE, INGEST_QUEUE)
+        ),
         task_default_queue=INGEST_QUEUE,
+        task_default_exchange=INGEST_QUEUE,
+        task_default_routing_key=INGEST_QUEUE,
         task_routes=TASK_ROUTES,
         result_expires=7 * 24 * 3600,
         result_extended=True,

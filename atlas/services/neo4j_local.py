@@ -66,6 +66,11 @@ _ADD_OPENS = (
 _EXTRA_CONF = {
     # keep transaction logs bounded on a laptop-sized disk
     "db.tx_log.rotation.retention_policy": "512M size",
+    # no phoning home (these machines are offline anyway)
+    "dbms.usage_report.enabled": "false",
+    # Bolt's netty loops otherwise idle 5 s each on shutdown (pinned to Neo4j 5.26)
+    "internal.dbms.bolt.netty_server_shutdown_quiet_period": "0",
+    "internal.dbms.bolt.netty_server_shutdown_timeout": "3s",
 }
 
 Progress = Callable[[str], None]
@@ -354,12 +359,12 @@ def start(
                 pid=int(record["pid"]),
             )
         java = _find_java()
-        classpath = build_launcher(spec.resolved_build_root, progress=progress)
         if port_in_use(spec.port):
             raise ConfigError(
                 f"port 127.0.0.1:{spec.port} is already in use: stop what listens there or set "
                 "NEO4J_BOLT_PORT to a free port"
             )
+        classpath = build_launcher(spec.resolved_build_root, progress=progress)
         (spec.home / "logs").mkdir(exist_ok=True)
         conf = spec.home / "conf" / "neo4j.conf"
         conf.parent.mkdir(exist_ok=True)

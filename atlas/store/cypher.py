@@ -30,7 +30,10 @@ log = logging.getLogger(__name__)
 
 _TEXT_REFUSALS = [
     (re.compile(r"\bLOAD\s+CSV\b", re.IGNORECASE), "LOAD CSV (file/URL access) is not allowed"),
-    (re.compile(r"\bIN\s+TRANSACTIONS\b", re.IGNORECASE), "CALL ... IN TRANSACTIONS is not allowed"),
+    (
+        re.compile(r"\bIN\s+TRANSACTIONS\b", re.IGNORECASE),
+        "CALL ... IN TRANSACTIONS is not allowed",
+    ),
     (re.compile(r"\bPERIODIC\s+COMMIT\b", re.IGNORECASE), "PERIODIC COMMIT is not allowed"),
 ]
 
@@ -81,7 +84,9 @@ def _check_plan(plan: Any) -> None:
                 raise CypherRefused("refused: procedure calls are not allowed")
             for name in names:
                 if not name.startswith(ALLOWED_PROCEDURES):
-                    raise CypherRefused(f"refused: procedure {name} is not on the read-only allow list")
+                    raise CypherRefused(
+                        f"refused: procedure {name} is not on the read-only allow list"
+                    )
 
 
 def check_read_only(
@@ -101,9 +106,11 @@ def check_read_only(
         raise CypherRefused("refused: write the query without EXPLAIN/PROFILE")
     try:
         with driver.session(database=database, default_access_mode=neo4j.READ_ACCESS) as session:
-            summary = session.run("EXPLAIN " + text, params or {}).consume()  # type: ignore[arg-type]
+            summary = session.run("EXPLAIN " + text, params or {}).consume()
     except neo4j.exceptions.ClientError as exc:
-        raise CypherRefused(f"refused: Neo4j cannot plan it as a read query: {exc.message}") from exc
+        raise CypherRefused(
+            f"refused: Neo4j cannot plan it as a read query: {exc.message}"
+        ) from exc
     except (neo4j.exceptions.Neo4jError, neo4j.exceptions.DriverError) as exc:
         raise translate_neo4j_error(exc, "planning query") from exc
     if summary.query_type != "r":
@@ -127,7 +134,7 @@ def run_cypher(
 
     @neo4j.unit_of_work(timeout=timeout_s)
     def work(tx: neo4j.ManagedTransaction) -> CypherResult:
-        result = tx.run(text, params or {})  # type: ignore[arg-type]
+        result = tx.run(text, params or {})
         keys = list(result.keys())
         rows: list[dict[str, Any]] = []
         truncated = False

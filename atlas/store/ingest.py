@@ -127,11 +127,12 @@ def graph_rows(
     logit_texts = meta.extra.get("logit_tokens")
     logit_pos = [i for i, k in enumerate(kinds) if k == NodeKind.LOGIT]
     if isinstance(logit_texts, list) and len(logit_texts) == len(logit_pos):
-        for i, text in zip(logit_pos, logit_texts, strict=True):
-            if isinstance(text, str):
-                text_by_id[int(tok_ids[i])] = text
+        for i, ltext in zip(logit_pos, logit_texts, strict=True):
+            if isinstance(ltext, str):
+                text_by_id[int(tok_ids[i])] = ltext
 
-    labels = meta.extra.get("labels") if isinstance(meta.extra.get("labels"), dict) else {}
+    raw_labels = meta.extra.get("labels")
+    labels: dict[str, Any] = raw_labels if isinstance(raw_labels, dict) else {}
     nodes: dict[str, list[dict[str, Any]]] = {k: [] for k in _CREATE_BY_KIND}
     features: dict[str, dict[str, Any]] = {}
     tokens: dict[str, dict[str, Any]] = {}
@@ -158,15 +159,15 @@ def graph_rows(
             if tok_ids[i] < 0:
                 raise InputError(f"prompt {pid}: {kind} node {ids[i]} has no vocabulary id")
             ref = token_ref(model_name, tok_ids[i])
-            text = text_by_id.get(int(tok_ids[i]))
+            tok_text = text_by_id.get(int(tok_ids[i]))
             tokens.setdefault(
                 ref,
                 {
                     "tid": ref,
                     "model": model_name,
                     "token_id": tok_ids[i],
-                    "text": text,
-                    "text_norm": normalise_token_text(text) if text is not None else None,
+                    "text": tok_text,
+                    "text_norm": normalise_token_text(tok_text) if tok_text is not None else None,
                 },
             )
         refs.append(ref)
@@ -243,8 +244,7 @@ def graph_rows(
         nodes=nodes,
         edges=edges,
         agg=[
-            {"s": s, "t": t, "w": acc[0], "n": int(acc[1])}
-            for (s, t), acc in sorted(agg.items())
+            {"s": s, "t": t, "w": acc[0], "n": int(acc[1])} for (s, t), acc in sorted(agg.items())
         ],
         n_nodes=graph.n_nodes,
         n_edges_total=graph.n_edges,
@@ -284,7 +284,9 @@ def _write_prompt(tx: neo4j.ManagedTransaction, rows: PromptRows, batch: int) ->
     edge_rows = [{"s": eids[s], "t": eids[t], "w": w} for s, t, w in rows.edges]
     for chunk in _chunks(edge_rows, batch):
         tx.run(Q.CREATE_EDGES, rows=chunk).consume()
-    agg_rows = [{"a": feature_eids[r["s"]], "b": feature_eids[r["t"]], "w": r["w"]} for r in rows.agg]
+    agg_rows = [
+        {"a": feature_eids[r["s"]], "b": feature_eids[r["t"]], "w": r["w"]} for r in rows.agg
+    ]
     for chunk in _chunks(agg_rows, batch):
         tx.run(Q.UPDATE_FEATURE_AGG, rows=chunk).consume()
     has_sn = tx.run(Q.HAS_SUPERNODES).single()

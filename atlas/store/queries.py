@@ -347,7 +347,9 @@ LIMIT $cap
 """
 
 PATHS_MAX_HOPS = 6
-PATHS: dict[int, str] = {h: _PATHS_TEMPLATE.replace("__H__", str(h)) for h in range(1, PATHS_MAX_HOPS + 1)}
+PATHS: dict[int, str] = {
+    h: _PATHS_TEMPLATE.replace("__H__", str(h)) for h in range(1, PATHS_MAX_HOPS + 1)
+}
 
 ACTIVE_PROMPTS = """
 MATCH (n:FeatureNode) WHERE n.ref IN $refs
@@ -527,23 +529,27 @@ MATCH (f:Feature) WHERE f.tset = $tset
 RETURN f.fid AS fid, f.layer AS layer, f.index AS index
 """
 
-FEATURES_TO_LABEL = """
-MATCH (f:Feature) WHERE $fids IS NULL OR f.fid IN $fids
-RETURN f.fid AS fid, f.top_tokens AS top_tokens, f.bottom_tokens AS bottom_tokens
-"""
+ALL_FEATURE_IDS = "MATCH (f:Feature) RETURN f.fid AS fid ORDER BY fid"
 
-# Top activating (prompt, position, token text) of one feature, from what is ingested.
+# Top activating (prompt, position, token text) of each feature, from what is ingested.
 TOP_ACTIVATIONS = """
-MATCH (f:Feature {fid: $fid})<-[:OF]-(n:FeatureNode)
-WITH n ORDER BY n.activation DESC LIMIT $limit
-MATCH (p:Prompt {id: n.prompt}) WHERE p.complete
-RETURN n.prompt AS prompt, n.pos AS pos, n.activation AS activation, p.tokens[n.pos] AS token
+UNWIND $fids AS fid
+MATCH (f:Feature {fid: fid})
+CALL (f) {
+  MATCH (f)<-[:OF]-(n:FeatureNode)
+  WITH n ORDER BY n.activation DESC LIMIT $limit
+  MATCH (p:Prompt {id: n.prompt}) WHERE p.complete
+  RETURN collect({prompt: n.prompt, pos: n.pos, activation: n.activation,
+                  token: p.tokens[n.pos]}) AS top
+}
+RETURN f.fid AS fid, f.top_tokens AS top_tokens, top
 """
 
 SET_FEATURE_LABELS = """
 UNWIND $rows AS r
 MATCH (f:Feature {fid: r.fid})
-SET f.label = r.label, f.top_activations = r.top_activations
+SET f.label = r.label, f.top_act_tokens = r.tokens, f.top_act_values = r.values,
+    f.top_act_prompts = r.prompts
 """
 
 # --------------------------------------------------------------------------- stats

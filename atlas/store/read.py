@@ -201,7 +201,9 @@ def paths(
     groups: dict[tuple[str, ...], dict[str, Any]] = {}
     for p in found:
         route = tuple(describe_ref(ref, texts) for ref in p.pop("_refs"))
-        g = groups.setdefault(route, {"route": list(route), "prompts": set(), "n_paths": 0, "sum_score": 0.0})
+        g = groups.setdefault(
+            route, {"route": list(route), "prompts": set(), "n_paths": 0, "sum_score": 0.0}
+        )
         g["prompts"].add(p["prompt"])
         g["n_paths"] += 1
         g["sum_score"] += p["score"]
@@ -406,7 +408,12 @@ def _export(
     edges = run_read(driver, Q.EXPORT_EDGES, {"id": pid}, **kw)
     if [n["idx"] for n in nodes] != list(range(len(nodes))):
         raise InputError(f"prompt {pid}: stored node order is inconsistent")
-    kinds = {"feature": NodeKind.FEATURE, "error": NodeKind.ERROR, "token": NodeKind.TOKEN, "logit": NodeKind.LOGIT}
+    kinds = {
+        "feature": NodeKind.FEATURE,
+        "error": NodeKind.ERROR,
+        "token": NodeKind.TOKEN,
+        "logit": NodeKind.LOGIT,
+    }
 
     def col(name: str, dtype: torch.dtype, nan: float = math.nan) -> torch.Tensor:
         return torch.tensor([nan if n[name] is None else n[name] for n in nodes], dtype=dtype)
@@ -429,7 +436,9 @@ def _export(
         edge_weight=torch.tensor([e["weight"] for e in edges], dtype=torch.float32),
     )
     labels = {n["id"]: n["label"] for n in nodes if n["label"]}
-    token_texts = {int(n["token_id"]): n["token_text"] for n in nodes if n["token_text"] is not None}
+    token_texts = {
+        int(n["token_id"]): n["token_text"] for n in nodes if n["token_text"] is not None
+    }
     return graph, labels, token_texts
 
 

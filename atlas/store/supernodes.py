@@ -81,9 +81,7 @@ def define(
     fids = sorted(set(fids))
 
     def work(tx: neo4j.ManagedTransaction) -> int:
-        rec = tx.run(
-            Q.UPSERT_SUPERNODE, name=name, kind=kind, pattern=pattern, fids=fids
-        ).single()
+        rec = tx.run(Q.UPSERT_SUPERNODE, name=name, kind=kind, pattern=pattern, fids=fids).single()
         n = int(rec["n_members"]) if rec is not None else 0
         tx.run(Q.CLEAR_SUPERNODE_AGG, name=name).consume()
         tx.run(Q.REBUILD_SUPERNODE_AGG_OUT, name=name).consume()
@@ -92,7 +90,9 @@ def define(
 
     n = int(_write(driver, database, f"defining supernode {name!r}", work))
     if n < len(fids):
-        log.warning("supernode %r: %d of %d features are not in the atlas", name, len(fids) - n, len(fids))
+        log.warning(
+            "supernode %r: %d of %d features are not in the atlas", name, len(fids) - n, len(fids)
+        )
     return n
 
 
@@ -110,7 +110,10 @@ def define_from_features(
             raise InputError(f"bad feature {spec!r}: use LAYER/INDEX")
         pairs.append([int(m.group(1)), int(m.group(2))])
     rows = run_read(
-        driver, Q.FEATURES_BY_PAIRS, {"pairs": pairs, "tset": None}, database=database,
+        driver,
+        Q.FEATURES_BY_PAIRS,
+        {"pairs": pairs, "tset": None},
+        database=database,
         what="finding features",
     )
     if not rows:
@@ -124,10 +127,15 @@ def define_from_label(
     """Supernode of every feature whose label matches ``pattern`` (a full-match regex)."""
     pattern = validate_pattern(pattern)
     rows = run_read(
-        driver, Q.FEATURES_BY_LABEL_PATTERN, {"pattern": pattern}, database=database,
+        driver,
+        Q.FEATURES_BY_LABEL_PATTERN,
+        {"pattern": pattern},
+        database=database,
         what="matching labels",
     )
-    return define(driver, name, [r["fid"] for r in rows], kind="label", pattern=pattern, database=database)
+    return define(
+        driver, name, [r["fid"] for r in rows], kind="label", pattern=pattern, database=database
+    )
 
 
 def define_from_token(
@@ -136,10 +144,15 @@ def define_from_token(
     """Supernode of every feature one of whose logit-lens top tokens matches ``pattern``."""
     pattern = validate_pattern(pattern)
     rows = run_read(
-        driver, Q.FEATURES_BY_TOKEN_PATTERN, {"pattern": pattern}, database=database,
+        driver,
+        Q.FEATURES_BY_TOKEN_PATTERN,
+        {"pattern": pattern},
+        database=database,
         what="matching tokens",
     )
-    return define(driver, name, [r["fid"] for r in rows], kind="token", pattern=pattern, database=database)
+    return define(
+        driver, name, [r["fid"] for r in rows], kind="token", pattern=pattern, database=database
+    )
 
 
 def import_from_json(

@@ -108,30 +108,29 @@ def synthetic_graph(
     is_source = k != NodeKind.LOGIT
     targets = torch.nonzero(is_target).flatten()
     sources = torch.nonzero(is_source).flatten()
-    src_layer = lay_t.clone()
-    seen: set[tuple[int, int]] = set()
-    pairs: list[tuple[int, int]] = []
+    keys = torch.zeros(0, dtype=torch.int64)
     for _ in range(50):
-        if len(pairs) >= n_edges:
+        if keys.numel() >= n_edges:
             break
-        m = 4 * (n_edges - len(pairs)) + 16
+        m = 4 * (n_edges - keys.numel()) + 16
         t = targets[torch.randint(0, len(targets), (m,), generator=gen)]
         s = sources[torch.randint(0, len(sources), (m,), generator=gen)]
-        ok = src_layer[s] < lay_t[t]
-        for ti, si in zip(t[ok].tolist(), s[ok].tolist(), strict=True):
-            if (ti, si) not in seen:
-                seen.add((ti, si))
-                pairs.append((ti, si))
-                if len(pairs) >= n_edges:
-                    break
-    pairs.sort()
-    weight = torch.randn(len(pairs), generator=gen) * 0.5
+        ok = lay_t[s] < lay_t[t]
+        keys = torch.unique(torch.cat([keys, t[ok] * n + s[ok]]))
+        if keys.numel() > n_edges:
+            keep = torch.randperm(keys.numel(), generator=gen)[:n_edges]
+            keys = torch.sort(keys[keep]).values
+    weight = torch.randn(keys.numel(), generator=gen) * 0.5
 
     meta = GraphMetadata(
         prompt=f"synthetic prompt {seed}",
         tokens=[word(int(t)) for t in input_ids.tolist()],
         model=ModelInfo(
-            name=model_name, family="synthetic", n_layers=n_layers, d_model=64, vocab_size=vocab_size
+            name=model_name,
+            family="synthetic",
+            n_layers=n_layers,
+            d_model=64,
+            vocab_size=vocab_size,
         ),
         transcoders=TranscoderInfo(
             name="synthetic-transcoders",
@@ -155,7 +154,7 @@ def synthetic_graph(
         activation=activation,
         influence=influence,
         logit_prob=logit_prob,
-        edge_target=torch.tensor([p[0] for p in pairs], dtype=torch.int64),
-        edge_source=torch.tensor([p[1] for p in pairs], dtype=torch.int64),
+        edge_target=keys // n,
+        edge_source=keys % n,
         edge_weight=weight,
     )

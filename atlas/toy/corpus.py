@@ -32,7 +32,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 Split = Literal["train", "heldout_pair", "heldout_template"]
 SPLITS: tuple[Split, ...] = ("train", "heldout_pair", "heldout_template")
@@ -221,7 +221,9 @@ class Fact:
         return " ".join(w for w in (self.prompt, self.answer, self.suffix) if w)
 
 
-def _pick_other(rng: random.Random, objects: tuple[CountObject, ...], obj: CountObject) -> CountObject:
+def _pick_other(
+    rng: random.Random, objects: tuple[CountObject, ...], obj: CountObject
+) -> CountObject:
     while True:
         other = rng.choice(objects)
         if other.n != obj.n:
@@ -336,7 +338,7 @@ class ToyCorpus:
     """
 
     #: sentence-kind weights in documents
-    FAMILY_WEIGHTS: dict[str, float] = {
+    FAMILY_WEIGHTS: ClassVar[dict[str, float]] = {
         "count": 0.42,
         "arith": 0.22,
         "colour": 0.14,
@@ -404,7 +406,9 @@ class ToyCorpus:
             return self._filler(rng)
         return rng.choice(pool).sentence
 
-    def sample_document(self, rng: random.Random, min_words: int = 40, heldout: bool = False) -> str:
+    def sample_document(
+        self, rng: random.Random, min_words: int = 40, heldout: bool = False
+    ) -> str:
         """Sentences joined by " . " until the document has at least ``min_words`` words."""
         parts: list[str] = []
         n_words = 0

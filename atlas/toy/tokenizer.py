@@ -33,10 +33,10 @@ def build_tokenizer(words: Iterable[str]) -> Any:
         if word not in vocab:
             vocab[word] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()  # type: ignore[assignment]
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # type: ignore[assignment]
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # type: ignore[assignment]
-    tok.post_processor = processors.TemplateProcessing(  # type: ignore[assignment]
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tok.post_processor = processors.TemplateProcessing(
         single="<bos> $A",
         pair="<bos> $A $B",
         special_tokens=[("<bos>", BOS_ID)],

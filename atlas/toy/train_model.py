@@ -105,7 +105,12 @@ def encode_documents(tokenizer: Any, docs: Sequence[str], seq_len: int) -> torch
 
 
 def batch_stream(
-    corpus: ToyCorpus, tokenizer: Any, seed: int, batch_size: int, seq_len: int, heldout: bool = False
+    corpus: ToyCorpus,
+    tokenizer: Any,
+    seed: int,
+    batch_size: int,
+    seq_len: int,
+    heldout: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Endless batches of token ids from a seeded document sampler."""
     rng = random.Random(f"toy-batches-{corpus.seed}-{seed}-{heldout}")
@@ -223,5 +228,5 @@ def train_and_save(
     metrics: dict[str, Any] = {"config": asdict(cfg)}
     with deterministic_torch(cfg.seed, cfg.threads):
         for split in ("train", "heldout_pair", "heldout_template"):
-            metrics[f"accuracy_{split}"] = fact_accuracy(model, tokenizer, corpus.split(split))  # type: ignore[arg-type]
+            metrics[f"accuracy_{split}"] = fact_accuracy(model, tokenizer, corpus.split(split))
     return model, tokenizer, corpus, metrics

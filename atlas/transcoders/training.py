@@ -37,7 +37,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import yaml
@@ -68,6 +68,8 @@ class TranscoderTrainConfig:
     """Activation buffers to stream; each is filled from ``text_source(chunk)``."""
     batch_tokens: int = 1024
     """Tokens per optimiser step."""
+    passes: int = 1
+    """Passes over each buffer (reshuffled each pass) before the next one is made."""
     max_length: int = 64
     """Tokenizer truncation length."""
     docs_per_forward: int = 64
@@ -317,7 +319,8 @@ class TranscoderTrainer:
         self.layers = list(cfg.layers) if cfg.layers is not None else list(range(n_layers))
         if not self.layers or min(self.layers) < 0 or max(self.layers) >= n_layers:
             raise ConfigError(f"layers {self.layers} out of range for a {n_layers}-layer model")
-        self.d_model = int(model.config.hidden_size)
+        model_config: Any = getattr(model, "config")  # noqa: B009
+        self.d_model = int(model_config.hidden_size)
         gen = torch.Generator().manual_seed(cfg.seed)
         with torch.random.fork_rng():
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
@@ -338,6 +341,9 @@ class TranscoderTrainer:
         self.step = 0
         self.total_steps: int | None = None
         self.history: list[dict[str, float]] = []
+
+    def _tc(self, layer: int) -> TrainableTranscoder:
+        return cast(TrainableTranscoder, self.transcoders[str(layer)])
 
     # -- state ----------------------------------------------------------------------------
     def _state_path(self) -> Path:
@@ -423,9 +429,15 @@ class TranscoderTrainer:
             x, y = acts[layer]
             self.scale_in[layer] = _scale(x)
             self.scale_out[layer] = _scale(y)
-            tc = self.transcoders[str(layer)]
+            tc = self._tc(layer)
             with torch.no_grad():
                 tc.b_dec.copy_((y * self.scale_out[layer]).mean(0))
+                # thresholds at the quantile that lets ~2x target_l0 features fire per token
+                xs = (x * self.scale_in[layer])[:4096]
+                pre = xs @ tc.W_enc.T + tc.b_enc
+                q = max(0.0, 1.0 - 2.0 * self.cfg.target_l0 / self.cfg.d_transcoder)
+                theta = torch.quantile(pre, q, dim=0).clamp_min(1e-3)
+                tc.log_threshold.copy_(theta.log())
 
     def _lr(self) -> float:
         total = max(1, self.total_steps or 1)
@@ -439,21 +451,27 @@ class TranscoderTrainer:
         ramp = min(1.0, self.step / max(1.0, self.cfg.l0_warmup_fraction * total))
         return self.cfg.target_l0 * (4.0 - 3.0 * ramp)
 
-    def _resample_dead(self, fired: dict[int, torch.Tensor], x_by_layer: dict[int, torch.Tensor],
-                       gen: torch.Generator) -> int:
+    def _resample_dead(
+        self,
+        fired: dict[int, torch.Tensor],
+        x_by_layer: dict[int, torch.Tensor],
+        gen: torch.Generator,
+    ) -> int:
         n_total = 0
         for layer in self.layers:
             dead = (~fired[layer]).nonzero().flatten()
             if dead.numel() == 0:
                 continue
             n_total += int(dead.numel())
-            tc = self.transcoders[str(layer)]
+            tc = self._tc(layer)
             x = x_by_layer[layer]
             pick = torch.randint(0, x.shape[0], (dead.numel(),), generator=gen)
             d = x[pick] - x.mean(0)
             d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-6)
             with torch.no_grad():
-                alive_norm = tc.W_enc.norm(dim=1)[fired[layer]].mean() if fired[layer].any() else 1.0
+                alive_norm = (
+                    tc.W_enc.norm(dim=1)[fired[layer]].mean() if fired[layer].any() else 1.0
+                )
                 tc.W_enc[dead] = d * alive_norm
                 tc.b_enc[dead] = 0.0
                 tc.W_dec[dead] = d * 0.1
@@ -481,7 +499,10 @@ class TranscoderTrainer:
         try:
             self.load_checkpoint()
             bar = tqdm(
-                total=cfg.chunks, initial=self.chunk, desc="transcoders", disable=not progress,
+                total=cfg.chunks,
+                initial=self.chunk,
+                desc="transcoders",
+                disable=not progress,
                 mininterval=2.0,
             )
             done_here = 0
@@ -494,20 +515,22 @@ class TranscoderTrainer:
                 if not self.scale_in:
                     self._init_from(acts)
                 n_tok = next(iter(acts.values()))[0].shape[0]
-                steps_per_chunk = max(1, n_tok // cfg.batch_tokens)
+                steps_per_pass = max(1, n_tok // cfg.batch_tokens)
                 if self.total_steps is None:
-                    self.total_steps = steps_per_chunk * cfg.chunks
+                    self.total_steps = steps_per_pass * cfg.passes * cfg.chunks
                 gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.chunk)
-                perm = torch.randperm(n_tok, generator=gen)
-                xs = {l: acts[l][0] * self.scale_in[l] for l in self.layers}  # noqa: E741
-                ys = {l: acts[l][1] * self.scale_out[l] for l in self.layers}  # noqa: E741
+                xs = {layer: acts[layer][0] * self.scale_in[layer] for layer in self.layers}
+                ys = {layer: acts[layer][1] * self.scale_out[layer] for layer in self.layers}
                 fired = {
                     layer: torch.zeros(cfg.d_transcoder, dtype=torch.bool) for layer in self.layers
                 }
                 stats: dict[str, float] = {}
-                for s in range(steps_per_chunk):
-                    idx = perm[s * cfg.batch_tokens : (s + 1) * cfg.batch_tokens]
-                    stats = self._step({l: (xs[l][idx], ys[l][idx]) for l in self.layers}, fired)  # noqa: E741
+                for _ in range(cfg.passes):
+                    perm = torch.randperm(n_tok, generator=gen)
+                    for s in range(steps_per_pass):
+                        idx = perm[s * cfg.batch_tokens : (s + 1) * cfg.batch_tokens]
+                        batch = {layer: (xs[layer][idx], ys[layer][idx]) for layer in self.layers}
+                        stats = self._step(batch, fired)
                 self.chunk += 1
                 resampled = 0
                 if self.chunk < cfg.chunks and self.chunk / cfg.chunks <= cfg.resample_dead_until:
@@ -536,14 +559,16 @@ class TranscoderTrainer:
         fvus, l0s = [], []
         for layer in self.layers:
             x, y = batch[layer]
-            tc = self.transcoders[str(layer)]
+            tc = self._tc(layer)
             recon, acts, l0 = tc(x, self.cfg.bandwidth)
             var = (y - y.mean(0)).pow(2).sum().clamp_min(1e-8)
             fvu = (recon - y).pow(2).sum() / var
             l0_mean = l0.mean()
             loss = loss + fvu + self.l0_coeff[layer] * l0_mean
             l0_val = float(l0_mean.detach())
-            self.l0_ema[layer] = l0_val if self.step == 0 else 0.9 * self.l0_ema[layer] + 0.1 * l0_val
+            self.l0_ema[layer] = (
+                l0_val if self.step == 0 else 0.9 * self.l0_ema[layer] + 0.1 * l0_val
+            )
             rate = self.cfg.l0_controller_rate
             err = max(-1.0, min(1.0, (self.l0_ema[layer] - target) / target))
             self.l0_coeff[layer] = min(1.0, max(1e-7, self.l0_coeff[layer] * math.exp(rate * err)))
@@ -566,7 +591,7 @@ class TranscoderTrainer:
         """Per-layer tensors in circuit-tracer's naming, scales folded in (original units)."""
         out: dict[int, dict[str, torch.Tensor]] = {}
         for layer in self.layers:
-            tc = self.transcoders[str(layer)]
+            tc = self._tc(layer)
             s_in, s_out = self.scale_in.get(layer, 1.0), self.scale_out.get(layer, 1.0)
             t = {
                 "W_enc": (tc.W_enc.detach() * s_in).contiguous(),
@@ -668,6 +693,11 @@ def train_transcoders(
     reports = trainer.evaluate(eval_texts)
     for r in reports:
         logger.info(
-            "layer %d: FVU %.4f  L0 %.1f  dead %d/%d", r.layer, r.fvu, r.l0, r.dead, cfg.d_transcoder
+            "layer %d: FVU %.4f  L0 %.1f  dead %d/%d",
+            r.layer,
+            r.fvu,
+            r.l0,
+            r.dead,
+            cfg.d_transcoder,
         )
     return reports

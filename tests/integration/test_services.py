@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +77,11 @@ def test_unreachable_neo4j_is_one_line_service_unavailable() -> None:
 
 
 def test_launcher_lifecycle_persistence_and_faults(tmp_path: Path) -> None:
-    """One launcher with auth on: wrong password, second start refused, port in use, and data
-    (the changed password included) surviving stop/start."""
-    home = tmp_path / "neo4j"
+    """One store, two starts: first through the API with auth on (wrong password, second start
+    refused, port in use), then through ``atlas db start|status|stop`` (data survives)."""
+    from atlas.cli import cli
+
+    home = tmp_path / "neo4j"  # = settings.local_neo4j_home for ATLAS_HOME=tmp_path
     port = _proc.free_port()
     common: dict[str, Any] = {
         "home": home,
@@ -110,7 +113,7 @@ def test_launcher_lifecycle_persistence_and_faults(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="already in use"):
             neo4j_local.start(**{**common, "home": tmp_path / "other"})
 
-        # set a password (initial neo4j/neo4j must change), then write
+        # the initial neo4j/neo4j must change its password before it may write
         with neo4j.GraphDatabase.driver(uri, auth=("neo4j", "neo4j")) as driver:
             driver.execute_query(
                 "ALTER CURRENT USER SET PASSWORD FROM 'neo4j' TO 'atlas-secret'", database_="system"
@@ -123,13 +126,34 @@ def test_launcher_lifecycle_persistence_and_faults(tmp_path: Path) -> None:
     assert not neo4j_local.status(home=home).running
     assert not neo4j_local.stop(home=home)
 
-    neo4j_local.start(**common)
+    # restart through the CLI (local mode: no NEO4J_URI), on the same store
+    env = {
+        "ATLAS_HOME": str(tmp_path),
+        "NEO4J_BOLT_PORT": str(port),
+        "NEO4J_HEAP": "512m",
+        "NEO4J_PAGECACHE": "128m",
+        "NEO4J_URI": None,
+    }
+    runner = CliRunner()
     try:
-        with open_driver(settings) as driver:
+        result = runner.invoke(cli, ["db", "start"], env=env)
+        assert result.exit_code == 0, result.output
+        assert result.stdout.strip().splitlines()[-1] == uri
+        result = runner.invoke(cli, ["db", "status"], env=env)
+        assert result.exit_code == 0 and "answers" in result.output
+        pid = neo4j_local.status(home=home).pid
+        result = runner.invoke(cli, ["db", "start"], env=env)
+        assert result.exit_code == 0 and "already runs" in result.output
+        assert neo4j_local.status(home=home).pid == pid
+        with open_driver(_settings(neo4j_uri=uri)) as driver:
             records = driver.execute_query("MATCH (p:Persisted) RETURN p.v AS v").records
         assert [r["v"] for r in records] == ["survives restart"]
     finally:
+        result = runner.invoke(cli, ["db", "stop"], env=env)
         neo4j_local.stop(home=home)
+    assert result.exit_code == 0 and "stopped" in result.output
+    result = runner.invoke(cli, ["db", "status"], env=env)
+    assert result.exit_code == 1 and "not running" in result.output
 
 
 def test_stale_pid_file_is_ignored(tmp_path: Path) -> None:
@@ -175,6 +199,31 @@ def test_celery_app_policy(celery_app: Any) -> None:
     router = celery_app.amqp.router
     assert router.route({}, "atlas.attribute")["queue"].name == "attribute"
     assert router.route({}, "atlas.ingest")["queue"].name == "ingest"
+
+
+def test_routing_puts_each_task_in_exactly_one_queue(redis_url: str) -> None:
+    """With no worker on db 15, published messages stay in Redis where routing put them."""
+    import os
+
+    import redis
+
+    if os.environ.get("REDIS_URL") and os.environ.get("ATLAS_TEST_ALLOW_WIPE") != "1":
+        pytest.skip("REDIS_URL is someone else's server: not flushing its db 15")
+
+    from workers.app import make_celery
+
+    url = redis_url.rsplit("/", 1)[0] + "/15"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    app = make_celery(_settings(redis_url=url))
+    app.send_task("atlas.attribute", args=[{"x": 1}])
+    app.send_task("atlas.ingest", args=[{"x": 2}])
+    app.send_task("atlas.ingest", args=[{"x": 3}])
+    app.send_task("atlas.ping", args=["p"])  # default queue: ingest
+    assert client.llen("attribute") == 1
+    assert client.llen("ingest") == 3
+    client.flushdb()
+    client.close()
 
 
 def test_redis_down_is_one_line_service_unavailable() -> None:
@@ -231,25 +280,38 @@ def test_cli_db_status_and_init_against_external_server(
     assert "indexes online" in result.output
 
 
-def test_cli_faults_are_one_line_and_nonzero(tmp_path: Path) -> None:
+def _atlas(args: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
     import subprocess
     import sys
 
-    port = _proc.free_port()
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "NEO4J_URI": f"bolt://127.0.0.1:{port}",
-        "ATLAS_HOME": str(tmp_path),
-    }
     out = subprocess.run(
-        [sys.executable, "-m", "atlas", "db", "init"],
+        [sys.executable, "-m", "atlas", *args],
         env=env,
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
+        cwd=Path(__file__).resolve().parents[2],
     )
-    assert out.returncode == 1
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1, out.stderr
+    return out.returncode, out.stderr.strip().splitlines()
+
+
+def test_cli_faults_are_one_line_and_nonzero(tmp_path: Path) -> None:
+    port = _proc.free_port()
+    base = {"PATH": "/usr/bin:/bin", "ATLAS_HOME": str(tmp_path), "HOME": str(tmp_path)}
+
+    code, lines = _atlas(["db", "init"], {**base, "NEO4J_URI": f"bolt://127.0.0.1:{port}"})
+    assert code == 1 and len(lines) == 1, lines
     assert lines[0].startswith(f"error: Neo4j at bolt://127.0.0.1:{port} is not reachable")
+
+    code, lines = _atlas(["db", "start"], {**base, "PATH": str(tmp_path)})  # no java on PATH
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0] == (
+        "error: Java not found: install a Java 17 runtime, e.g. apt-get install "
+        "openjdk-17-jre-headless"
+    )
+
+    with socket.create_server(("127.0.0.1", port)):  # port in use: refused before Maven/JVM
+        code, lines = _atlas(["db", "start"], {**base, "NEO4J_BOLT_PORT": str(port)})
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: port 127.0.0.1:{port} is already in use")

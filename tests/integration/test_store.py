@@ -72,7 +72,9 @@ def oracle_agg(graphs: list[Graph]) -> dict[tuple[str, str], tuple[int, float, f
     for g in graphs:
         tset = g.metadata.transcoders.content_hash
         pair_w: dict[tuple[str, str], float] = defaultdict(float)
-        for t, s, w in zip(g.edge_target.tolist(), g.edge_source.tolist(), g.edge_weight.tolist(), strict=True):
+        for t, s, w in zip(
+            g.edge_target.tolist(), g.edge_source.tolist(), g.edge_weight.tolist(), strict=True
+        ):
             if g.kind[s] == NodeKind.FEATURE and g.kind[t] == NodeKind.FEATURE:
                 key = (
                     feature_ref(tset, int(g.layer[s]), int(g.feature[s])),
@@ -129,18 +131,29 @@ def oracle_paths(
     for g in graphs:
         ids = g.node_ids()
         adj: dict[int, list[tuple[int, float]]] = defaultdict(list)
-        for t, s, w in zip(g.edge_target.tolist(), g.edge_source.tolist(), g.edge_weight.tolist(), strict=True):
+        for t, s, w in zip(
+            g.edge_target.tolist(), g.edge_source.tolist(), g.edge_weight.tolist(), strict=True
+        ):
             if abs(w) >= min_weight:
                 adj[s].append((t, w))
         starts = [i for i in range(g.n_nodes) if _matches(g, i, src, members)]
 
-        def dfs(node: int, path: list[int], weights: list[float], g: Graph = g, ids: list[str] = ids, adj: Any = adj) -> None:
+        def dfs(
+            node: int,
+            path: list[int],
+            weights: list[float],
+            g: Graph = g,
+            ids: list[str] = ids,
+            adj: Any = adj,
+        ) -> None:
             if len(weights) >= max_hops:
                 return
             for nxt, w in adj.get(node, []):
                 p2, w2 = [*path, nxt], [*weights, w]
                 if _matches(g, nxt, dst, members):
-                    out.add((g.prompt_id, tuple(ids[j] for j in p2), tuple(round(x, 5) for x in w2)))
+                    out.add(
+                        (g.prompt_id, tuple(ids[j] for j in p2), tuple(round(x, 5) for x in w2))
+                    )
                 dfs(nxt, p2, w2)
 
         for s0 in starts:
@@ -250,7 +263,9 @@ print("DONE", flush=True)
 """
 
 
-def test_killed_ingester_leaves_nothing_and_retry_completes(db: neo4j.Driver, neo4j_uri: str) -> None:
+def test_killed_ingester_leaves_nothing_and_retry_completes(
+    db: neo4j.Driver, neo4j_uri: str
+) -> None:
     g0 = small(1)
     ingest_graph(db, g0)
     before = counts(db)
@@ -280,7 +295,9 @@ def test_killed_ingester_leaves_nothing_and_retry_completes(db: neo4j.Driver, ne
     assert not db.execute_query(Q.PROMPT_EXISTS, id=g.prompt_id).records
     assert ingest_graph(db, g).created
     assert not ingest_graph(db, g).created
-    n = db.execute_query("MATCH (n:Node {prompt: $id}) RETURN count(n) AS n", id=g.prompt_id).records
+    n = db.execute_query(
+        "MATCH (n:Node {prompt: $id}) RETURN count(n) AS n", id=g.prompt_id
+    ).records
     assert n[0]["n"] == g.n_nodes
     assert_agg_equal(db, [g0, g])
 
@@ -290,7 +307,11 @@ def test_paths_agree_with_python_enumeration(db: neo4j.Driver) -> None:
     for g in graphs:
         ingest_graph(db, g)
     g = graphs[0]
-    feats = [(int(g.layer[i]), int(g.feature[i])) for i in range(g.n_nodes) if g.kind[i] == NodeKind.FEATURE]
+    feats = [
+        (int(g.layer[i]), int(g.feature[i]))
+        for i in range(g.n_nodes)
+        if g.kind[i] == NodeKind.FEATURE
+    ]
     low = min(feats)
     high = max(feats)
     token_text = word(int(g.input_ids[1])).strip()
@@ -320,7 +341,9 @@ def test_paths_agree_with_python_enumeration(db: neo4j.Driver) -> None:
     members = set(feats[:5])
     supernodes.define_from_features(db, "early", [f"{a}/{b}" for a, b in members])
     result = read.paths(db, "supernode:early", f"logit:{logit_text}", max_hops=3, limit=100_000)
-    assert got_paths(result) == oracle_paths(graphs, "supernode:x", f"logit:{logit_text}", 3, 0.0, members)
+    assert got_paths(result) == oracle_paths(
+        graphs, "supernode:x", f"logit:{logit_text}", 3, 0.0, members
+    )
 
 
 def test_named_queries(db: neo4j.Driver) -> None:
@@ -335,7 +358,8 @@ def test_named_queries(db: neo4j.Driver) -> None:
         h.prompt_id
         for h in graphs
         for j in range(h.n_nodes)
-        if h.kind[j] == NodeKind.FEATURE and (h.layer[j], h.feature[j]) == (g.layer[i], g.feature[i])
+        if h.kind[j] == NodeKind.FEATURE
+        and (h.layer[j], h.feature[j]) == (g.layer[i], g.feature[i])
     }
     assert {r["prompt"] for r in active} == want
 
@@ -343,8 +367,14 @@ def test_named_queries(db: neo4j.Driver) -> None:
     top = read.top_contributors(db, f"logit:{logit_text}", limit=1000)
     want_sum: dict[str, float] = defaultdict(float)
     for h in graphs:
-        logits = {j for j in range(h.n_nodes) if h.kind[j] == NodeKind.LOGIT and word(int(h.token_id[j])).strip() == logit_text}
-        for t, s, w in zip(h.edge_target.tolist(), h.edge_source.tolist(), h.edge_weight.tolist(), strict=True):
+        logits = {
+            j
+            for j in range(h.n_nodes)
+            if h.kind[j] == NodeKind.LOGIT and word(int(h.token_id[j])).strip() == logit_text
+        }
+        for t, s, w in zip(
+            h.edge_target.tolist(), h.edge_source.tolist(), h.edge_weight.tolist(), strict=True
+        ):
             if t in logits:
                 want_sum[h.node_ids()[s].split("_")[0] + str(int(h.kind[s]))] += abs(w)
     assert sum(r["sum_abs"] for r in top) == pytest.approx(sum(want_sum.values()), rel=1e-5)
@@ -352,11 +382,23 @@ def test_named_queries(db: neo4j.Driver) -> None:
     nb = read.neighbours(db, spec, limit=1000)
     agg = oracle_agg(graphs)
     fid = feature_ref("tset0", int(g.layer[i]), int(g.feature[i]))
-    assert len(nb) == sum(1 for (s, t) in agg if fid in (s, t)) + sum(1 for (s, t) in agg if s == t == fid)
+    assert len(nb) == sum(1 for (s, t) in agg if fid in (s, t)) + sum(
+        1 for (s, t) in agg if s == t == fid
+    )
 
     cmp = read.compare_prompts(db, graphs[0].prompt_id, graphs[1].prompt_id)
-    fa = {(int(h.layer[j]), int(h.feature[j])) for h in graphs[:1] for j in range(h.n_nodes) if h.kind[j] == NodeKind.FEATURE}
-    fb = {(int(h.layer[j]), int(h.feature[j])) for h in graphs[1:2] for j in range(h.n_nodes) if h.kind[j] == NodeKind.FEATURE}
+    fa = {
+        (int(h.layer[j]), int(h.feature[j]))
+        for h in graphs[:1]
+        for j in range(h.n_nodes)
+        if h.kind[j] == NodeKind.FEATURE
+    }
+    fb = {
+        (int(h.layer[j]), int(h.feature[j]))
+        for h in graphs[1:2]
+        for j in range(h.n_nodes)
+        if h.kind[j] == NodeKind.FEATURE
+    }
     assert len(cmp["shared_features"]) == len(fa & fb)
     assert len(cmp["only_a"]) == min(len(fa - fb), 50)
 
@@ -371,7 +413,15 @@ def test_supernode_aggregate_is_exact_and_incremental(db: neo4j.Driver) -> None:
     graphs = [small(s) for s in range(40, 46)]
     for g in graphs[:3]:
         ingest_graph(db, g)
-    pool = sorted({(int(g.layer[i]), int(g.feature[i])) for g in graphs for i in range(g.n_nodes) if g.kind[i] == NodeKind.FEATURE})
+    # members must exist when a supernode is defined: take them from the stored prompts
+    pool = sorted(
+        {
+            (int(g.layer[i]), int(g.feature[i]))
+            for g in graphs[:3]
+            for i in range(g.n_nodes)
+            if g.kind[i] == NodeKind.FEATURE
+        }
+    )
     a_members, b_members = pool[: len(pool) // 2], pool[len(pool) // 2 :]
     supernodes.define_from_features(db, "low", [f"{x}/{y}" for x, y in a_members])
     supernodes.define_from_features(db, "high", [f"{x}/{y}" for x, y in b_members])
@@ -382,11 +432,15 @@ def test_supernode_aggregate_is_exact_and_incremental(db: neo4j.Driver) -> None:
         n, total = 0, 0.0
         for g in graphs:
             w_sum, hit = 0.0, False
-            for t, s, w in zip(g.edge_target.tolist(), g.edge_source.tolist(), g.edge_weight.tolist(), strict=True):
-                if g.kind[s] == NodeKind.FEATURE and g.kind[t] == NodeKind.FEATURE:
-                    if (int(g.layer[s]), int(g.feature[s])) in src and (int(g.layer[t]), int(g.feature[t])) in dst:
-                        w_sum += w
-                        hit = True
+            for t, s, w in zip(
+                g.edge_target.tolist(), g.edge_source.tolist(), g.edge_weight.tolist(), strict=True
+            ):
+                src_f = (int(g.layer[s]), int(g.feature[s]))
+                dst_f = (int(g.layer[t]), int(g.feature[t]))
+                is_ff = g.kind[s] == NodeKind.FEATURE and g.kind[t] == NodeKind.FEATURE
+                if is_ff and src_f in src and dst_f in dst:
+                    w_sum += w
+                    hit = True
             if hit:
                 n += 1
                 total += w_sum
@@ -413,18 +467,30 @@ def test_supernode_patterns_and_qparams(db: neo4j.Driver, tmp_path: Path) -> Non
 
     g = small(50)
     ingest_graph(db, g)
-    db.execute_query("MATCH (f:Feature) WHERE f.layer = 0 SET f.label = 'early ' + toString(f.index), f.top_tokens = [' Austin', ' Paris']")
+    db.execute_query(
+        "MATCH (f:Feature) WHERE f.layer = 0 SET f.label = 'early ' + toString(f.index), f.top_tokens = [' Austin', ' Paris']"
+    )
     n0 = sum(1 for i in range(g.n_nodes) if g.kind[i] == NodeKind.FEATURE and g.layer[i] == 0)
-    n_unique = len({int(g.feature[i]) for i in range(g.n_nodes) if g.kind[i] == NodeKind.FEATURE and g.layer[i] == 0})
+    n_unique = len(
+        {
+            int(g.feature[i])
+            for i in range(g.n_nodes)
+            if g.kind[i] == NodeKind.FEATURE and g.layer[i] == 0
+        }
+    )
     assert n0 > 0
     assert supernodes.define_from_label(db, "early", "early .*") == n_unique
     assert supernodes.define_from_token(db, "says-austin", r"\s*Austin") == n_unique
     with pytest.raises(InputError):
         supernodes.define_from_label(db, "bad", "([unclosed")
 
-    feat_ids = [nid for nid, k in zip(g.node_ids(), g.kind.tolist(), strict=True) if k == NodeKind.FEATURE][:3]
+    feat_ids = [
+        nid for nid, k in zip(g.node_ids(), g.kind.tolist(), strict=True) if k == NodeKind.FEATURE
+    ][:3]
     p = write_json(g, tmp_path / "g.json", supernodes=[["from json", *feat_ids]])
-    assert supernodes.import_from_json(db, p) == {"from json": len({f.rsplit("_", 1)[0] for f in feat_ids})}
+    assert supernodes.import_from_json(db, p) == {
+        "from json": len({f.rsplit("_", 1)[0] for f in feat_ids})
+    }
     doc = read.export_json(db, g.prompt_id)
     assert any(sn[0] == "from json" for sn in doc["qParams"]["supernodes"])
 
@@ -444,7 +510,10 @@ def test_hostile_supernode_names_are_data(db: neo4j.Driver) -> None:
     i = next(i for i in range(g.n_nodes) if g.kind[i] == NodeKind.FEATURE)
     before = counts(db)
     for name in HOSTILE:
-        assert supernodes.define_from_features(db, name, [f"{int(g.layer[i])}/{int(g.feature[i])}"]) == 1
+        assert (
+            supernodes.define_from_features(db, name, [f"{int(g.layer[i])}/{int(g.feature[i])}"])
+            == 1
+        )
     assert {s["name"] for s in supernodes.list_supernodes(db)} == set(HOSTILE)
     for name in HOSTILE:
         assert supernodes.show(db, name)["name"] == name

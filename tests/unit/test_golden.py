@@ -136,7 +136,8 @@ def test_tokens_logits_and_activations(case: str, prompt: dict[str, Any]) -> Non
     ref = {tuple(x): i for i, x in enumerate(t["active_features"].tolist())}
     assert ours.keys() == ref.keys(), (
         f"active features differ: {len(ours.keys() - ref.keys())} extra, "
-        f"{len(ref.keys() - ours.keys())} missing"
+        f"{len(ref.keys() - ours.keys())} missing (hint: circuit-tracer reads Gemma's "
+        f"'ln2.hook_normalized' BEFORE the RMSNorm's (1 + weight) scale)"
     )
     keys = sorted(ref)
     _close(

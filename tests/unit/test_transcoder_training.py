@@ -21,7 +21,25 @@ from atlas.transcoders.training import (
 )
 from tests.tiny import build_tiny_model
 
-WORDS = "the cat sat on a mat and 1 + 2 = 3 hello world dog ran far".split()
+WORDS = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "and",
+    "1",
+    "+",
+    "2",
+    "=",
+    "3",
+    "hello",
+    "world",
+    "dog",
+    "ran",
+    "far",
+]
 
 
 def _texts(seed: int, n: int = 32) -> list[str]:
@@ -52,7 +70,7 @@ def _cfg(**kw) -> TranscoderTrainConfig:
         target_l0=8,
         lr=5e-3,
         seed=0,
-        threads=None,
+        threads=1,
         checkpoint_every=2,
     )
     base.update(kw)
@@ -96,7 +114,9 @@ def test_training_reduces_fvu_and_exports_circuit_tracer_layout(llama, tmp_path:
         recon_n, acts_n, _ = tc(x * trainer.scale_in[layer], cfg.bandwidth)
         recon, a = apply_transcoder(files[layer], x)
         torch.testing.assert_close(a, acts_n.detach(), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(recon, recon_n.detach() / trainer.scale_out[layer], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            recon, recon_n.detach() / trainer.scale_out[layer], rtol=1e-4, atol=1e-5
+        )
     assert [r.fvu for r in evaluate_transcoders(files, acts)] == pytest.approx(
         [r.fvu for r in after], rel=1e-4
     )

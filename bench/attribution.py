@@ -1,0 +1,364 @@
+"""Side-by-side benchmark: circuit-tracer 0.5.0 (the peer) vs our engine, same inputs, one run.
+
+Both run in a FRESH subprocess each (circuit-tracer in its own venv, ``bench/.venv-ct``; ours in
+this venv) on the same local model, transcoders and prompts. For each we report the wall time of
+``attribute()`` (model loading excluded), of pruning, of the whole process, and the peak RSS of the
+process (``os.wait4`` rusage of that child alone; plus peak CUDA memory on GPU). Then the outputs
+are compared: active features, logit targets, and sampled adjacency rows (all logit rows and the
+feature rows whose identity hashes to 0 mod 64, columns aligned by node identity).
+
+Shapes:
+  small      Gemma-2 shape: 8 layers, d_model 256, d_mlp 1024, vocab 2048; per-layer JumpReLU
+             transcoders 4096 wide (~32 active per token); variant ``clt``: a cross-layer
+             transcoder of the same width.
+  gemma2-2b  Gemma-2-2B shape (26 layers, d_model 2304, d_mlp 9216, vocab 256000) with random
+             weights + 16k-wide transcoders: for GPU runs (``--device cuda``).
+
+Usage::
+
+    .venv/bin/python bench/attribution.py                       # small, 33 + 65 tokens, plt + clt
+    .venv/bin/python bench/attribution.py --lengths 33 --variants plt
+    .venv/bin/python bench/attribution.py --device cuda --shape gemma2-2b --lengths 64 512
+    .venv/bin/python bench/attribution.py --skip-ct              # ours only (no ct venv)
+
+Models are built once under ``bench/out/models/<shape>`` (gitignored) with tests/tiny.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+OUT = BENCH / "out"
+CT_PYTHON = BENCH / ".venv-ct" / "bin" / "python"
+CT_WORKER = BENCH / "ct_golden_worker.py"
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "small": {
+        "model": {"n_layers": 8, "d_model": 256, "n_heads": 4, "d_mlp": 1024, "vocab_size": 2048},
+        "d_transcoder": 4096,
+        "target_l0": 32,
+    },
+    "gemma2-2b": {
+        "model": {
+            "n_layers": 26,
+            "d_model": 2304,
+            "n_heads": 8,
+            "n_kv_heads": 4,
+            "d_mlp": 9216,
+            "vocab_size": 256000,
+        },
+        "d_transcoder": 16384,
+        "target_l0": 64,
+    },
+}
+
+_TEXT = (
+    "The quick brown fox jumps over the lazy dog while Mary and John went to the store; "
+    "John gave a drink to Mary. Fact: the capital of France is Paris, 1 + 2 = 3 and 2 + 3 = 5. "
+)
+
+
+def prompt_of_length(n_tokens: int) -> str:
+    """A prompt of exactly ``n_tokens`` tokens with the character-level tiny tokenizer (BOS + chars)."""
+    n_chars = n_tokens - 1
+    text = (_TEXT * (n_chars // len(_TEXT) + 1))[:n_chars]
+    return text
+
+
+def sample_rows(features: Any, n_nodes: int, n_logits: int, stride: int = 64) -> Any:
+    """Same rule as ``ct_golden_worker.sample_rows`` (logit rows + hashed feature rows)."""
+    import torch
+
+    lay, pos, feat = features[:, 0], features[:, 1], features[:, 2]
+    keep = ((lay * 7919 + pos * 104729 + feat) % stride) == 0
+    rows = torch.nonzero(keep).flatten()
+    logits = torch.arange(n_nodes - n_logits, n_nodes)
+    return torch.cat([rows, logits]).to(torch.int64)
+
+
+# ----------------------------------------------------------------------------- building inputs
+def build_inputs(shape: str, variant: str) -> tuple[Path, Path]:
+    """Model dir and transcoder dir for (shape, variant), built once and cached."""
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(BENCH))
+    from make_golden import _portable_model_dir, _portable_transcoder_dir  # type: ignore[import-not-found]
+
+    from tests.tiny import build_tiny_model, build_tiny_transcoders
+
+    spec = SHAPES[shape]
+    base = OUT / "models" / shape
+    model_dir = base / "model"
+    if not (model_dir / "config.json").exists():
+        print(f"[bench] building {shape} model in {model_dir} ...", flush=True)
+        build_tiny_model("gemma2", model_dir, seed=0, **spec["model"])
+        _portable_model_dir(model_dir)
+    tc_dir = base / f"transcoders-{variant}"
+    if not (tc_dir / "config.yaml").exists():
+        print(f"[bench] building {variant} transcoders in {tc_dir} ...", flush=True)
+        build_tiny_transcoders(
+            model_dir,
+            tc_dir,
+            kind="clt" if variant == "clt" else "jumprelu",
+            d_transcoder=spec["d_transcoder"],
+            target_l0=spec["target_l0"],
+            seed=0,
+        )
+        _portable_transcoder_dir(tc_dir, f"bench-{shape}-{variant}")
+    return model_dir, tc_dir
+
+
+# ----------------------------------------------------------------------------- our side (child)
+def run_ours(job_path: Path) -> int:
+    """Child process: our engine on the job's prompts (same outputs as the ct worker)."""
+    import resource
+
+    import torch
+    from safetensors.torch import save_file
+
+    from atlas.attribution import attribute
+    from atlas.models import load_model
+    from atlas.transcoders import load_transcoders
+
+    job = json.loads(job_path.read_text())
+    device = job.get("device", "cpu")
+    out_dir = Path(job["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model = load_model(job["model_dir"], device=device, dtype=torch.float32)
+    tcs = load_transcoders(job["transcoder_dir"], model, device=device, dtype=torch.float32)
+    load_s = time.perf_counter() - t0
+    for spec in job["prompts"]:
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        t1 = time.perf_counter()
+        r = attribute(
+            spec["prompt"],
+            model,
+            tcs,
+            batch_size=spec.get("batch_size", 64),
+            max_feature_nodes=spec.get("max_feature_nodes"),
+        )
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        attr_s = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        g = r.to_graph(prune=True)
+        prune_s = time.perf_counter() - t2
+        rep, comp = r.scores()
+        adj = r.adjacency
+        feats = r.active_features[r.selected_features].cpu()
+        rows = sample_rows(feats, int(adj.shape[0]), int(r.logit_tokens.shape[0]))
+        tensors = {
+            "input_ids": r.input_ids.cpu().to(torch.int64),
+            "active_features": r.active_features.cpu().to(torch.int64),
+            "activation_values": r.activation_values.cpu().float(),
+            "selected_features": r.selected_features.cpu().to(torch.int64),
+            "logit_tokens": r.logit_tokens.cpu().to(torch.int64),
+            "logit_probabilities": r.logit_probabilities.cpu().float(),
+            "row_index": rows,
+            "adjacency_rows": adj[rows.to(adj.device)].cpu().float(),
+        }
+        meta = {
+            "attribute_s": attr_s,
+            "prune_s": prune_s,
+            "load_s": load_s,
+            "n_nodes": int(adj.shape[0]),
+            "n_active": int(r.active_features.shape[0]),
+            "n_tokens": int(r.input_ids.shape[0]),
+            "n_pruned_nodes": g.n_nodes,
+            "n_pruned_edges": g.n_edges,
+            "replacement_score": rep,
+            "completeness_score": comp,
+            "self_peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        }
+        if device.startswith("cuda"):
+            meta["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(out_dir / f"{spec['slug']}.safetensors"))
+        (out_dir / f"{spec['slug']}.timing.json").write_text(json.dumps(meta, indent=1))
+        del r, g, adj
+    return 0
+
+
+# ----------------------------------------------------------------------------- driver
+def _run_child(cmd: list[str], env: dict[str, str]) -> tuple[int, float, int]:
+    """Run ``cmd``; return (exit code, wall seconds, peak RSS bytes of that child alone)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    return proc.returncode, wall, int(usage.ru_maxrss) * 1024  # Linux: ru_maxrss in KiB
+
+
+def _compare(ct_file: Path, our_file: Path, n_layers: int) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(ct_file)), load_file(str(our_file))
+    out: dict[str, Any] = {}
+    fa = {tuple(x) for x in a["active_features"].tolist()}
+    fb = {tuple(x) for x in b["active_features"].tolist()}
+    out["active_equal"] = fa == fb
+    out["active_diff"] = len(fa ^ fb)
+    out["logits_equal"] = a["logit_tokens"].tolist() == b["logit_tokens"].tolist()
+
+    def idents(t: dict[str, torch.Tensor]) -> list[tuple]:
+        n_pos = int(t["input_ids"].shape[0])
+        ids: list[tuple] = [
+            ("f", *x) for x in t["active_features"][t["selected_features"]].tolist()
+        ]
+        ids += [("e", lay, p) for lay in range(n_layers) for p in range(n_pos)]
+        ids += [("t", p) for p in range(n_pos)]
+        ids += [("l", int(x)) for x in t["logit_tokens"].tolist()]
+        return ids
+
+    ia, ib = idents(a), idents(b)
+    index_b = {x: i for i, x in enumerate(ib)}
+    rows_a = {ia[int(r)]: k for k, r in enumerate(a["row_index"].tolist())}
+    rows_b = {ib[int(r)]: k for k, r in enumerate(b["row_index"].tolist())}
+    common_rows = [x for x in rows_a if x in rows_b]
+    cols = [i for i, x in enumerate(ia) if x in index_b]
+    cols_b = [index_b[ia[i]] for i in cols]
+    ra = a["adjacency_rows"][[rows_a[x] for x in common_rows]][:, cols].double()
+    rb = b["adjacency_rows"][[rows_b[x] for x in common_rows]][:, cols_b].double()
+    scale = float(ra.abs().max()) if ra.numel() else 1.0
+    diff = (ra - rb).abs()
+    out["rows_compared"] = len(common_rows)
+    out["max_abs_diff_over_max"] = float(diff.max()) / scale if diff.numel() else 0.0
+    big = ra.abs() > 1e-3 * scale
+    out["max_rel_diff"] = float((diff[big] / ra.abs()[big]).max()) if big.any() else 0.0
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="circuit-tracer 0.5.0 vs our engine, side by side")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[33, 65], help="prompt tokens")
+    ap.add_argument("--variants", nargs="+", choices=["plt", "clt"], default=["plt", "clt"])
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--skip-ct", action="store_true", help="only our engine")
+    ap.add_argument("--skip-ours", action="store_true", help="only circuit-tracer")
+    ap.add_argument("--out", type=Path, default=OUT / "runs")
+    ap.add_argument("--_ours", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._ours:
+        sys.path.insert(0, str(ROOT))
+        return run_ours(args._ours)
+
+    run_ct = not args.skip_ct
+    if run_ct and not CT_PYTHON.exists():
+        print("[bench] no circuit-tracer venv (bash bench/ct_env.sh); running ours only")
+        run_ct = False
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env["PYTHONPATH"] = str(ROOT)
+    n_layers = SHAPES[args.shape]["model"]["n_layers"]
+    results = []
+    for variant in args.variants:
+        model_dir, tc_dir = build_inputs(args.shape, variant)
+        for n_tok in args.lengths:
+            slug = f"{args.shape}-{variant}-{n_tok}"
+            prompt = {
+                "slug": slug,
+                "prompt": prompt_of_length(n_tok),
+                "batch_size": args.batch_size,
+            }
+            row: dict[str, Any] = {"case": slug, "n_tokens": n_tok}
+            for side in ("ct", "ours"):
+                if (side == "ct" and not run_ct) or (side == "ours" and args.skip_ours):
+                    continue
+                out_dir = args.out / side
+                job = {
+                    "model_dir": str(model_dir),
+                    "transcoder_dir": str(tc_dir),
+                    "scan": slug,
+                    "out_dir": str(out_dir),
+                    "device": args.device,
+                    "measure_only": True,
+                    "save_adjacency": "rows",
+                    "prompts": [prompt],
+                }
+                out_dir.mkdir(parents=True, exist_ok=True)
+                job_path = out_dir / f"{slug}.job.json"
+                job_path.write_text(json.dumps(job))
+                if side == "ct":
+                    cmd = [str(CT_PYTHON), str(CT_WORKER), str(job_path)]
+                else:
+                    cmd = [sys.executable, str(Path(__file__).resolve()), "--_ours", str(job_path)]
+                print(f"[bench] {slug}: running {side} ...", flush=True)
+                rc, wall, rss = _run_child(cmd, env)
+                if rc != 0:
+                    print(f"[bench] {slug}: {side} failed with exit code {rc}")
+                    row[side] = {"error": rc}
+                    continue
+                timing = json.loads((out_dir / f"{slug}.timing.json").read_text())
+                row[side] = {**timing, "process_wall_s": wall, "peak_rss_bytes": rss}
+            if "attribute_s" in row.get("ct", {}) and "attribute_s" in row.get("ours", {}):
+                row["compare"] = _compare(
+                    args.out / "ct" / f"{slug}.safetensors",
+                    args.out / "ours" / f"{slug}.safetensors",
+                    n_layers,
+                )
+            results.append(row)
+            _print_row(row)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    print()
+    _print_table(results)
+    return 0
+
+
+def _fmt_mb(x: float | None) -> str:
+    return "-" if x is None else f"{x / 2**20:,.0f}"
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    print(json.dumps(row, indent=1, default=str), flush=True)
+
+
+def _print_table(results: list[dict[str, Any]]) -> None:
+    hdr = (
+        f"{'case':<22} {'N':>7} {'ct attr s':>9} {'ours s':>8} {'speedup':>7} "
+        f"{'ct prune':>8} {'ours':>6} {'ct RSS MB':>9} {'ours MB':>8} {'mem x':>6} "
+        f"{'max rel':>8} {'feats=':>6}"
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    for r in results:
+        ct, us = r.get("ct", {}), r.get("ours", {})
+        n = us.get("n_nodes") or ct.get("n_nodes") or 0
+        speed = (
+            f"{ct['attribute_s'] / us['attribute_s']:.1f}x"
+            if "attribute_s" in ct and "attribute_s" in us
+            else "-"
+        )
+        memx = (
+            f"{ct['peak_rss_bytes'] / us['peak_rss_bytes']:.1f}x"
+            if "peak_rss_bytes" in ct and "peak_rss_bytes" in us
+            else "-"
+        )
+        cmp_ = r.get("compare", {})
+        print(
+            f"{r['case']:<22} {n:>7} {ct.get('attribute_s', float('nan')):>9.1f} "
+            f"{us.get('attribute_s', float('nan')):>8.1f} {speed:>7} "
+            f"{ct.get('prune_s', float('nan')):>8.2f} {us.get('prune_s', float('nan')):>6.2f} "
+            f"{_fmt_mb(ct.get('peak_rss_bytes')):>9} {_fmt_mb(us.get('peak_rss_bytes')):>8} "
+            f"{memx:>6} {cmp_.get('max_rel_diff', float('nan')):>8.1e} "
+            f"{cmp_.get('active_equal', '-')!s:>6}"
+        )
+        for side, d in (("ct", ct), ("ours", us)):
+            if "peak_cuda_bytes" in d:
+                print(f"    {side} peak CUDA memory: {_fmt_mb(d['peak_cuda_bytes'])} MB")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

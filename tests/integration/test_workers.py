@@ -1,0 +1,406 @@
+"""Workers, jobs and the inline pipeline against a real Neo4j, a real Redis and real workers.
+
+Fast tests first (payloads, batch files, the worker command, error sorting, the out-of-memory
+policy), then the inline mode on Neo4j, then real ``celery worker`` subprocesses: a batch with
+poison prompts, a worker killed with SIGKILL mid-task, and Redis restarted mid-batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from atlas.errors import AttributionError, InputError, ServiceUnavailable
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+#: A prompt long enough that attribution takes a noticeable time on the tiny model.
+SLOW_PROMPT = "The quick brown fox jumps over the lazy dog while the cat sat on the warm mat. " * 2
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """(model dir, transcoder dir) of a tiny seeded Llama (character-level tokenizer)."""
+    from tests.tiny import build_tiny_model, build_tiny_transcoders
+
+    root = tmp_path_factory.mktemp("tiny-world")
+    model = build_tiny_model("llama", root / "model", seed=0)
+    tcs = build_tiny_transcoders(model, root / "transcoders", seed=0)
+    return str(model), str(tcs)
+
+
+def _specs(world: tuple[str, str], prompts: list[str]) -> list[Any]:
+    from atlas.pipeline import PromptSpec
+
+    return [PromptSpec(prompt=p, model=world[0], transcoders=world[1]) for p in prompts]
+
+
+def _count(driver: Any, query: str, **params: Any) -> int:
+    with driver.session() as session:
+        return int(session.run(query, **params).single()[0])
+
+
+def _prompt_copies(driver: Any, prompt_id: str) -> int:
+    return _count(driver, "MATCH (p:Prompt {id: $id}) RETURN count(p)", id=prompt_id)
+
+
+def _node_count(driver: Any, prompt_id: str) -> int:
+    return _count(driver, "MATCH (n:Node {prompt: $id}) RETURN count(n)", id=prompt_id)
+
+
+# --------------------------------------------------------------------------- payloads, files, CLI
+def test_payloads_are_strict_and_round_trip_through_json() -> None:
+    from pydantic import ValidationError
+
+    from atlas.pipeline import AttributePayload, IngestPayload, PromptSpec
+
+    spec = PromptSpec(prompt="a hand has", max_feature_nodes=100)
+    payload = AttributePayload(spec=spec, job_id="j", item=3, enqueued_at=1.5)
+    wire = json.loads(json.dumps(payload.model_dump(mode="json")))
+    assert AttributePayload.model_validate(wire) == payload
+    with pytest.raises(ValidationError):
+        PromptSpec.model_validate({"prompt": "x", "unknown_field": 1})
+    with pytest.raises(ValidationError):
+        PromptSpec(prompt="   ")
+    with pytest.raises(ValidationError):
+        IngestPayload.model_validate({"prompt_id": "p", "artifact": "a", "extra": True})
+    # the spec id ignores `force` (a forced re-run is the same request) but nothing else
+    assert spec.spec_id() == spec.model_copy(update={"force": True}).spec_id()
+    assert spec.spec_id() != spec.model_copy(update={"max_n_logits": 3}).spec_id()
+
+
+def test_batch_file_errors_name_the_line(tmp_path: Path) -> None:
+    from atlas.cli.jobs import parse_batch_file
+
+    good = tmp_path / "good.jsonl"
+    good.write_text(
+        '{"prompt": "a hand has"}\n\n"a spider has"\n{"prompt": "x", "max_n_logits": 2}\n'
+    )
+    specs = parse_batch_file(good)
+    assert [s.prompt for s in specs] == ["a hand has", "a spider has", "x"]
+    assert specs[2].max_n_logits == 2
+
+    cases = {
+        '{"prompt": "ok"}\n{"prompt": "broken"\n': ":2: not valid JSON",
+        '{"prompt": "ok"}\n{"prompt": "ok"}\n{"prompt": "x", "colour": 1}\n': ":3: colour:",
+        '{"prompt": ""}\n': ":1: prompt:",
+        "[1, 2]\n": ":1: expected a JSON object",
+        '{"prompt": "x", "max_n_logits": 0}\n': ":1: max_n_logits:",
+        "\n\n": "no prompt specs",
+    }
+    for text, expected in cases.items():
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(text)
+        with pytest.raises(InputError) as err:
+            parse_batch_file(bad)
+        assert expected in str(err.value), (text, str(err.value))
+        assert "\n" not in str(err.value)
+
+
+def test_batch_cli_malformed_file_enqueues_nothing(
+    tmp_path: Path, neo4j_settings: Any, neo4j_driver: Any
+) -> None:
+    from atlas.cli import cli
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a hand has"}\n{"prompt": "a spider has", "bogus": 1}\n')
+    jobs_before = _count(neo4j_driver, "MATCH (j:Job) RETURN count(j)")
+    env = {
+        "ATLAS_HOME": str(neo4j_settings.atlas_home),
+        "NEO4J_URI": neo4j_settings.neo4j_uri,
+        "REDIS_URL": "",
+    }
+    result = CliRunner().invoke(cli, ["batch", str(bad)], env=env)
+    assert result.exit_code != 0
+    assert isinstance(result.exception, InputError)
+    assert ":2: bogus:" in str(result.exception)
+    assert _count(neo4j_driver, "MATCH (j:Job) RETURN count(j)") == jobs_before
+
+
+def test_importing_the_tasks_loads_no_model_and_no_torch() -> None:
+    """Models load lazily in the worker process, never at import (so never before a fork)."""
+    code = (
+        "import sys, workers.tasks as t\n"
+        "from atlas import pipeline\n"
+        "assert 'torch' not in sys.modules, 'torch imported at import time'\n"
+        "assert not pipeline.ENGINES._items\n"
+        "names = set(t.app.tasks)\n"
+        "assert {'atlas.attribute', 'atlas.ingest', 'atlas.annotate'} <= names, names\n"
+        "c = t.app.conf\n"
+        "assert c.task_acks_late and c.worker_prefetch_multiplier == 1\n"
+        "assert c.task_reject_on_worker_lost and c.accept_content == ['json']\n"
+        "assert c.broker_transport_options['visibility_timeout'] >= 3600\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "REDIS_"))}
+    env["REDIS_URL"] = "redis://127.0.0.1:1/0"  # never contacted at import
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "ok"
+
+
+def test_worker_command_sets_up_a_gpu_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    from atlas.cli import cli
+
+    calls: list[tuple[str, list[str], dict[str, str]]] = []
+    monkeypatch.setattr(os, "execvpe", lambda f, argv, env: calls.append((f, argv, env)))
+    env = {"REDIS_URL": "redis://127.0.0.1:6379/0"}
+    result = CliRunner().invoke(cli, ["worker", "--gpu", "1", "-c", "4", "--threads", "2"], env=env)
+    assert result.exit_code == 0, result.output
+    (_, argv, child_env) = calls[0]
+    assert child_env["CUDA_VISIBLE_DEVICES"] == "1"
+    assert child_env["OMP_NUM_THREADS"] == "2"
+    joined = " ".join(argv)
+    assert "-A workers.tasks worker" in joined
+    assert "-c 1 " in joined  # one process per GPU, whatever -c said
+    assert "--prefetch-multiplier 1" in joined
+    assert "-Q attribute,ingest" in joined
+    assert "-n atlas-gpu1@%h" in joined
+
+    calls.clear()
+    result = CliRunner().invoke(cli, ["worker", "--queues", "ingest", "-c", "2"], env=env)
+    assert result.exit_code == 0
+    assert "CUDA_VISIBLE_DEVICES" not in calls[0][2] or "CUDA_VISIBLE_DEVICES" in os.environ
+    assert "-Q ingest -c 2" in " ".join(calls[0][1])
+
+    result = CliRunner().invoke(cli, ["worker"], env={"REDIS_URL": ""})
+    assert result.exit_code != 0
+    assert "no broker configured" in str(result.exception)
+
+
+def test_errors_are_sorted_into_transient_and_permanent() -> None:
+    import neo4j.exceptions as nex
+    import redis.exceptions as rex
+
+    from atlas.pipeline import classify
+
+    assert classify(ServiceUnavailable("Neo4j at x is not reachable"))[0] is True
+    assert classify(nex.ServiceUnavailable("down"))[0] is True
+    assert classify(rex.ConnectionError("refused"))[0] is True
+    assert classify(InputError("prompt has 5001 tokens"))[0] is False
+    assert classify(AttributionError("out of memory even at batch size 1"))[0] is False
+    transient, reason = classify(RuntimeError("boom\nsecond line"))
+    assert transient is False and reason == "RuntimeError: boom"
+
+
+def test_out_of_memory_halves_the_batch_then_fails_permanently(
+    monkeypatch: pytest.MonkeyPatch, neo4j_settings: Any
+) -> None:
+    """OOM at batch b -> retry at b/2 ... -> success, or a permanent AttributionError at 1."""
+    import atlas.attribution
+    from atlas.graph import ModelInfo, TranscoderInfo
+    from atlas.pipeline import Engine, PromptSpec, _run_attribution
+
+    seen: list[int] = []
+
+    class _Result:
+        def to_graph(self, **_: Any) -> str:
+            return "graph"
+
+    def fake_attribute(prompt: str, model: Any, tcs: Any, *, batch_size: int, **_: Any) -> Any:
+        seen.append(batch_size)
+        if batch_size > limit:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return _Result()
+
+    monkeypatch.setattr(atlas.attribution, "attribute", fake_attribute)
+    info = ModelInfo(name="m", family="llama", n_layers=1, d_model=1, vocab_size=1)
+    tinfo = TranscoderInfo(name="t", kind="transcoder_set", content_hash="h", d_transcoder=1)
+    engine = Engine(model=None, transcoders=None, model_info=info, transcoder_info=tinfo)
+    settings = neo4j_settings.model_copy(update={"batch_size": 64})
+    spec = PromptSpec(prompt="a hand has")
+
+    limit = 10
+    assert _run_attribution(spec, engine, settings, {}) == "graph"  # type: ignore[comparison-overlap]
+    assert seen == [64, 32, 16, 8]
+
+    seen.clear()
+    limit = 0
+    with pytest.raises(AttributionError, match="out of memory even at batch size 1"):
+        _run_attribution(spec, engine, settings, {})
+    assert seen == [64, 32, 16, 8, 4, 2, 1]
+
+
+# --------------------------------------------------------------------------- inline mode (Neo4j)
+def test_inline_batch_is_idempotent_and_rerun_skips_done(
+    clean_neo4j: Any, neo4j_settings: Any, tiny_world: tuple[str, str]
+) -> None:
+    from atlas.cli.jobs import submit
+    from atlas.graph import Graph, artifact_path
+    from atlas.jobs import JobStore
+
+    driver = clean_neo4j
+    settings = neo4j_settings
+    assert settings.redis_url is None  # the embedded default: no broker, inline
+    specs = _specs(tiny_world, ["hello world", "The cat sat", "1 + 2 = 3"])
+    job, skipped = submit(settings, specs, source="test", driver=driver, echo=False)
+    assert skipped == 0
+    store = JobStore(driver)
+    summary = store.summary(job)
+    assert (summary.done, summary.failed, summary.remaining) == (3, 0, 0)
+    items = store.items(job)
+    for item, spec in zip(items, specs, strict=True):
+        assert item.outcome == "computed" and item.attempts == 1
+        path = artifact_path(settings.resolved_artifact_dir, item.prompt_id or "")
+        graph = Graph.load(path)
+        # the id computed BEFORE running the model is the id of what the engine produced
+        assert graph.prompt_id == item.prompt_id
+        assert graph.metadata.prompt == spec.prompt
+        assert _prompt_copies(driver, graph.prompt_id) == 1
+        assert _node_count(driver, graph.prompt_id) == graph.n_nodes
+        assert {"attribute_s", "ingest_s", "save_s"} <= set(item.timings)
+
+    # re-running the same batch (plus one new prompt) only computes the new one
+    job2, skipped2 = submit(
+        settings, [*specs, *_specs(tiny_world, ["abc"])], source="test", driver=driver, echo=False
+    )
+    assert skipped2 == 3
+    items2 = store.items(job2)
+    assert [i.outcome for i in items2] == ["present", "present", "present", "computed"]
+    assert _count(driver, "MATCH (p:Prompt) RETURN count(p)") == 4
+
+    # a worker handed an already-stored prompt (redelivery) recomputes nothing
+    from atlas.pipeline import AttributePayload, attribute_step
+
+    result = attribute_step(AttributePayload(spec=specs[0]), settings, driver=driver)
+    assert result.outcome == "present" and result.prompt_id == items[0].prompt_id
+    assert _count(driver, "MATCH (p:Prompt) RETURN count(p)") == 4
+
+
+# --------------------------------------------------------------------------- real workers
+def _wait_job(settings: Any, driver: Any, job: str, timeout_s: float = 240.0) -> Any:
+    from atlas.cli.jobs import wait_for_job
+
+    return wait_for_job(settings, driver, job, timeout_s=timeout_s, poll_s=0.5, show=False)
+
+
+def test_batch_through_a_worker_with_poison_prompts(
+    clean_neo4j: Any, service_settings: Any, celery_worker: Any, tiny_world: tuple[str, str]
+) -> None:
+    from atlas.cli.jobs import submit
+    from atlas.jobs import JobStore
+    from atlas.pipeline import PromptSpec
+
+    driver = clean_neo4j
+    good = ["a hand has", "the cat", "2 + 3 =", "blue sky"]
+    specs = _specs(tiny_world, good[:2])
+    specs.append(PromptSpec(prompt="x" * 1000, model=tiny_world[0], transcoders=tiny_world[1]))
+    specs += _specs(tiny_world, good[2:])
+    specs.append(PromptSpec(prompt="hi", model="/nonexistent/model", transcoders=tiny_world[1]))
+    job, _ = submit(service_settings, specs, source="test", driver=driver, echo=False)
+    summary = _wait_job(service_settings, driver, job)
+    assert (summary.done, summary.failed) == (4, 2), celery_worker.log_text()[-3000:]
+    store = JobStore(driver)
+    failed = {i.idx: i for i in store.items(job, ["failed"])}
+    assert set(failed) == {2, 5}
+    assert "more than the limit" in (failed[2].reason or "")
+    assert "nonexistent" in (failed[5].reason or "")
+    assert all(i.attempts == 1 for i in failed.values())  # permanent: never retried
+    done = store.items(job, ["done"])
+    assert all(_prompt_copies(driver, i.prompt_id or "") == 1 for i in done)
+    assert {"queue_s", "attribute_s", "ingest_s"} <= set(done[0].timings)
+
+
+@pytest.fixture()
+def own_redis(tmp_path: Path) -> Any:
+    """A Redis (AOF on) of this test's own, so a restart or a short visibility timeout
+    affects nobody else."""
+    from atlas.services import redis_local
+
+    directory = tmp_path / "redis"
+    server = redis_local.start(directory, die_with_parent=True)
+    yield server
+    redis_local.stop(directory)
+
+
+def test_worker_killed_mid_task_is_redelivered_exactly_once(
+    clean_neo4j: Any,
+    neo4j_settings: Any,
+    own_redis: Any,
+    start_worker: Callable[..., Any],
+    tiny_world: tuple[str, str],
+) -> None:
+    from atlas.cli.jobs import submit
+    from atlas.graph import Graph, artifact_path
+    from atlas.jobs import JobStore
+
+    driver = clean_neo4j
+    visibility = 12
+    settings = neo4j_settings.model_copy(
+        update={"redis_url": own_redis.url, "celery_visibility_timeout_s": visibility}
+    )
+    env = {"CELERY_VISIBILITY_TIMEOUT_S": str(visibility), "BATCH_SIZE": "1"}
+    first = start_worker(settings=settings, extra_env=env)
+    specs = _specs(tiny_world, [SLOW_PROMPT, "hello there", "one more"])
+    job, _ = submit(settings, specs, source="test", driver=driver, echo=False)
+    store = JobStore(driver)
+    deadline = time.monotonic() + 120
+    while store.items(job)[0].state != "attributing":
+        assert time.monotonic() < deadline, first.log_text()[-3000:]
+        time.sleep(0.05)
+    first.proc.send_signal(signal.SIGKILL)  # mid-task: no ack, no clean-up
+    first.proc.wait(timeout=30)
+    assert store.items(job)[0].state == "attributing"
+
+    second = start_worker(settings=settings, extra_env=env)
+    summary = _wait_job(settings, driver, job, timeout_s=240)
+    assert (summary.done, summary.failed) == (3, 0), second.log_text()[-3000:]
+    items = store.items(job)
+    assert items[0].attempts >= 2  # the killed delivery and the redelivery
+    for item in items:
+        assert item.prompt_id is not None
+        assert _prompt_copies(driver, item.prompt_id) == 1
+        graph = Graph.load(artifact_path(settings.resolved_artifact_dir, item.prompt_id))
+        assert _node_count(driver, item.prompt_id) == graph.n_nodes
+    assert _count(driver, "MATCH (p:Prompt) RETURN count(p)") == 3
+    second.stop()
+
+
+def test_redis_restart_mid_batch_completes(
+    clean_neo4j: Any,
+    neo4j_settings: Any,
+    own_redis: Any,
+    start_worker: Callable[..., Any],
+    tiny_world: tuple[str, str],
+) -> None:
+    from atlas.cli.jobs import submit
+    from atlas.jobs import JobStore
+    from atlas.services import redis_local
+
+    driver = clean_neo4j
+    visibility = 15
+    settings = neo4j_settings.model_copy(
+        update={"redis_url": own_redis.url, "celery_visibility_timeout_s": visibility}
+    )
+    worker = start_worker(
+        settings=settings, extra_env={"CELERY_VISIBILITY_TIMEOUT_S": str(visibility)}
+    )
+    prompts = [f"prompt number {i} is here" for i in range(10)]
+    job, _ = submit(settings, _specs(tiny_world, prompts), source="test", driver=driver, echo=False)
+    store = JobStore(driver)
+    deadline = time.monotonic() + 120
+    while store.summary(job).done < 2:
+        assert time.monotonic() < deadline, worker.log_text()[-3000:]
+        time.sleep(0.1)
+    assert store.summary(job).remaining > 0  # really mid-batch
+    redis_local.stop(own_redis.directory)  # SIGTERM: Redis writes its AOF and exits
+    time.sleep(2.0)
+    redis_local.start(own_redis.directory, port=own_redis.port, die_with_parent=True)
+    summary = _wait_job(settings, driver, job, timeout_s=300)
+    assert (summary.done, summary.failed) == (10, 0), worker.log_text()[-3000:]
+    for item in store.items(job):
+        assert _prompt_copies(driver, item.prompt_id or "") == 1
+    worker.stop()
