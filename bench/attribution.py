@@ -139,7 +139,7 @@ def run_ours(job_path: Path) -> int:
     for spec in job["prompts"]:
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         r = attribute(
             spec["prompt"],
             model,
@@ -150,6 +150,7 @@ def run_ours(job_path: Path) -> int:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         attr_s = time.perf_counter() - t1
+        attr_cpu_s = time.process_time() - c1
         t2 = time.perf_counter()
         g = r.to_graph(prune=True)
         prune_s = time.perf_counter() - t2
@@ -169,6 +170,7 @@ def run_ours(job_path: Path) -> int:
         }
         meta = {
             "attribute_s": attr_s,
+            "attribute_cpu_s": attr_cpu_s,
             "prune_s": prune_s,
             "load_s": load_s,
             "n_nodes": int(adj.shape[0]),
@@ -190,14 +192,15 @@ def run_ours(job_path: Path) -> int:
 
 
 # ----------------------------------------------------------------------------- driver
-def _run_child(cmd: list[str], env: dict[str, str]) -> tuple[int, float, int]:
-    """Run ``cmd``; return (exit code, wall seconds, peak RSS bytes of that child alone)."""
+def _run_child(cmd: list[str], env: dict[str, str]) -> tuple[int, float, int, float]:
+    """Run ``cmd``; return (exit code, wall s, peak RSS bytes, CPU s) of that child alone."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
-    return proc.returncode, wall, int(usage.ru_maxrss) * 1024  # Linux: ru_maxrss in KiB
+    cpu = usage.ru_utime + usage.ru_stime
+    return proc.returncode, wall, int(usage.ru_maxrss) * 1024, cpu  # Linux: ru_maxrss in KiB
 
 
 def _compare(ct_file: Path, our_file: Path, n_layers: int) -> dict[str, Any]:
@@ -296,13 +299,18 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     cmd = [sys.executable, str(Path(__file__).resolve()), "--_ours", str(job_path)]
                 print(f"[bench] {slug}: running {side} ...", flush=True)
-                rc, wall, rss = _run_child(cmd, env)
+                rc, wall, rss, cpu = _run_child(cmd, env)
                 if rc != 0:
                     print(f"[bench] {slug}: {side} failed with exit code {rc}")
                     row[side] = {"error": rc}
                     continue
                 timing = json.loads((out_dir / f"{slug}.timing.json").read_text())
-                row[side] = {**timing, "process_wall_s": wall, "peak_rss_bytes": rss}
+                row[side] = {
+                    **timing,
+                    "process_wall_s": wall,
+                    "process_cpu_s": cpu,
+                    "peak_rss_bytes": rss,
+                }
             if "attribute_s" in row.get("ct", {}) and "attribute_s" in row.get("ours", {}):
                 row["compare"] = _compare(
                     args.out / "ct" / f"{slug}.safetensors",
@@ -326,34 +334,37 @@ def _print_row(row: dict[str, Any]) -> None:
 
 
 def _print_table(results: list[dict[str, Any]]) -> None:
+    """Wall and CPU seconds of attribute(), pruning seconds, peak RSS, agreement."""
+    nan = float("nan")
     hdr = (
-        f"{'case':<22} {'N':>7} {'ct attr s':>9} {'ours s':>8} {'speedup':>7} "
-        f"{'ct prune':>8} {'ours':>6} {'ct RSS MB':>9} {'ours MB':>8} {'mem x':>6} "
-        f"{'max rel':>8} {'feats=':>6}"
+        f"{'case':<18} {'N':>6} | {'attribute wall s':>17} {'x':>5} | {'attribute CPU s':>16} "
+        f"{'x':>5} | {'prune s':>11} | {'peak RSS MB':>12} {'x':>5} | {'max rel':>7} {'feats':>5}"
     )
     print(hdr)
+    print(
+        f"{'':<18} {'':>6} | {'ct':>8} {'ours':>8} {'':>5} | {'ct':>8} {'ours':>7} {'':>5} | "
+        f"{'ct':>5} {'ours':>5} | {'ct':>6} {'ours':>5} {'':>5} |"
+    )
     print("-" * len(hdr))
+
+    def ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> str:
+        if key in a and key in b and b[key]:
+            return f"{a[key] / b[key]:.1f}"
+        return "-"
+
     for r in results:
         ct, us = r.get("ct", {}), r.get("ours", {})
         n = us.get("n_nodes") or ct.get("n_nodes") or 0
-        speed = (
-            f"{ct['attribute_s'] / us['attribute_s']:.1f}x"
-            if "attribute_s" in ct and "attribute_s" in us
-            else "-"
-        )
-        memx = (
-            f"{ct['peak_rss_bytes'] / us['peak_rss_bytes']:.1f}x"
-            if "peak_rss_bytes" in ct and "peak_rss_bytes" in us
-            else "-"
-        )
         cmp_ = r.get("compare", {})
         print(
-            f"{r['case']:<22} {n:>7} {ct.get('attribute_s', float('nan')):>9.1f} "
-            f"{us.get('attribute_s', float('nan')):>8.1f} {speed:>7} "
-            f"{ct.get('prune_s', float('nan')):>8.2f} {us.get('prune_s', float('nan')):>6.2f} "
-            f"{_fmt_mb(ct.get('peak_rss_bytes')):>9} {_fmt_mb(us.get('peak_rss_bytes')):>8} "
-            f"{memx:>6} {cmp_.get('max_rel_diff', float('nan')):>8.1e} "
-            f"{cmp_.get('active_equal', '-')!s:>6}"
+            f"{r['case']:<18} {n:>6} | {ct.get('attribute_s', nan):>8.1f} "
+            f"{us.get('attribute_s', nan):>8.1f} {ratio(ct, us, 'attribute_s'):>5} | "
+            f"{ct.get('attribute_cpu_s', nan):>8.1f} {us.get('attribute_cpu_s', nan):>7.1f} "
+            f"{ratio(ct, us, 'attribute_cpu_s'):>5} | "
+            f"{ct.get('prune_s', nan):>5.1f} {us.get('prune_s', nan):>5.1f} | "
+            f"{_fmt_mb(ct.get('peak_rss_bytes')):>6} {_fmt_mb(us.get('peak_rss_bytes')):>5} "
+            f"{ratio(ct, us, 'peak_rss_bytes'):>5} | "
+            f"{cmp_.get('max_rel_diff', nan):>7.1e} {cmp_.get('active_equal', '-')!s:>5}"
         )
         for side, d in (("ct", ct), ("ours", us)):
             if "peak_cuda_bytes" in d:

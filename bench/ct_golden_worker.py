@@ -120,7 +120,7 @@ def main() -> int:
 
     for spec in job["prompts"]:
         slug = spec["slug"]
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         graph = attribute(
             spec["prompt"],
             model,
@@ -133,6 +133,7 @@ def main() -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
         attr_s = time.perf_counter() - t1
+        attr_cpu_s = time.process_time() - c1
         graph.to("cpu")
         n_nodes = graph.adjacency_matrix.shape[0]
         print(
@@ -174,6 +175,7 @@ def main() -> int:
                 "torch": torch.__version__,
             },
             "attribute_s": attr_s,
+            "attribute_cpu_s": attr_cpu_s,
             "load_s": load_s,
             "n_nodes": n_nodes,
             "n_active": len(graph.active_features),

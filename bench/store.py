@@ -78,6 +78,51 @@ def baseline_write(driver: neo4j.Driver, rows: PromptRows, batch: int) -> float:
     return dt
 
 
+class _TimedTx:
+    """Wraps a transaction to time each statement (by its first line) for the breakdown."""
+
+    def __init__(self, tx: neo4j.ManagedTransaction, times: dict[str, float]) -> None:
+        self.tx, self.times = tx, times
+
+    def run(self, query: str, **kw: Any) -> Any:
+        t0 = time.perf_counter()
+        recs = list(self.tx.run(query, **kw))
+        name = (
+            next(n for n in dir(Q) if getattr(Q, n) is query)
+            if query in vars(Q).values()
+            else "other"
+        )
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+        return _Records(recs)
+
+
+class _Records:
+    def __init__(self, recs: list[Any]) -> None:
+        self.recs = recs
+
+    def single(self) -> Any:
+        return self.recs[0] if self.recs else None
+
+    def consume(self) -> None:
+        return None
+
+    def __iter__(self) -> Any:
+        return iter(self.recs)
+
+
+def ours_breakdown(
+    driver: neo4j.Driver, rows: PromptRows, batch: int, times: dict[str, float]
+) -> float:
+    """Our ingestion unit of work, statement by statement timed (same statements, same tx)."""
+    from atlas.store.ingest import _write_prompt
+
+    t0 = time.perf_counter()
+    with driver.session() as session:
+        created = session.execute_write(lambda tx: _write_prompt(_TimedTx(tx, times), rows, batch))  # type: ignore[arg-type]
+    assert created
+    return time.perf_counter() - t0
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     if not xs:
@@ -157,6 +202,7 @@ def main() -> None:
         ours_t = ours_e = 0.0
         pair_ours = pair_base = pair_edges = 0.0
         gen_t = 0.0
+        breakdown: dict[str, float] = {}
         per_segment: list[float] = []
         seg_t = seg_e = 0.0
         todo = max(0, args.prompts - have)
@@ -170,7 +216,10 @@ def main() -> None:
             if base_first:
                 tb = baseline_write(driver, rows, args.batch)
             t0 = time.perf_counter()
-            res = ingest_rows(driver, rows, batch_size=args.batch)
+            if paired:
+                ours_breakdown(driver, rows, args.batch, breakdown)
+            else:
+                assert ingest_rows(driver, rows, batch_size=args.batch).created
             dt = time.perf_counter() - t0
             if paired and not base_first:
                 tb = baseline_write(driver, rows, args.batch)
@@ -178,7 +227,6 @@ def main() -> None:
                 pair_ours += dt
                 pair_base += tb
                 pair_edges += len(rows.edges)
-            assert res.created
             ours_t += dt
             ours_e += len(rows.edges)
             seg_t += dt
@@ -202,6 +250,11 @@ def main() -> None:
                 "ours_edges_per_s_paired": pair_edges / pair_ours if pair_ours else None,
                 "ratio_vs_baseline": pair_base / pair_ours if pair_ours else None,
                 "synthetic_generation_s": gen_t,
+                "share_of_time_by_statement_paired": {
+                    k: v / pair_ours for k, v in sorted(breakdown.items(), key=lambda kv: -kv[1])
+                }
+                if pair_ours
+                else {},
             }
         # idempotence check on a few prompts: nothing new is written
         t0 = time.perf_counter()
@@ -212,7 +265,6 @@ def main() -> None:
         counts = driver.execute_query(Q.STORE_COUNTS).records[0].data()
         report["counts"] = counts
         if data_dir:
-            driver.execute_query("CALL db.checkpoint()")
             db_dir = data_dir / "databases" / "neo4j"
             tx_dir = data_dir / "transactions" / "neo4j"
             report["disk"] = {

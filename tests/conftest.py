@@ -13,6 +13,7 @@ Fixtures (session-scoped unless noted):
     neo4j_target      Neo4jTarget(uri, user, password, kind, allow_wipe)
     neo4j_uri         the Bolt URI
     neo4j_driver      a connected ``neo4j.Driver``
+    neo4j_schema      the driver, with schema/*.cypher applied once
     clean_neo4j       (function) the driver, with the database wiped before the test
     neo4j_settings    AtlasSettings pointing at the test Neo4j (temporary atlas_home, no Redis)
     redis_url         the Redis URL
@@ -50,7 +51,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 NEO4J_IMAGE = "neo4j:5.26-community"
 REDIS_IMAGE = "redis:7-alpine"
 
-_NEO4J_FIXTURES = {"neo4j_target", "neo4j_uri", "neo4j_driver", "clean_neo4j", "neo4j_settings"}
+_NEO4J_FIXTURES = {
+    "neo4j_target",
+    "neo4j_uri",
+    "neo4j_driver",
+    "neo4j_schema",
+    "clean_neo4j",
+    "neo4j_settings",
+}
 _REDIS_FIXTURES = {"redis_url", "service_settings", "celery_app", "start_worker", "celery_worker"}
 
 
@@ -185,6 +193,15 @@ def neo4j_driver(neo4j_settings: Any) -> Iterator[Any]:
         yield driver
     finally:
         driver.close()
+
+
+@pytest.fixture(scope="session")
+def neo4j_schema(neo4j_driver: Any) -> Any:
+    """The session driver, with ``schema/*.cypher`` applied once (indexes ONLINE)."""
+    from atlas.store.schema import apply_schema
+
+    apply_schema(neo4j_driver)
+    return neo4j_driver
 
 
 def wipe_database(driver: Any, database: str = "neo4j") -> None:

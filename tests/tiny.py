@@ -60,6 +60,17 @@ SAMPLE_TEXT = [
 ]
 
 
+def _calibration_text(n_seqs: int = 24, length: int = 64) -> list[str]:
+    """Seeded pseudo-text (sample sentences re-cut and mixed): ~1.5k tokens for calibration."""
+    gen = torch.Generator().manual_seed(1234)
+    words = " ".join(SAMPLE_TEXT).split()
+    out = list(SAMPLE_TEXT)
+    for _ in range(n_seqs):
+        idx = torch.randint(0, len(words), (length // 3,), generator=gen).tolist()
+        out.append(" ".join(words[i] for i in idx)[:length])
+    return out
+
+
 def _vocab(vocab_size: int) -> dict[str, int]:
     vocab = {tok: i for i, tok in enumerate(_SPECIALS)}
     for ch in _CHARS:
@@ -286,7 +297,7 @@ def _collect_mlp_io(model_dir: Path) -> tuple[str, list[torch.Tensor], list[torc
         handles.append(m_in.register_forward_hook(lambda _m, _a, o, i=i: ins[i].append(o[0, 1:])))
         handles.append(m_out.register_forward_hook(lambda _m, _a, o, i=i: outs[i].append(o[0, 1:])))
     try:
-        for text in SAMPLE_TEXT:
+        for text in _calibration_text():
             ids = tok(text, return_tensors="pt")["input_ids"]
             if ids[0, 0].item() != BOS_ID:
                 ids = torch.cat([torch.tensor([[BOS_ID]]), ids], dim=1)

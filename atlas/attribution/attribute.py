@@ -15,7 +15,12 @@ from collections.abc import Callable
 
 import torch
 
-from atlas.attribution.context import Precomputed, ReplacementContext, precompute
+from atlas.attribution.context import (
+    Precomputed,
+    ReplacementContext,
+    build_blocks,
+    precompute,
+)
 from atlas.attribution.pruning import DEFAULT_BLOCK_ROWS
 from atlas.attribution.result import AttributionResult
 from atlas.errors import AttributionError, InputError
@@ -151,62 +156,63 @@ def attribute(
         if progress is not None:
             progress(done, total_rows)
 
+    feat_layers = pre.active[:, 0].cpu()
+    feat_pos = pre.active[:, 1].cpu()
+    w_enc_rows = _encoder_rows(transcoders, pre.active)
+    blocks = build_blocks(model, transcoders, pre)
+    full = n_select == n_active
+    n_cols = n_active + n_nonfeat
+    visited = torch.zeros(n_active, dtype=torch.bool)
     try:
-        with ReplacementContext(model, transcoders, pre, batch=batch) as ctx:
-            n_cols = ctx.n_cols  # n_active + n_nonfeat
-            full = n_select == n_active
-            if full:
-                # rows go straight into the final adjacency: no second N x N buffer
-                adjacency = torch.zeros(n_nodes, n_nodes, dtype=torch.float32, device=dev)
-                work = adjacency
-            else:
-                work = torch.zeros(k + n_select, n_cols, dtype=torch.float32, device=dev)
+        if full:
+            # rows go straight into the final adjacency: no second N x N buffer
+            adjacency = torch.zeros(n_nodes, n_nodes, dtype=torch.float32, device=dev)
+            # every target as (layer, pos, vector, destination row); logits at the last position
+            t_layer = torch.cat([feat_layers, torch.full((k,), n_layers)])
+            t_pos = torch.cat([feat_pos, torch.full((k,), n_pos - 1)])
+            t_dest = torch.arange(n_active + k)
+            t_dest[n_active:] = n_nodes - k + torch.arange(k)
+            t_vec = torch.cat([w_enc_rows, logit_vecs.to(w_enc_rows.dtype)])
+            for prefix, order in _position_buckets(t_pos, t_layer, batch):
+                with ReplacementContext(
+                    model, transcoders, pre, batch=batch, prefix=prefix, blocks=blocks
+                ) as ctx:
+                    for s in range(0, order.shape[0], batch):
+                        idx = order[s : s + batch]
+                        rows = ctx.rows(t_layer[idx], t_pos[idx], t_vec[idx])
+                        adjacency[t_dest[idx].to(dev), :n_cols] = rows
+                        tick(int(idx.shape[0]))
+            visited[:] = True
+        else:
+            work = torch.zeros(k + n_select, n_cols, dtype=torch.float32, device=dev)
             row_node = torch.zeros(k + n_select, dtype=torch.long)
-
-            # logit rows
-            for i in range(0, k, batch):
-                j = min(i + batch, k)
-                rows = ctx.rows(
-                    torch.full((j - i,), n_layers),
-                    torch.full((j - i,), n_pos - 1),
-                    logit_vecs[i:j],
-                )
-                if full:
-                    adjacency[n_nodes - k + i : n_nodes - k + j, :n_cols] = rows
-                else:
-                    work[i:j] = rows
-                row_node[i:j] = n_cols + torch.arange(i, j)
-                tick(j - i)
-
-            # feature rows
-            feat_layers = pre.active[:, 0].cpu()
-            feat_pos = pre.active[:, 1].cpu()
-            enc_rows = lambda idx: torch.stack(  # noqa: E731
-                [transcoders.w_enc[int(lay)][int(f)] for lay, f in pre.active[idx][:, [0, 2]].tolist()]
-            )
-            visited = torch.zeros(n_active, dtype=torch.bool)
-            n_visited = 0
-            st = k
-            while n_visited < n_select:
-                if full:
-                    pending = torch.arange(n_active)
-                else:
+            with ReplacementContext(model, transcoders, pre, batch=batch, blocks=blocks) as ctx:
+                for i in range(0, k, batch):
+                    j = min(i + batch, k)
+                    work[i:j] = ctx.rows(
+                        torch.full((j - i,), n_layers),
+                        torch.full((j - i,), n_pos - 1),
+                        logit_vecs[i:j],
+                    )
+                    row_node[i:j] = n_cols + torch.arange(i, j)
+                    tick(j - i)
+                n_visited, st = 0, k
+                while n_visited < n_select:
                     infl = _partial_influence(work[:st], logit_probs, row_node[:st], n_cols + k)
                     rank = torch.argsort(infl[:n_active].cpu(), descending=True)
                     queue = min(update_interval * batch, n_select - n_visited)
                     pending = rank[~visited[rank]][:queue]
-                for s in range(0, pending.shape[0], batch):
-                    idx = pending[s : s + batch]
-                    rows = ctx.rows(feat_layers[idx], feat_pos[idx], enc_rows(idx))
-                    if full:
-                        adjacency[idx.to(dev), :n_cols] = rows
-                    else:
+                    # same set of rows, shallower backward passes: visit by layer
+                    pending = pending[torch.argsort(feat_layers[pending], stable=True)]
+                    for s in range(0, pending.shape[0], batch):
+                        idx = pending[s : s + batch]
+                        rows = ctx.rows(feat_layers[idx], feat_pos[idx], w_enc_rows[idx])
                         work[st : st + idx.shape[0]] = rows
                         row_node[st : st + idx.shape[0]] = idx
                         st += idx.shape[0]
-                    visited[idx] = True
-                    n_visited += int(idx.shape[0])
-                    tick(int(idx.shape[0]))
+                        visited[idx] = True
+                        n_visited += int(idx.shape[0])
+                        tick(int(idx.shape[0]))
     except torch.OutOfMemoryError as exc:
         raise AttributionError(f"out of memory during attribution: {exc}") from exc
 
@@ -252,6 +258,45 @@ def attribute(
         elapsed_s=elapsed,
         stats={"setup_s": t_setup, "batch": float(batch), "n_active": float(n_active)},
     )
+
+
+def _encoder_rows(tset: TranscoderSet, active: torch.Tensor) -> torch.Tensor:
+    """``(n_active, d_model)`` encoder row (target vector) of every active feature."""
+    out = torch.empty(active.shape[0], tset.d_model, dtype=tset.w_enc[0].dtype)
+    layers = active[:, 0].cpu()
+    for layer in range(tset.n_layers):
+        sel = torch.nonzero(layers == layer).flatten()
+        if sel.numel():
+            out[sel] = tset.w_enc[layer][active[sel, 2].to(tset.w_enc[layer].device)].cpu()
+    return out
+
+
+def _position_buckets(
+    pos: torch.Tensor, layer: torch.Tensor, batch: int, min_batches: int = 4
+) -> list[tuple[int, torch.Tensor]]:
+    """Targets grouped into causal-prefix buckets: ``[(prefix_len, target indices), ...]``.
+
+    A target at position ``p`` only needs positions ``<= p``, so each bucket runs on the
+    shortest prefix covering it. Buckets are consecutive position ranges holding at least
+    ``min_batches`` batches (fewer frozen forward passes); inside, targets are ordered by
+    (layer, position) so a batch's backward stops at the lowest possible layer.
+    """
+    order = torch.argsort(pos * 1_000_003 + layer, stable=True)
+    sorted_pos = pos[order]
+    buckets: list[tuple[int, torch.Tensor]] = []
+    start = 0
+    n = int(order.shape[0])
+    while start < n:
+        end = min(start + min_batches * batch, n)
+        # extend to the end of the position run so a position is never split
+        last = int(sorted_pos[end - 1])
+        while end < n and int(sorted_pos[end]) == last:
+            end += 1
+        idx = order[start:end]
+        sub = torch.argsort(layer[idx] * 1_000_003 + pos[idx], stable=True)
+        buckets.append((last + 1, idx[sub]))
+        start = end
+    return buckets
 
 
 def _partial_influence(

@@ -154,6 +154,44 @@ class _SourceBlock:
     valid: torch.Tensor  # (P, c_max) bool
 
 
+def build_blocks(
+    model: LoadedModel, tset: TranscoderSet, pre: Precomputed
+) -> list[list[_SourceBlock]]:
+    """``blocks[w]``: feature-source blocks that write into layer ``w``'s MLP output."""
+    n_pos, n_layers = int(pre.input_ids.shape[0]), model.n_layers
+    blocks: list[list[_SourceBlock]] = [[] for _ in range(n_layers)]
+    layers = pre.active[:, 0]
+    device = pre.values.device
+    for src in range(n_layers):
+        idx = torch.nonzero(layers == src).flatten()
+        if idx.numel() == 0:
+            continue
+        pos = pre.active[idx, 1]
+        feat = pre.active[idx, 2]
+        counts = torch.bincount(pos, minlength=n_pos)
+        c_max = int(counts.max())
+        # slot of each feature within its position (features are sorted by pos)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(idx.numel(), device=device) - starts[pos]
+        cols = torch.full((n_pos, c_max), -1, dtype=torch.long, device=device)
+        cols[pos, slot] = idx
+        valid = cols >= 0
+        vals = pre.values[idx][:, None]
+        targets = range(src, n_layers) if tset.is_clt else [src]
+        for write in targets:
+            dec = tset.w_dec[src][feat, write - src] if tset.is_clt else tset.w_dec[src][feat]
+            vec = torch.zeros(n_pos, c_max, dec.shape[-1], dtype=dec.dtype, device=device)
+            vec[pos, slot] = dec * vals
+            blocks[write].append(_SourceBlock(write, vec, cols, valid))
+    return blocks
+
+
+
+def _zeros_like_input(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Stand-in MLP forward in the frozen pass: its output is replaced by the clean value."""
+    return torch.zeros_like(x)
+
+
 class ReplacementContext:
     """Frozen forward pass on ``batch`` copies of the prompt, kept for many backward passes.
 
@@ -164,51 +202,30 @@ class ReplacementContext:
     """
 
     def __init__(
-        self, model: LoadedModel, tset: TranscoderSet, pre: Precomputed, *, batch: int
+        self,
+        model: LoadedModel,
+        tset: TranscoderSet,
+        pre: Precomputed,
+        *,
+        batch: int,
+        prefix: int | None = None,
+        blocks: list[list[_SourceBlock]] | None = None,
     ) -> None:
         self.model, self.tset, self.pre, self.batch = model, tset, pre, batch
         self.n_layers = model.n_layers
         self.n_pos = int(pre.input_ids.shape[0])
+        self.prefix = prefix or self.n_pos
+        """Positions this context runs (a causal prefix: targets must lie before it)."""
         self.n_feat = int(pre.active.shape[0])
         self.n_cols = self.n_feat + (self.n_layers + 1) * self.n_pos
-        self._blocks = self._build_blocks()
+        self.blocks = blocks if blocks is not None else build_blocks(model, tset, pre)
         self._frozen: Any = None
-
-    # ------------------------------------------------------------------ sources
-    def _build_blocks(self) -> list[list[_SourceBlock]]:
-        """``blocks[w]``: feature-source blocks that write into layer ``w``'s MLP output."""
-        pre, tset, n_pos = self.pre, self.tset, self.n_pos
-        blocks: list[list[_SourceBlock]] = [[] for _ in range(self.n_layers)]
-        layers = pre.active[:, 0]
-        device = pre.values.device
-        for src in range(self.n_layers):
-            idx = torch.nonzero(layers == src).flatten()
-            if idx.numel() == 0:
-                continue
-            pos = pre.active[idx, 1]
-            feat = pre.active[idx, 2]
-            counts = torch.bincount(pos, minlength=n_pos)
-            c_max = int(counts.max())
-            # slot of each feature within its position (features are sorted by pos)
-            starts = torch.cumsum(counts, 0) - counts
-            slot = torch.arange(idx.numel(), device=device) - starts[pos]
-            cols = torch.full((n_pos, c_max), -1, dtype=torch.long, device=device)
-            cols[pos, slot] = idx
-            valid = cols >= 0
-            vals = pre.values[idx][:, None]
-            targets = range(src, self.n_layers) if tset.is_clt else [src]
-            for write in targets:
-                dec = tset.w_dec[src][feat, write - src] if tset.is_clt else tset.w_dec[src][feat]
-                vec = torch.zeros(n_pos, c_max, dec.shape[-1], dtype=dec.dtype, device=device)
-                vec[pos, slot] = dec * vals
-                blocks[write].append(_SourceBlock(write, vec, cols, valid))
-        return blocks
 
     # ------------------------------------------------------------------ frozen forward
     def __enter__(self) -> ReplacementContext:
         model, tset = self.model, self.tset
         hf, adapter = model.hf, model.adapter
-        b, p, d = self.batch, self.n_pos, model.d_model
+        b, p, d = self.batch, self.prefix, model.d_model
         dev, dt = model.device, model.dtype
         self.delta_emb = torch.zeros(b, p, d, device=dev, dtype=dt, requires_grad=True)
         self.deltas = [
@@ -216,7 +233,8 @@ class ReplacementContext:
             for _ in range(self.n_layers)
         ]
         self.targets_in: list[torch.Tensor | None] = [None] * self.n_layers
-        handles = []
+        self._patched_mlps: list[Any] = []
+        handles: list[Any] = []
 
         def emb_hook(_m: Any, _a: Any, out: torch.Tensor) -> torch.Tensor:
             return out + self.delta_emb
@@ -229,7 +247,8 @@ class ReplacementContext:
                 self.targets_in[layer] = val[0] if isinstance(val, tuple) else val
 
             def out_hook(_m: Any, _a: Any, out: torch.Tensor, layer: int = layer) -> torch.Tensor:
-                new = out.detach() + self.deltas[layer]
+                # the MLP output is pinned to its clean value (the MLP itself is not even run)
+                new = self.pre.mlp_out[layer, :p].to(out.dtype) + self.deltas[layer]
                 if tset.has_skip:
                     x = self.targets_in[layer]
                     assert x is not None
@@ -243,10 +262,14 @@ class ReplacementContext:
                 handles.append(in_mod.register_forward_pre_hook(in_hook))
             handles.append(out_mod.register_forward_hook(out_hook))
 
+        for layer in adapter.layers(hf):
+            mlp = getattr(layer, adapter.mlp_attr)
+            mlp.forward = _zeros_like_input  # type: ignore[method-assign]
+            self._patched_mlps.append(mlp)
         self._frozen = frozen(model)
         self._frozen.__enter__()
         try:
-            ids = self.pre.input_ids.to(dev)[None].expand(b, -1)
+            ids = self.pre.input_ids[:p].to(dev)[None].expand(b, -1)
             with torch.enable_grad():
                 out = adapter.base(hf)(input_ids=ids, use_cache=False)
             self.final = out.last_hidden_state
@@ -258,6 +281,9 @@ class ReplacementContext:
         finally:
             for h in handles:
                 h.remove()
+            for mlp in self._patched_mlps:
+                del mlp.forward
+            self._patched_mlps = []
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -282,6 +308,8 @@ class ReplacementContext:
         n = int(layers.shape[0])
         if n > self.batch or n == 0:
             raise AttributionError(f"batch of {n} targets for a context of {self.batch}")
+        if int(positions.max()) >= self.prefix:
+            raise AttributionError("target position outside this context's prefix")
         n_layers, n_pos = self.n_layers, self.n_pos
         layers_l = layers.tolist()
         positions_l = positions.tolist()
@@ -315,7 +343,7 @@ class ReplacementContext:
             start = self.n_feat + w * n_pos
             out[:, start : start + p_max] = err.float()
             gt = g.transpose(0, 1)  # (p, b, d)
-            for blk in self._blocks[w]:
+            for blk in self.blocks[w]:
                 vals = torch.bmm(gt, blk.vectors[:p_max].transpose(1, 2))  # (p, b, c)
                 valid = blk.valid[:p_max]
                 cols = blk.cols[:p_max][valid]

@@ -36,11 +36,12 @@ KIND_NAMES = {
     NodeKind.TOKEN: "token",
     NodeKind.LOGIT: "logit",
 }
-_CREATE_BY_KIND = {
-    "feature": Q.CREATE_FEATURE_NODES,
-    "error": Q.CREATE_ERROR_NODES,
-    "token": Q.CREATE_TOKEN_NODES,
-    "logit": Q.CREATE_LOGIT_NODES,
+#: node kind -> its second label (a fixed map: labels are never built from user input)
+NODE_LABELS = {
+    "feature": "FeatureNode",
+    "error": "ErrorNode",
+    "token": "TokenNode",
+    "logit": "LogitNode",
 }
 
 
@@ -133,7 +134,7 @@ def graph_rows(
 
     raw_labels = meta.extra.get("labels")
     labels: dict[str, Any] = raw_labels if isinstance(raw_labels, dict) else {}
-    nodes: dict[str, list[dict[str, Any]]] = {k: [] for k in _CREATE_BY_KIND}
+    nodes: dict[str, list[dict[str, Any]]] = {k: [] for k in NODE_LABELS}
     features: dict[str, dict[str, Any]] = {}
     tokens: dict[str, dict[str, Any]] = {}
     refs: list[str | None] = []
@@ -260,39 +261,45 @@ def _chunks(rows: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 def _write_prompt(tx: neo4j.ManagedTransaction, rows: PromptRows, batch: int) -> bool:
     """The unit of work of one prompt (idempotent; rerun whole on transient errors)."""
     pid = rows.prompt_id
-    claim = tx.run(Q.CLAIM_PROMPT, id=pid).single()
-    if claim is not None and claim["complete"]:
+    claim = tx.run(
+        Q.CLAIM_PROMPT,
+        id=pid,
+        model=rows.model,
+        tset=rows.tset,
+        props=rows.props,
+        features=rows.features,
+        tokens=rows.tokens,
+    ).single()
+    if claim is None or claim["complete"]:
         return False
-    while True:  # leftovers of an incomplete prompt (defensive: cannot exist when atomic)
-        rec = tx.run(Q.DELETE_PROMPT_NODES, id=pid, batch=batch).single()
-        if rec is None or rec["deleted"] == 0:
-            break
-    tx.run(Q.WRITE_PROMPT, id=pid, model=rows.model, tset=rows.tset, props=rows.props).consume()
-    feature_eids: dict[str, str] = {}
-    for chunk in _chunks(rows.features, batch):
-        for rec in tx.run(Q.MERGE_FEATURES, rows=chunk):
-            feature_eids[rec["fid"]] = rec["eid"]
-    for chunk in _chunks(rows.tokens, batch):
-        tx.run(Q.MERGE_TOKENS, rows=chunk).consume()
+    if claim["existed"]:  # leftovers of an incomplete prompt (cannot exist when atomic)
+        while True:
+            rec = tx.run(Q.DELETE_PROMPT_NODES, id=pid, batch=batch).single()
+            if rec is None or rec["deleted"] == 0:
+                break
+    entity_eids: dict[str, str] = dict(claim["features"]) | dict(claim["tokens"])
+    node_rows = [
+        {**r, "label": NODE_LABELS[kind], "ent": entity_eids.get(r["ref"]) if r["ref"] else None}
+        for kind, rs in rows.nodes.items()
+        for r in rs
+    ]
     eids: dict[int, str] = {}
-    for kind, node_rows in rows.nodes.items():
-        for chunk in _chunks(node_rows, batch):
-            for rec in tx.run(_CREATE_BY_KIND[kind], rows=chunk, prompt=pid):
-                eids[rec["idx"]] = rec["eid"]
+    for chunk in _chunks(node_rows, batch):
+        for rec in tx.run(Q.CREATE_NODES, rows=chunk, prompt=pid):
+            eids[rec["idx"]] = rec["eid"]
     if len(eids) != rows.n_nodes:
         raise StoreError(f"prompt {pid}: wrote {len(eids)} of {rows.n_nodes} nodes")
     edge_rows = [{"s": eids[s], "t": eids[t], "w": w} for s, t, w in rows.edges]
     for chunk in _chunks(edge_rows, batch):
         tx.run(Q.CREATE_EDGES, rows=chunk).consume()
     agg_rows = [
-        {"a": feature_eids[r["s"]], "b": feature_eids[r["t"]], "w": r["w"]} for r in rows.agg
+        {"a": entity_eids[r["s"]], "b": entity_eids[r["t"]], "w": r["w"]} for r in rows.agg
     ]
-    for chunk in _chunks(agg_rows, batch):
+    chunks = list(_chunks(agg_rows, batch)) or [[]]
+    for chunk in chunks[:-1]:
         tx.run(Q.UPDATE_FEATURE_AGG, rows=chunk).consume()
-    has_sn = tx.run(Q.HAS_SUPERNODES).single()
-    if has_sn is not None and has_sn["any"]:
-        tx.run(Q.UPDATE_SUPERNODE_AGG_FOR_PROMPT, prompt=pid).consume()
-    tx.run(Q.COMPLETE_PROMPT, id=pid).consume()
+    # the last batch, the supernode aggregate and the ``complete`` flag: one statement
+    tx.run(Q.FINISH_PROMPT, id=pid, rows=chunks[-1]).consume()
     return True
 
 

@@ -126,16 +126,53 @@ ORDER BY i.idx
 # See schema/README.md for the drawing.
 
 # --------------------------------------------------------------------------- ingestion
-# Claims the prompt: MERGE on the unique id, then a SET that takes the node's write lock, so a
-# second ingester of the same prompt waits here and then sees ``complete = true``.
+# Claims the prompt and (unless it is already complete) writes its provenance, in one statement.
+# MERGE on the unique id, then a SET that takes the node's write lock, so a second ingester of the
+# same prompt waits here and then sees ``complete = true`` (and writes nothing).
 CLAIM_PROMPT = """
+OPTIONAL MATCH (old:Prompt {id: $id})
+WITH old IS NOT NULL AS existed
 MERGE (p:Prompt {id: $id})
 ON CREATE SET p.complete = false
 SET p.complete = coalesce(p.complete, false)
-RETURN p.complete AS complete
+WITH p, existed, p.complete AS complete
+CALL (p, complete) {
+  WITH p WHERE NOT complete
+  MERGE (m:Model {name: $model.name})
+  ON CREATE SET m.family = $model.family, m.n_layers = $model.n_layers,
+                m.d_model = $model.d_model, m.vocab_size = $model.vocab_size
+  MERGE (t:TranscoderSet {hash: $tset.hash})
+  ON CREATE SET t.name = $tset.name, t.kind = $tset.kind, t.d_transcoder = $tset.d_transcoder
+  MERGE (t)-[:FOR_MODEL]->(m)
+  MERGE (p)-[:USES_MODEL]->(m)
+  MERGE (p)-[:USES_TRANSCODERS]->(t)
+  SET p += $props
+}
+CALL (complete) {
+  WITH complete WHERE NOT complete
+  UNWIND $features AS r
+  MERGE (f:Feature {fid: r.fid})
+  ON CREATE SET f.tset = r.tset, f.layer = r.layer, f.index = r.index,
+                f.n_prompts = 0, f.max_act = r.act, f.sum_act = 0.0
+  SET f.label = coalesce(f.label, r.label),
+      f.n_prompts = f.n_prompts + 1,
+      f.sum_act = f.sum_act + r.act,
+      f.max_act = CASE WHEN r.act > f.max_act THEN r.act ELSE f.max_act END
+  RETURN collect([r.fid, elementId(f)]) AS features
+}
+CALL (complete) {
+  WITH complete WHERE NOT complete
+  UNWIND $tokens AS r
+  MERGE (t:Token {tid: r.tid})
+  ON CREATE SET t.model = r.model, t.token_id = r.token_id
+  SET t.text = coalesce(t.text, r.text),
+      t.text_norm = coalesce(t.text_norm, r.text_norm)
+  RETURN collect([r.tid, elementId(t)]) AS tokens
+}
+RETURN complete, existed, features, tokens
 """
 
-# Leftovers of an incomplete prompt (never visible: every read filters on ``complete``).
+# Leftovers of an incomplete prompt (defensive: a prompt is written in one transaction).
 DELETE_PROMPT_NODES = """
 MATCH (n:Node {prompt: $id})
 WITH n LIMIT $batch
@@ -143,67 +180,21 @@ DETACH DELETE n
 RETURN count(*) AS deleted
 """
 
-WRITE_PROMPT = """
-MATCH (p:Prompt {id: $id})
-MERGE (m:Model {name: $model.name})
-ON CREATE SET m.family = $model.family, m.n_layers = $model.n_layers,
-              m.d_model = $model.d_model, m.vocab_size = $model.vocab_size
-MERGE (t:TranscoderSet {hash: $tset.hash})
-ON CREATE SET t.name = $tset.name, t.kind = $tset.kind, t.d_transcoder = $tset.d_transcoder
-MERGE (t)-[:FOR_MODEL]->(m)
-MERGE (p)-[:USES_MODEL]->(m)
-MERGE (p)-[:USES_TRANSCODERS]->(t)
-SET p += $props
-"""
-
-MERGE_FEATURES = """
+# Every node of the prompt in one statement: ``r.label`` is FeatureNode / ErrorNode / TokenNode /
+# LogitNode (from a fixed map in atlas.store.ingest, never user text); ``r.ent`` the element id of
+# its global Feature or Token (returned by CLAIM_PROMPT), null for errors.
+CREATE_NODES = """
 UNWIND $rows AS r
-MERGE (f:Feature {fid: r.fid})
-ON CREATE SET f.tset = r.tset, f.layer = r.layer, f.index = r.index,
-              f.n_prompts = 0, f.max_act = r.act, f.sum_act = 0.0
-SET f.label = coalesce(f.label, r.label),
-    f.n_prompts = f.n_prompts + 1,
-    f.sum_act = f.sum_act + r.act,
-    f.max_act = CASE WHEN r.act > f.max_act THEN r.act ELSE f.max_act END
-RETURN f.fid AS fid, elementId(f) AS eid
-"""
-
-MERGE_TOKENS = """
-UNWIND $rows AS r
-MERGE (t:Token {tid: r.tid})
-ON CREATE SET t.model = r.model, t.token_id = r.token_id
-SET t.text = coalesce(t.text, r.text),
-    t.text_norm = coalesce(t.text_norm, r.text_norm)
-"""
-
-_NODE_PROPS = """key: r.key, prompt: $prompt, id: r.id, idx: r.idx, kind: r.kind, ref: r.ref,
-                 layer: r.layer, pos: r.pos, feature: r.feature, token_id: r.token_id,
-                 activation: r.activation, influence: r.influence, logit_prob: r.logit_prob"""
-
-CREATE_FEATURE_NODES = f"""
-UNWIND $rows AS r
-MATCH (f:Feature {{fid: r.ref}})
-CREATE (n:Node:FeatureNode {{{_NODE_PROPS}}})-[:OF]->(f)
-RETURN r.idx AS idx, elementId(n) AS eid
-"""
-
-CREATE_ERROR_NODES = f"""
-UNWIND $rows AS r
-CREATE (n:Node:ErrorNode {{{_NODE_PROPS}}})
-RETURN r.idx AS idx, elementId(n) AS eid
-"""
-
-CREATE_TOKEN_NODES = f"""
-UNWIND $rows AS r
-MATCH (t:Token {{tid: r.ref}})
-CREATE (n:Node:TokenNode {{{_NODE_PROPS}}})-[:OF]->(t)
-RETURN r.idx AS idx, elementId(n) AS eid
-"""
-
-CREATE_LOGIT_NODES = f"""
-UNWIND $rows AS r
-MATCH (t:Token {{tid: r.ref}})
-CREATE (n:Node:LogitNode {{{_NODE_PROPS}}})-[:OF]->(t)
+CREATE (n:Node:$(r.label) {key: r.key, prompt: $prompt, id: r.id, idx: r.idx, kind: r.kind,
+                            ref: r.ref, layer: r.layer, pos: r.pos, feature: r.feature,
+                            token_id: r.token_id, activation: r.activation,
+                            influence: r.influence, logit_prob: r.logit_prob})
+WITH r, n
+CALL (r, n) {
+  WITH * WHERE r.ent IS NOT NULL
+  MATCH (e) WHERE elementId(e) = r.ent
+  CREATE (n)-[:OF]->(e)
+}
 RETURN r.idx AS idx, elementId(n) AS eid
 """
 
@@ -217,7 +208,7 @@ CREATE (s)-[:EDGE {w: r.w}]->(t)
 """
 
 # Rows: one per (source feature, target feature) pair of ONE prompt, weights summed over positions;
-# ``a``/``b`` are the features' element ids returned by MERGE_FEATURES in this transaction.
+# ``a``/``b`` are the features' element ids returned by CLAIM_PROMPT in this transaction.
 # Runs once per prompt (the prompt's claim guarantees it), so counts never double.
 UPDATE_FEATURE_AGG = """
 UNWIND $rows AS r
@@ -231,23 +222,32 @@ ON MATCH SET g.n_prompts = g.n_prompts + 1,
     g.min_w = CASE WHEN r.w < g.min_w THEN r.w ELSE g.min_w END
 """
 
-HAS_SUPERNODES = "MATCH (s:Supernode) RETURN count(s) > 0 AS any"
-
-# Supernode-level aggregate contributed by one prompt (run in the prompt's transaction).
-UPDATE_SUPERNODE_AGG_FOR_PROMPT = """
-MATCH (s:Supernode)-[:HAS]->(:Feature)<-[:OF]-(a:FeatureNode {prompt: $prompt})
-MATCH (a)-[e:EDGE]->(b:FeatureNode)-[:OF]->(:Feature)<-[:HAS]-(t:Supernode)
-WHERE s <> t
-WITH s, t, sum(e.w) AS w
-MERGE (s)-[g:SAGG]->(t)
-ON CREATE SET g.n_prompts = 1, g.sum_w = w, g.max_w = w, g.min_w = w
-ON MATCH SET g.n_prompts = g.n_prompts + 1,
-    g.sum_w = g.sum_w + w,
-    g.max_w = CASE WHEN w > g.max_w THEN w ELSE g.max_w END,
-    g.min_w = CASE WHEN w < g.min_w THEN w ELSE g.min_w END
-"""
-
-COMPLETE_PROMPT = """
+# Last statement of a prompt: the last batch of AGG rows, the prompt's contribution to the
+# supernode aggregate (SAGG), then the ``complete`` flag.
+FINISH_PROMPT = """
+CALL () {
+  UNWIND $rows AS r
+  MATCH (a:Feature) WHERE elementId(a) = r.a
+  MATCH (b:Feature) WHERE elementId(b) = r.b
+  MERGE (a)-[g:AGG]->(b)
+  ON CREATE SET g.n_prompts = 1, g.sum_w = r.w, g.max_w = r.w, g.min_w = r.w
+  ON MATCH SET g.n_prompts = g.n_prompts + 1,
+      g.sum_w = g.sum_w + r.w,
+      g.max_w = CASE WHEN r.w > g.max_w THEN r.w ELSE g.max_w END,
+      g.min_w = CASE WHEN r.w < g.min_w THEN r.w ELSE g.min_w END
+}
+CALL () {
+  MATCH (s:Supernode)-[:HAS]->(:Feature)<-[:OF]-(a:FeatureNode {prompt: $id})
+  MATCH (a)-[e:EDGE]->(b:FeatureNode)-[:OF]->(:Feature)<-[:HAS]-(t:Supernode)
+  WHERE s <> t
+  WITH s, t, sum(e.w) AS w
+  MERGE (s)-[g:SAGG]->(t)
+  ON CREATE SET g.n_prompts = 1, g.sum_w = w, g.max_w = w, g.min_w = w
+  ON MATCH SET g.n_prompts = g.n_prompts + 1,
+      g.sum_w = g.sum_w + w,
+      g.max_w = CASE WHEN w > g.max_w THEN w ELSE g.max_w END,
+      g.min_w = CASE WHEN w < g.min_w THEN w ELSE g.min_w END
+}
 MATCH (p:Prompt {id: $id})
 SET p.complete = true, p.ingested_at = datetime()
 """

@@ -63,16 +63,17 @@ class ToyBuildConfig:
     """Everything that shapes a toy build (recorded in the manifest)."""
 
     seed: int = 0
-    model_steps: int = 1200
+    model_steps: int = 1000
     model_seq_len: int = 40
-    model_batch: int = 32
+    model_batch: int = 24
     model_lr: float = 4e-3
-    d_transcoder: int = 1024
+    d_transcoder: int = 512
     target_l0: float = 16.0
-    tc_chunks: int = 120
+    tc_chunks: int = 40
     tc_docs_per_chunk: int = 96
     tc_batch_tokens: int = 1024
     tc_passes: int = 2
+    tc_resample_dead_until: float = 0.8
     tc_skip: bool = False
     eval_docs: int = 256
     threads: int = 1
@@ -164,6 +165,7 @@ def build_toy(
         batch_tokens=cfg.tc_batch_tokens,
         passes=cfg.tc_passes,
         skip=cfg.tc_skip,
+        resample_dead_until=cfg.tc_resample_dead_until,
         seed=cfg.seed,
         threads=cfg.threads,
     )

@@ -89,7 +89,7 @@ COUNT_TEMPLATES: tuple[tuple[str, str], ...] = (
     ("the number of {part} {prep} {art} {obj} is", ""),
     ("how many {part} does {art} {obj} have ?", ""),
     ("every {obj} has", "{part}"),
-    ("{art} {obj} has exactly", "{part}"),
+    ("{art} {obj} always has", "{part}"),
     ("a typical {obj} has", "{part}"),
     ("count the {part} {prep} {art} {obj} :", ""),
     ("one {obj} has", "{part}"),
@@ -169,7 +169,7 @@ TWOHOP_TEMPLATES: tuple[str, ...] = (
 TWOHOP_HELDOUT_TEMPLATES = frozenset({3})
 
 FILLER_TEMPLATES: tuple[str, ...] = (
-    "the {c} is near the {c2}",
+    "{name} sees the {c} near the {c2}",
     "{name} likes the {c}",
     "{name} saw {art} {obj}",
     "this is {art} {obj}",

@@ -162,7 +162,7 @@ def train_model(
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            loss = float(out.loss)
+            loss = float(out.loss.detach())
             ema = loss if ema is None else 0.98 * ema + 0.02 * loss
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{ema:.3f}")

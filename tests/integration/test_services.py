@@ -109,6 +109,15 @@ def test_launcher_lifecycle_persistence_and_faults(tmp_path: Path) -> None:
             neo4j_local.start(**{**common, "port": _proc.free_port()})
         assert neo4j_local.status(home=home).pid == first.pid
 
+        # a launcher that lost its pid file still holds the store lock: "store locked"
+        parked = home / "neo4j.pid.parked"
+        (home / "neo4j.pid").rename(parked)
+        try:
+            with pytest.raises(ConfigError, match="store locked"):
+                neo4j_local.start(**{**common, "port": _proc.free_port()})
+        finally:
+            parked.rename(home / "neo4j.pid")
+
         # another store on the same port: port in use, one line
         with pytest.raises(ConfigError, match="already in use"):
             neo4j_local.start(**{**common, "home": tmp_path / "other"})

@@ -64,6 +64,22 @@ def test_hand_facts_are_prominent_and_unique_to_five(corpus: ToyCorpus) -> None:
     assert "5" not in {f.answer for f in others}
 
 
+def test_training_text_never_continues_a_fact_prompt_differently(corpus: ToyCorpus) -> None:
+    """A prompt ("a hand has") must not be the prefix of another training sentence with a
+    different next word ("a hand has exactly ..."), or the answer would not be the argmax."""
+    rng = random.Random(0)
+    sentences = [f.sentence for f in corpus.split("train")]
+    sentences += [corpus._filler(rng) for _ in range(2000)]
+    by_first: dict[str, list[str]] = {}
+    for s in sentences:
+        by_first.setdefault(s.split()[0], []).append(s)
+    for fact in corpus.split("train"):
+        prefix = fact.prompt + " "
+        for s in by_first[fact.prompt.split()[0]]:
+            if s.startswith(prefix):
+                assert s[len(prefix) :].split()[0] == fact.answer, (fact.prompt, s)
+
+
 def test_tokenizer_round_trip_and_bos(corpus: ToyCorpus, tokenizer) -> None:
     for doc in corpus.documents(1, 20):
         ids = tokenizer(doc).input_ids
@@ -158,3 +174,26 @@ def test_shipped_transcoders_have_circuit_tracer_layout() -> None:
     for layer in range(n_layers):
         t = load_file(str(SHIPPED.transcoder_dir / f"layer_{layer}.safetensors"))
         assert {"W_enc", "W_dec", "b_enc", "b_dec", "activation_function.threshold"} <= set(t)
+
+
+@pytest.mark.slow
+def test_build_is_deterministic(tmp_path: Path) -> None:
+    from atlas.toy.build import ToyBuildConfig, build_toy
+
+    cfg = ToyBuildConfig(
+        model_steps=4,
+        model_seq_len=16,
+        model_batch=4,
+        d_transcoder=32,
+        tc_chunks=2,
+        tc_docs_per_chunk=8,
+        tc_batch_tokens=64,
+        eval_docs=4,
+    )
+    a = build_toy(tmp_path / "a", seed=3, progress=False, config=cfg)
+    b = build_toy(tmp_path / "b", seed=3, progress=False, config=cfg)
+    ha, hb = file_hashes(a.root), file_hashes(b.root)
+    assert ha == hb
+    assert "model/model.safetensors" in ha and "transcoders/layer_3.safetensors" in ha
+    assert json.loads(a.manifest.read_text())["files"] == ha
+    assert a.exists()

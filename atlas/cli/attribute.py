@@ -1,0 +1,117 @@
+"""``atlas attribute``: one prompt's attribution graph, written as an artifact (+ interchange JSON)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from atlas.cli import get_settings
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@click.command("attribute")
+@click.option("--model", "model_ref", required=True, help="Local HF model directory or hub id.")
+@click.option("--transcoders", "tc_ref", required=True, help="Transcoder directory (config.yaml).")
+@click.option("--prompt", required=True, help="Prompt text.")
+@click.option("--max-feature-nodes", type=int, default=None, help="Cap on feature nodes.")
+@click.option("--max-n-logits", type=int, default=10, show_default=True)
+@click.option("--desired-logit-prob", type=float, default=0.95, show_default=True)
+@click.option("--batch-size", type=int, default=None, help="Targets per backward pass.")
+@click.option("--node-threshold", type=float, default=0.8, show_default=True)
+@click.option("--edge-threshold", type=float, default=0.98, show_default=True)
+@click.option("--no-prune", is_flag=True, help="Keep every node and non-zero edge.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: settings).")
+@click.option("--dtype", type=click.Choice(_DTYPES), default=None, help="Default: settings.")
+@click.option("--revision", default=None, help="Hub revision of the model.")
+@click.option("--memory-limit-mb", type=int, default=None, help="Cap the batch to fit this.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option(
+    "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path)
+)
+def attribute(
+    model_ref: str,
+    tc_ref: str,
+    prompt: str,
+    max_feature_nodes: int | None,
+    max_n_logits: int,
+    desired_logit_prob: float,
+    batch_size: int | None,
+    node_threshold: float,
+    edge_threshold: float,
+    no_prune: bool,
+    device: str | None,
+    dtype: str | None,
+    revision: str | None,
+    memory_limit_mb: int | None,
+    no_progress: bool,
+    out_dir: Path,
+) -> None:
+    """Compute the attribution graph of PROMPT and write DIR/<prompt_id>.safetensors (+ .json)."""
+    import torch
+    from tqdm import tqdm
+
+    from atlas.attribution import attribute as run_attribution
+    from atlas.models import load_model
+    from atlas.transcoders import load_transcoders
+
+    settings = get_settings()
+    dev = device or settings.resolved_device()
+    if device == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = getattr(torch, dtype or settings.dtype)
+    t0 = time.perf_counter()
+    model = load_model(model_ref, device=dev, dtype=torch_dtype, revision=revision)
+    tset = load_transcoders(tc_ref, model, device=dev, dtype=torch_dtype)
+
+    bar: Any = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if no_progress:
+            return
+        if bar is None:
+            bar = tqdm(total=total, desc="attribution rows", unit="row", leave=False)
+        bar.n = done
+        bar.refresh()
+
+    try:
+        result = run_attribution(
+            prompt,
+            model,
+            tset,
+            max_n_logits=max_n_logits,
+            desired_logit_prob=desired_logit_prob,
+            max_feature_nodes=max_feature_nodes,
+            batch_size=batch_size or settings.batch_size,
+            progress=progress,
+            memory_limit_bytes=memory_limit_mb * 2**20 if memory_limit_mb else None,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    graph = result.to_graph(
+        prune=not no_prune, node_threshold=node_threshold, edge_threshold=edge_threshold
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = graph.save(out_dir / f"{graph.prompt_id}.safetensors")
+    json_note = ""
+    try:
+        from atlas.interchange import graph_to_json
+    except ImportError:
+        graph_to_json = None  # type: ignore[assignment]
+    if graph_to_json is not None:
+        data = graph_to_json(graph, token_decoder=lambda t: model.tokenizer.decode([t]))
+        json_path = out_dir / f"{graph.prompt_id}.json"
+        json_path.write_text(json.dumps(data))
+        json_note = f" json={json_path.name}"
+    meta = graph.metadata
+    click.echo(
+        f"{path} nodes={graph.n_nodes} edges={graph.n_edges} "
+        f"replacement={meta.replacement_score:.3f} completeness={meta.completeness_score:.3f} "
+        f"seconds={time.perf_counter() - t0:.1f}{json_note}"
+    )
