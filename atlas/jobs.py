@@ -229,7 +229,7 @@ class JobStore:
             out.append(JobItem.model_validate(r))
         return out
 
-    def list(self, limit: int = 20) -> list[JobSummary]:
+    def recent(self, limit: int = 20) -> list[JobSummary]:
         """The most recent jobs with done / failed counts."""
         rows = _run(self.driver, q.JOB_LIST, limit=limit)
         return [

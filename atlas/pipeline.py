@@ -220,16 +220,22 @@ def _load_engine(model_ref: str, tc_ref: str, *, device: str, dtype: str) -> Eng
     )
 
 
-def resolve_refs(spec_model: str | None, spec_tc: str | None) -> tuple[str, str]:
-    """The model and transcoder references of a spec, the toy world filling what is unset."""
+def resolve_refs(
+    spec_model: str | None, spec_tc: str | None, settings: AtlasSettings
+) -> tuple[str, str]:
+    """The model and transcoder references of a spec, the toy world filling what is unset.
+
+    Resolved where the work runs (the worker), so a spec without references means "this
+    worker's toy world" wherever it is installed.
+    """
     if spec_model is not None and spec_tc is not None:
         return spec_model, spec_tc
     if (spec_model is None) != (spec_tc is None):
         raise InputError("give both --model and --transcoders, or neither (the toy world)")
     from atlas.toy import toy_paths
 
-    paths = toy_paths()
-    return str(paths.model), str(paths.transcoders)
+    paths = toy_paths(settings.atlas_home)
+    return str(paths.model_dir), str(paths.transcoder_dir)
 
 
 # --------------------------------------------------------------------------- identity
@@ -362,7 +368,7 @@ def attribute_step(
         jobs.mark(payload.job_id, payload.item, state="attributing", attempt=True)
 
     t0 = time.perf_counter()
-    model_ref, tc_ref = resolve_refs(spec.model, spec.transcoders)
+    model_ref, tc_ref = resolve_refs(spec.model, spec.transcoders, settings)
     engine = engines.get(model_ref, tc_ref, settings)
     timings["load_s"] = time.perf_counter() - t0
     prompt_id = prompt_id_for(spec, engine, settings)
@@ -508,17 +514,29 @@ def annotate_step(
     *,
     driver: Any,
     engines: EngineCache = ENGINES,
-) -> dict[str, Any]:
-    """Label the features of one transcoder set (logit lens + top activations; the store's code)."""
-    from atlas import annotate
+    top_k: int = 10,
+) -> dict[str, int]:
+    """Label features: the logit lens of one transcoder set's stored features (decoder rows
+    through the unembedding), then top activating tokens and a short label for every feature
+    (the store's annotation code)."""
+    from atlas.annotate.apply import label_features, store_logit_lens
 
-    model_ref, tc_ref = resolve_refs(payload.model, payload.transcoders)
+    model_ref, tc_ref = resolve_refs(payload.model, payload.transcoders, settings)
     engine = engines.get(model_ref, tc_ref, settings)
-    fn = getattr(annotate, "annotate_features", None)
-    if fn is None:
-        raise AtlasError("feature annotation is not available in this build (atlas.annotate)")
-    result = fn(driver, engine.model, engine.transcoders)
-    return {"annotated": result if isinstance(result, int | dict) else None}
+    model, tcs = engine.model, engine.transcoders
+    w_u = model.hf.get_output_embeddings().weight.detach().T
+    tok = model.tokenizer
+    n_lens = store_logit_lens(
+        driver,
+        engine.transcoder_info.content_hash,
+        [w.detach() for w in tcs.w_dec],
+        w_u,
+        lambda t: str(tok.decode([t])),
+        k=top_k,
+        database=settings.neo4j_database,
+    )
+    n_labels = label_features(driver, top_k=top_k, database=settings.neo4j_database)
+    return {"logit_lens": n_lens, "labelled": n_labels}
 
 
 def record_failure(driver: Any, job_id: str | None, item: int | None, reason: str) -> None:

@@ -50,6 +50,8 @@ logger = logging.getLogger("tests.conftest")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NEO4J_IMAGE = "neo4j:5.26-community"
 REDIS_IMAGE = "redis:7-alpine"
+#: C1-only JIT: test servers live minutes, and this halves their start on a busy 2-core machine.
+TEST_JVM_OPTIONS = ("-XX:TieredStopAtLevel=1",)
 
 _NEO4J_FIXTURES = {
     "neo4j_target",
@@ -155,6 +157,7 @@ def neo4j_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Neo4jTarg
         pagecache="256m",
         build_root=_launcher_build_root(),
         die_with_parent=True,
+        jvm_options=TEST_JVM_OPTIONS,
     )
     try:
         yield Neo4jTarget(uri=uri, user="neo4j", password="", kind="launcher", allow_wipe=True)

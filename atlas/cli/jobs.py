@@ -111,7 +111,6 @@ def submit(
     """
     from atlas.jobs import JobStore, ensure_job_schema, new_job_id, skip_done
     from atlas.pipeline import AttributePayload
-
     from atlas.store.schema import apply_schema
 
     apply_schema(driver, database=settings.neo4j_database)
@@ -399,7 +398,7 @@ def jobs_list(limit: int, fmt: str) -> None:
     driver = open_atlas_driver(settings)
     try:
         ensure_job_schema(driver)
-        rows = JobStore(driver).list(limit)
+        rows = JobStore(driver).recent(limit)
     finally:
         driver.close()
     if fmt == "json":

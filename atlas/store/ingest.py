@@ -14,8 +14,10 @@ Rows are written in ``UNWIND $rows`` batches of ``settings.ingest_batch_size``.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,15 +294,46 @@ def _write_prompt(tx: neo4j.ManagedTransaction, rows: PromptRows, batch: int) ->
     edge_rows = [{"s": eids[s], "t": eids[t], "w": w} for s, t, w in rows.edges]
     for chunk in _chunks(edge_rows, batch):
         tx.run(Q.CREATE_EDGES, rows=chunk).consume()
-    agg_rows = [
-        {"a": entity_eids[r["s"]], "b": entity_eids[r["t"]], "w": r["w"]} for r in rows.agg
-    ]
+    agg_rows = [{"a": entity_eids[r["s"]], "b": entity_eids[r["t"]], "w": r["w"]} for r in rows.agg]
     chunks = list(_chunks(agg_rows, batch)) or [[]]
     for chunk in chunks[:-1]:
         tx.run(Q.UPDATE_FEATURE_AGG, rows=chunk).consume()
     # the last batch, the supernode aggregate and the ``complete`` flag: one statement
     tx.run(Q.FINISH_PROMPT, id=pid, rows=chunks[-1]).consume()
     return True
+
+
+def _delete_prompt(tx: neo4j.ManagedTransaction, pid: str, batch: int) -> bool:
+    exists = tx.run(Q.PROMPT_ANY_STATE, id=pid).single()
+    if exists is None:
+        return False
+    names = [r["name"] for r in tx.run(Q.PROMPT_SUPERNODES, id=pid)]
+    tx.run(Q.DELETE_PROMPT_AGG, id=pid).consume()
+    tx.run(Q.DELETE_PROMPT_FEATURE_STATS, id=pid).consume()
+    while True:
+        rec = tx.run(Q.DELETE_PROMPT_NODES, id=pid, batch=batch).single()
+        if rec is None or rec["deleted"] == 0:
+            break
+    tx.run(Q.DELETE_PROMPT_NODE, id=pid).consume()
+    for name in names:  # supernode aggregates touched by the prompt: rebuilt without it
+        tx.run(Q.CLEAR_SUPERNODE_AGG, name=name).consume()
+        tx.run(Q.REBUILD_SUPERNODE_AGG_OUT, name=name).consume()
+        tx.run(Q.REBUILD_SUPERNODE_AGG_IN, name=name).consume()
+    return True
+
+
+def delete_prompt(
+    driver: neo4j.Driver, prompt_id: str, *, database: str | None = None, batch_size: int = 5000
+) -> bool:
+    """Remove a stored prompt and its contribution to every aggregate (one transaction).
+
+    Returns False when no such prompt is stored. Used for forced re-ingestion.
+    """
+    try:
+        with driver.session(database=database) as session:
+            return bool(session.execute_write(_delete_prompt, prompt_id, batch_size))
+    except (neo4j.exceptions.Neo4jError, neo4j.exceptions.DriverError) as exc:
+        raise translate_neo4j_error(exc, f"deleting prompt {prompt_id}") from exc
 
 
 def translate_neo4j_error(exc: Exception, what: str) -> Exception:
@@ -362,11 +395,43 @@ def load_graph_file(path: str | Path) -> Graph:
             raise ConfigError("interchange JSON support (atlas.interchange) is missing") from exc
         if not path.is_file():
             raise InputError(f"no such file: {path}")
-        graph: Graph = graph_from_json(path)
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read {path}: {exc}") from exc
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
+        graph: Graph = graph_from_json(doc)
+        _attach_logit_texts(graph, doc)
         return graph
     if path.suffix == ".safetensors":
         return Graph.load(path)
     raise InputError(f"{path}: expected a .safetensors artifact or a .json interchange graph")
+
+
+_OUTPUT_LABEL = re.compile(r'^Output "(.*)" \(p=[^)]*\)$', re.DOTALL)
+
+
+def _attach_logit_texts(graph: Graph, doc: Any) -> None:
+    """Keep the logit tokens' text from the JSON labels (``Output "text" (p=...)``), so that
+    ``logit:TEXT`` finds logits whose token is not in the prompt."""
+    if graph.metadata.extra.get("logit_tokens") or not isinstance(doc, dict):
+        return
+    texts: dict[int, str] = {}
+    for raw in doc.get("nodes") or []:
+        if not isinstance(raw, dict) or raw.get("feature_type") != "logit":
+            continue
+        m = _OUTPUT_LABEL.match(str(raw.get("clerp") or ""))
+        tid = raw.get("feature")
+        if m and isinstance(tid, int):
+            texts[tid] = m.group(1)
+    logits = [
+        int(t)
+        for k, t in zip(graph.kind.tolist(), graph.token_id.tolist(), strict=True)
+        if k == NodeKind.LOGIT
+    ]
+    if texts and all(t in texts for t in logits):
+        graph.metadata.extra["logit_tokens"] = [texts[t] for t in logits]
 
 
 def ingest_path(

@@ -252,6 +252,47 @@ MATCH (p:Prompt {id: $id})
 SET p.complete = true, p.ingested_at = datetime()
 """
 
+# ---- deleting a prompt (one transaction: aggregates first, then the nodes, then the prompt)
+# The prompt's contribution to AGG is subtracted; max/min are recomputed from the other prompts'
+# instance edges of the same feature pair; pairs left with no prompt are deleted.
+DELETE_PROMPT_AGG = """
+MATCH (a:FeatureNode {prompt: $id})-[e:EDGE]->(b:FeatureNode)
+MATCH (a)-[:OF]->(fa:Feature)
+MATCH (b)-[:OF]->(fb:Feature)
+WITH fa, fb, sum(e.w) AS w
+MATCH (fa)-[g:AGG]->(fb)
+SET g.n_prompts = g.n_prompts - 1, g.sum_w = g.sum_w - w
+WITH fa, fb, g
+CALL (fa, fb, g) {
+  WITH * WHERE g.n_prompts > 0
+  MATCH (fa)<-[:OF]-(x:FeatureNode)-[e2:EDGE]->(:FeatureNode)-[:OF]->(fb)
+  WHERE x.prompt <> $id
+  WITH g, x.prompt AS prompt, sum(e2.w) AS pw
+  WITH g, max(pw) AS mx, min(pw) AS mn
+  SET g.max_w = mx, g.min_w = mn
+}
+CALL (g) {
+  WITH * WHERE g.n_prompts <= 0
+  DELETE g
+}
+"""
+
+DELETE_PROMPT_FEATURE_STATS = """
+MATCH (n:FeatureNode {prompt: $id})-[:OF]->(f:Feature)
+WITH f, max(coalesce(n.activation, 0.0)) AS act
+SET f.n_prompts = f.n_prompts - 1, f.sum_act = f.sum_act - act
+WITH f
+CALL (f) {
+  OPTIONAL MATCH (f)<-[:OF]-(m:FeatureNode) WHERE m.prompt <> $id
+  WITH max(m.activation) AS mx
+  SET f.max_act = coalesce(mx, 0.0)
+}
+"""
+
+PROMPT_ANY_STATE = "MATCH (p:Prompt {id: $id}) RETURN p.id AS id"
+
+DELETE_PROMPT_NODE = "MATCH (p:Prompt {id: $id}) DETACH DELETE p RETURN count(*) AS deleted"
+
 # Baseline for the benchmark: the same rows written with plain CREATE, no checks, no links.
 BASELINE_CREATE_NODES = """
 UNWIND $rows AS r
@@ -328,7 +369,8 @@ REF_TEXTS = """
 UNWIND $refs AS ref
 OPTIONAL MATCH (t:Token {tid: ref})
 OPTIONAL MATCH (f:Feature {fid: ref})
-RETURN ref, coalesce(t.text, f.label) AS text
+RETURN ref, t IS NOT NULL AS is_token, coalesce(t.text, f.label) AS text,
+       f.layer AS layer, f.index AS index
 """
 
 # --------------------------------------------------------------------------- named queries

@@ -107,6 +107,7 @@ def resolve_endpoint(
 def _ref_texts(
     driver: neo4j.Driver, refs: set[str], database: str | None, timeout_s: float
 ) -> dict[str, str]:
+    """Display names of global refs: ``feature:L/I (label)`` or the token's text (quoted)."""
     if not refs:
         return {}
     rows = run_read(
@@ -117,21 +118,19 @@ def _ref_texts(
         timeout_s=timeout_s,
         what="naming nodes",
     )
-    return {r["ref"]: r["text"] for r in rows if r["text"] is not None}
+    names: dict[str, str] = {}
+    for r in rows:
+        if r["is_token"]:
+            names[r["ref"]] = repr(r["text"]) if r["text"] is not None else r["ref"]
+        elif r["layer"] is not None:
+            name = f"feature:{r['layer']}/{r['index']}"
+            names[r["ref"]] = f"{name} ({r['text']})" if r["text"] else name
+    return names
 
 
-def describe_ref(ref: str, texts: dict[str, str]) -> str:
-    """Human name of a global ref: ``feature:L/I``, ``"text"``, or ``error:L``."""
-    if ref.startswith(("error:", "feature:", "token:", "logit:")):
-        return ref
-    parts = ref.rsplit("/", 2)
-    if len(parts) == 3 and parts[1].lstrip("-").isdigit() and parts[2].isdigit():
-        # feature ref <tset>/<layer>/<index>
-        name = f"feature:{parts[1]}/{parts[2]}"
-        label = texts.get(ref)
-        return f"{name} ({label})" if label else name
-    text = texts.get(ref)
-    return repr(text) if text is not None else ref
+def describe_ref(ref: str, names: dict[str, str]) -> str:
+    """Human name of a global ref (see :func:`_ref_texts`); ``error:L`` and unknowns as is."""
+    return names.get(ref, ref)
 
 
 # --------------------------------------------------------------------------- paths
@@ -196,7 +195,7 @@ def paths(
             }
         )
     found.sort(key=lambda p: (-abs(p["score"]), p["prompt"], p["nodes"]))
-    refs = {ref for p in found for ref in p["_refs"] if ":" not in ref}
+    refs = {ref for p in found for ref in p["_refs"] if not ref.startswith("error:")}
     texts = _ref_texts(driver, refs, database, timeout_s)
     groups: dict[tuple[str, ...], dict[str, Any]] = {}
     for p in found:

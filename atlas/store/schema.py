@@ -99,14 +99,17 @@ def apply_schema(
 
     files = schema_files(schema_dir)
     count = 0
+    where = "awaiting indexes"
     try:
         with driver.session(database=database) as session:
             for path in files:
-                for statement in split_statements(path.read_text()):
-                    logger.debug("%s: %s", path.name, statement)
+                for number, statement in enumerate(split_statements(path.read_text()), 1):
+                    where = f"{path.name} statement {number}"
+                    logger.debug("%s: %s", where, statement)
                     session.run(statement).consume()
                     count += 1
                 logger.info("applied %s", path.name)
+            where = "awaiting indexes"
             session.run(queries.AWAIT_INDEXES, timeout_s=await_timeout_s).consume()
             online = sum(
                 1 for record in session.run(queries.SHOW_INDEXES) if record["state"] == "ONLINE"
@@ -117,5 +120,5 @@ def apply_schema(
         raise ServiceUnavailable(f"Neo4j went away while applying the schema: {exc}") from exc
     except neo4j_errors.Neo4jError as exc:
         message = " ".join(str(exc.message or exc).split())
-        raise StoreError(f"applying schema statement {count + 1} failed: {message}") from exc
+        raise StoreError(f"applying the schema failed at {where}: {message}") from exc
     return SchemaReport(files=[p.name for p in files], statements=count, indexes_online=online)

@@ -1,1 +1,27 @@
-"""toy."""
+"""The embedded default "toy world": a small Llama-style model and JumpReLU transcoders trained
+locally on a synthetic fact corpus (hand -> 5 fingers, spider -> 8 legs, 2 plus 3 -> 5, ...).
+
+Public API::
+
+    toy_paths(home=None) -> ToyPaths        shipped assets (atlas/toy/assets), else {home}/toy
+    build_toy(out_dir, seed=0, progress=True) -> ToyPaths
+    load_toy(paths=None) -> (model, tokenizer)
+    evaluate_toy(paths=None) -> dict        fact accuracy + transcoder FVU / L0 / dead
+    ToyCorpus(seed)                         facts, splits, vocabulary, document sampler
+
+CLI: ``atlas toy build [--out DIR] [--seed N] [--force]`` and ``atlas toy eval``.
+"""
+
+from atlas.toy.build import ToyBuildConfig, ToyPaths, build_toy, evaluate_toy, load_toy, toy_paths
+from atlas.toy.corpus import Fact, ToyCorpus
+
+__all__ = [
+    "Fact",
+    "ToyBuildConfig",
+    "ToyCorpus",
+    "ToyPaths",
+    "build_toy",
+    "evaluate_toy",
+    "load_toy",
+    "toy_paths",
+]

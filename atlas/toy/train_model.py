@@ -214,6 +214,9 @@ def save_model(model: Any, tokenizer: Any, out_dir: Path) -> None:
     tok_cfg = json.loads(tok_cfg_path.read_text())
     tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
+    for path in out_dir.iterdir():
+        if path.is_file():
+            path.chmod(0o644)
 
 
 def train_and_save(

@@ -288,6 +288,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; these are data files anyone may read
     os.replace(tmp, path)
 
 

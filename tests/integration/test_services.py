@@ -11,12 +11,12 @@ import pytest
 from click.testing import CliRunner
 from pydantic import SecretStr
 
-from atlas.errors import AuthError, ConfigError, ServiceUnavailable
+from atlas.errors import AuthError, ConfigError, ServiceUnavailable, StoreError
 from atlas.services import _proc, neo4j_local, redis_local
 from atlas.settings import AtlasSettings
 from atlas.store import schema
 from atlas.store.connection import open_driver
-from tests.conftest import _launcher_build_root
+from tests.conftest import TEST_JVM_OPTIONS, _launcher_build_root
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -49,6 +49,12 @@ def test_schema_init_is_idempotent(neo4j_driver: neo4j.Driver) -> None:
     assert {r["name"] for r in neo4j_driver.execute_query("SHOW INDEXES").records} == indexes
     states = {r["state"] for r in neo4j_driver.execute_query("SHOW INDEXES").records}
     assert states == {"ONLINE"}
+
+
+def test_schema_error_names_file_and_statement(neo4j_driver: neo4j.Driver, tmp_path: Path) -> None:
+    (tmp_path / "0001_bad.cypher").write_text("// broken on purpose\nCREATE NONSENSE;\n")
+    with pytest.raises(StoreError, match=r"at 0001_bad\.cypher statement 1: .*"):
+        schema.apply_schema(neo4j_driver, tmp_path)
 
 
 def test_split_statements_handles_comments_and_multiline() -> None:
@@ -90,6 +96,7 @@ def test_launcher_lifecycle_persistence_and_faults(tmp_path: Path) -> None:
         "pagecache": "128m",
         "build_root": _launcher_build_root(),
         "die_with_parent": True,
+        "jvm_options": TEST_JVM_OPTIONS,
         "auth": True,
     }
     uri = neo4j_local.start(**common)

@@ -594,3 +594,79 @@ def test_malformed_inputs_are_refused_and_change_nothing(db: neo4j.Driver, tmp_p
         read.paths(db, "token:a", "logit:x", max_hops=99)
     with pytest.raises(InputError):
         read.export_graph(db, "ffffffff")
+
+
+def test_logit_lens_and_labels_are_stored(db: neo4j.Driver) -> None:
+    from atlas.annotate.apply import label_features, store_logit_lens
+    from atlas.annotate.lens import logit_lens
+
+    graphs = [small(s) for s in range(90, 93)]
+    for g in graphs:
+        ingest_graph(db, g)
+    gen = torch.Generator().manual_seed(0)
+    w_dec = [torch.randn(4096, 8, generator=gen) for _ in range(4)]
+    w_u = torch.randn(8, 12, generator=gen)
+    n = store_logit_lens(db, "tset0", w_dec, w_u, word, k=3)
+    n_feats = db.execute_query("MATCH (f:Feature) RETURN count(f) AS n").records[0]["n"]
+    assert n == n_feats
+    rec = db.execute_query(
+        "MATCH (f:Feature) RETURN f.layer AS l, f.index AS i, f.top_tokens AS top, f.bottom_values AS bv LIMIT 1"
+    ).records[0]
+    want = logit_lens(w_dec[rec["l"]][rec["i"]][None], w_u, k=3)
+    assert rec["top"] == [word(int(t)) for t in want.top_ids[0]]
+    assert rec["bv"] == pytest.approx(want.bottom_values[0].tolist(), abs=1e-5)
+
+    assert label_features(db, top_k=5, batch_size=7) == n_feats
+    rows = db.execute_query(
+        "MATCH (f:Feature) RETURN f.fid AS fid, f.label AS label, f.top_act_values AS vals, "
+        "f.top_act_prompts AS prompts, f.max_act AS max_act"
+    ).records
+    for r in rows:
+        assert r["label"] and "says:" in r["label"]
+        assert r["vals"] == sorted(r["vals"], reverse=True) and len(r["vals"]) <= 5
+        assert r["vals"][0] == pytest.approx(r["max_act"], rel=1e-6)
+    top_word = rows[0]["label"].split("says: ")[1].split(",")[0]
+    assert supernodes.define_from_token(db, "lens", rf"\s*{top_word}") >= 1
+
+
+def test_delete_prompt_restores_the_aggregates(db: neo4j.Driver) -> None:
+    from atlas.store.ingest import delete_prompt
+
+    graphs = [small(s) for s in range(100, 104)]
+    for g in graphs:
+        ingest_graph(db, g)
+    pool = sorted(
+        {
+            (int(g.layer[i]), int(g.feature[i]))
+            for g in graphs
+            for i in range(g.n_nodes)
+            if g.kind[i] == NodeKind.FEATURE
+        }
+    )
+    supernodes.define_from_features(db, "lo", [f"{x}/{y}" for x, y in pool[: len(pool) // 2]])
+    supernodes.define_from_features(db, "hi", [f"{x}/{y}" for x, y in pool[len(pool) // 2 :]])
+    sagg_before = {r["neighbour"] + r["direction"]: r for r in read.neighbours(db, "supernode:lo")}
+    assert delete_prompt(db, graphs[1].prompt_id)
+    assert not delete_prompt(db, graphs[1].prompt_id)
+    assert_agg_equal(db, [graphs[0], *graphs[2:]])
+    n = db.execute_query(
+        "MATCH (n:Node {prompt: $id}) RETURN count(n) AS n", id=graphs[1].prompt_id
+    )
+    assert n.records[0]["n"] == 0
+    assert ingest_graph(db, graphs[1]).created  # forced re-ingestion path
+    assert_agg_equal(db, graphs)
+    sagg_after = {r["neighbour"] + r["direction"]: r for r in read.neighbours(db, "supernode:lo")}
+    assert set(sagg_after) == set(sagg_before)
+    for k, r in sagg_before.items():
+        assert sagg_after[k]["n_prompts"] == r["n_prompts"]
+        assert sagg_after[k]["sum_w"] == pytest.approx(r["sum_w"], abs=1e-5)
+    feats = db.execute_query("MATCH (f:Feature) RETURN sum(f.n_prompts) AS n").records[0]["n"]
+    assert feats == sum(len(graph_rows_features(g)) for g in graphs)
+
+
+def graph_rows_features(g: Graph) -> set[tuple[int, int]]:
+    return {
+        (int(g.layer[i]), int(g.feature[i]))
+        for i in range(g.n_nodes)
+        if g.kind[i] == NodeKind.FEATURE
+    }

@@ -197,3 +197,33 @@ def test_build_is_deterministic(tmp_path: Path) -> None:
     assert "model/model.safetensors" in ha and "transcoders/layer_3.safetensors" in ha
     assert json.loads(a.manifest.read_text())["files"] == ha
     assert a.exists()
+
+
+@needs_assets
+def test_cli_toy_eval_reports_accuracy_and_fvu() -> None:
+    from click.testing import CliRunner
+
+    from atlas.cli import cli
+
+    result = CliRunner().invoke(cli, ["toy", "eval", "--dir", str(SHIPPED.root), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["accuracy_train"]["all"] > 0.9
+    assert len(report["transcoders"]) == 4
+    assert all(r["fvu"] < 0.2 and r["l0"] <= 32 for r in report["transcoders"])
+
+
+def test_cli_toy_build_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from atlas.cli import cli
+
+    root = tmp_path / "toy"
+    for sub in ("model", "transcoders"):
+        (root / sub).mkdir(parents=True)
+    (root / "model" / "config.json").write_text("{}")
+    (root / "transcoders" / "config.yaml").write_text("model_kind: transcoder_set\n")
+    (root / "manifest.json").write_text("{}")
+    result = CliRunner().invoke(cli, ["toy", "build", "--out", str(root)])
+    assert result.exit_code == 0, result.output
+    assert "--force" in result.output

@@ -1,0 +1,276 @@
+"""End-to-end pipeline throughput: prompts per minute with 1 and 2 workers, and the share of
+time spent outside attribution (queueing, serialisation, ingestion).
+
+For each worker count it starts a fresh local Neo4j and redis-server (temporary homes, free
+ports), N real ``atlas worker`` processes (each on both queues, one torch thread, ``-c 1``),
+warms them up (model load) with a few prompts that are not measured, then enqueues the measured
+batch and waits for the job. The baseline ("peer") is the same attribution run in-process, one
+prompt after the other with no infrastructure at all.
+
+Reported per run:
+    e2e prompts/min           batch size / wall time from enqueue to the job finished
+    attribution-only /min     the in-process baseline with the same thread count per process
+    attribution s (sum)       sum over prompts of attribute + prune time inside the workers
+    outside-attribution share 1 - sum(attribution s) / (wall s * workers): every worker-second
+                              not spent attributing (queue, job records, save/load of the
+                              artifact, ingestion, Celery), as a share of the worker time
+    overhead / attribution    (wall s * workers - sum attribution s) / sum attribution s
+    per-prompt means of each timed stage (from the job records)
+
+Usage: ``python bench/pipeline.py [--prompts 60] [--workers 1 2] [--tiny]``. The toy world is
+used when it exists (``atlas toy build`` or shipped assets), else ``--tiny`` models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _world(tiny: bool, tmp: Path) -> tuple[str, str, list[str], str]:
+    """(model dir, transcoder dir, prompts, name)."""
+    if not tiny:
+        try:
+            from atlas.cli.demo import demo_prompts
+            from atlas.toy import toy_paths
+
+            paths = toy_paths()
+            return str(paths.model_dir), str(paths.transcoder_dir), demo_prompts(400), "toy"
+        except Exception as exc:  # no toy world: fall back to the tiny model
+            print(f"(no toy world: {exc}; using the tiny test model)")
+    from tests.tiny import build_tiny_model, build_tiny_transcoders
+
+    model = build_tiny_model("llama", tmp / "tiny-model")
+    tcs = build_tiny_transcoders(model, tmp / "tiny-tc")
+    words = [
+        "the",
+        "cat",
+        "sat",
+        "on",
+        "a",
+        "mat",
+        "while",
+        "two",
+        "dogs",
+        "ran",
+        "far",
+        "away",
+        "home",
+    ]
+    prompts = [" ".join(words[i % 7 : i % 7 + 3 + i % 5]) + f" {i}" for i in range(400)]
+    return str(model), str(tcs), prompts, "tiny"
+
+
+def _baseline(model: str, tcs: str, prompts: list[str], batch_size: int) -> float:
+    """Seconds per prompt of attribution + pruning in-process (no queue, no store)."""
+    code = f"""
+import json, sys, time, torch
+torch.set_num_threads(1)
+from atlas.models import load_model
+from atlas.transcoders import load_transcoders
+from atlas.attribution import attribute
+m = load_model({model!r}); t = load_transcoders({tcs!r}, m)
+prompts = json.loads(sys.stdin.read())
+attribute(prompts[0], m, t, batch_size={batch_size}).to_graph(prune=True)  # warm-up
+t0 = time.perf_counter()
+for p in prompts:
+    attribute(p, m, t, batch_size={batch_size}).to_graph(prune=True)
+print(json.dumps((time.perf_counter() - t0) / len(prompts)))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        input=json.dumps(prompts),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        check=True,
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _run(
+    n_workers: int,
+    model: str,
+    tcs: str,
+    warm: list[str],
+    prompts: list[str],
+    tmp: Path,
+    split: bool,
+) -> dict[str, Any]:
+    from atlas.cli.jobs import submit, wait_for_job
+    from atlas.jobs import JobStore
+    from atlas.pipeline import PromptSpec
+    from atlas.services import _proc, neo4j_local, redis_local
+    from atlas.settings import AtlasSettings
+    from atlas.store.connection import open_driver
+    from workers.app import make_celery
+
+    home = tmp / f"run-{n_workers}"
+    uri = neo4j_local.start(
+        home=home / "neo4j",
+        port=_proc.free_port(),
+        heap="1g",
+        pagecache="512m",
+        build_root=AtlasSettings().atlas_home / "launcher",
+        die_with_parent=True,
+    )
+    redis = redis_local.start(home / "redis", die_with_parent=True)
+    settings = AtlasSettings(_env_file=None, atlas_home=home, neo4j_uri=uri, redis_url=redis.url)  # type: ignore[call-arg]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "CELERY_"))}
+    env.update(ATLAS_HOME=str(home), NEO4J_URI=uri, REDIS_URL=redis.url, OMP_NUM_THREADS="1")
+    procs: list[subprocess.Popen[bytes]] = []
+    driver = None
+    try:
+        names = []
+        queues = ["attribute" if split else "attribute,ingest"] * n_workers
+        if split:
+            queues.append("ingest")
+        for i, queue in enumerate(queues):
+            name = f"bench-{i}-{os.getpid()}@localhost"
+            names.append(name)
+            with (home / f"worker-{i}.log").open("wb") as log:
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "atlas",
+                            "worker",
+                            "--threads",
+                            "1",
+                            "--name",
+                            name,
+                            "--queues",
+                            queue,
+                        ],
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                        cwd=REPO,
+                    )
+                )
+        app = make_celery(settings)
+        pending = set(names)
+        deadline = time.monotonic() + 300
+        while pending and time.monotonic() < deadline:
+            for reply in app.control.ping(destination=sorted(pending), timeout=1.0):
+                pending -= set(reply)
+        if pending:
+            raise RuntimeError(f"workers not ready: {pending}")
+        driver = open_driver(settings)
+
+        def specs(ps: list[str]) -> list[Any]:
+            return [PromptSpec(prompt=p, model=model, transcoders=tcs) for p in ps]
+
+        job, _ = submit(settings, specs(warm), source="bench warm-up", driver=driver, echo=False)
+        wait_for_job(settings, driver, job, timeout_s=900, show=False, poll_s=0.2)
+
+        t0 = time.monotonic()
+        job, _ = submit(settings, specs(prompts), source="bench", driver=driver, echo=False)
+        summary = wait_for_job(settings, driver, job, timeout_s=3600, show=False, poll_s=0.2)
+        wall = time.monotonic() - t0
+        items = JobStore(driver).items(job)
+    finally:
+        if driver is not None:
+            driver.close()
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        redis_local.stop(home / "redis")
+        neo4j_local.stop(home=home / "neo4j")
+
+    stages = [
+        "queue_s",
+        "load_s",
+        "attribute_s",
+        "prune_s",
+        "save_s",
+        "ingest_queue_s",
+        "load_artifact_s",
+        "ingest_s",
+    ]
+    means = {s: statistics.fmean(i.timings.get(s, 0.0) for i in items) for s in stages}
+    attr = sum(i.timings.get("attribute_s", 0.0) + i.timings.get("prune_s", 0.0) for i in items)
+    worker_s = wall * n_workers
+    return {
+        "workers": n_workers,
+        "topology": "split (N attribute + 1 ingest)" if split else "shared (both queues)",
+        "prompts": len(prompts),
+        "done": summary.done,
+        "failed": summary.failed,
+        "wall_s": wall,
+        "e2e_per_min": summary.done / wall * 60,
+        "attribution_s_sum": attr,
+        "outside_attribution_share": 1 - attr / worker_s,
+        "overhead_over_attribution": (worker_s - attr) / attr if attr else float("nan"),
+        "stage_means_s": means,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--tiny", action="store_true", help="use the tiny test model, not the toy")
+    ap.add_argument(
+        "--topology",
+        choices=["split", "shared"],
+        default="split",
+        help="split: N attribute workers + 1 ingest worker; shared: N workers on both queues",
+    )
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="atlas-bench-pipeline-"))
+    model, tcs, pool, world = _world(args.tiny, tmp)
+    warm, prompts = pool[: args.warmup], pool[args.warmup : args.warmup + args.prompts]
+    print(
+        f"world: {world}  prompts: {len(prompts)}  (+{len(warm)} warm-up)  cpus: {os.cpu_count()}"
+    )
+    base = _baseline(model, tcs, prompts, batch_size=64)
+    print(
+        f"attribution only, in-process, 1 thread: {base:.3f} s/prompt = {60 / base:.1f} prompts/min"
+    )
+    results = []
+    for n in args.workers:
+        r = _run(n, model, tcs, warm, prompts, tmp, split=args.topology == "split")
+        r["baseline_s_per_prompt"] = base
+        r["e2e_vs_attribution_only"] = r["e2e_per_min"] / (60 / base)
+        results.append(r)
+        m = r["stage_means_s"]
+        print(
+            f"\n{n} attribution worker(s), {r['topology']}: {r['done']}/{r['prompts']} done in {r['wall_s']:.1f}s = "
+            f"{r['e2e_per_min']:.1f} prompts/min end to end "
+            f"({r['e2e_vs_attribution_only']:.2f}x the 1-process attribution-only rate)\n"
+            f"  attribution inside workers: {r['attribution_s_sum']:.1f}s summed; outside-"
+            f"attribution share of worker time {r['outside_attribution_share']:.1%} "
+            f"(overhead = {r['overhead_over_attribution']:.1%} of attribution time)\n"
+            "  mean per prompt: "
+            + ", ".join(f"{k.removesuffix('_s')} {v * 1000:.0f}ms" for k, v in m.items())
+        )
+    if args.json:
+        args.json.write_text(json.dumps({"world": world, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""``atlas demo``: prompt selection, and a small end-to-end run (real Neo4j, Redis and workers)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _toy_or_skip() -> None:
+    from atlas.errors import ConfigError
+    from atlas.toy import toy_paths
+
+    try:
+        toy_paths()
+    except ConfigError as exc:
+        pytest.skip(f"no toy world: {exc}")
+
+
+def test_demo_prompts_are_many_unique_and_hand_heavy() -> None:
+    from atlas.cli.demo import demo_prompts
+    from atlas.toy import ToyCorpus
+
+    prompts = demo_prompts(120)
+    assert len(prompts) == 120 == len(set(prompts))
+    assert demo_prompts(120) == prompts  # deterministic
+    facts = {f.prompt: f for f in ToyCorpus(seed=0).facts}
+    assert all(p in facts for p in prompts)
+    hand = [p for p in prompts if "hand" in facts[p].subject]
+    assert len(hand) >= 40
+    assert prompts[: len(hand)] == hand  # every hand fact first
+    families = {facts[p].family for p in prompts}
+    assert {"count", "arith", "colour"} <= families
+    answers = {facts[p].answer for p in prompts}
+    assert "5" in answers and len(answers) >= 5  # other facts have other answers
+    assert len(demo_prompts(200)) == 200
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_stops_what_it_started(tmp_path: Path) -> None:
+    _toy_or_skip()
+    home = tmp_path / "demo"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "REDIS_"))}
+    out = subprocess.run(
+        [sys.executable, "-m", "atlas", "demo", "--home", str(home), "--prompts", "16"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+    text = out.stdout
+    assert "All paths from Hand to '5'" in text
+    assert "atlas.store.queries.PATHS[" in text
+    assert "Top contributors to '5'" in text
+    assert "atlas.store.queries.TOP_CONTRIBUTORS" in text
+    assert "16 done, 0 failed" in out.stderr
+
+    # everything it started is stopped: no live Neo4j or Redis in the demo home
+    from atlas.services import neo4j_local, redis_local
+
+    assert not neo4j_local.status(home=home / "neo4j").running
+    assert redis_local.running(home / "redis") is None
+
+    # a second run skips what the demo atlas already holds
+    again = subprocess.run(
+        [sys.executable, "-m", "atlas", "demo", "--home", str(home), "--prompts", "16"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "16 already in the atlas, 0 to compute" in again.stderr
