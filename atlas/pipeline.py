@@ -307,13 +307,14 @@ def prompt_in_atlas(driver: Any, prompt_id: str) -> bool:
     return prompt_id in prompts_present(driver, [prompt_id])
 
 
-def _ingest(driver: Any, graph: Graph, settings: AtlasSettings, *, force: bool) -> None:
+def _ingest(driver: Any, graph: Graph, settings: AtlasSettings, *, force: bool) -> bool:
+    """Store one graph; True when it was written, False when the prompt was already there."""
     from atlas.store.ingest import ingest_graph
 
     if force:
         _delete_prompt(driver, graph.prompt_id, settings)
     try:
-        ingest_graph(
+        result = ingest_graph(
             driver,
             graph,
             database=settings.neo4j_database,
@@ -321,6 +322,7 @@ def _ingest(driver: Any, graph: Graph, settings: AtlasSettings, *, force: bool) 
             min_abs_weight=settings.ingest_min_abs_weight,
             max_edges=settings.ingest_max_edges,
         )
+        return bool(result.created)
     except AtlasError:
         raise
     except Exception as exc:
@@ -331,14 +333,11 @@ def _ingest(driver: Any, graph: Graph, settings: AtlasSettings, *, force: bool) 
 
 
 def _delete_prompt(driver: Any, prompt_id: str, settings: AtlasSettings) -> None:
-    """Remove a stored prompt before a forced re-ingestion (the store's code, if it has one)."""
-    from atlas.store import ingest as store_ingest
+    """Remove a stored prompt before a forced re-ingestion (with its share of the aggregates)."""
+    from atlas.store.ingest import delete_prompt
 
-    delete = getattr(store_ingest, "delete_prompt", None)
-    if delete is None:
-        log.warning("forced re-ingestion of %s: the store cannot delete prompts; kept", prompt_id)
-        return
-    delete(driver, prompt_id)
+    if delete_prompt(driver, prompt_id, database=settings.neo4j_database):
+        log.info("forced re-ingestion: removed the stored prompt %s first", prompt_id)
 
 
 # --------------------------------------------------------------------------- steps
@@ -490,15 +489,13 @@ def ingest_step(payload: IngestPayload, settings: AtlasSettings, *, driver: Any)
     if payload.enqueued_at is not None:
         timings["ingest_queue_s"] = max(0.0, time.time() - payload.enqueued_at)
     t0 = time.perf_counter()
-    if not payload.force and prompt_in_atlas(driver, payload.prompt_id):
-        outcome: Outcome = "present"
-    else:
-        graph = Graph.load(payload.artifact)
-        timings["load_artifact_s"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        _ingest(driver, graph, settings, force=payload.force)
-        timings["ingest_s"] = time.perf_counter() - t1
-        outcome = "ingested"
+    graph = Graph.load(payload.artifact)
+    timings["load_artifact_s"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    # the store's ingestion is idempotent: a prompt already stored is left as is
+    created = _ingest(driver, graph, settings, force=payload.force)
+    timings["ingest_s"] = time.perf_counter() - t1
+    outcome: Outcome = "ingested" if created else "present"
     if payload.job_id is not None and payload.item is not None:
         JobStore(driver).mark(
             payload.job_id, payload.item, state="done", prompt_id=payload.prompt_id, timings=timings

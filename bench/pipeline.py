@@ -2,19 +2,21 @@
 time spent outside attribution (queueing, serialisation, ingestion).
 
 For each worker count it starts a fresh local Neo4j and redis-server (temporary homes, free
-ports), N real ``atlas worker`` processes (each on both queues, one torch thread, ``-c 1``),
-warms them up (model load) with a few prompts that are not measured, then enqueues the measured
-batch and waits for the job. The baseline ("peer") is the same attribution run in-process, one
-prompt after the other with no infrastructure at all.
+ports) and real ``atlas worker`` processes (one torch thread, ``-c 1``): with ``--topology split``
+(the default, as deployed: GPU workers attribute, a CPU worker ingests) N workers on the
+``attribute`` queue plus one on ``ingest``; with ``shared`` N workers on both queues. It warms
+them up (model load) with a few prompts that are not measured, then enqueues the measured batch
+and waits for the job. The baseline ("peer") is the same attribution run in-process, one prompt
+after the other, with no infrastructure at all.
 
 Reported per run:
     e2e prompts/min           batch size / wall time from enqueue to the job finished
     attribution-only /min     the in-process baseline with the same thread count per process
     attribution s (sum)       sum over prompts of attribute + prune time inside the workers
-    outside-attribution share 1 - sum(attribution s) / (wall s * workers): every worker-second
-                              not spent attributing (queue, job records, save/load of the
-                              artifact, ingestion, Celery), as a share of the worker time
-    overhead / attribution    (wall s * workers - sum attribution s) / sum attribution s
+    outside-attribution share 1 - sum(attribution s) / (wall s * N): every attribution-worker
+                              second not spent attributing (queue, job records, artifact
+                              save, Celery; with ``shared`` also ingestion), as a share
+    overhead / attribution    (wall s * N - sum attribution s) / sum attribution s
     per-prompt means of each timed stage (from the job records)
 
 Usage: ``python bench/pipeline.py [--prompts 60] [--workers 1 2] [--tiny]``. The toy world is

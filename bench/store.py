@@ -338,6 +338,14 @@ def run_queries(driver: neo4j.Driver, args: argparse.Namespace) -> dict[str, Any
             min_weight=mw,
             limit=20,
         ),
+        "paths feature->logit |w|>=0.3": lambda: read.paths(
+            driver,
+            rng.choice(low_layer),
+            f"logit:{rng.choice(words)}",
+            max_hops=hops,
+            min_weight=0.3,
+            limit=20,
+        ),
         "paths feature->feature": lambda: read.paths(
             driver, rng.choice(low_layer), rng.choice(mid), max_hops=hops, min_weight=mw, limit=20
         ),

@@ -5,7 +5,8 @@ Usage::
     .venv/bin/python bench/toy_report.py [--prompt "a hand has"] [--answer 5] [--source hand]
 
 1. Labels every transcoder feature with its top-activating tokens on training-split corpus text
-   (the word the feature fires on, with the word before it for context).
+   (the words the feature fires on) and, after "=>", the two output tokens its decoder vector
+   promotes most through the unembedding (logit lens).
 2. Attributes the prompt with ``atlas.attribution.attribute`` on the shipped toy world.
 3. Prints the features feeding the answer's logit, the features active on the source token and
    the top paths ``source token -> feature(s) -> logit`` ranked by the product of row-normalised
@@ -33,7 +34,7 @@ def feature_labels(
     acts = collect_activations(model, tokenizer, docs, sorted(tensors))
     words: list[str] = []
     for doc in docs:
-        ids = tokenizer(doc).input_ids[:64]
+        ids = tokenizer(doc, truncation=True, max_length=64).input_ids
         toks = tokenizer.convert_ids_to_tokens(ids)
         words.extend(f"{toks[i - 1]} [{toks[i]}]" for i in range(1, len(toks)))
     labels: dict[tuple[int, int], str] = {}
@@ -53,6 +54,15 @@ def feature_labels(
                 if word not in seen:
                     seen.append(word)
             labels[(layer, f)] = " | ".join(seen[:3]) if seen else "(dead)"
+    # logit lens: which output tokens each feature's decoder vector promotes most directly
+    unembed = model.get_output_embeddings().weight.detach()
+    norm_w = model.model.norm.weight.detach()
+    for layer, t in tensors.items():
+        lens = (t["W_dec"] * norm_w) @ unembed.T
+        top = lens.topk(2, dim=1).indices
+        for f in range(top.shape[0]):
+            outs = "|".join(tokenizer.convert_ids_to_tokens(top[f].tolist()))
+            labels[(layer, f)] += f" => {outs}"
     return labels
 
 

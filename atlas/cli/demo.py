@@ -175,21 +175,33 @@ def _cypher_pointer(name: str, text: str) -> None:
         click.echo(click.style(f"    {line}", dim=True))
 
 
-def _print_answer(driver: Any, settings: Any, max_hops: int, limit: int) -> dict[str, Any]:
+def _prompt_texts(driver: Any, settings: Any, ids: list[str]) -> dict[str, str]:
+    from atlas.store import queries as q
+
+    with driver.session(database=settings.neo4j_database) as session:
+        rows = session.run(q.PROMPT_TEXTS, prompt_ids=ids).data()
+    return {r["prompt_id"]: r["text"] or "" for r in rows}
+
+
+def _print_answer(
+    driver: Any, settings: Any, max_hops: int, min_weight: float, limit: int
+) -> dict[str, Any]:
     from rich.console import Console
     from rich.table import Table
 
     from atlas.store import queries as q
     from atlas.store.read import paths, top_contributors
 
-    console = Console()
+    console = Console(width=max(140, Console().width))
     db = settings.neo4j_database
     result = paths(
         driver,
         f"supernode:{HAND}",
         f"logit:{TARGET}",
         max_hops=max_hops,
+        min_weight=min_weight,
         limit=100_000,
+        cap=100_000,
         database=db,
     )
     found, aggregate = result["paths"], result["aggregate"]
@@ -197,7 +209,8 @@ def _print_answer(driver: Any, settings: Any, max_hops: int, limit: int) -> dict
     click.echo()
     click.echo(
         click.style(f"All paths from {HAND} to '{TARGET}' across the atlas", bold=True)
-        + f" (1..{max_hops} hops, {sum(g['n_paths'] for g in aggregate)} paths"
+        + f" (1..{max_hops} hops, every edge |w| >= {min_weight:g}: "
+        + f"{sum(g['n_paths'] for g in aggregate)} paths"
         + f" in {n_prompts} prompts"
         + (", capped" if result.get("truncated") else "")
         + ")"
@@ -212,10 +225,12 @@ def _print_answer(driver: Any, settings: Any, max_hops: int, limit: int) -> dict
         )
     console.print(table)
     if found:
+        top = found[: min(10, limit)]
+        texts = _prompt_texts(driver, settings, sorted({p["prompt"] for p in top}))
         table = Table("prompt", "nodes", "weights", "score", title="strongest single paths")
-        for p in found[: min(10, limit)]:
+        for p in top:
             table.add_row(
-                p["prompt"][:12],
+                repr(texts.get(p["prompt"], p["prompt"][:12])),
                 " -> ".join(p["nodes"]),
                 ", ".join(f"{w:+.3g}" for w in p["weights"]),
                 f"{p['score']:+.4g}",
@@ -223,7 +238,8 @@ def _print_answer(driver: Any, settings: Any, max_hops: int, limit: int) -> dict
         console.print(table)
     _cypher_pointer(f"PATHS[{max_hops}]  (built from _PATHS_TEMPLATE)", q.PATHS[max_hops])
     click.echo(
-        f"CLI: atlas query paths --from supernode:{HAND} --to logit:{TARGET} --max-hops {max_hops}"
+        f"CLI: atlas query paths --from supernode:{HAND} --to logit:{TARGET} "
+        f"--max-hops {max_hops} --min-weight {min_weight:g}"
     )
 
     rows = top_contributors(driver, f"logit:{TARGET}", limit=15, database=db)
@@ -268,10 +284,23 @@ def _print_answer(driver: Any, settings: Any, max_hops: int, limit: int) -> dict
 )
 @click.option("--fresh", is_flag=True, help="Wipe the demo atlas first (recompute everything).")
 @click.option("--max-hops", type=int, default=3, show_default=True)
+@click.option(
+    "--min-weight",
+    type=float,
+    default=0.3,
+    show_default=True,
+    help="Paths use only edges with |weight| at least this (0: every edge; thousands of paths).",
+)
 @click.option("--limit", type=int, default=15, show_default=True, help="Rows per table.")
 @click.option("--timeout", "timeout_s", type=float, default=1800, show_default=True)
 def demo(
-    n_prompts: int, home: Path | None, fresh: bool, max_hops: int, limit: int, timeout_s: float
+    n_prompts: int,
+    home: Path | None,
+    fresh: bool,
+    max_hops: int,
+    min_weight: float,
+    limit: int,
+    timeout_s: float,
 ) -> None:
     """Run the whole pipeline on the toy world and answer "all paths from Hand to '5'"."""
     from atlas.services import _proc, neo4j_local, redis_local
@@ -378,7 +407,7 @@ def demo(
                 raise AtlasError("no feature label mentions hand/finger: nothing to trace")
 
         with steps.step("querying the atlas"):
-            stats = _print_answer(driver, settings, max_hops, limit)
+            stats = _print_answer(driver, settings, max_hops, min_weight, limit)
         click.echo(
             f"\ndemo: {summary.done} prompts in the atlas, {stats['n_paths']} paths "
             f"Hand -> '{TARGET}' over {stats['n_routes']} routes; total {steps.total:.0f}s",

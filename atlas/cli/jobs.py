@@ -9,6 +9,7 @@ pipeline works with nothing but the local Neo4j. Either way a job record is kept
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -23,6 +24,8 @@ from atlas.cli import get_settings
 from atlas.errors import ConfigError, InputError, ServiceUnavailable
 
 DEFAULT_QUEUES = "attribute,ingest"
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- helpers (library-ish)
@@ -228,8 +231,10 @@ def wait_for_job(
 ) -> Any:
     """Poll the job record until every item is done or failed; returns the final summary.
 
-    ``requeue_after_s``: items that nothing touched for that long are sent again (safe: the
-    tasks are idempotent). It covers messages lost with a Redis that had no persistence.
+    ``requeue_after_s``: when the job has made no progress at all for that long, its active
+    items that nothing touched for that long are sent again (safe: the tasks are idempotent).
+    It covers messages lost with a Redis that had no persistence; messages lost with a dead
+    worker are Celery's to redeliver (visibility timeout).
     """
     from atlas.jobs import JobStore
 
@@ -237,7 +242,8 @@ def wait_for_job(
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     summary = store.summary(job_id)
     view = _ProgressView(summary) if show else None
-    last_requeue = time.monotonic()
+    last_change = time.monotonic()
+    state = (summary.done, summary.failed, summary.running, summary.queued)
     try:
         if view is not None:
             view.__enter__()
@@ -254,13 +260,18 @@ def wait_for_job(
                 continue  # Neo4j blip: keep waiting
             if view is not None:
                 view.update(summary)
-            if (
+            now_state = (summary.done, summary.failed, summary.running, summary.queued)
+            if now_state != state:
+                state, last_change = now_state, time.monotonic()
+            elif (
                 requeue_after_s
                 and settings.redis_url
-                and time.monotonic() - last_requeue > requeue_after_s
+                and time.monotonic() - last_change > requeue_after_s
             ):
-                last_requeue = time.monotonic()
-                requeue_stale(settings, driver, job_id, stale_s=requeue_after_s)
+                last_change = time.monotonic()
+                n = requeue_stale(settings, driver, job_id, stale_s=requeue_after_s)
+                if n:
+                    log.warning("job %s stalled: re-sent %d items", job_id, n)
     finally:
         if view is not None:
             view.__exit__(None, None, None)
@@ -286,6 +297,12 @@ def requeue_stale(settings: Any, driver: Any, job_id: str, *, stale_s: float) ->
     return len(payloads)
 
 
+def _stall_s(settings: Any) -> float:
+    """No progress for this long means lost messages: above the visibility timeout, after
+    which Celery itself redelivers what a dead worker held."""
+    return float(settings.celery_visibility_timeout_s) + 60.0
+
+
 def _finish(settings: Any, driver: Any, job_id: str, wait: bool, timeout_s: float | None) -> None:
     """Print the job id (stdout); with --wait, wait and report, exit 1 if some prompts failed."""
     from atlas.jobs import JobStore
@@ -294,7 +311,9 @@ def _finish(settings: Any, driver: Any, job_id: str, wait: bool, timeout_s: floa
     if settings.redis_url and not wait:
         return
     summary = (
-        wait_for_job(settings, driver, job_id, timeout_s=timeout_s, requeue_after_s=300.0)
+        wait_for_job(
+            settings, driver, job_id, timeout_s=timeout_s, requeue_after_s=_stall_s(settings)
+        )
         if settings.redis_url
         else JobStore(driver).summary(job_id)
     )
@@ -439,7 +458,9 @@ def jobs_status(
     try:
         store = JobStore(driver)
         summary = (
-            wait_for_job(settings, driver, job_id, timeout_s=timeout_s, requeue_after_s=300.0)
+            wait_for_job(
+                settings, driver, job_id, timeout_s=timeout_s, requeue_after_s=_stall_s(settings)
+            )
             if wait
             else store.summary(job_id)
         )

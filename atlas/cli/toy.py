@@ -51,13 +51,16 @@ def build(out: Path | None, seed: int, force: bool, quiet: bool) -> None:
     default=None,
     help="Toy directory (default: the shipped assets, else {ATLAS_HOME}/toy).",
 )
+@click.option(
+    "--docs", type=int, default=256, show_default=True, help="Held-out documents for the FVU."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def eval_cmd(root: Path | None, as_json: bool) -> None:
+def eval_cmd(root: Path | None, docs: int, as_json: bool) -> None:
     """Fact accuracy of the toy model and held-out FVU / L0 / dead features of its transcoders."""
     from atlas.toy.build import ToyPaths, evaluate_toy, toy_paths
 
     paths = ToyPaths.at(root) if root else toy_paths(get_settings().atlas_home)
-    result = evaluate_toy(paths)
+    result = evaluate_toy(paths, eval_docs=docs)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

@@ -112,6 +112,12 @@ WHERE i.state IN ['queued', 'attributing', 'ingesting'] AND i.updated_at < $befo
 RETURN i.idx AS idx, i.spec AS spec, i.state AS state
 ORDER BY i.idx
 """
+# text of prompts by id (the demo prints prompts, not hashes)
+PROMPT_TEXTS = """
+UNWIND $prompt_ids AS pid
+MATCH (p:Prompt {id: pid})
+RETURN p.id AS prompt_id, p.text AS text
+"""
 # =========================================================================== end of jobs section
 
 # =========================================================================== graph model
@@ -377,8 +383,12 @@ RETURN ref, t IS NOT NULL AS is_token, coalesce(t.text, f.label) AS text,
 # Paths of 1..H edges inside one prompt (node keys embed the prompt id, so EDGE never crosses
 # prompts). Cypher needs a literal upper bound on the quantifier: one text per H, built below
 # from a fixed template with an integer from a closed range (never from user text).
+# The target's prompts are found first (one index seek), so start nodes in prompts without the
+# target are never expanded; the weight filter sits inside the quantified pattern.
 _PATHS_TEMPLATE = """
-MATCH (a:Node) WHERE a.ref IN $from_refs AND a.kind = $from_kind
+MATCH (b0:Node) WHERE b0.ref IN $to_refs AND b0.kind = $to_kind
+WITH collect(DISTINCT b0.prompt) AS prompts
+MATCH (a:Node) WHERE a.ref IN $from_refs AND a.kind = $from_kind AND a.prompt IN prompts
 MATCH p = (a) ((u:Node)-[e:EDGE WHERE abs(e.w) >= $min_weight]->(v:Node)){1,__H__} (b:Node)
 WHERE b.ref IN $to_refs AND b.kind = $to_kind
 RETURN a.prompt AS prompt,

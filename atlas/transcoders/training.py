@@ -35,7 +35,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -98,7 +98,6 @@ class TranscoderTrainConfig:
     """Skip position 0 (BOS), as the attribution engine zeroes features there."""
     checkpoint_every: int = 10
     """Chunks between checkpoints (when a checkpoint directory is given)."""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.d_transcoder <= 0 or self.chunks <= 0 or self.batch_tokens <= 0:
@@ -185,7 +184,7 @@ def collect_activations(
     try:
         for start in range(0, len(texts), docs_per_forward):
             batch = list(texts[start : start + docs_per_forward])
-            enc = [tokenizer(t).input_ids[:max_length] for t in batch]
+            enc = [tokenizer(t, truncation=True, max_length=max_length).input_ids for t in batch]
             width = max(len(ids) for ids in enc)
             ids_t = torch.full((len(enc), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(enc), width), dtype=torch.bool)

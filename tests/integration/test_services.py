@@ -142,7 +142,9 @@ def test_launcher_lifecycle_persistence_and_faults(tmp_path: Path) -> None:
     assert not neo4j_local.status(home=home).running
     assert not neo4j_local.stop(home=home)
 
-    # restart through the CLI (local mode: no NEO4J_URI), on the same store
+    # restart through the CLI (local mode: no NEO4J_URI), on the same store; the launcher build
+    # under ATLAS_HOME is the shared one, so Maven does not run again
+    (tmp_path / "launcher").symlink_to(_launcher_build_root(), target_is_directory=True)
     env = {
         "ATLAS_HOME": str(tmp_path),
         "NEO4J_BOLT_PORT": str(port),

@@ -197,6 +197,66 @@ def test_errors_are_sorted_into_transient_and_permanent() -> None:
     assert transient is False and reason == "RuntimeError: boom"
 
 
+def test_transient_faults_are_retried_with_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    from atlas import pipeline
+
+    sleeps: list[float] = []
+    monkeypatch.setattr(pipeline.time, "sleep", sleeps.append)
+    calls = iter([ServiceUnavailable("Neo4j down"), ServiceUnavailable("Neo4j down"), None])
+
+    def step() -> pipeline.StepResult:
+        exc = next(calls)
+        if exc is not None:
+            raise exc
+        return pipeline.StepResult(outcome="computed")
+
+    assert pipeline.run_with_retries(step, base_delay_s=1.0).outcome == "computed"
+    assert sleeps == [1.0, 2.0]  # exponential backoff
+
+    sleeps.clear()
+    with pytest.raises(InputError):  # permanent: raised at once, never retried
+        pipeline.run_with_retries(lambda: (_ for _ in ()).throw(InputError("bad prompt")))
+    assert sleeps == []
+
+
+def test_task_retry_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Celery wrapper retries transient faults (with growing countdowns) up to a cap,
+    then records the item failed; permanent faults are recorded at once."""
+    import workers.tasks as tasks
+
+    class _Retry(Exception):
+        pass
+
+    class _Task:
+        name = "atlas.attribute"
+
+        def __init__(self, retries: int) -> None:
+            self.request = type("R", (), {"retries": retries})()
+            self.countdowns: list[float] = []
+
+        def retry(self, exc: BaseException, countdown: float, max_retries: int) -> Exception:
+            self.countdowns.append(countdown)
+            return _Retry()
+
+    recorded: list[tuple[Any, Any, str]] = []
+    monkeypatch.setattr(tasks, "get_driver", lambda: "driver")
+    monkeypatch.setattr(
+        tasks.pipeline, "record_failure", lambda d, j, i, reason: recorded.append((j, i, reason))
+    )
+    first, later = _Task(0), _Task(5)
+    for task in (first, later):
+        with pytest.raises(_Retry):
+            tasks._retry_or_fail(task, ServiceUnavailable("Redis down"), "job", 1)
+    assert 2.0 <= first.countdowns[0] <= 2.5 and later.countdowns[0] >= 64.0
+    assert recorded == []
+
+    out = tasks._retry_or_fail(_Task(tasks.MAX_RETRIES), ServiceUnavailable("down"), "job", 2)
+    assert out["outcome"] == "failed" and "gave up after" in out["reason"]
+    out = tasks._retry_or_fail(_Task(0), InputError("prompt too long"), "job", 3)
+    assert out["outcome"] == "failed" and out["reason"] == "prompt too long"
+    assert [(j, i) for j, i, _ in recorded] == [("job", 2), ("job", 3)]
+
+
 def test_out_of_memory_halves_the_batch_then_fails_permanently(
     monkeypatch: pytest.MonkeyPatch, neo4j_settings: Any
 ) -> None:

@@ -205,9 +205,10 @@ def test_cli_toy_eval_reports_accuracy_and_fvu() -> None:
 
     from atlas.cli import cli
 
-    result = CliRunner().invoke(cli, ["toy", "eval", "--dir", str(SHIPPED.root), "--json"])
+    args = ["toy", "eval", "--dir", str(SHIPPED.root), "--docs", "32", "--json"]
+    result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert report["accuracy_train"]["all"] > 0.9
     assert len(report["transcoders"]) == 4
     assert all(r["fvu"] < 0.2 and r["l0"] <= 32 for r in report["transcoders"])
