@@ -1,9 +1,10 @@
 # Circuit Atlas: the two commands are `make test` and `make demo`; each sets up what it needs.
-.PHONY: setup test demo lint fmt typecheck db-start db-stop db-status help
+.PHONY: setup test demo smoke lint fmt typecheck db-start db-stop db-status help
 
 help:
 	@echo "make test   set-up + ruff format --check + ruff check + mypy + pytest (what CI runs)"
 	@echo "make demo   set-up + atlas demo (or the services placeholder)"
+	@echo "make smoke  set-up + services check (Neo4j + schema, Redis, a task through a worker)"
 	@echo "make setup  only the idempotent set-up (.venv, Redis, Java, Maven, launcher build)"
 
 setup:
@@ -14,6 +15,9 @@ test:
 
 demo:
 	dev/demo.sh
+
+smoke: setup
+	.venv/bin/python dev/services_demo.py
 
 lint:
 	.venv/bin/ruff format --check .

@@ -93,6 +93,13 @@ CASES: dict[str, dict[str, Any]] = {
         "prompts": [
             {"slug": "hello_world", "prompt": "hello world"},
             {"slug": "sum", "prompt": "2 + 3 = 5"},
+            {
+                "slug": "cat_maxnodes",
+                "prompt": "The cat sat",
+                "max_feature_nodes": 40,
+                "batch_size": 8,
+                "update_interval": 2,
+            },
         ],
     },
 }

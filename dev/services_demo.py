@@ -1,4 +1,4 @@
-"""Placeholder for ``make demo`` until ``atlas demo`` exists: exercise the services end to end.
+"""``make smoke`` (and ``make demo`` where ``atlas demo`` is missing): the services end to end.
 
 Starts the local Neo4j (unless NEO4J_URI is set or it already runs) and a local redis-server
 (unless REDIS_URL is set), runs ``atlas db init``, round-trips the ``atlas.ping`` task through a

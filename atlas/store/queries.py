@@ -243,7 +243,7 @@ CALL () {
       g.min_w = CASE WHEN r.w < g.min_w THEN r.w ELSE g.min_w END
 }
 CALL () {
-  MATCH (s:Supernode)-[:HAS]->(:Feature)<-[:OF]-(a:FeatureNode {prompt: $id})
+  MATCH (s:Supernode)-[:HAS]->(:Feature)<-[:OF]-(a:Node:FeatureNode {prompt: $id})
   MATCH (a)-[e:EDGE]->(b:FeatureNode)-[:OF]->(:Feature)<-[:HAS]-(t:Supernode)
   WHERE s <> t
   WITH s, t, sum(e.w) AS w
@@ -262,7 +262,7 @@ SET p.complete = true, p.ingested_at = datetime()
 # The prompt's contribution to AGG is subtracted; max/min are recomputed from the other prompts'
 # instance edges of the same feature pair; pairs left with no prompt are deleted.
 DELETE_PROMPT_AGG = """
-MATCH (a:FeatureNode {prompt: $id})-[e:EDGE]->(b:FeatureNode)
+MATCH (a:Node:FeatureNode {prompt: $id})-[e:EDGE]->(b:FeatureNode)
 MATCH (a)-[:OF]->(fa:Feature)
 MATCH (b)-[:OF]->(fb:Feature)
 WITH fa, fb, sum(e.w) AS w
@@ -284,7 +284,7 @@ CALL (g) {
 """
 
 DELETE_PROMPT_FEATURE_STATS = """
-MATCH (n:FeatureNode {prompt: $id})-[:OF]->(f:Feature)
+MATCH (n:Node:FeatureNode {prompt: $id})-[:OF]->(f:Feature)
 WITH f, max(coalesce(n.activation, 0.0)) AS act
 SET f.n_prompts = f.n_prompts - 1, f.sum_act = f.sum_act - act
 WITH f
@@ -344,7 +344,7 @@ RETURN p.meta_json AS meta_json, p.input_ids AS input_ids
 """
 
 PROMPT_SUPERNODES = """
-MATCH (s:Supernode)-[:HAS]->(:Feature)<-[:OF]-(n:FeatureNode {prompt: $id})
+MATCH (s:Supernode)-[:HAS]->(:Feature)<-[:OF]-(n:Node:FeatureNode {prompt: $id})
 RETURN s.name AS name, collect(n.id) AS ids ORDER BY name
 """
 
@@ -404,7 +404,7 @@ PATHS: dict[int, str] = {
 }
 
 ACTIVE_PROMPTS = """
-MATCH (n:FeatureNode) WHERE n.ref IN $refs
+MATCH (n:Node:FeatureNode) WHERE n.ref IN $refs
 WITH n.prompt AS prompt, max(n.activation) AS max_activation,
      min(n.influence) AS best_influence, count(n) AS n_instances,
      collect(DISTINCT n.pos) AS positions
@@ -414,7 +414,7 @@ ORDER BY max_activation DESC LIMIT $limit
 """
 
 TOP_CONTRIBUTORS = """
-MATCH (l:LogitNode) WHERE l.ref IN $refs
+MATCH (l:Node:LogitNode) WHERE l.ref IN $refs
 MATCH (s:Node)-[e:EDGE]->(l)
 WITH coalesce(s.ref, s.kind + ':' + toString(s.layer)) AS source, s.kind AS kind,
      s.layer AS layer, e.w AS w, l.prompt AS prompt
@@ -469,7 +469,7 @@ ORDER BY abs(weight) DESC
 
 # Two prompts side by side: active features (by global feature) and feature-feature edges.
 COMPARE_FEATURES = """
-MATCH (n:FeatureNode) WHERE n.prompt IN [$a, $b]
+MATCH (n:Node:FeatureNode) WHERE n.prompt IN [$a, $b]
 WITH n.ref AS ref, n.prompt AS prompt, max(n.activation) AS act
 WITH ref, collect([prompt, act]) AS acts
 OPTIONAL MATCH (f:Feature {fid: ref})
@@ -479,7 +479,7 @@ RETURN ref, f.label AS label,
 """
 
 COMPARE_EDGES = """
-MATCH (s:FeatureNode)-[e:EDGE]->(t:FeatureNode) WHERE s.prompt IN [$a, $b]
+MATCH (s:Node:FeatureNode)-[e:EDGE]->(t:FeatureNode) WHERE s.prompt IN [$a, $b]
 WITH s.ref AS source, t.ref AS target, s.prompt AS prompt, sum(e.w) AS w
 WITH source, target, collect([prompt, w]) AS ws
 WHERE size(ws) = 2

@@ -47,7 +47,7 @@ def test_demo_runs_end_to_end_and_stops_what_it_started(tmp_path: Path) -> None:
     home = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "REDIS_"))}
     out = subprocess.run(
-        [sys.executable, "-m", "atlas", "demo", "--home", str(home), "--prompts", "16"],
+        [sys.executable, "-m", "atlas", "demo", "--home", str(home), "--prompts", "12"],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -60,22 +60,10 @@ def test_demo_runs_end_to_end_and_stops_what_it_started(tmp_path: Path) -> None:
     assert "atlas.store.queries.PATHS[" in text
     assert "Top contributors to '5'" in text
     assert "atlas.store.queries.TOP_CONTRIBUTORS" in text
-    assert "16 done, 0 failed" in out.stderr
+    assert "12 done, 0 failed" in out.stderr
 
     # everything it started is stopped: no live Neo4j or Redis in the demo home
     from atlas.services import neo4j_local, redis_local
 
     assert not neo4j_local.status(home=home / "neo4j").running
     assert redis_local.running(home / "redis") is None
-
-    # a second run skips what the demo atlas already holds
-    again = subprocess.run(
-        [sys.executable, "-m", "atlas", "demo", "--home", str(home), "--prompts", "16"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "16 already in the atlas, 0 to compute" in again.stderr
