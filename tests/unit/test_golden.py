@@ -285,6 +285,8 @@ def test_interchange_json_matches_circuit_tracer_export(case: str, prompt: dict[
         assert len(ol.keys() ^ rl.keys()) <= max(2, len(rl) // 1000)
     for k in ol.keys() & rl.keys():
         assert ol[k] == pytest.approx(rl[k], rel=RTOL, abs=1e-6)
-    # and our export is a lossless round trip of our graph
-    back = graph_from_json(json.loads(json.dumps(ours)))
+    # our export passes Neuronpedia's upload schema and is a lossless round trip of our graph
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(ours, json.loads((GOLDEN / "neuronpedia-graph-schema.json").read_text()))
+    back = graph_from_json(json.loads(json.dumps(ours, allow_nan=False)))
     assert back.n_nodes == g.n_nodes and back.n_edges == g.n_edges

@@ -176,7 +176,6 @@ def test_shipped_transcoders_have_circuit_tracer_layout() -> None:
         assert {"W_enc", "W_dec", "b_enc", "b_dec", "activation_function.threshold"} <= set(t)
 
 
-@pytest.mark.slow
 def test_build_is_deterministic(tmp_path: Path) -> None:
     from atlas.toy.build import ToyBuildConfig, build_toy
 
