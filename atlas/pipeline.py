@@ -360,9 +360,9 @@ def attribute_step(
 
     spec = payload.spec
     jobs = JobStore(driver)
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {"started_at": time.time()}
     if payload.enqueued_at is not None:
-        timings["queue_s"] = max(0.0, time.time() - payload.enqueued_at)
+        timings["queue_s"] = max(0.0, timings["started_at"] - payload.enqueued_at)
     if payload.job_id is not None and payload.item is not None:
         jobs.mark(payload.job_id, payload.item, state="attributing", attempt=True)
 
@@ -398,6 +398,7 @@ def attribute_step(
         graph.save(path)
         timings["save_s"] = time.perf_counter() - t1
 
+    timings["handed_off_at"] = time.time()
     ingest = IngestPayload(
         prompt_id=prompt_id,
         artifact=str(path),

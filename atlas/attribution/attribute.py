@@ -155,9 +155,7 @@ def _attribute(
     input_ids = model.to_input_ids(prompt)
     limit = max_seq_len or model.max_positions
     if limit is not None and input_ids.shape[0] > limit:
-        raise InputError(
-            f"prompt has {input_ids.shape[0]} tokens, more than the limit of {limit}"
-        )
+        raise InputError(f"prompt has {input_ids.shape[0]} tokens, more than the limit of {limit}")
     n_layers, n_pos = model.n_layers, int(input_ids.shape[0])
 
     pre: Precomputed = precompute(model, transcoders, input_ids)

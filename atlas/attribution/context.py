@@ -186,7 +186,6 @@ def build_blocks(
     return blocks
 
 
-
 def _zeros_like_input(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Stand-in MLP forward in the frozen pass: its output is replaced by the clean value."""
     return torch.zeros_like(x)
@@ -220,6 +219,7 @@ class ReplacementContext:
         self.n_cols = self.n_feat + (self.n_layers + 1) * self.n_pos
         self.blocks = blocks if blocks is not None else build_blocks(model, tset, pre)
         self._frozen: Any = None
+        self.final: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ frozen forward
     def __enter__(self) -> ReplacementContext:
@@ -262,9 +262,9 @@ class ReplacementContext:
                 handles.append(in_mod.register_forward_pre_hook(in_hook))
             handles.append(out_mod.register_forward_hook(out_hook))
 
-        for layer in adapter.layers(hf):
-            mlp = getattr(layer, adapter.mlp_attr)
-            mlp.forward = _zeros_like_input  # type: ignore[method-assign]
+        for block in adapter.layers(hf):
+            mlp = getattr(block, adapter.mlp_attr)
+            mlp.forward = _zeros_like_input
             self._patched_mlps.append(mlp)
         self._frozen = frozen(model)
         self._frozen.__enter__()
@@ -290,7 +290,7 @@ class ReplacementContext:
         if self._frozen is not None:
             self._frozen.__exit__(None, None, None)
             self._frozen = None
-        self.final = None  # type: ignore[assignment]
+        self.final = None
         self.targets_in = [None] * self.n_layers
 
     # ------------------------------------------------------------------ backward
@@ -324,7 +324,7 @@ class ReplacementContext:
             outputs.append(tensor)
             grads_out.append(g)
         top = max(layers_l)
-        inputs = [self.delta_emb] + self.deltas[:top]
+        inputs = [self.delta_emb, *self.deltas[:top]]
         grads = torch.autograd.grad(
             outputs, inputs, grads_out, retain_graph=True, allow_unused=True
         )

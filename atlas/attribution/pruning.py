@@ -58,7 +58,9 @@ def _blocks(n: int, block: int) -> range:
     return range(0, n, block)
 
 
-def row_sums(adj: torch.Tensor, col_mask: torch.Tensor | None = None, block: int = DEFAULT_BLOCK_ROWS) -> torch.Tensor:
+def row_sums(
+    adj: torch.Tensor, col_mask: torch.Tensor | None = None, block: int = DEFAULT_BLOCK_ROWS
+) -> torch.Tensor:
     """``sum_s |A[t, s]|`` (optionally over masked columns only), streamed."""
     n = adj.shape[0]
     out = torch.empty(n, dtype=torch.float32, device=adj.device)

@@ -200,7 +200,14 @@ class AttributionResult:
             edge_target=et,
             edge_source=es,
             edge_weight=weights,
-            **cols,
+            kind=cols["kind"],
+            layer=cols["layer"],
+            pos=cols["pos"],
+            feature=cols["feature"],
+            token_id=cols["token_id"],
+            activation=cols["activation"],
+            influence=cols["influence"],
+            logit_prob=cols["logit_prob"],
         )
 
 

@@ -30,9 +30,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 @click.option("--revision", default=None, help="Hub revision of the model.")
 @click.option("--memory-limit-mb", type=int, default=None, help="Cap the batch to fit this.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option(
-    "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path)
-)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 def attribute(
     model_ref: str,
     tc_ref: str,

@@ -79,31 +79,32 @@ def register_frozen_attention() -> None:
     _registered = True
 
 
-def _frozen_rms(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    eps = getattr(self, "variance_epsilon", None) or getattr(self, "eps", 1e-6)
+def _frozen_rms(self: Any, x: torch.Tensor) -> torch.Tensor:
+    eps: float = self.variance_epsilon if hasattr(self, "variance_epsilon") else self.eps
     xf = x.float()
     scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps).detach()
-    weight = self.weight  # type: ignore[attr-defined]
-    return (weight * (xf * scale).to(x.dtype)) if weight is not None else (xf * scale).to(x.dtype)
+    out = (xf * scale).to(x.dtype)
+    weight = getattr(self, "weight", None)
+    return out if weight is None else weight * out
 
 
-def _frozen_gemma_rms(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _frozen_gemma_rms(self: Any, x: torch.Tensor) -> torch.Tensor:
     eps = getattr(self, "eps", 1e-6)
     xf = x.float()
     scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps).detach()
-    out = xf * scale * (1.0 + self.weight.float())  # type: ignore[attr-defined]
+    out = xf * scale * (1.0 + self.weight.float())
     return out.type_as(x)
 
 
-def _frozen_layernorm(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _frozen_layernorm(self: Any, x: torch.Tensor) -> torch.Tensor:
     xf = x.float()
     centred = xf - xf.mean(-1, keepdim=True)
-    scale = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps).detach()  # type: ignore[attr-defined]
+    scale = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps).detach()
     out = centred * scale
-    if self.weight is not None:  # type: ignore[attr-defined]
-        out = out * self.weight.float()  # type: ignore[attr-defined]
-    if self.bias is not None:  # type: ignore[attr-defined]
-        out = out + self.bias.float()  # type: ignore[attr-defined]
+    if self.weight is not None:
+        out = out * self.weight.float()
+    if self.bias is not None:
+        out = out + self.bias.float()
     return out.to(x.dtype)
 
 
@@ -130,7 +131,7 @@ def frozen(model: LoadedModel) -> Iterator[None]:
             p.requires_grad_(False)
         for mod in adapter.norm_modules(hf):
             fn = _frozen_norm_forward(mod, adapter.norm_style)
-            mod.forward = types.MethodType(fn, mod)  # type: ignore[method-assign]
+            mod.forward = types.MethodType(fn, mod)
             patched.append(mod)
         yield
     finally:

@@ -77,7 +77,9 @@ class LoadedModel:
         else:
             raise InputError(f"prompt must be a string or token ids, not {type(prompt).__name__}")
         if tokens.ndim != 1 or tokens.numel() == 0:
-            raise InputError(f"token ids must be a non-empty 1-D sequence, got {tuple(tokens.shape)}")
+            raise InputError(
+                f"token ids must be a non-empty 1-D sequence, got {tuple(tokens.shape)}"
+            )
         if int(tokens.min()) < 0 or int(tokens.max()) >= self.info.vocab_size:
             raise InputError("token id out of the model's vocabulary")
         special = set(int(i) for i in self.tokenizer.all_special_ids)
@@ -138,13 +140,10 @@ def load_model(
         raise ModelLoadError(f"cannot load model {name!r}: {exc}") from exc
     try:
         dev = torch.device(device)
-        hf = hf.to(dev).eval()
+        hf = hf.to(dev).eval()  # type: ignore[arg-type]
     except (RuntimeError, AssertionError) as exc:
         raise ConfigError(f"cannot move model to device {device!r}: {exc}") from exc
-    if is_local:
-        rev = _content_hash(local)
-    else:
-        rev = revision or getattr(config, "_commit_hash", None)
+    rev = _content_hash(local) if is_local else (revision or getattr(config, "_commit_hash", None))
     cfg = hf.config
     n_layers = int(getattr(cfg, "num_hidden_layers", None) or cfg.n_layer)
     d_model = int(getattr(cfg, "hidden_size", None) or cfg.n_embd)

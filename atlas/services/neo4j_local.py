@@ -297,7 +297,8 @@ def _live_record(spec: LocalNeo4j) -> dict[str, Any] | None:
     if record is None:
         return None
     pid = int(record["pid"])
-    if pid_alive(pid) and MAIN_CLASS in pid_cmdline(pid):
+    command = pid_cmdline(pid)
+    if pid_alive(pid) and MAIN_CLASS in command and f"--home {record.get('home')}" in command:
         return record
     logger.info("removing stale pid file %s (pid %d is gone)", spec.pid_file, pid)
     spec.pid_file.unlink(missing_ok=True)

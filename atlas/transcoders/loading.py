@@ -120,7 +120,9 @@ class TranscoderSet:
         assert self.w_skip is not None
         return x.to(self.w_skip[layer].dtype) @ self.w_skip[layer].T
 
-    def reconstruct(self, acts: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def reconstruct(
+        self, acts: list[torch.Tensor], inputs: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
         """Reconstruction of every layer's MLP output from activations ``(n_pos, d_tc)``."""
         out = []
         for layer in range(self.n_layers):
@@ -233,9 +235,7 @@ def _check(name: str, t: torch.Tensor | None, shape: tuple[int, ...], where: Pat
     if t is None:
         return
     if tuple(t.shape) != shape:
-        raise TranscoderError(
-            f"{where.name}: {name} has shape {tuple(t.shape)}, expected {shape}"
-        )
+        raise TranscoderError(f"{where.name}: {name} has shape {tuple(t.shape)}, expected {shape}")
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         raise TranscoderError(f"{where.name}: {name} contains NaN or inf")
 
@@ -324,7 +324,7 @@ def load_transcoders(
         activation: Activation = "jumprelu" if has_thr else "relu"
         k = config.get("k")
         if k is None and layers[0]["k"] is not None:
-            k = int(layers[0]["k"])  # type: ignore[arg-type]
+            k = int(layers[0]["k"])
         if config.get("activation") == "topk" or (k is not None and not has_thr):
             if k is None or int(k) <= 0:
                 raise TranscoderError(f"{cfg_path}: TopK transcoders need a positive 'k'")
@@ -383,7 +383,8 @@ def load_transcoders(
             _check(f"W_enc_{i}", w_enc[i], (d_tc, d_model), f)
             _check(f"b_enc_{i}", b_enc[i], (d_tc,), f)
             _check(f"b_dec_{i}", b_dec[i], (d_model,), f)
-            _check(f"threshold_{i}", thr[i].reshape(-1) if thr[i] is not None else None, (d_tc,), f)
+            t_i = thr[i]
+            _check(f"threshold_{i}", t_i.reshape(-1) if t_i is not None else None, (d_tc,), f)
             if (thr[i] is not None) != has_thr:
                 raise TranscoderError(f"{f.name}: layers disagree on threshold presence")
             _check(

@@ -116,7 +116,7 @@ def test_influence_matches_dense_series(seed: int) -> None:
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("thr", [0.5, 0.9, 0.98, 0.999])
 def test_streamed_edge_threshold_matches_sort(seed: int, thr: float) -> None:
-    adj, w, *_ = _random_graph(seed)
+    adj, _, *_ = _random_graph(seed)
     row_w = torch.rand(adj.shape[0], generator=torch.Generator().manual_seed(seed))
     col = torch.ones(adj.shape[0])
     scores = adj.abs() * row_w[:, None]
@@ -255,7 +255,9 @@ def test_bfloat16_runs_and_roughly_agrees(result: AttributionResult, tiny) -> No
     assert rbf.settings.dtype == "bfloat16"
     # logit rows over token/error columns are comparable regardless of feature sets
     a = rbf.adjacency[-rbf.n_logits :, rbf.n_features :][:, : result.n_errors + result.n_pos]
-    b = result.adjacency[-result.n_logits :, result.n_features :][:, : result.n_errors + result.n_pos]
+    b = result.adjacency[-result.n_logits :, result.n_features :][
+        :, : result.n_errors + result.n_pos
+    ]
     if torch.equal(rbf.logit_tokens, result.logit_tokens):
         assert float((a - b).abs().max()) < 0.1 * float(b.abs().max()) + 0.05
 
@@ -283,7 +285,9 @@ def test_to_graph_pruned(result: AttributionResult, tmp_path: Path) -> None:
     full = result.to_graph(prune=False)
     ids_full = {nid: i for i, nid in enumerate(full.node_ids())}
     ids = g.node_ids()
-    for t, s, wgt in list(zip(g.edge_target.tolist(), g.edge_source.tolist(), g.edge_weight.tolist(), strict=True))[:200]:
+    for t, s, wgt in list(
+        zip(g.edge_target.tolist(), g.edge_source.tolist(), g.edge_weight.tolist(), strict=True)
+    )[:200]:
         assert result.adjacency[ids_full[ids[t]], ids_full[ids[s]]] == pytest.approx(wgt)
     # every kept feature has an outgoing and an incoming edge
     feats = torch.nonzero(g.kind == NodeKind.FEATURE).flatten()
@@ -332,3 +336,38 @@ def test_progress_reports_every_row(tiny) -> None:
     seen: list[tuple[int, int]] = []
     r = attribute(PROMPT, model, tset, batch_size=32, progress=lambda d, t: seen.append((d, t)))
     assert seen[-1] == (r.n_features + r.n_logits, r.n_features + r.n_logits)
+
+
+# ---------------------------------------------------------------------- CLI
+def test_cli_attribute_writes_artifact(tiny, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from atlas.cli import cli
+
+    model_dir, tc_dir, _, _ = tiny
+    out = tmp_path / "out"
+    args = ["attribute", "--model", str(model_dir), "--transcoders", str(tc_dir)]
+    args += ["--prompt", PROMPT, "--batch-size", "16", "--device", "cpu", "--out", str(out)]
+    res = CliRunner().invoke(cli, [*args, "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "nodes=" in res.output and "replacement=" in res.output
+    artifacts = list(out.glob("*.safetensors"))
+    assert len(artifacts) == 1
+    g = Graph.load(artifacts[0])
+    assert g.metadata.settings.pruned and g.metadata.model.family == "gemma2"
+    assert artifacts[0].stem == g.prompt_id
+    res = CliRunner().invoke(cli, [*args, "--no-prune", "--no-progress"])
+    assert res.exit_code == 0, res.output
+
+
+def test_cli_overlong_prompt_is_one_line_error(tiny, tmp_path: Path, capsys) -> None:
+    from atlas.cli import main
+
+    model_dir, tc_dir, _, _ = tiny
+    argv = ["attribute", "--model", str(model_dir), "--transcoders", str(tc_dir)]
+    argv += ["--prompt", "y" * 400, "--device", "cpu", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and "tokens" in err and "Traceback" not in err

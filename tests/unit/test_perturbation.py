@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -34,8 +34,8 @@ class _Replay:
     """Record/replay state shared by the patched attention and norms."""
 
     mode = "record"
-    patterns: dict[int, torch.Tensor] = {}
-    scales: dict[int, torch.Tensor] = {}
+    patterns: ClassVar[dict[int, torch.Tensor]] = {}
+    scales: ClassVar[dict[int, torch.Tensor]] = {}
 
 
 def _replay_attention(
@@ -147,20 +147,22 @@ class CheckModel:
         return [ins[i] for i in range(n)], [outs[i] for i in range(n)], final[0]
 
 
-def _targets(check: CheckModel, res: AttributionResult, ins: list[torch.Tensor], final: torch.Tensor) -> torch.Tensor:
+def _targets(
+    check: CheckModel, res: AttributionResult, ins: list[torch.Tensor], final: torch.Tensor
+) -> torch.Tensor:
     """Value of every target row (selected features' pre-activations, demeaned logits)."""
     tset = check.tset
     feats = res.active_features[res.selected_features]
-    vals = [
-        float(tset.w_enc[lay][f] @ ins[lay][p]) for lay, p, f in feats.tolist()
-    ]
+    vals = [float(tset.w_enc[lay][f] @ ins[lay][p]) for lay, p, f in feats.tolist()]
     unembed = check.model.adapter.unembed_weight(check.model.hf).detach()
     demeaned = unembed[res.logit_tokens] - unembed.mean(0, keepdim=True)
     logit_vals = demeaned @ final[-1]
     return torch.cat([torch.tensor(vals, dtype=torch.float64), logit_vals])
 
 
-def _check_graph(model_dir: Path, tc_dir: Path, res: AttributionResult, n_sources: int = 6, seed: int = 0) -> None:
+def _check_graph(
+    model_dir: Path, tc_dir: Path, res: AttributionResult, n_sources: int = 6, seed: int = 0
+) -> None:
     check = CheckModel(model_dir, tc_dir)
     ids = res.input_ids
     _Replay.mode = "record"
@@ -176,17 +178,28 @@ def _check_graph(model_dir: Path, tc_dir: Path, res: AttributionResult, n_source
         pre = precompute(check.model, check.tset, ids)
         n_feat, n_pos, n_layers = res.n_features, res.n_pos, res.n_layers
         adj = res.adjacency.double()
-        rows = torch.cat([torch.arange(n_feat), torch.arange(res.n_nodes - res.n_logits, res.n_nodes)])
+        rows = torch.cat(
+            [torch.arange(n_feat), torch.arange(res.n_nodes - res.n_logits, res.n_nodes)]
+        )
         gen = torch.Generator().manual_seed(seed)
         sources = []
         # features: prefer low layers (they have the most targets)
-        low = torch.nonzero(res.active_features[res.selected_features][:, 0] < n_layers - 1).flatten()
+        low = torch.nonzero(
+            res.active_features[res.selected_features][:, 0] < n_layers - 1
+        ).flatten()
         pick = low[torch.randperm(low.numel(), generator=gen)[:n_sources]]
         sources += [("feature", int(i)) for i in pick]
         for _ in range(n_sources // 2):
-            sources.append(("error", int(torch.randint(0, n_layers - 1, (1,), generator=gen)) * n_pos
-                            + int(torch.randint(1, n_pos, (1,), generator=gen))))
-        sources += [("token", int(p)) for p in torch.randperm(n_pos, generator=gen)[:n_sources // 2]]
+            sources.append(
+                (
+                    "error",
+                    int(torch.randint(0, n_layers - 1, (1,), generator=gen)) * n_pos
+                    + int(torch.randint(1, n_pos, (1,), generator=gen)),
+                )
+            )
+        sources += [
+            ("token", int(p)) for p in torch.randperm(n_pos, generator=gen)[: n_sources // 2]
+        ]
         for kind, i in sources:
             add_emb, add_mlp = None, {}
             if kind == "feature":
@@ -218,7 +231,11 @@ def _check_graph(model_dir: Path, tc_dir: Path, res: AttributionResult, n_source
             expected = adj[rows, col]
             scale = 1.0 + float(expected.abs().max())
             torch.testing.assert_close(
-                delta, expected, atol=1e-4 * scale, rtol=1e-4, msg=lambda m, k=kind, c=col: f"{k} source col {c}: {m}"
+                delta,
+                expected,
+                atol=1e-4 * scale,
+                rtol=1e-4,
+                msg=lambda m, k=kind, c=col: f"{k} source col {c}: {m}",
             )
             # the source must matter somewhere, or the test proves nothing
             if kind != "error":
@@ -244,7 +261,9 @@ CASES = [
 @pytest.mark.parametrize(("family", "kind", "skip"), CASES)
 def test_perturbation_matches_adjacency(tmp_path: Path, family: str, kind: str, skip: bool) -> None:
     model_dir = build_tiny_model(family, tmp_path / "m", n_layers=3, n_kv_heads=2)
-    tc_dir = build_tiny_transcoders(model_dir, tmp_path / "t", kind=kind, skip=skip, d_transcoder=128)
+    tc_dir = build_tiny_transcoders(
+        model_dir, tmp_path / "t", kind=kind, skip=skip, d_transcoder=128
+    )
     model = load_model(model_dir)
     tset = load_transcoders(tc_dir, model)
     res = attribute(PROMPT, model, tset, batch_size=16)
@@ -280,6 +299,9 @@ def test_perturbation_with_max_feature_nodes(tmp_path: Path) -> None:
     rows_full = full.adjacency[sel][:, cols]
     torch.testing.assert_close(part.adjacency[:24], rows_full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(
-        part.adjacency[-part.n_logits :], full.adjacency[-full.n_logits :][:, cols], atol=1e-5, rtol=1e-5
+        part.adjacency[-part.n_logits :],
+        full.adjacency[-full.n_logits :][:, cols],
+        atol=1e-5,
+        rtol=1e-5,
     )
     _check_graph(model_dir, tc_dir, part, n_sources=4)

@@ -47,7 +47,12 @@ def _copy(src: Path, dst: Path) -> Path:
 
 @pytest.mark.parametrize(
     ("kind", "activation", "is_clt"),
-    [("jumprelu", "jumprelu", False), ("relu", "relu", False), ("topk", "topk", False), ("clt", "jumprelu", True)],
+    [
+        ("jumprelu", "jumprelu", False),
+        ("relu", "relu", False),
+        ("topk", "topk", False),
+        ("clt", "jumprelu", True),
+    ],
 )
 def test_load_kinds(tc_root: Path, model, kind: str, activation: str, is_clt: bool) -> None:
     t = load_transcoders(tc_root / kind, model)
@@ -151,8 +156,11 @@ def test_gemma_scope_2_safetensors(tc_root: Path, model, tmp_path: Path) -> None
             },
             str(d / f"layer_{i}.safetensors"),
         )
-    cfg = {"model_kind": "transcoder_set", "feature_input_hook": "mlp.hook_in",
-           "feature_output_hook": "mlp.hook_out"}
+    cfg = {
+        "model_kind": "transcoder_set",
+        "feature_input_hook": "mlp.hook_in",
+        "feature_output_hook": "mlp.hook_out",
+    }
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     t = load_transcoders(d, model)
     x = torch.randn(5, 64)
@@ -162,7 +170,7 @@ def test_gemma_scope_2_safetensors(tc_root: Path, model, tmp_path: Path) -> None
 
 # ---------------------------------------------------------------------- validation errors
 def test_missing_config(tmp_path: Path, model) -> None:
-    with pytest.raises(TranscoderError, match="config.yaml"):
+    with pytest.raises(TranscoderError, match=r"config\.yaml"):
         load_transcoders(tmp_path, model)
     with pytest.raises(TranscoderError, match="no transcoders"):
         load_transcoders(tmp_path / "nope", model)
