@@ -363,8 +363,10 @@ def attribute_step(
     timings: dict[str, float] = {"started_at": time.time()}
     if payload.enqueued_at is not None:
         timings["queue_s"] = max(0.0, timings["started_at"] - payload.enqueued_at)
+    t_rec = time.perf_counter()
     if payload.job_id is not None and payload.item is not None:
         jobs.mark(payload.job_id, payload.item, state="attributing", attempt=True)
+    records_s = time.perf_counter() - t_rec
 
     t0 = time.perf_counter()
     model_ref, tc_ref = resolve_refs(spec.model, spec.transcoders, settings)
@@ -373,7 +375,10 @@ def attribute_step(
     prompt_id = prompt_id_for(spec, engine, settings)
     path = artifact_path(settings.resolved_artifact_dir, prompt_id)
 
-    if not spec.force and prompt_in_atlas(driver, prompt_id):
+    t_rec = time.perf_counter()
+    present = not spec.force and prompt_in_atlas(driver, prompt_id)
+    records_s += time.perf_counter() - t_rec
+    if present:
         log.info("prompt %s already in the atlas: skipped", prompt_id)
         if payload.job_id is not None and payload.item is not None:
             jobs.mark(
@@ -398,6 +403,17 @@ def attribute_step(
         graph.save(path)
         timings["save_s"] = time.perf_counter() - t1
 
+    t_rec = time.perf_counter()
+    if payload.job_id is not None and payload.item is not None:
+        jobs.mark(
+            payload.job_id,
+            payload.item,
+            state="ingesting",
+            prompt_id=prompt_id,
+            outcome=outcome,
+            timings=timings,
+        )
+    timings["records_s"] = records_s + time.perf_counter() - t_rec  # job-record round trips
     timings["handed_off_at"] = time.time()
     ingest = IngestPayload(
         prompt_id=prompt_id,
@@ -408,15 +424,6 @@ def attribute_step(
         enqueued_at=time.time(),
         timings=timings,
     )
-    if payload.job_id is not None and payload.item is not None:
-        jobs.mark(
-            payload.job_id,
-            payload.item,
-            state="ingesting",
-            prompt_id=prompt_id,
-            outcome=outcome,
-            timings=timings,
-        )
     if on_ingest is None:
         ingest_step(ingest, settings, driver=driver)
     else:

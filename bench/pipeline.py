@@ -206,6 +206,7 @@ def _run(
 
     stages = [
         "queue_s",
+        "records_s",
         "load_s",
         "attribute_s",
         "prune_s",

@@ -102,6 +102,11 @@ def _save_tokenizer(out_dir: Path, vocab_size: int, add_bos: bool, max_len: int)
         model_max_length=max_len,
     )
     fast.save_pretrained(str(out_dir))
+    # transformers 5 writes "TokenizersBackend", unknown to 4.x (circuit-tracer's venv pins 4.57)
+    cfg_path = out_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
 def _config(
