@@ -243,7 +243,9 @@ class Graph:
 
     # ------------------------------------------------------------------ artifact IO
     def tensors(self) -> dict[str, torch.Tensor]:
-        names = ["input_ids"] + [n for n, _ in self._NODE_COLUMNS] + [n for n, _ in self._EDGE_COLUMNS]
+        names = (
+            ["input_ids"] + [n for n, _ in self._NODE_COLUMNS] + [n for n, _ in self._EDGE_COLUMNS]
+        )
         return {n: getattr(self, n) for n in names}
 
     def save(self, path: str | Path) -> Path:
@@ -287,7 +289,9 @@ class Graph:
             raise InputError(f"{path}: malformed graph artifact: {exc}") from exc
 
 
-def node_id(kind: NodeKind, layer: int, pos: int, feature: int, token_id: int, n_layers: int) -> str:
+def node_id(
+    kind: NodeKind, layer: int, pos: int, feature: int, token_id: int, n_layers: int
+) -> str:
     """The interchange-JSON id of one node."""
     if kind == NodeKind.FEATURE:
         return f"{layer}_{feature}_{pos}"

@@ -308,7 +308,7 @@ def _encoder_rows(tset: TranscoderSet, active: torch.Tensor) -> torch.Tensor:
 
 
 def _position_buckets(
-    pos: torch.Tensor, layer: torch.Tensor, batch: int, min_batches: int = 4
+    pos: torch.Tensor, layer: torch.Tensor, batch: int, min_batches: int = 12
 ) -> list[tuple[int, torch.Tensor]]:
     """Targets grouped into causal-prefix buckets: ``[(prefix_len, target indices), ...]``.
 

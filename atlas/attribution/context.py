@@ -149,9 +149,11 @@ class _SourceBlock:
     """Feature sources of one (source layer, write layer) pair, padded per position."""
 
     write_layer: int
-    vectors: torch.Tensor  # (P, c_max, D)
-    cols: torch.Tensor  # (P, c_max) column index, -1 = padding
-    valid: torch.Tensor  # (P, c_max) bool
+    vectors: torch.Tensor  # (P, c_max, D), zero padded
+    flat: torch.Tensor  # (n,) index of each feature in the flattened (P * c_max) grid
+    cols: torch.Tensor  # (n,) its column; both sorted by position
+    upto: torch.Tensor  # (P + 1,) number of features at positions < p
+    c_max: int
 
 
 def build_blocks(
@@ -173,16 +175,15 @@ def build_blocks(
         # slot of each feature within its position (features are sorted by pos)
         starts = torch.cumsum(counts, 0) - counts
         slot = torch.arange(idx.numel(), device=device) - starts[pos]
-        cols = torch.full((n_pos, c_max), -1, dtype=torch.long, device=device)
-        cols[pos, slot] = idx
-        valid = cols >= 0
+        flat = pos * c_max + slot
+        upto = torch.cat([torch.zeros(1, dtype=torch.long, device=device), torch.cumsum(counts, 0)])
         vals = pre.values[idx][:, None]
         targets = range(src, n_layers) if tset.is_clt else [src]
         for write in targets:
             dec = tset.w_dec[src][feat, write - src] if tset.is_clt else tset.w_dec[src][feat]
             vec = torch.zeros(n_pos, c_max, dec.shape[-1], dtype=dec.dtype, device=device)
             vec[pos, slot] = dec * vals
-            blocks[write].append(_SourceBlock(write, vec, cols, valid))
+            blocks[write].append(_SourceBlock(write, vec, flat, idx, upto.cpu(), c_max))
     return blocks
 
 
@@ -344,9 +345,11 @@ class ReplacementContext:
             out[:, start : start + p_max] = err.float()
             gt = g.transpose(0, 1)  # (p, b, d)
             for blk in self.blocks[w]:
+                m = int(blk.upto[p_max])
+                if m == 0:
+                    continue
                 vals = torch.bmm(gt, blk.vectors[:p_max].transpose(1, 2))  # (p, b, c)
-                valid = blk.valid[:p_max]
-                cols = blk.cols[:p_max][valid]
-                contrib = vals.permute(1, 0, 2)[:, valid].float()  # (b, n_valid)
-                out.index_add_(1, cols, contrib)
+                vals = vals.transpose(0, 1).reshape(n, p_max * blk.c_max)
+                contrib = vals.index_select(1, blk.flat[:m]).float()  # (b, m)
+                out.index_add_(1, blk.cols[:m], contrib)
         return out
