@@ -187,6 +187,11 @@ def build_blocks(
     return blocks
 
 
+#: Run one batch-1 frozen forward and batch the backward over cotangents (vmap) instead of
+#: running the forward on ``batch`` identical copies.
+BATCHED_GRADS = True
+
+
 def _zeros_like_input(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Stand-in MLP forward in the frozen pass: its output is replaced by the clean value."""
     return torch.zeros_like(x)
@@ -221,12 +226,15 @@ class ReplacementContext:
         self.blocks = blocks if blocks is not None else build_blocks(model, tset, pre)
         self._frozen: Any = None
         self.final: torch.Tensor | None = None
+        self.batched_grads = BATCHED_GRADS
 
     # ------------------------------------------------------------------ frozen forward
     def __enter__(self) -> ReplacementContext:
         model, tset = self.model, self.tset
         hf, adapter = model.hf, model.adapter
-        b, p, d = self.batch, self.prefix, model.d_model
+        # with batched cotangents the forward runs once (batch 1); otherwise on batch copies
+        b = 1 if self.batched_grads else self.batch
+        p, d = self.prefix, model.d_model
         dev, dt = model.device, model.dtype
         self.delta_emb = torch.zeros(b, p, d, device=dev, dtype=dt, requires_grad=True)
         self.deltas = [
@@ -320,15 +328,27 @@ class ReplacementContext:
             sel = [i for i, x in enumerate(layers_l) if x == lay]
             tensor = self.final if lay == n_layers else self.targets_in[lay]
             assert tensor is not None
-            g = torch.zeros_like(tensor)
-            g[sel, [positions_l[i] for i in sel]] = vectors[sel].to(g.dtype)
+            pos_sel = [positions_l[i] for i in sel]
+            if self.batched_grads:  # one cotangent per target over the batch-1 graph
+                g = tensor.new_zeros((n, *tensor.shape))
+                g[sel, 0, pos_sel] = vectors[sel].to(g.dtype)
+            else:
+                g = torch.zeros_like(tensor)
+                g[sel, pos_sel] = vectors[sel].to(g.dtype)
             outputs.append(tensor)
             grads_out.append(g)
         top = max(layers_l)
         inputs = [self.delta_emb, *self.deltas[:top]]
         grads = torch.autograd.grad(
-            outputs, inputs, grads_out, retain_graph=True, allow_unused=True
+            outputs,
+            inputs,
+            grads_out,
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=self.batched_grads,
         )
+        if self.batched_grads:
+            grads = tuple(None if g is None else g[:, 0] for g in grads)
         p_max = max(positions_l) + 1
         out = torch.zeros(n, self.n_cols, dtype=torch.float32, device=self.model.device)
         g_emb = grads[0]

@@ -66,6 +66,8 @@ _ADD_OPENS = (
 _EXTRA_CONF = {
     # keep transaction logs bounded on a laptop-sized disk
     "db.tx_log.rotation.retention_policy": "512M size",
+    # cap the memory of one transaction (a runaway query fails instead of exhausting the heap)
+    "db.memory.transaction.max": "512m",
     # no phoning home (these machines are offline anyway)
     "dbms.usage_report.enabled": "false",
     # Bolt's netty loops otherwise idle 5 s each on shutdown (pinned to Neo4j 5.26)

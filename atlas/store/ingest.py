@@ -57,6 +57,11 @@ def token_ref(model: str, token_id: int) -> str:
     return f"{model}/{token_id}"
 
 
+def agg_pair(source_fid: str, target_fid: str) -> str:
+    """Key of an aggregate ``AGG`` relationship (unique, indexed): ``<source fid>|<target fid>``."""
+    return f"{source_fid}|{target_fid}"
+
+
 def normalise_token_text(text: str) -> str:
     """Token text as matched by ``token:TEXT`` / ``logit:TEXT``: surrounding whitespace stripped."""
     return text.strip()
@@ -294,7 +299,15 @@ def _write_prompt(tx: neo4j.ManagedTransaction, rows: PromptRows, batch: int) ->
     edge_rows = [{"s": eids[s], "t": eids[t], "w": w} for s, t, w in rows.edges]
     for chunk in _chunks(edge_rows, batch):
         tx.run(Q.CREATE_EDGES, rows=chunk).consume()
-    agg_rows = [{"a": entity_eids[r["s"]], "b": entity_eids[r["t"]], "w": r["w"]} for r in rows.agg]
+    agg_rows = [
+        {
+            "pair": agg_pair(r["s"], r["t"]),
+            "a": entity_eids[r["s"]],
+            "b": entity_eids[r["t"]],
+            "w": r["w"],
+        }
+        for r in rows.agg
+    ]
     chunks = list(_chunks(agg_rows, batch)) or [[]]
     for chunk in chunks[:-1]:
         tx.run(Q.UPDATE_FEATURE_AGG, rows=chunk).consume()
