@@ -347,7 +347,9 @@ def start_worker(
 
     ``start_worker(app_module="workers.tasks", queues="attribute,ingest", settings=None,
     extra_env=None, pool="solo")``: with ``settings`` the worker gets their ATLAS_HOME, NEO4J_*
-    and REDIS_URL; without, only the test Redis.
+    and REDIS_URL; without, only the test Redis. Workers live until ``worker.stop()`` or the end
+    of the session, and a worker takes every message on its queues (discarding tasks its app
+    does not know): give a worker of another app, or a short-lived one, its own queue name.
     """
     from atlas.settings import AtlasSettings
     from workers.app import make_celery

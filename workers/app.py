@@ -103,14 +103,16 @@ def check_broker(settings: AtlasSettings, timeout_s: float = 3.0) -> None:
     check_reachable(settings.redis_url, timeout_s=timeout_s)
 
 
-def ping(app: Celery, payload: Any = "ping", timeout_s: float = 60.0) -> dict[str, Any]:
+def ping(
+    app: Celery, payload: Any = "ping", timeout_s: float = 60.0, queue: str = INGEST_QUEUE
+) -> dict[str, Any]:
     """Round-trip the ``atlas.ping`` task through the broker and a worker; return its answer."""
     from celery.exceptions import TimeoutError as CeleryTimeout
 
     from atlas.errors import ServiceUnavailable
 
     try:
-        result = app.send_task(PING_TASK, args=[payload], queue=INGEST_QUEUE)
+        result = app.send_task(PING_TASK, args=[payload], queue=queue)
         answer: dict[str, Any] = result.get(timeout=timeout_s)
     except CeleryTimeout as exc:
         raise ServiceUnavailable(

@@ -10,6 +10,13 @@ concurrent ingesters (shared ``Feature`` nodes) are transient errors that ``exec
 retries; the unit of work is idempotent, so a retry is safe.
 
 Rows are written in ``UNWIND $rows`` batches of ``settings.ingest_batch_size``.
+
+Aggregates (``AGG``) are looked up by their unique ``pair`` key (an index seek), never by a
+relationship ``MERGE`` between two high-degree ``Feature`` nodes; a pair that does not exist yet is
+created. That is race-free: ``CLAIM_PROMPT`` takes the write lock of every feature of the prompt
+(in ``fid`` order, so concurrent claims cannot deadlock on them) and holds it until commit, and any
+transaction that creates or deletes an ``AGG`` needs the locks of both of its features (the
+unique ``AGG.pair`` constraint backs that up).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -200,8 +201,14 @@ def test_ping_round_trips_through_redis_and_a_real_worker(
 ) -> None:
     from workers.app import ping
 
-    worker = start_worker(app_module="workers.app", queues="attribute,ingest")
-    answer = ping(celery_app, payload={"hello": [1, 2, 3]}, timeout_s=60)
+    # its own queue: a workers.app worker on the shared queues would swallow (as unregistered)
+    # the pipeline tasks that other tests send to their workers.tasks worker
+    queue = f"ping-{uuid.uuid4().hex[:8]}"
+    worker = start_worker(app_module="workers.app", queues=queue)
+    try:
+        answer = ping(celery_app, payload={"hello": [1, 2, 3]}, timeout_s=60, queue=queue)
+    finally:
+        worker.stop()
     assert answer["pong"] == {"hello": [1, 2, 3]}
     assert answer["pid"] == worker.proc.pid
 
