@@ -22,6 +22,7 @@ gradients with the source vectors:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from dataclasses import dataclass
@@ -67,13 +68,17 @@ def zero_positions(model: LoadedModel) -> int:
     return 4 if ("gemma-3" in name and name.rstrip("/").endswith("-it")) else 1
 
 
-def _hook_points(model: LoadedModel, tset: TranscoderSet) -> list[tuple[Any, str, Any]]:
+def _hook_points(model: LoadedModel, tset: TranscoderSet) -> list[tuple[Any, str, Any, Any]]:
+    """Per layer: ``(input module, "input"|"output", output module, to_input)`` where
+    ``to_input`` maps the captured value to the transcoder input."""
     adapter = model.adapter
+    hook = tset.feature_input_hook
     points = []
     for layer in adapter.layers(model.hf):
-        in_mod, where = adapter.feature_input_module(layer, tset.feature_input_hook)
+        in_mod, where = adapter.feature_input_module(layer, hook)
         out_mod = adapter.feature_output_module(layer, tset.feature_output_hook)
-        points.append((in_mod, where, out_mod))
+        to_input = functools.partial(adapter.feature_input_value, layer, hook)
+        points.append((in_mod, where, out_mod, to_input))
     return points
 
 
@@ -90,19 +95,20 @@ def precompute(model: LoadedModel, tset: TranscoderSet, input_ids: torch.Tensor)
     store: dict[Any, torch.Tensor] = {}
     handles = []
 
-    def save(key: Any) -> Any:
+    def save(key: Any, transform: Any = None) -> Any:
         def hook(_m: Any, args: Any, out: Any = None) -> None:
             val = out if out is not None else args[0]
-            store[key] = (val[0] if isinstance(val, tuple) else val)[0].detach()
+            val = (val[0] if isinstance(val, tuple) else val)[0].detach()
+            store[key] = transform(val) if transform is not None else val
 
         return hook
 
     handles.append(adapter.embed(hf).register_forward_hook(save("emb")))
-    for layer, (in_mod, where, out_mod) in enumerate(_hook_points(model, tset)):
+    for layer, (in_mod, where, out_mod, to_input) in enumerate(_hook_points(model, tset)):
         if where == "output":
-            handles.append(in_mod.register_forward_hook(save(("in", layer))))
+            handles.append(in_mod.register_forward_hook(save(("in", layer), to_input)))
         else:
-            handles.append(in_mod.register_forward_pre_hook(save(("in", layer))))
+            handles.append(in_mod.register_forward_pre_hook(save(("in", layer), to_input)))
         handles.append(out_mod.register_forward_hook(save(("out", layer))))
     ids = input_ids.to(model.device)[None]
     try:
@@ -249,11 +255,13 @@ class ReplacementContext:
             return out + self.delta_emb
 
         handles.append(adapter.embed(hf).register_forward_hook(emb_hook))
-        for layer, (in_mod, where, out_mod) in enumerate(_hook_points(model, tset)):
+        for layer, (in_mod, where, out_mod, to_input) in enumerate(_hook_points(model, tset)):
 
-            def in_hook(_m: Any, args: Any, out: Any = None, layer: int = layer) -> None:
+            def in_hook(
+                _m: Any, args: Any, out: Any = None, layer: int = layer, to_input: Any = to_input
+            ) -> None:
                 val = out if out is not None else args[0]
-                self.targets_in[layer] = val[0] if isinstance(val, tuple) else val
+                self.targets_in[layer] = to_input(val[0] if isinstance(val, tuple) else val)
 
             def out_hook(_m: Any, _a: Any, out: torch.Tensor, layer: int = layer) -> torch.Tensor:
                 # the MLP output is pinned to its clean value (the MLP itself is not even run)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from torch import nn
+from torch import Tensor, nn
 
 from atlas.errors import ConfigError, TranscoderError
 
@@ -104,6 +104,25 @@ class FamilyAdapter:
             f"unsupported feature_input_hook {hook!r} for {self.family}; supported: "
             f"{', '.join(INPUT_HOOKS_NORM_OUT + INPUT_HOOKS_NORM_IN)}"
         )
+
+    def feature_input_value(self, layer: nn.Module, hook: str, value: Tensor) -> Tensor:
+        """The transcoder input, given the value captured at :meth:`feature_input_module`.
+
+        TransformerLens's ``ln2.hook_normalized`` (circuit-tracer's convention, used by GemmaScope
+        transcoders) is the norm's normalised value *before* its learned scale and bias, whereas
+        the Hugging Face module returns the scaled value; undo the scale (and bias) here. With the
+        norm frozen this is an affine map, so gradients injected into the result are exact.
+        """
+        if hook != "ln2.hook_normalized":
+            return value
+        norm = getattr(layer, self.mlp_in_norm_attr)
+        weight = norm.weight.to(value.dtype)
+        if self.norm_style == "gemma_rms":
+            return value / (1.0 + weight)
+        bias = getattr(norm, "bias", None)
+        if bias is not None:
+            value = value - bias.to(value.dtype)
+        return value / weight
 
     def feature_output_module(self, layer: nn.Module, hook: str) -> nn.Module:
         """The module whose output a transcoder with ``hook`` reconstructs."""

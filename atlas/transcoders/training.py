@@ -155,7 +155,11 @@ def collect_activations(
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Run ``texts`` through ``model`` and return ``{layer: (x (N, d), y (N, d))}`` for every
     real (non-padding) token, float32 on CPU."""
-    inputs, outputs, _, _ = locate_mlp_hooks(model, input_hook, output_hook)
+    inputs, outputs, in_hook, _ = locate_mlp_hooks(model, input_hook, output_hook)
+    from atlas.models.adapters import adapter_for_config
+
+    adapter = adapter_for_config(model.config)
+    layer_modules = adapter.layers(model)
     if not layers or max(layers) >= len(inputs):
         raise InputError(f"layers {list(layers)} out of range for a {len(inputs)}-layer model")
     captured: dict[tuple[int, str], torch.Tensor] = {}
@@ -166,7 +170,10 @@ def collect_activations(
             value = args[0] if kind == "input" else out
             if isinstance(value, tuple):
                 value = value[0]
-            captured[key] = value.detach()
+            value = value.detach()
+            if key[1] == "x":  # e.g. ln2.hook_normalized: the value before the norm's scale
+                value = adapter.feature_input_value(layer_modules[key[0]], in_hook, value)
+            captured[key] = value
 
         return hook
 

@@ -37,13 +37,7 @@ def _cases() -> list[tuple[str, dict[str, Any]]]:
 
 
 #: Known disagreements with the reference, marked xfail (not strict: they XPASS once fixed).
-KNOWN_ISSUES: dict[str, str] = {
-    "gemma2": (
-        "engine feeds Gemma transcoders the pre-MLP RMSNorm OUTPUT; circuit-tracer's "
-        "'ln2.hook_normalized' is the normalised input BEFORE the (1 + weight) scale "
-        "(nnsight: pre_feedforward_layernorm.source.self__norm_0), so active features differ"
-    ),
-}
+KNOWN_ISSUES: dict[str, str] = {}
 
 
 def _params() -> list[Any]:

@@ -114,10 +114,12 @@ class CheckModel:
             return out + add_emb if add_emb is not None else out
 
         handles.append(adapter.embed(hf).register_forward_hook(emb_hook))
-        for layer, (in_mod, where, out_mod) in enumerate(_hook_points(model, tset)):
+        for layer, (in_mod, where, out_mod, to_input) in enumerate(_hook_points(model, tset)):
 
-            def in_hook(_m: Any, args: Any, out: Any = None, layer: int = layer) -> None:
-                ins[layer] = (out if out is not None else args[0])[0]
+            def in_hook(
+                _m: Any, args: Any, out: Any = None, layer: int = layer, to_input: Any = to_input
+            ) -> None:
+                ins[layer] = to_input((out if out is not None else args[0])[0])
 
             def out_hook(_m: Any, _a: Any, out: torch.Tensor, layer: int = layer) -> torch.Tensor:
                 if mlp_clean is None:
