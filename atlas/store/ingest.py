@@ -10,13 +10,6 @@ concurrent ingesters (shared ``Feature`` nodes) are transient errors that ``exec
 retries; the unit of work is idempotent, so a retry is safe.
 
 Rows are written in ``UNWIND $rows`` batches of ``settings.ingest_batch_size``.
-
-Aggregates (``AGG``) are looked up by their unique ``pair`` key (an index seek), never by a
-relationship ``MERGE`` between two high-degree ``Feature`` nodes; a pair that does not exist yet is
-created. That is race-free: ``CLAIM_PROMPT`` takes the write lock of every feature of the prompt
-(in ``fid`` order, so concurrent claims cannot deadlock on them) and holds it until commit, and any
-transaction that creates or deletes an ``AGG`` needs the locks of both of its features (the
-unique ``AGG.pair`` constraint backs that up).
 """
 
 from __future__ import annotations
@@ -62,11 +55,6 @@ def feature_ref(tset: str, layer: int, index: int) -> str:
 def token_ref(model: str, token_id: int) -> str:
     """Global key of a vocabulary entry: ``<model name>/<token id>``."""
     return f"{model}/{token_id}"
-
-
-def agg_pair(source_fid: str, target_fid: str) -> str:
-    """Key of an aggregate ``AGG`` relationship (unique, indexed): ``<source fid>|<target fid>``."""
-    return f"{source_fid}|{target_fid}"
 
 
 def normalise_token_text(text: str) -> str:
@@ -306,15 +294,7 @@ def _write_prompt(tx: neo4j.ManagedTransaction, rows: PromptRows, batch: int) ->
     edge_rows = [{"s": eids[s], "t": eids[t], "w": w} for s, t, w in rows.edges]
     for chunk in _chunks(edge_rows, batch):
         tx.run(Q.CREATE_EDGES, rows=chunk).consume()
-    agg_rows = [
-        {
-            "pair": agg_pair(r["s"], r["t"]),
-            "a": entity_eids[r["s"]],
-            "b": entity_eids[r["t"]],
-            "w": r["w"],
-        }
-        for r in rows.agg
-    ]
+    agg_rows = [{"a": entity_eids[r["s"]], "b": entity_eids[r["t"]], "w": r["w"]} for r in rows.agg]
     chunks = list(_chunks(agg_rows, batch)) or [[]]
     for chunk in chunks[:-1]:
         tx.run(Q.UPDATE_FEATURE_AGG, rows=chunk).consume()

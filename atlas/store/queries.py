@@ -213,44 +213,37 @@ MATCH (t:Node) WHERE elementId(t) = r.t
 CREATE (s)-[:EDGE {w: r.w}]->(t)
 """
 
-# Rows: one per (source feature, target feature) pair of ONE prompt, weights summed over positions
-# (``w``), sorted by ``pair`` = "<source fid>|<target fid>"; ``a``/``b`` are the features' element
-# ids returned by CLAIM_PROMPT in this transaction. The aggregate is found by a seek on the unique
-# ``AGG.pair`` index (never by expanding the two high-degree features); a missing one is created.
-# No other transaction can create or delete the same pair meanwhile: CLAIM_PROMPT holds the write
-# locks of both features until commit (and the uniqueness constraint backs that up). Runs once per
-# prompt (the prompt's claim guarantees it), so counts never double.
-_AGG_ROWS = """
-  UNWIND $rows AS r
-  OPTIONAL MATCH ()-[g:AGG {pair: r.pair}]->()
-  CALL (r, g) {
-    WITH * WHERE g IS NULL
-    MATCH (a:Feature) WHERE elementId(a) = r.a
-    MATCH (b:Feature) WHERE elementId(b) = r.b
-    CREATE (a)-[:AGG {pair: r.pair, n_prompts: 1, sum_w: r.w, max_w: r.w, min_w: r.w}]->(b)
-  }
-  CALL (r, g) {
-    WITH * WHERE g IS NOT NULL
-    SET g.n_prompts = g.n_prompts + 1,
-        g.sum_w = g.sum_w + r.w,
-        g.max_w = CASE WHEN r.w > g.max_w THEN r.w ELSE g.max_w END,
-        g.min_w = CASE WHEN r.w < g.min_w THEN r.w ELSE g.min_w END
-  }
+# Rows: one per (source feature, target feature) pair of ONE prompt, weights summed over positions;
+# ``a``/``b`` are the features' element ids returned by CLAIM_PROMPT in this transaction.
+# Runs once per prompt (the prompt's claim guarantees it), so counts never double.
+UPDATE_FEATURE_AGG = """
+UNWIND $rows AS r
+MATCH (a:Feature) WHERE elementId(a) = r.a
+MATCH (b:Feature) WHERE elementId(b) = r.b
+MERGE (a)-[g:AGG]->(b)
+ON CREATE SET g.n_prompts = 1, g.sum_w = r.w, g.max_w = r.w, g.min_w = r.w
+ON MATCH SET g.n_prompts = g.n_prompts + 1,
+    g.sum_w = g.sum_w + r.w,
+    g.max_w = CASE WHEN r.w > g.max_w THEN r.w ELSE g.max_w END,
+    g.min_w = CASE WHEN r.w < g.min_w THEN r.w ELSE g.min_w END
 """
 
-UPDATE_FEATURE_AGG = _AGG_ROWS
-
 # Last statement of a prompt: the last batch of AGG rows, the prompt's contribution to the
-# supernode aggregate (SAGG, anchored on the prompt's own nodes by the ``Node.prompt`` index),
-# then the ``complete`` flag.
-FINISH_PROMPT = (
-    """
-CALL () {"""
-    + _AGG_ROWS
-    + """}
+# supernode aggregate (SAGG), then the ``complete`` flag.
+FINISH_PROMPT = """
 CALL () {
-  MATCH (a:Node:FeatureNode {prompt: $id})-[:OF]->(:Feature)<-[:HAS]-(s:Supernode)
-  USING INDEX a:Node(prompt)
+  UNWIND $rows AS r
+  MATCH (a:Feature) WHERE elementId(a) = r.a
+  MATCH (b:Feature) WHERE elementId(b) = r.b
+  MERGE (a)-[g:AGG]->(b)
+  ON CREATE SET g.n_prompts = 1, g.sum_w = r.w, g.max_w = r.w, g.min_w = r.w
+  ON MATCH SET g.n_prompts = g.n_prompts + 1,
+      g.sum_w = g.sum_w + r.w,
+      g.max_w = CASE WHEN r.w > g.max_w THEN r.w ELSE g.max_w END,
+      g.min_w = CASE WHEN r.w < g.min_w THEN r.w ELSE g.min_w END
+}
+CALL () {
+  MATCH (s:Supernode)-[:HAS]->(:Feature)<-[:OF]-(a:Node:FeatureNode {prompt: $id})
   MATCH (a)-[e:EDGE]->(b:FeatureNode)-[:OF]->(:Feature)<-[:HAS]-(t:Supernode)
   WHERE s <> t
   WITH s, t, sum(e.w) AS w
@@ -264,7 +257,6 @@ CALL () {
 MATCH (p:Prompt {id: $id})
 SET p.complete = true, p.ingested_at = datetime()
 """
-)
 
 # ---- deleting a prompt (one transaction: aggregates first, then the nodes, then the prompt)
 # The prompt's contribution to AGG is subtracted; max/min are recomputed from the other prompts'
@@ -274,7 +266,7 @@ MATCH (a:Node:FeatureNode {prompt: $id})-[e:EDGE]->(b:FeatureNode)
 MATCH (a)-[:OF]->(fa:Feature)
 MATCH (b)-[:OF]->(fb:Feature)
 WITH fa, fb, sum(e.w) AS w
-MATCH ()-[g:AGG {pair: fa.fid + '|' + fb.fid}]->()
+MATCH (fa)-[g:AGG]->(fb)
 SET g.n_prompts = g.n_prompts - 1, g.sum_w = g.sum_w - w
 WITH fa, fb, g
 CALL (fa, fb, g) {
