@@ -258,7 +258,7 @@ def _print_answer(
         )
     console.print(table)
     _cypher_pointer("TOP_CONTRIBUTORS", q.TOP_CONTRIBUTORS)
-    click.echo(f"CLI: atlas query top-contributors {TARGET}")
+    click.echo(f"CLI: atlas query contributors logit:{TARGET}")
     return {
         "n_paths": sum(g["n_paths"] for g in aggregate),
         "n_routes": len(aggregate),

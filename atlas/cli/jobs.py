@@ -596,9 +596,10 @@ def worker(
     torch and runs one pool process with prefetch 1; models load lazily in that process (after
     the fork), so CUDA is never initialised in the parent.
     """
+    from workers.app import check_broker
+
     settings = get_settings()
-    if not settings.redis_url:
-        raise ConfigError("no broker configured: set REDIS_URL (e.g. redis://127.0.0.1:6379/0)")
+    check_broker(settings)  # one line now, instead of Celery retrying an absent Redis forever
     # The worker is exec'd below, so nothing this process imported (or initialised) leaks into it.
     env = dict(os.environ)
     if gpu is not None:

@@ -153,12 +153,14 @@ def test_importing_the_tasks_loads_no_model_and_no_torch() -> None:
     assert out.stdout.strip() == "ok"
 
 
-def test_worker_command_sets_up_a_gpu_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_worker_command_sets_up_a_gpu_worker(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
     from atlas.cli import cli
 
     calls: list[tuple[str, list[str], dict[str, str]]] = []
     monkeypatch.setattr(os, "execvpe", lambda f, argv, env: calls.append((f, argv, env)))
-    env = {"REDIS_URL": "redis://127.0.0.1:6379/0"}
+    env = {"REDIS_URL": redis_url}
     result = CliRunner().invoke(cli, ["worker", "--gpu", "1", "-c", "4", "--threads", "2"], env=env)
     assert result.exit_code == 0, result.output
     (_, argv, child_env) = calls[0]
@@ -180,6 +182,11 @@ def test_worker_command_sets_up_a_gpu_worker(monkeypatch: pytest.MonkeyPatch) ->
     result = CliRunner().invoke(cli, ["worker"], env={"REDIS_URL": ""})
     assert result.exit_code != 0
     assert "no broker configured" in str(result.exception)
+
+    calls.clear()  # an unreachable broker: one clear error, no worker retrying forever
+    result = CliRunner().invoke(cli, ["worker"], env={"REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert result.exit_code != 0 and not calls
+    assert "127.0.0.1:1" in str(result.exception)
 
 
 def test_errors_are_sorted_into_transient_and_permanent() -> None:
