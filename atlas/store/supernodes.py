@@ -125,16 +125,8 @@ def define_from_label(
     driver: neo4j.Driver, name: str, pattern: str, *, database: str | None = None
 ) -> int:
     """Supernode of every feature whose label matches ``pattern`` (a full-match regex)."""
-    pattern = validate_pattern(pattern)
-    rows = run_read(
-        driver,
-        Q.FEATURES_BY_LABEL_PATTERN,
-        {"pattern": pattern},
-        database=database,
-        what="matching labels",
-    )
-    return define(
-        driver, name, [r["fid"] for r in rows], kind="label", pattern=pattern, database=database
+    return _define_from_pattern(
+        driver, name, pattern, Q.FEATURES_BY_LABEL_PATTERN, "label", database=database
     )
 
 
@@ -142,16 +134,26 @@ def define_from_token(
     driver: neo4j.Driver, name: str, pattern: str, *, database: str | None = None
 ) -> int:
     """Supernode of every feature one of whose logit-lens top tokens matches ``pattern``."""
+    return _define_from_pattern(
+        driver, name, pattern, Q.FEATURES_BY_TOKEN_PATTERN, "token", database=database
+    )
+
+
+def _define_from_pattern(
+    driver: neo4j.Driver,
+    name: str,
+    pattern: str,
+    query: str,
+    kind: str,
+    *,
+    database: str | None,
+) -> int:
     pattern = validate_pattern(pattern)
     rows = run_read(
-        driver,
-        Q.FEATURES_BY_TOKEN_PATTERN,
-        {"pattern": pattern},
-        database=database,
-        what="matching tokens",
+        driver, query, {"pattern": pattern}, database=database, what=f"matching {kind}s"
     )
     return define(
-        driver, name, [r["fid"] for r in rows], kind="token", pattern=pattern, database=database
+        driver, name, [r["fid"] for r in rows], kind=kind, pattern=pattern, database=database
     )
 
 
