@@ -9,10 +9,14 @@ forced, whatever the job records say.
 
 Item states::
 
-    queued -> attributing -> ingesting -> done
-                    \\------------\\-----> failed   (permanent; ``reason`` says why)
+    queued -> attributing -> done          (``attributing`` lasts until the prompt is ingested)
+                    \\-------> failed      (permanent; ``reason`` says why)
 
-``done`` is final: a redelivered message that runs again cannot move an item back.
+``done`` is final: a redelivered message that runs again cannot move an item back. Workers write
+two records per prompt and neither costs an extra round trip: the start of an attribution shares
+one statement with the "already in the atlas?" check (:meth:`JobStore.start`), and ``done`` is
+written in the ingestion's own transaction (:meth:`JobStore.mark_tx`), so an item is done exactly
+when its prompt is complete in the atlas.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ from atlas.store import queries as q
 
 log = logging.getLogger(__name__)
 
-ItemState = Literal["queued", "attributing", "ingesting", "done", "failed"]
-ACTIVE_STATES: tuple[str, ...] = ("queued", "attributing", "ingesting")
+ItemState = Literal["queued", "attributing", "done", "failed"]
+ACTIVE_STATES: tuple[str, ...] = ("queued", "attributing")
 
 
 class JobItem(BaseModel):
@@ -98,6 +102,28 @@ def _run(driver: Any, query: str, **params: Any) -> list[dict[str, Any]]:
         raise ServiceUnavailable(f"Neo4j session expired while writing job records: {exc}") from exc
     except nex.Neo4jError as exc:
         raise StoreError(f"job record query failed: {exc.message or exc}") from exc
+
+
+def _mark_params(
+    job_id: str,
+    item: int,
+    state: str,
+    prompt_id: str | None,
+    outcome: str | None,
+    reason: str | None,
+    timings: dict[str, float] | None,
+    attempt: bool,
+) -> dict[str, Any]:
+    return {
+        "key": f"{job_id}/{item}",
+        "state": state,
+        "prompt_id": prompt_id,
+        "outcome": outcome,
+        "reason": reason,
+        "timings": json.dumps({k: round(v, 6) for k, v in timings.items()}) if timings else None,
+        "attempt": attempt,
+        "now": time.time(),
+    }
 
 
 def ensure_job_schema(driver: Any) -> None:
@@ -182,15 +208,37 @@ class JobStore:
         _run(
             self.driver,
             q.JOB_MARK_ITEM,
-            key=f"{job_id}/{item}",
-            state=state,
+            **_mark_params(job_id, item, state, prompt_id, outcome, reason, timings, attempt),
+        )
+
+    @staticmethod
+    def mark_tx(
+        tx: Any,
+        job_id: str,
+        item: int,
+        *,
+        state: ItemState,
+        prompt_id: str | None = None,
+        outcome: str | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> None:
+        """:meth:`mark` inside a caller's transaction (the ingestion's, for ``done``)."""
+        params = _mark_params(job_id, item, state, prompt_id, outcome, None, timings, False)
+        tx.run(q.JOB_MARK_ITEM, **params).consume()
+
+    def start(self, job_id: str | None, item: int | None, prompt_id: str, *, force: bool) -> bool:
+        """Whether ``prompt_id`` is complete in the atlas, recording the item's start (one
+        statement): ``attributing``, or ``done`` / ``present`` when there is nothing to do."""
+        key = f"{job_id}/{item}" if job_id is not None and item is not None else None
+        rows = _run(
+            self.driver,
+            q.JOB_START_ITEM,
+            key=key,
             prompt_id=prompt_id,
-            outcome=outcome,
-            reason=reason,
-            timings=json.dumps({k: round(v, 6) for k, v in timings.items()}) if timings else None,
-            attempt=attempt,
+            force=force,
             now=time.time(),
         )
+        return bool(rows and rows[0]["present"])
 
     # ------------------------------------------------------------------ reads
     def summary(self, job_id: str) -> JobSummary:
@@ -209,7 +257,7 @@ class JobStore:
             done=counts.get("done", 0),
             failed=counts.get("failed", 0),
             queued=counts.get("queued", 0),
-            running=counts.get("attributing", 0) + counts.get("ingesting", 0),
+            running=counts.get("attributing", 0),
         )
 
     def items(self, job_id: str, states: Iterable[str] | None = None) -> list[JobItem]:

@@ -43,6 +43,7 @@ from atlas.errors import AtlasError, AttributionError, InputError, ServiceUnavai
 if TYPE_CHECKING:
     from atlas.graph import Graph, ModelInfo, TranscoderInfo
     from atlas.settings import AtlasSettings
+    from atlas.store.ingest import InTransaction
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,8 @@ class IngestPayload(BaseModel):
     job_id: str | None = None
     item: int | None = None
     force: bool = False
+    attribution: Literal["computed", "cached"] | None = None
+    """What the attribute step did (recorded on the job item with ``done``)."""
     enqueued_at: float | None = None
     timings: dict[str, float] = Field(default_factory=dict)
     """Seconds spent so far, carried along for the job record (queue, load, attribute, save)."""
@@ -300,14 +303,14 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 # --------------------------------------------------------------------------- store adapters
-def prompt_in_atlas(driver: Any, prompt_id: str) -> bool:
-    """Whether a complete prompt with this id is in the atlas."""
-    from atlas.jobs import prompts_present
-
-    return prompt_id in prompts_present(driver, [prompt_id])
-
-
-def _ingest(driver: Any, graph: Graph, settings: AtlasSettings, *, force: bool) -> bool:
+def _ingest(
+    driver: Any,
+    graph: Graph,
+    settings: AtlasSettings,
+    *,
+    force: bool,
+    in_transaction: InTransaction | None = None,
+) -> bool:
     """Store one graph; True when it was written, False when the prompt was already there."""
     from atlas.store.ingest import ingest_graph
 
@@ -321,6 +324,7 @@ def _ingest(driver: Any, graph: Graph, settings: AtlasSettings, *, force: bool) 
             batch_size=settings.ingest_batch_size,
             min_abs_weight=settings.ingest_min_abs_weight,
             max_edges=settings.ingest_max_edges,
+            in_transaction=in_transaction,
         )
         return bool(result.created)
     except AtlasError:
@@ -363,11 +367,6 @@ def attribute_step(
     timings: dict[str, float] = {"started_at": time.time()}
     if payload.enqueued_at is not None:
         timings["queue_s"] = max(0.0, timings["started_at"] - payload.enqueued_at)
-    t_rec = time.perf_counter()
-    if payload.job_id is not None and payload.item is not None:
-        jobs.mark(payload.job_id, payload.item, state="attributing", attempt=True)
-    records_s = time.perf_counter() - t_rec
-
     t0 = time.perf_counter()
     model_ref, tc_ref = resolve_refs(spec.model, spec.transcoders, settings)
     engine = engines.get(model_ref, tc_ref, settings)
@@ -375,25 +374,16 @@ def attribute_step(
     prompt_id = prompt_id_for(spec, engine, settings)
     path = artifact_path(settings.resolved_artifact_dir, prompt_id)
 
-    t_rec = time.perf_counter()
-    present = not spec.force and prompt_in_atlas(driver, prompt_id)
-    records_s += time.perf_counter() - t_rec
-    if present:
+    t_rec = time.perf_counter()  # one round trip: the presence check and the item's start
+    present = jobs.start(payload.job_id, payload.item, prompt_id, force=spec.force)
+    timings["records_s"] = time.perf_counter() - t_rec
+    if present and not spec.force:
         log.info("prompt %s already in the atlas: skipped", prompt_id)
-        if payload.job_id is not None and payload.item is not None:
-            jobs.mark(
-                payload.job_id,
-                payload.item,
-                state="done",
-                prompt_id=prompt_id,
-                outcome="present",
-                timings=timings,
-            )
         return StepResult(
             outcome="present", prompt_id=prompt_id, artifact=str(path), timings=timings
         )
 
-    outcome: Outcome = "cached"
+    outcome: Literal["computed", "cached"] = "cached"
     if spec.force or not path.is_file():
         outcome = "computed"
         graph = _run_attribution(spec, engine, settings, timings)
@@ -403,17 +393,6 @@ def attribute_step(
         graph.save(path)
         timings["save_s"] = time.perf_counter() - t1
 
-    t_rec = time.perf_counter()
-    if payload.job_id is not None and payload.item is not None:
-        jobs.mark(
-            payload.job_id,
-            payload.item,
-            state="ingesting",
-            prompt_id=prompt_id,
-            outcome=outcome,
-            timings=timings,
-        )
-    timings["records_s"] = records_s + time.perf_counter() - t_rec  # job-record round trips
     timings["handed_off_at"] = time.time()
     ingest = IngestPayload(
         prompt_id=prompt_id,
@@ -421,6 +400,7 @@ def attribute_step(
         job_id=payload.job_id,
         item=payload.item,
         force=spec.force,
+        attribution=outcome,
         enqueued_at=time.time(),
         timings=timings,
     )
@@ -500,14 +480,27 @@ def ingest_step(payload: IngestPayload, settings: AtlasSettings, *, driver: Any)
     graph = Graph.load(payload.artifact)
     timings["load_artifact_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
+    job_id, item = payload.job_id, payload.item
+    mark_done: InTransaction | None = None
+    if job_id is not None and item is not None:
+
+        def mark_done(tx: Any, created: bool) -> None:
+            # in the ingestion's transaction: the item is done exactly when the prompt is stored
+            timings["ingest_s"] = time.perf_counter() - t1
+            JobStore.mark_tx(
+                tx,
+                job_id,
+                item,
+                state="done",
+                prompt_id=payload.prompt_id,
+                outcome=payload.attribution if created else "present",
+                timings=timings,
+            )
+
     # the store's ingestion is idempotent: a prompt already stored is left as is
-    created = _ingest(driver, graph, settings, force=payload.force)
+    created = _ingest(driver, graph, settings, force=payload.force, in_transaction=mark_done)
     timings["ingest_s"] = time.perf_counter() - t1
     outcome: Outcome = "ingested" if created else "present"
-    if payload.job_id is not None and payload.item is not None:
-        JobStore(driver).mark(
-            payload.job_id, payload.item, state="done", prompt_id=payload.prompt_id, timings=timings
-        )
     return StepResult(
         outcome=outcome, prompt_id=payload.prompt_id, artifact=payload.artifact, timings=timings
     )
@@ -552,7 +545,7 @@ def record_failure(driver: Any, job_id: str | None, item: int | None, reason: st
     from atlas.jobs import JobStore
 
     try:
-        JobStore(driver).mark(job_id, item, state="failed", reason=reason)
+        JobStore(driver).mark(job_id, item, state="failed", reason=reason, attempt=True)
     except Exception:
         log.exception("could not record the failure of job %s item %s", job_id, item)
 

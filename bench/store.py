@@ -9,10 +9,17 @@ Without ``--uri`` a local Neo4j (the project's launcher) runs on a free port wit
 ``--home`` (default: a temporary directory, removed unless ``--keep``). ``--prompts`` is the
 atlas size to reach: prompts already in the store are kept, so runs can grow one atlas in steps.
 
-Baseline: every ``--baseline-every``-th prompt is also written, in one transaction, as plain
-``UNWIND $rows CREATE`` of the same node and edge rows (no claim, no global Feature/Token links,
-no aggregates), then deleted. The ratio compares edges/s of both on the same prompts at the same
-atlas size. Results go to stdout and, with ``--out``, to a JSON file.
+Baselines: every ``--baseline-every``-th prompt is also written twice more, each time in one
+transaction of plain ``UNWIND $rows CREATE`` statements, then deleted:
+
+* "nodes+edges": the same node and edge rows only (no claim, no links, no aggregates);
+* "same rows": also everything else our model stores per prompt (each node's link to its global
+  Feature/Token, one aggregate row per feature pair), but with CREATE instead of MERGE, no claim,
+  no idempotence.
+
+Each ratio is baseline time / our time on the same prompts at the same atlas size (1.0 = as fast
+as the plain write). Order alternates between prompts. Results go to stdout and, with ``--out``,
+to a JSON file.
 """
 
 from __future__ import annotations
@@ -52,8 +59,13 @@ def du(path: Path) -> int:
     return int(out.stdout.split()[0])
 
 
-def baseline_write(driver: neo4j.Driver, rows: PromptRows, batch: int) -> float:
-    """Plain UNWIND CREATE of the same node and edge rows in one transaction; returns seconds."""
+def baseline_write(driver: neo4j.Driver, rows: PromptRows, batch: int, *, full: bool) -> float:
+    """Plain UNWIND CREATE of the same rows in one transaction; returns seconds.
+
+    ``full=False``: the graph's node and edge rows only. ``full=True``: also what our model
+    stores per prompt (the node -> Feature/Token links and one aggregate row per feature pair),
+    all with CREATE: no claim, no MERGE, no idempotence.
+    """
     node_rows = [r for rs in rows.nodes.values() for r in rs]
 
     def work(tx: neo4j.ManagedTransaction) -> None:
@@ -68,6 +80,18 @@ def baseline_write(driver: neo4j.Driver, rows: PromptRows, batch: int) -> float:
         edge_rows = [{"s": eids[s], "t": eids[t], "w": w} for s, t, w in rows.edges]
         for start in range(0, len(edge_rows), batch):
             tx.run(Q.BASELINE_CREATE_EDGES, rows=edge_rows[start : start + batch]).consume()
+        if not full:
+            return
+        for kind, query in (
+            ("feature", Q.BASELINE_CREATE_FEATURE_LINKS),
+            ("token", Q.BASELINE_CREATE_TOKEN_LINKS),
+            ("logit", Q.BASELINE_CREATE_TOKEN_LINKS),
+        ):
+            links = [{"n": eids[r["idx"]], "ref": r["ref"]} for r in rows.nodes[kind]]
+            for start in range(0, len(links), batch):
+                tx.run(query, rows=links[start : start + batch]).consume()
+        for start in range(0, len(rows.agg), batch):
+            tx.run(Q.BASELINE_CREATE_AGG, rows=rows.agg[start : start + batch]).consume()
 
     t0 = time.perf_counter()
     with driver.session() as session:
@@ -75,6 +99,8 @@ def baseline_write(driver: neo4j.Driver, rows: PromptRows, batch: int) -> float:
     dt = time.perf_counter() - t0
     with driver.session() as session:
         session.run(Q.BASELINE_WIPE).consume()
+        if full:
+            session.run(Q.BASELINE_WIPE_AGG).consume()
     return dt
 
 
@@ -200,7 +226,7 @@ def main() -> None:
         disk0 = du(data_dir) if data_dir else 0
         shape = {"n_features": args.features, "n_edges": args.edges}
         ours_t = ours_e = 0.0
-        pair_ours = pair_base = pair_edges = 0.0
+        pair_ours = pair_base = pair_full = pair_edges = 0.0
         gen_t = 0.0
         breakdown: dict[str, float] = {}
         per_segment: list[float] = []
@@ -214,7 +240,8 @@ def main() -> None:
             paired = args.baseline_every > 0 and i % args.baseline_every == 0
             base_first = paired and (i // args.baseline_every) % 2 == 0
             if base_first:
-                tb = baseline_write(driver, rows, args.batch)
+                tb = baseline_write(driver, rows, args.batch, full=False)
+                tf = baseline_write(driver, rows, args.batch, full=True)
             t0 = time.perf_counter()
             if paired:
                 ours_breakdown(driver, rows, args.batch, breakdown)
@@ -222,10 +249,12 @@ def main() -> None:
                 assert ingest_rows(driver, rows, batch_size=args.batch).created
             dt = time.perf_counter() - t0
             if paired and not base_first:
-                tb = baseline_write(driver, rows, args.batch)
+                tb = baseline_write(driver, rows, args.batch, full=False)
+                tf = baseline_write(driver, rows, args.batch, full=True)
             if paired:
                 pair_ours += dt
                 pair_base += tb
+                pair_full += tf
                 pair_edges += len(rows.edges)
             ours_t += dt
             ours_e += len(rows.edges)
@@ -236,7 +265,12 @@ def main() -> None:
                 per_segment.append(seg_e / seg_t)
                 print(
                     f"  {i + 1} prompts: {seg_e / seg_t:,.0f} edges/s (last {int(seg_e / args.edges)} prompts)"
-                    + (f", paired ratio so far {pair_base / pair_ours:.2f}" if pair_ours else ""),
+                    + (
+                        f", paired ratio so far {pair_base / pair_ours:.2f} (nodes+edges),"
+                        f" {pair_full / pair_ours:.2f} (same rows)"
+                        if pair_ours
+                        else ""
+                    ),
                     flush=True,
                 )
                 seg_t = seg_e = 0.0
@@ -249,6 +283,10 @@ def main() -> None:
                 "baseline_edges_per_s_paired": pair_edges / pair_base if pair_base else None,
                 "ours_edges_per_s_paired": pair_edges / pair_ours if pair_ours else None,
                 "ratio_vs_baseline": pair_base / pair_ours if pair_ours else None,
+                "baseline_same_rows_edges_per_s_paired": pair_edges / pair_full
+                if pair_full
+                else None,
+                "ratio_vs_baseline_same_rows": pair_full / pair_ours if pair_ours else None,
                 "synthetic_generation_s": gen_t,
                 "share_of_time_by_statement_paired": {
                     k: v / pair_ours for k, v in sorted(breakdown.items(), key=lambda kv: -kv[1])

@@ -498,7 +498,7 @@ def jobs_status(
 @_timeout_option
 def jobs_retry(job_id: str, stale_after: float | None, wait: bool, timeout_s: float | None) -> None:
     """Send the failed items of JOB_ID again (and stale ones with --stale-after)."""
-    from atlas.jobs import JobStore
+    from atlas.jobs import ACTIVE_STATES, JobStore
     from atlas.pipeline import AttributePayload, PromptSpec
 
     settings = get_settings()
@@ -506,7 +506,7 @@ def jobs_retry(job_id: str, stale_after: float | None, wait: bool, timeout_s: fl
     try:
         store = JobStore(driver)
         store.summary(job_id)  # unknown job -> InputError
-        states = ["failed"] + (["queued", "attributing", "ingesting"] if stale_after else [])
+        states = ["failed"] + (list(ACTIVE_STATES) if stale_after else [])
         items = store.items(job_id, states)
         if stale_after:
             stale = {i.idx for i in store.stale_items(job_id, stale_after)}

@@ -8,14 +8,27 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from atlas.cli import get_settings
+
+T = TypeVar("T")
+
+#: ``atlas import``: first pause after a transient fault, the longest single pause, and the
+#: longest total pause per file (enough to ride out a Neo4j restart, which takes ~30 s).
+IMPORT_RETRY_FIRST_S = 1.0
+IMPORT_RETRY_MAX_DELAY_S = 30.0
+IMPORT_RETRY_BUDGET_S = 90.0
+#: How long the driver itself retries one prompt's transaction (deadlocks, a dropped
+#: connection) before ``atlas import``'s own loop, which tells the user, takes over.
+IMPORT_DRIVER_RETRY_S = 5.0
 
 _FORMAT = click.option(
     "--format",
@@ -28,12 +41,12 @@ _FORMAT = click.option(
 
 
 @contextlib.contextmanager
-def _driver() -> Iterator[Any]:
+def _driver(*, max_transaction_retry_time_s: float = 30.0) -> Iterator[Any]:
     from atlas.store.connection import ensure_local_neo4j, open_driver
 
     settings = get_settings()
     ensure_local_neo4j(settings, progress=lambda m: click.echo(m, err=True))
-    driver = open_driver(settings)
+    driver = open_driver(settings, max_transaction_retry_time_s=max_transaction_retry_time_s)
     try:
         yield driver
     finally:
@@ -100,6 +113,87 @@ def _output(rows: list[dict[str, Any]], fmt: str, columns: Sequence[str], title:
 
 
 # --------------------------------------------------------------------------- import / export
+def retry_transient(
+    fn: Callable[[], T],
+    *,
+    what: str,
+    first_delay_s: float = IMPORT_RETRY_FIRST_S,
+    max_delay_s: float = IMPORT_RETRY_MAX_DELAY_S,
+    budget_s: float = IMPORT_RETRY_BUDGET_S,
+    warn: Callable[[str], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Call ``fn``, retrying transient faults (``AtlasError.transient``, e.g. Neo4j unreachable,
+    or a retryable driver error underneath) with exponential backoff until ``budget_s`` seconds
+    of pauses are spent.
+
+    ``warn`` gets one line per retry. Permanent errors are raised unchanged; a transient one,
+    once the budget is spent, with "gave up after N s of retries" appended to its message.
+    Only for idempotent work (ingestion is: a stored prompt is skipped, and an interrupted
+    transaction leaves nothing).
+    """
+    from atlas.errors import AtlasError, ServiceUnavailable
+
+    waited = 0.0
+    delay = first_delay_s
+    while True:
+        try:
+            return fn()
+        except AtlasError as exc:
+            pause = min(delay, max_delay_s, budget_s - waited)
+            if not _transient(exc):
+                raise
+            if pause <= 0:
+                if waited > 0 and len(exc.args) == 1 and isinstance(exc.args[0], str):
+                    exc.args = (f"{exc.args[0]} (gave up after {waited:.0f} s of retries)",)
+                raise
+            fault = "Neo4j unreachable" if isinstance(exc, ServiceUnavailable) else "Neo4j busy"
+            if warn is not None:
+                detail = " ".join(str(exc).split())[:400]
+                warn(f"warning: {what}: {fault}, retrying in {pause:.0f} s ({detail})")
+            sleep(pause)
+            waited += pause
+            delay *= 2
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether retrying may help: a transient :class:`AtlasError`, or one translated from a
+    driver error that the driver itself deems retryable (a deadlock, an unavailable database)."""
+    from atlas.errors import AtlasError
+
+    if isinstance(exc, AtlasError) and exc.transient:
+        return True
+    cause = exc.__cause__
+    is_retryable = getattr(cause, "is_retryable", None)
+    return bool(callable(is_retryable) and is_retryable())
+
+
+class _DriverRetryFilter:
+    """Drops the driver's own multi-line "Transaction failed and will be retried" warnings
+    (``atlas import`` reports its retries in one line each); kept with ``-v``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        quiet = logging.getLogger().getEffectiveLevel() >= logging.WARNING
+        return not (quiet and str(record.msg).startswith("Transaction failed and will be retried"))
+
+
+@contextlib.contextmanager
+def _quiet_driver_retries() -> Iterator[None]:
+    logger = logging.getLogger("neo4j.session")
+    flt = _DriverRetryFilter()
+    logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        logger.removeFilter(flt)
+
+
+def _name_file(exc: Exception, path: Path) -> None:
+    """Prefix the error's message with the file it is about (unless it names the file already)."""
+    if len(exc.args) == 1 and isinstance(exc.args[0], str) and str(path) not in exc.args[0]:
+        exc.args = (f"{path}: {exc.args[0]}",)
+
+
 @click.command("import")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--batch-size", type=int, default=None, help="Rows per UNWIND batch.")
@@ -113,10 +207,14 @@ def import_cmd(
     """Ingest graph artifacts (.safetensors) or interchange JSON (.json) into the atlas.
 
     Idempotent: prompts already stored are skipped. Directories are searched for both kinds.
+    A file whose ingestion meets a transient fault (Neo4j unreachable, e.g. restarting) is
+    retried with exponential backoff, up to ~90 s of pauses per file.
     """
+    from rich.console import Console
     from rich.progress import Progress
 
-    from atlas.store.ingest import ingest_path
+    from atlas.errors import AtlasError
+    from atlas.store.ingest import IngestResult, ingest_path
     from atlas.store.schema import apply_schema
 
     settings = get_settings()
@@ -127,21 +225,36 @@ def import_cmd(
         else:
             files.append(p)
     created = skipped = edges = 0
-    with _driver() as driver:
+    with (
+        _driver(max_transaction_retry_time_s=IMPORT_DRIVER_RETRY_S) as driver,
+        _quiet_driver_retries(),
+    ):
         apply_schema(driver, database=_db())
-        with Progress(transient=True) as progress:
+        with Progress(console=Console(stderr=True), transient=True) as progress:
+
+            def warn(line: str) -> None:
+                progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
             task = progress.add_task("ingesting", total=len(files))
             for f in files:
-                res = ingest_path(
-                    driver,
-                    f,
-                    database=_db(),
-                    batch_size=batch_size or settings.ingest_batch_size,
-                    min_abs_weight=settings.ingest_min_abs_weight
-                    if min_weight is None
-                    else min_weight,
-                    max_edges=settings.ingest_max_edges if max_edges is None else max_edges,
-                )
+
+                def one(f: Path = f) -> IngestResult:
+                    return ingest_path(
+                        driver,
+                        f,
+                        database=_db(),
+                        batch_size=batch_size or settings.ingest_batch_size,
+                        min_abs_weight=settings.ingest_min_abs_weight
+                        if min_weight is None
+                        else min_weight,
+                        max_edges=settings.ingest_max_edges if max_edges is None else max_edges,
+                    )
+
+                try:
+                    res = retry_transient(one, what=str(f), warn=warn)
+                except AtlasError as exc:
+                    _name_file(exc, f)
+                    raise
                 created += res.created
                 skipped += not res.created
                 edges += res.n_edges if res.created else 0

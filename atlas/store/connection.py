@@ -29,8 +29,17 @@ def _auth(settings: AtlasSettings) -> tuple[str, str] | None:
     return (settings.neo4j_user, password) if password else None
 
 
-def open_driver(settings: AtlasSettings, *, connection_timeout_s: float = 10.0) -> neo4j.Driver:
+def open_driver(
+    settings: AtlasSettings,
+    *,
+    connection_timeout_s: float = 10.0,
+    max_transaction_retry_time_s: float = 30.0,
+) -> neo4j.Driver:
     """A connected driver for ``settings.resolved_neo4j_uri`` (connectivity verified).
+
+    ``max_transaction_retry_time_s`` bounds how long ``execute_read`` / ``execute_write`` retry
+    retryable failures (an unreachable server, a deadlock) before raising (30 s: the driver's
+    default). Callers with their own, visible retry loop (``atlas import``) set it lower.
 
     Raises:
         ServiceUnavailable: nothing answers at the URI.
@@ -40,7 +49,10 @@ def open_driver(settings: AtlasSettings, *, connection_timeout_s: float = 10.0) 
     uri = settings.resolved_neo4j_uri
     try:
         driver = neo4j.GraphDatabase.driver(
-            uri, auth=_auth(settings), connection_timeout=connection_timeout_s
+            uri,
+            auth=_auth(settings),
+            connection_timeout=connection_timeout_s,
+            max_transaction_retry_time=max_transaction_retry_time_s,
         )
     except (neo4j_errors.ConfigurationError, ValueError) as exc:
         raise ConfigError(f"bad Neo4j URI {uri!r}: {_one_line(exc)}") from exc

@@ -82,6 +82,10 @@ class PromptRows:
     dropped_edges: int = field(default=0)
 
 
+#: A callback run at the end of a prompt's ingestion transaction: ``(tx, created)``.
+InTransaction = Callable[[neo4j.ManagedTransaction, bool], None]
+
+
 @dataclass(frozen=True)
 class IngestResult:
     """What one ``ingest_graph`` call did."""
@@ -260,6 +264,32 @@ def _chunks(rows: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield rows[start : start + size]
 
 
+def _agg_groups(
+    agg: list[dict[str, Any]], entity_eids: dict[str, str], batch: int
+) -> list[list[dict[str, Any]]]:
+    """AGG rows grouped by source feature (``{a, b: [...], w: [...]}``), in batches of about
+    ``batch`` pairs."""
+    out: list[list[dict[str, Any]]] = []
+    cur: list[dict[str, Any]] = []
+    n = 0
+    group: dict[str, Any] = {}
+    source = None
+    for r in agg:  # sorted by (s, t)
+        if source != r["s"] or n >= batch:
+            if n >= batch:
+                out.append(cur)
+                cur, n = [], 0
+            source = r["s"]
+            group = {"a": entity_eids[r["s"]], "b": [], "w": []}
+            cur.append(group)
+        group["b"].append(entity_eids[r["t"]])
+        group["w"].append(r["w"])
+        n += 1
+    if cur:
+        out.append(cur)
+    return out
+
+
 def _write_prompt(tx: neo4j.ManagedTransaction, rows: PromptRows, batch: int) -> bool:
     """The unit of work of one prompt (idempotent; rerun whole on transient errors)."""
     pid = rows.prompt_id
@@ -280,26 +310,46 @@ def _write_prompt(tx: neo4j.ManagedTransaction, rows: PromptRows, batch: int) ->
             if rec is None or rec["deleted"] == 0:
                 break
     entity_eids: dict[str, str] = dict(claim["features"]) | dict(claim["tokens"])
-    node_rows = [
-        {**r, "label": NODE_LABELS[kind], "ent": entity_eids.get(r["ref"]) if r["ref"] else None}
-        for kind, rs in rows.nodes.items()
-        for r in rs
-    ]
-    eids: dict[int, str] = {}
-    for chunk in _chunks(node_rows, batch):
-        for rec in tx.run(Q.CREATE_NODES, rows=chunk, prompt=pid):
-            eids[rec["idx"]] = rec["eid"]
-    if len(eids) != rows.n_nodes:
-        raise StoreError(f"prompt {pid}: wrote {len(eids)} of {rows.n_nodes} nodes")
-    edge_rows = [{"s": eids[s], "t": eids[t], "w": w} for s, t, w in rows.edges]
-    for chunk in _chunks(edge_rows, batch):
-        tx.run(Q.CREATE_EDGES, rows=chunk).consume()
-    agg_rows = [{"a": entity_eids[r["s"]], "b": entity_eids[r["t"]], "w": r["w"]} for r in rows.agg]
-    chunks = list(_chunks(agg_rows, batch)) or [[]]
-    for chunk in chunks[:-1]:
-        tx.run(Q.UPDATE_FEATURE_AGG, rows=chunk).consume()
+    node_rows = sorted(
+        (
+            {
+                **r,
+                "label": NODE_LABELS[kind],
+                "ent": entity_eids.get(r["ref"]) if r["ref"] else None,
+            }
+            for kind, rs in rows.nodes.items()
+            for r in rs
+        ),
+        key=lambda r: r["idx"],
+    )
+    if [r["idx"] for r in node_rows] != list(range(rows.n_nodes)):
+        raise StoreError(f"prompt {pid}: node rows are not indexed 0..{rows.n_nodes - 1}")
+    edge_chunks = list(_chunks(rows.edges, batch)) or [[]]
+    first = edge_chunks[0]
+    rec = tx.run(
+        Q.CREATE_NODES_AND_EDGES,
+        rows=node_rows,
+        prompt=pid,
+        src=[e[0] for e in first],
+        tgt=[e[1] for e in first],
+        w=[e[2] for e in first],
+    ).single()
+    if rows.n_nodes and (rec is None or rec["n_nodes"] != rows.n_nodes):
+        got = 0 if rec is None else rec["n_nodes"]
+        raise StoreError(f"prompt {pid}: wrote {got} of {rows.n_nodes} nodes")
+    for chunk in edge_chunks[1:]:
+        tx.run(
+            Q.CREATE_MORE_EDGES,
+            prompt=pid,
+            src=[e[0] for e in chunk],
+            tgt=[e[1] for e in chunk],
+            w=[e[2] for e in chunk],
+        ).consume()
+    groups = _agg_groups(rows.agg, entity_eids, batch)
+    for chunk in groups[:-1]:
+        tx.run(Q.UPDATE_FEATURE_AGG, groups=chunk).consume()
     # the last batch, the supernode aggregate and the ``complete`` flag: one statement
-    tx.run(Q.FINISH_PROMPT, id=pid, rows=chunks[-1]).consume()
+    tx.run(Q.FINISH_PROMPT, id=pid, groups=groups[-1] if groups else []).consume()
     return True
 
 
@@ -357,21 +407,40 @@ def ingest_graph(
     batch_size: int = 5000,
     min_abs_weight: float = 0.0,
     max_edges: int | None = None,
+    in_transaction: InTransaction | None = None,
 ) -> IngestResult:
-    """Store one graph (one transaction). Idempotent: a prompt already stored is left as is."""
+    """Store one graph (one transaction). Idempotent: a prompt already stored is left as is.
+
+    ``in_transaction(tx, created)`` runs last in the same transaction (e.g. the job record's
+    ``done``), also when the prompt was already stored (``created`` False).
+    """
     rows = graph_rows(graph, min_abs_weight=min_abs_weight, max_edges=max_edges)
-    return ingest_rows(driver, rows, database=database, batch_size=batch_size)
+    return ingest_rows(
+        driver, rows, database=database, batch_size=batch_size, in_transaction=in_transaction
+    )
 
 
 def ingest_rows(
-    driver: neo4j.Driver, rows: PromptRows, *, database: str | None = None, batch_size: int = 5000
+    driver: neo4j.Driver,
+    rows: PromptRows,
+    *,
+    database: str | None = None,
+    batch_size: int = 5000,
+    in_transaction: InTransaction | None = None,
 ) -> IngestResult:
     """Write prepared rows (see :func:`graph_rows`) as one transaction."""
     if batch_size < 1:
         raise ConfigError("ingest batch size must be >= 1")
+
+    def work(tx: neo4j.ManagedTransaction) -> bool:
+        created = _write_prompt(tx, rows, batch_size)
+        if in_transaction is not None:
+            in_transaction(tx, created)
+        return created
+
     try:
         with driver.session(database=database) as session:
-            created = session.execute_write(_write_prompt, rows, batch_size)
+            created = session.execute_write(work)
     except neo4j.exceptions.DriverError as exc:
         raise translate_neo4j_error(exc, f"ingesting prompt {rows.prompt_id}") from exc
     except neo4j.exceptions.Neo4jError as exc:

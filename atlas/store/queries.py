@@ -44,11 +44,13 @@ MERGE (i:JobItem {key: $job_id + '/' + toString(row.idx)})
 """
 
 # A finished item ('done') never goes back to a running state when a redelivered message runs
-# again; 'failed' can be overwritten by a later success (retry).
+# again; 'failed' can be overwritten by a later success (retry). ``$attempt`` counts an attempt
+# unless the item's start already counted it (a failure before the start, e.g. an unknown model).
 JOB_MARK_ITEM = """
 MATCH (i:JobItem {key: $key})
 WITH i, (i.state = 'done' AND $state <> 'done') AS stale
-SET i.attempts = coalesce(i.attempts, 0) + CASE WHEN $attempt THEN 1 ELSE 0 END,
+SET i.attempts = coalesce(i.attempts, 0)
+                 + CASE WHEN $attempt AND i.state <> 'attributing' THEN 1 ELSE 0 END,
     i.updated_at = $now
 WITH i, stale WHERE NOT stale
 SET i.state = $state,
@@ -56,6 +58,26 @@ SET i.state = $state,
     i.outcome = coalesce($outcome, i.outcome),
     i.reason = CASE WHEN $state = 'failed' THEN $reason ELSE NULL END,
     i.timings = coalesce($timings, i.timings)
+"""
+
+# First statement of an attribution (one round trip): is the prompt already in the atlas, and
+# the item's state: 'done' with outcome 'present' when it is (unless forced), else
+# 'attributing'. A finished item is never moved back. ``$key`` may be null (no job).
+JOB_START_ITEM = """
+OPTIONAL MATCH (p:Prompt {id: $prompt_id})
+WITH coalesce(p.complete, false) AS present
+CALL (present) {
+  OPTIONAL MATCH (i:JobItem {key: $key})
+  WITH i WHERE i IS NOT NULL AND i.state <> 'done'
+  WITH i, present AND NOT $force AS skip
+  SET i.attempts = coalesce(i.attempts, 0) + 1,
+      i.updated_at = $now,
+      i.state = CASE WHEN skip THEN 'done' ELSE 'attributing' END,
+      i.prompt_id = $prompt_id,
+      i.outcome = CASE WHEN skip THEN 'present' ELSE i.outcome END,
+      i.reason = NULL
+}
+RETURN present
 """
 
 JOB_GET = """
@@ -108,7 +130,7 @@ RETURN p.id AS prompt_id
 # items still counted as running when nothing has touched them for $stale_s seconds
 JOB_STALE_ITEMS = """
 MATCH (i:JobItem {job_id: $job_id})
-WHERE i.state IN ['queued', 'attributing', 'ingesting'] AND i.updated_at < $before
+WHERE i.state IN ['queued', 'attributing'] AND i.updated_at < $before
 RETURN i.idx AS idx, i.spec AS spec, i.state AS state
 ORDER BY i.idx
 """
@@ -186,10 +208,13 @@ DETACH DELETE n
 RETURN count(*) AS deleted
 """
 
-# Every node of the prompt in one statement: ``r.label`` is FeatureNode / ErrorNode / TokenNode /
-# LogitNode (from a fixed map in atlas.store.ingest, never user text); ``r.ent`` the element id of
-# its global Feature or Token (returned by CLAIM_PROMPT), null for errors.
-CREATE_NODES = """
+# Every node of the prompt and the first chunk of its edges, in one statement. ``$rows`` are the
+# node rows in ``idx`` order: ``r.label`` is FeatureNode / ErrorNode / TokenNode / LogitNode (from
+# a fixed map in atlas.store.ingest, never user text); ``r.ent`` the element id of its global
+# Feature or Token (returned by CLAIM_PROMPT), null for errors. Edges come as three parallel lists
+# (source idx, target idx, weight) and find their endpoints by position in the collected node list:
+# no lookup per edge, and an edge can only join two nodes created here, i.e. of one prompt.
+CREATE_NODES_AND_EDGES = """
 UNWIND $rows AS r
 CREATE (n:Node:$(r.label) {key: r.key, prompt: $prompt, id: r.id, idx: r.idx, kind: r.kind,
                             ref: r.ref, layer: r.layer, pos: r.pos, feature: r.feature,
@@ -201,49 +226,54 @@ CALL (r, n) {
   MATCH (e) WHERE elementId(e) = r.ent
   CREATE (n)-[:OF]->(e)
 }
-RETURN r.idx AS idx, elementId(n) AS eid
+WITH collect(n) AS ns
+CALL (ns) {
+  UNWIND range(0, size($src) - 1) AS i
+  WITH ns[$src[i]] AS s, ns[$tgt[i]] AS t, $w[i] AS w
+  CREATE (s)-[:EDGE {w: w}]->(t)
+}
+RETURN size(ns) AS n_nodes
 """
 
-# Rows: {s, t, w} with s/t the element ids returned by the CREATE_*_NODES queries of this
-# transaction (a node-by-id seek is cheaper than two index seeks per edge).
-CREATE_EDGES = """
-UNWIND $rows AS r
-MATCH (s:Node) WHERE elementId(s) = r.s
-MATCH (t:Node) WHERE elementId(t) = r.t
-CREATE (s)-[:EDGE {w: r.w}]->(t)
+# Further edge chunks of a large graph: the prompt's nodes again (one index seek), in idx order.
+CREATE_MORE_EDGES = """
+MATCH (n:Node {prompt: $prompt})
+WITH n ORDER BY n.idx
+WITH collect(n) AS ns
+UNWIND range(0, size($src) - 1) AS i
+WITH ns[$src[i]] AS s, ns[$tgt[i]] AS t, $w[i] AS w
+CREATE (s)-[:EDGE {w: w}]->(t)
 """
 
-# Rows: one per (source feature, target feature) pair of ONE prompt, weights summed over positions;
-# ``a``/``b`` are the features' element ids returned by CLAIM_PROMPT in this transaction.
-# Runs once per prompt (the prompt's claim guarantees it), so counts never double.
-UPDATE_FEATURE_AGG = """
-UNWIND $rows AS r
-MATCH (a:Feature) WHERE elementId(a) = r.a
-MATCH (b:Feature) WHERE elementId(b) = r.b
-MERGE (a)-[g:AGG]->(b)
-ON CREATE SET g.n_prompts = 1, g.sum_w = r.w, g.max_w = r.w, g.min_w = r.w
-ON MATCH SET g.n_prompts = g.n_prompts + 1,
-    g.sum_w = g.sum_w + r.w,
-    g.max_w = CASE WHEN r.w > g.max_w THEN r.w ELSE g.max_w END,
-    g.min_w = CASE WHEN r.w < g.min_w THEN r.w ELSE g.min_w END
+# The prompt's contribution to the feature aggregate, grouped by source feature: ``g.a`` is the
+# element id of a source Feature (from CLAIM_PROMPT), ``g.b`` / ``g.w`` the target features and
+# the weights summed over positions. One row per (source, target) feature pair of ONE prompt; the
+# prompt's claim guarantees this runs once per prompt, so counts never double.
+_AGG_UPDATE = """
+  UNWIND $groups AS g
+  MATCH (a:Feature) WHERE elementId(a) = g.a
+  UNWIND range(0, size(g.b) - 1) AS i
+  WITH a, g.b[i] AS bid, g.w[i] AS w
+  MATCH (b:Feature) WHERE elementId(b) = bid
+  MERGE (a)-[x:AGG]->(b)
+  ON CREATE SET x.n_prompts = 1, x.sum_w = w, x.max_w = w, x.min_w = w
+  ON MATCH SET x.n_prompts = x.n_prompts + 1,
+      x.sum_w = x.sum_w + w,
+      x.max_w = CASE WHEN w > x.max_w THEN w ELSE x.max_w END,
+      x.min_w = CASE WHEN w < x.min_w THEN w ELSE x.min_w END
 """
+UPDATE_FEATURE_AGG = _AGG_UPDATE
 
 # Last statement of a prompt: the last batch of AGG rows, the prompt's contribution to the
 # supernode aggregate (SAGG), then the ``complete`` flag.
-FINISH_PROMPT = """
+FINISH_PROMPT = (
+    """
+CALL () {"""
+    + _AGG_UPDATE
+    + """}
 CALL () {
-  UNWIND $rows AS r
-  MATCH (a:Feature) WHERE elementId(a) = r.a
-  MATCH (b:Feature) WHERE elementId(b) = r.b
-  MERGE (a)-[g:AGG]->(b)
-  ON CREATE SET g.n_prompts = 1, g.sum_w = r.w, g.max_w = r.w, g.min_w = r.w
-  ON MATCH SET g.n_prompts = g.n_prompts + 1,
-      g.sum_w = g.sum_w + r.w,
-      g.max_w = CASE WHEN r.w > g.max_w THEN r.w ELSE g.max_w END,
-      g.min_w = CASE WHEN r.w < g.min_w THEN r.w ELSE g.min_w END
-}
-CALL () {
-  MATCH (s:Supernode)-[:HAS]->(:Feature)<-[:OF]-(a:Node:FeatureNode {prompt: $id})
+  MATCH (a:Node:FeatureNode {prompt: $id})-[:OF]->(:Feature)<-[:HAS]-(s:Supernode)
+  USING INDEX a:Node(prompt)
   MATCH (a)-[e:EDGE]->(b:FeatureNode)-[:OF]->(:Feature)<-[:HAS]-(t:Supernode)
   WHERE s <> t
   WITH s, t, sum(e.w) AS w
@@ -257,6 +287,7 @@ CALL () {
 MATCH (p:Prompt {id: $id})
 SET p.complete = true, p.ingested_at = datetime()
 """
+)
 
 # ---- deleting a prompt (one transaction: aggregates first, then the nodes, then the prompt)
 # The prompt's contribution to AGG is subtracted; max/min are recomputed from the other prompts'
@@ -316,8 +347,36 @@ MATCH (t) WHERE elementId(t) = r.t
 CREATE (s)-[:BASELINE_EDGE {w: r.w}]->(t)
 """
 
+# The "same rows" baseline adds what our graph model also stores per prompt, still as plain
+# CREATE: each node's link to its global entity, and one aggregate row per feature pair
+# (endpoints found by their unique keys; rows whose entity does not exist are simply dropped).
+BASELINE_CREATE_FEATURE_LINKS = """
+UNWIND $rows AS r
+MATCH (n) WHERE elementId(n) = r.n
+MATCH (e:Feature {fid: r.ref})
+CREATE (n)-[:BASELINE_OF]->(e)
+"""
+
+BASELINE_CREATE_TOKEN_LINKS = """
+UNWIND $rows AS r
+MATCH (n) WHERE elementId(n) = r.n
+MATCH (e:Token {tid: r.ref})
+CREATE (n)-[:BASELINE_OF]->(e)
+"""
+
+BASELINE_CREATE_AGG = """
+UNWIND $rows AS r
+MATCH (a:Feature {fid: r.s})
+MATCH (b:Feature {fid: r.t})
+CREATE (a)-[:BASELINE_AGG {n_prompts: 1, sum_w: r.w, max_w: r.w, min_w: r.w}]->(b)
+"""
+
 BASELINE_WIPE = """
 MATCH (n:BaselineNode) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 5000 ROWS
+"""
+
+BASELINE_WIPE_AGG = """
+MATCH ()-[r:BASELINE_AGG]->() CALL (r) { DELETE r } IN TRANSACTIONS OF 5000 ROWS
 """
 
 # --------------------------------------------------------------------------- prompts, export

@@ -1,0 +1,71 @@
+"""``atlas import``'s retry of transient faults (no database: a fake step and a fake clock)."""
+
+from __future__ import annotations
+
+import neo4j.exceptions
+import pytest
+
+from atlas.cli.store import IMPORT_RETRY_BUDGET_S, retry_transient
+from atlas.errors import InputError, ServiceUnavailable, StoreError
+
+
+class Flaky:
+    """Fails with ``exc`` the first ``n`` calls, then returns "ok"."""
+
+    def __init__(self, n: int, exc: Exception) -> None:
+        self.n = n
+        self.exc = exc
+        self.calls = 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        if self.calls <= self.n:
+            raise self.exc
+        return "ok"
+
+
+def test_transient_faults_are_retried_with_backoff_and_one_line_warnings() -> None:
+    sleeps: list[float] = []
+    warnings: list[str] = []
+    fn = Flaky(3, ServiceUnavailable("ingesting prompt p: Neo4j unreachable:\nrefused"))
+    assert retry_transient(fn, what="a.safetensors", warn=warnings.append, sleep=sleeps.append)
+    assert fn.calls == 4
+    assert sleeps == [1.0, 2.0, 4.0]
+    assert len(warnings) == 3
+    assert warnings[0].startswith("warning: a.safetensors: Neo4j unreachable, retrying in 1 s (")
+    assert all("\n" not in w for w in warnings)
+
+
+def test_budget_covers_a_restart_then_gives_up_with_the_error() -> None:
+    sleeps: list[float] = []
+    fn = Flaky(1000, ServiceUnavailable("Neo4j unreachable"))
+    with pytest.raises(ServiceUnavailable, match=r"gave up after 90 s of retries"):
+        retry_transient(fn, what="f", sleep=sleeps.append)
+    assert sleeps == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 29.0]
+    assert sum(sleeps) == IMPORT_RETRY_BUDGET_S >= 60
+
+
+def test_permanent_errors_are_not_retried() -> None:
+    sleeps: list[float] = []
+    fn = Flaky(1, InputError("bad.safetensors is not a readable graph artifact"))
+    with pytest.raises(InputError, match=r"not a readable graph artifact$"):
+        retry_transient(fn, what="bad.safetensors", sleep=sleeps.append)
+    assert fn.calls == 1 and sleeps == []
+
+
+def test_a_store_error_over_a_retryable_driver_error_is_retried() -> None:
+    """A deadlock or an unavailable database arrives as StoreError translated from a retryable
+    driver error: retried. A StoreError over a non-retryable one is not."""
+    retryable = StoreError("deadlock")
+    retryable.__cause__ = neo4j.exceptions.TransientError()
+    sleeps: list[float] = []
+    warnings: list[str] = []
+    fn = Flaky(1, retryable)
+    assert retry_transient(fn, what="f", warn=warnings.append, sleep=sleeps.append) == "ok"
+    assert sleeps == [1.0] and "Neo4j busy, retrying in 1 s" in warnings[0]
+
+    permanent = StoreError("syntax")
+    permanent.__cause__ = neo4j.exceptions.ClientError()
+    with pytest.raises(StoreError):
+        retry_transient(Flaky(1, permanent), what="f", sleep=sleeps.append)
+    assert sleeps == [1.0]
