@@ -14,7 +14,8 @@ Item states::
 
 ``done`` is final: a redelivered message that runs again cannot move an item back. Workers write
 two records per prompt and neither costs an extra round trip: the start of an attribution shares
-one statement with the "already in the atlas?" check (:meth:`JobStore.start`), and ``done`` is
+one statement with the "already in the atlas?" check (:meth:`JobStore.start_many`, one per
+attribute chunk), and ``done`` is
 written in the ingestion's own transaction (:meth:`JobStore.mark_tx`), so an item is done exactly
 when its prompt is complete in the atlas.
 """
@@ -226,19 +227,23 @@ class JobStore:
         params = _mark_params(job_id, item, state, prompt_id, outcome, None, timings, False)
         tx.run(q.JOB_MARK_ITEM, **params).consume()
 
-    def start(self, job_id: str | None, item: int | None, prompt_id: str, *, force: bool) -> bool:
-        """Whether ``prompt_id`` is complete in the atlas, recording the item's start (one
-        statement): ``attributing``, or ``done`` / ``present`` when there is nothing to do."""
-        key = f"{job_id}/{item}" if job_id is not None and item is not None else None
-        rows = _run(
-            self.driver,
-            q.JOB_START_ITEM,
-            key=key,
-            prompt_id=prompt_id,
-            force=force,
-            now=time.time(),
-        )
-        return bool(rows and rows[0]["present"])
+    def start_many(self, items: Sequence[tuple[str | None, int | None, str, bool]]) -> list[bool]:
+        """For each ``(job id, item, prompt id, force)``: whether the prompt is complete in the
+        atlas. Records the items' start in the same statement: ``attributing``, or ``done`` with
+        outcome ``present`` when there is nothing to do (one round trip for a whole chunk)."""
+        if not items:
+            return []
+        rows = [
+            {
+                "n": n,
+                "key": f"{job_id}/{item}" if job_id is not None and item is not None else None,
+                "prompt_id": prompt_id,
+                "force": force,
+            }
+            for n, (job_id, item, prompt_id, force) in enumerate(items)
+        ]
+        out = _run(self.driver, q.JOB_START_ITEMS, rows=rows, now=time.time())
+        return [bool(r["present"]) for r in sorted(out, key=lambda r: r["n"])]
 
     # ------------------------------------------------------------------ reads
     def summary(self, job_id: str) -> JobSummary:

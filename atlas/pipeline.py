@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -126,6 +126,30 @@ class IngestPayload(BaseModel):
     enqueued_at: float | None = None
     timings: dict[str, float] = Field(default_factory=dict)
     """Seconds spent so far, carried along for the job record (queue, load, attribute, save)."""
+
+
+class AttributeChunk(BaseModel):
+    """Message of the ``attribute`` task: a few prompt specs, attributed one after the other."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[AttributePayload] = Field(min_length=1)
+
+
+class IngestChunk(BaseModel):
+    """Message of the ``ingest`` task: the artifacts of one attribute chunk."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[IngestPayload] = Field(min_length=1)
+
+
+def chunked(payloads: Sequence[AttributePayload], size: int) -> list[AttributeChunk]:
+    """Split payloads into chunks of at most ``size`` specs."""
+    size = max(1, size)
+    return [
+        AttributeChunk(items=list(payloads[i : i + size])) for i in range(0, len(payloads), size)
+    ]
 
 
 class AnnotatePayload(BaseModel):
@@ -351,64 +375,131 @@ def attribute_step(
     *,
     driver: Any,
     engines: EngineCache = ENGINES,
-    on_ingest: Callable[[IngestPayload], None] | None = None,
+    on_ingest: Callable[[IngestChunk], None] | None = None,
 ) -> StepResult:
-    """Run attribution for one prompt spec (idempotent); hand the artifact to ingestion.
+    """:func:`attribute_chunk_step` for one spec."""
+    chunk = AttributeChunk(items=[payload])
+    return attribute_chunk_step(
+        chunk, settings, driver=driver, engines=engines, on_ingest=on_ingest
+    )[0]
 
-    ``on_ingest`` sends the ingest message (Celery); ``None`` runs :func:`ingest_step` inline.
-    Raises on failure: the caller decides between retry (:func:`classify` says transient) and
-    recording a permanent failure (:func:`record_failure`).
+
+@dataclass
+class _Prepared:
+    index: int
+    payload: AttributePayload
+    engine: Engine
+    prompt_id: str
+    path: Path
+    timings: dict[str, float]
+
+
+def attribute_chunk_step(
+    chunk: AttributeChunk,
+    settings: AtlasSettings,
+    *,
+    driver: Any,
+    engines: EngineCache = ENGINES,
+    on_ingest: Callable[[IngestChunk], None] | None = None,
+) -> list[StepResult]:
+    """Attribute a chunk of prompt specs (idempotent) and hand their artifacts to ingestion.
+
+    One round trip to Neo4j for the whole chunk says which prompts are already in the atlas and
+    records the others' start; those are attributed one after the other (or taken from the
+    artifact store) and sent on as one ingest message (``on_ingest``; ``None`` ingests inline).
+
+    A permanent failure of one spec (bad prompt, unknown model, out of memory at batch size 1)
+    is recorded on its job item and the rest of the chunk goes on. A transient fault (Neo4j or
+    Redis unavailable) raises, so that the caller retries the whole chunk, which is safe: done
+    prompts are skipped and computed artifacts reused.
     """
     from atlas.graph import artifact_path
     from atlas.jobs import JobStore
 
-    spec = payload.spec
-    jobs = JobStore(driver)
-    timings: dict[str, float] = {"started_at": time.time()}
-    if payload.enqueued_at is not None:
-        timings["queue_s"] = max(0.0, timings["started_at"] - payload.enqueued_at)
-    t0 = time.perf_counter()
-    model_ref, tc_ref = resolve_refs(spec.model, spec.transcoders, settings)
-    engine = engines.get(model_ref, tc_ref, settings)
-    timings["load_s"] = time.perf_counter() - t0
-    prompt_id = prompt_id_for(spec, engine, settings)
-    path = artifact_path(settings.resolved_artifact_dir, prompt_id)
+    results: list[StepResult | None] = [None] * len(chunk.items)
 
-    t_rec = time.perf_counter()  # one round trip: the presence check and the item's start
-    present = jobs.start(payload.job_id, payload.item, prompt_id, force=spec.force)
-    timings["records_s"] = time.perf_counter() - t_rec
-    if present and not spec.force:
-        log.info("prompt %s already in the atlas: skipped", prompt_id)
-        return StepResult(
-            outcome="present", prompt_id=prompt_id, artifact=str(path), timings=timings
+    def fail(i: int, p: AttributePayload, exc: BaseException) -> None:
+        transient, reason = classify(exc)
+        if transient:
+            raise exc
+        record_failure(driver, p.job_id, p.item, reason)
+        results[i] = StepResult(outcome="failed", reason=reason)
+
+    prepared: list[_Prepared] = []
+    for i, p in enumerate(chunk.items):
+        timings: dict[str, float] = {"started_at": time.time()}
+        if p.enqueued_at is not None:
+            timings["queue_s"] = max(0.0, timings["started_at"] - p.enqueued_at)
+        try:
+            t0 = time.perf_counter()
+            model_ref, tc_ref = resolve_refs(p.spec.model, p.spec.transcoders, settings)
+            engine = engines.get(model_ref, tc_ref, settings)
+            timings["load_s"] = time.perf_counter() - t0
+            pid = prompt_id_for(p.spec, engine, settings)
+        except Exception as exc:
+            fail(i, p, exc)
+            continue
+        path = artifact_path(settings.resolved_artifact_dir, pid)
+        prepared.append(_Prepared(i, p, engine, pid, path, timings))
+
+    # one round trip: which prompts are in the atlas, and the start of the others
+    t_rec = time.perf_counter()
+    present = JobStore(driver).start_many(
+        [(x.payload.job_id, x.payload.item, x.prompt_id, x.payload.spec.force) for x in prepared]
+    )
+    records_s = (time.perf_counter() - t_rec) / max(1, len(prepared))
+
+    ingests: list[IngestPayload] = []
+    for x, is_present in zip(prepared, present, strict=True):
+        spec, timings = x.payload.spec, x.timings
+        timings["records_s"] = records_s
+        if is_present and not spec.force:
+            log.info("prompt %s already in the atlas: skipped", x.prompt_id)
+            results[x.index] = StepResult(
+                outcome="present", prompt_id=x.prompt_id, artifact=str(x.path), timings=timings
+            )
+            continue
+        outcome: Literal["computed", "cached"] = "cached"
+        if spec.force or not x.path.is_file():
+            outcome = "computed"
+            try:
+                graph = _run_attribution(spec, x.engine, settings, timings)
+            except Exception as exc:
+                fail(x.index, x.payload, exc)
+                continue
+            if graph.prompt_id != x.prompt_id:
+                log.warning(
+                    "engine recorded prompt id %s, expected %s", graph.prompt_id, x.prompt_id
+                )
+            t1 = time.perf_counter()
+            graph.save(x.path)
+            timings["save_s"] = time.perf_counter() - t1
+        timings["handed_off_at"] = time.time()
+        ingests.append(
+            IngestPayload(
+                prompt_id=x.prompt_id,
+                artifact=str(x.path),
+                job_id=x.payload.job_id,
+                item=x.payload.item,
+                force=spec.force,
+                attribution=outcome,
+                timings=timings,
+            )
+        )
+        results[x.index] = StepResult(
+            outcome=outcome, prompt_id=x.prompt_id, artifact=str(x.path), timings=timings
         )
 
-    outcome: Literal["computed", "cached"] = "cached"
-    if spec.force or not path.is_file():
-        outcome = "computed"
-        graph = _run_attribution(spec, engine, settings, timings)
-        if graph.prompt_id != prompt_id:
-            log.warning("engine recorded prompt id %s, expected %s", graph.prompt_id, prompt_id)
-        t1 = time.perf_counter()
-        graph.save(path)
-        timings["save_s"] = time.perf_counter() - t1
-
-    timings["handed_off_at"] = time.time()
-    ingest = IngestPayload(
-        prompt_id=prompt_id,
-        artifact=str(path),
-        job_id=payload.job_id,
-        item=payload.item,
-        force=spec.force,
-        attribution=outcome,
-        enqueued_at=time.time(),
-        timings=timings,
-    )
-    if on_ingest is None:
-        ingest_step(ingest, settings, driver=driver)
-    else:
-        on_ingest(ingest)
-    return StepResult(outcome=outcome, prompt_id=prompt_id, artifact=str(path), timings=timings)
+    if ingests:
+        now = time.time()
+        for ing in ingests:
+            ing.enqueued_at = now
+        if on_ingest is None:
+            for ing in ingests:
+                ingest_step(ing, settings, driver=driver)
+        else:
+            on_ingest(IngestChunk(items=ingests))
+    return [r if r is not None else StepResult(outcome="failed", reason="not run") for r in results]
 
 
 def _run_attribution(
@@ -504,6 +595,25 @@ def ingest_step(payload: IngestPayload, settings: AtlasSettings, *, driver: Any)
     return StepResult(
         outcome=outcome, prompt_id=payload.prompt_id, artifact=payload.artifact, timings=timings
     )
+
+
+def ingest_chunk_step(
+    chunk: IngestChunk, settings: AtlasSettings, *, driver: Any
+) -> list[StepResult]:
+    """:func:`ingest_step` for each artifact of a chunk. A permanent failure (e.g. a corrupt
+    artifact) is recorded on its item and the rest go on; a transient fault raises (the caller
+    retries the chunk: ingestion is idempotent)."""
+    results = []
+    for p in chunk.items:
+        try:
+            results.append(ingest_step(p, settings, driver=driver))
+        except Exception as exc:
+            transient, reason = classify(exc)
+            if transient:
+                raise
+            record_failure(driver, p.job_id, p.item, reason)
+            results.append(StepResult(outcome="failed", prompt_id=p.prompt_id, reason=reason))
+    return results
 
 
 def annotate_step(

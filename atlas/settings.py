@@ -70,6 +70,10 @@ class AtlasSettings(BaseSettings):
     batch_size: int = 64
     """Targets per backward pass in attribution."""
 
+    chunk_size: int = Field(default=8, ge=1, le=1024)
+    """Prompt specs per attribute message (one job-record round trip and one ingest message per
+    chunk; a failing prompt still fails alone)."""
+
     query_timeout_s: float = 30.0
     """Server-side timeout for read queries, raw Cypher included."""
 

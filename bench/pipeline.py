@@ -112,6 +112,7 @@ def _run(
     tmp: Path,
     split: bool,
     ingest_concurrency: int = 1,
+    chunk_size: int = 8,
 ) -> dict[str, Any]:
     from atlas.cli.jobs import submit, wait_for_job
     from atlas.jobs import JobStore
@@ -131,7 +132,9 @@ def _run(
         die_with_parent=True,
     )
     redis = redis_local.start(home / "redis", die_with_parent=True)
-    settings = AtlasSettings(_env_file=None, atlas_home=home, neo4j_uri=uri, redis_url=redis.url)  # type: ignore[call-arg]
+    settings = AtlasSettings(  # type: ignore[call-arg]
+        _env_file=None, atlas_home=home, neo4j_uri=uri, redis_url=redis.url, chunk_size=chunk_size
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "CELERY_"))}
     env.update(ATLAS_HOME=str(home), NEO4J_URI=uri, REDIS_URL=redis.url, OMP_NUM_THREADS="1")
     procs: list[subprocess.Popen[bytes]] = []
@@ -182,6 +185,8 @@ def _run(
         def specs(ps: list[str]) -> list[Any]:
             return [PromptSpec(prompt=p, model=model, transcoders=tcs) for p in ps]
 
+        # warm-up: two chunks per attribution worker, so that every worker has loaded the model
+        warm = warm[: 2 * chunk_size * n_workers]
         job, _ = submit(settings, specs(warm), source="bench warm-up", driver=driver, echo=False)
         wait_for_job(settings, driver, job, timeout_s=900, show=False, poll_s=0.2)
 
@@ -230,6 +235,7 @@ def _run(
             else "shared (both queues)"
         ),
         "prompts": len(prompts),
+        "chunk_size": chunk_size,
         "done": summary.done,
         "failed": summary.failed,
         "wall_s": wall,
@@ -258,14 +264,17 @@ def main() -> None:
     ap.add_argument(
         "--ingest-concurrency", type=int, default=1, help="processes of the ingest worker (split)"
     )
+    ap.add_argument("--chunk-size", type=int, default=8, help="prompt specs per attribute message")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="atlas-bench-pipeline-"))
     model, tcs, pool, world = _world(args.tiny, tmp)
-    warm, prompts = pool[: args.warmup], pool[args.warmup : args.warmup + args.prompts]
+    n_warm = max(args.warmup, 2 * args.chunk_size * max(args.workers))
+    warm, prompts = pool[:n_warm], pool[n_warm : n_warm + args.prompts]
     print(
-        f"world: {world}  prompts: {len(prompts)}  (+{len(warm)} warm-up)  cpus: {os.cpu_count()}"
+        f"world: {world}  prompts: {len(prompts)}  (+ up to {len(warm)} warm-up)"
+        f"  chunk: {args.chunk_size}  cpus: {os.cpu_count()}"
     )
     base = _baseline(model, tcs, prompts, batch_size=64)
     print(
@@ -282,6 +291,7 @@ def main() -> None:
             tmp,
             split=args.topology == "split",
             ingest_concurrency=args.ingest_concurrency,
+            chunk_size=args.chunk_size,
         )
         r["baseline_s_per_prompt"] = base
         r["e2e_vs_attribution_only"] = r["e2e_per_min"] / (60 / base)

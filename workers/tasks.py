@@ -92,8 +92,11 @@ def _drop_driver_on_outage() -> None:
             _driver = None
 
 
-def _retry_or_fail(task: Any, exc: BaseException, job_id: str | None, item: int | None) -> dict:
-    """Retry a transient fault with backoff; record anything else as a permanent failure."""
+def _retry_or_fail(
+    task: Any, exc: BaseException, items: list[tuple[str | None, int | None]]
+) -> dict[str, Any]:
+    """Retry a transient fault with backoff; record anything else as a permanent failure of
+    every item of the message (items already done stay done)."""
     transient, reason = pipeline.classify(exc)
     retries = int(task.request.retries or 0)
     if transient and retries < MAX_RETRIES:
@@ -109,52 +112,75 @@ def _retry_or_fail(task: Any, exc: BaseException, job_id: str | None, item: int 
         driver = get_driver()
     except Exception:
         driver = None
-    if driver is not None:
-        pipeline.record_failure(driver, job_id, item, reason)
-    else:
-        log.error("job %s item %s failed and Neo4j is unreachable: %s", job_id, item, reason)
-    return pipeline.StepResult(outcome="failed", reason=reason).model_dump(mode="json")
+    for job_id, item in items:
+        if driver is not None:
+            pipeline.record_failure(driver, job_id, item, reason)
+        else:
+            log.error("job %s item %s failed and Neo4j is unreachable: %s", job_id, item, reason)
+    return {"results": [pipeline.StepResult(outcome="failed", reason=reason).model_dump()]}
 
 
-def _send_ingest(payload: pipeline.IngestPayload) -> None:
+def _items_of(payload: Any) -> list[tuple[str | None, int | None]]:
+    """(job id, item) of every spec in a raw message, as far as it can be read."""
+    raw = payload.get("items") if isinstance(payload, dict) else None
+    entries = raw if isinstance(raw, list) else [payload]
+    return [
+        (e.get("job_id"), e.get("item")) if isinstance(e, dict) else (None, None) for e in entries
+    ]
+
+
+def _send_ingest(chunk: pipeline.IngestChunk) -> None:
     try:
-        ingest.apply_async(args=[payload.model_dump(mode="json")], queue="ingest")
+        ingest.apply_async(args=[chunk.model_dump(mode="json")], queue="ingest")
     except Exception as exc:  # kombu raises OperationalError and friends when Redis is down
         raise ServiceUnavailable(f"could not send the ingest message: {exc}") from exc
 
 
+def _results(results: list[pipeline.StepResult]) -> dict[str, Any]:
+    return {"results": [r.model_dump(mode="json") for r in results]}
+
+
 @app.task(name="atlas.attribute", bind=True, acks_late=True, ignore_result=True)
 def attribute(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
-    """Attribute one prompt spec and hand its artifact to the ``ingest`` queue."""
+    """Attribute a chunk of prompt specs and hand their artifacts to the ``ingest`` queue.
+
+    The message is an :class:`atlas.pipeline.AttributeChunk` (a single ``AttributePayload`` is
+    accepted too)."""
     try:
-        p = pipeline.AttributePayload.model_validate(payload)
+        if isinstance(payload, dict) and "items" not in payload:
+            payload = {"items": [payload]}
+        chunk = pipeline.AttributeChunk.model_validate(payload)
     except ValidationError as exc:
-        job_id, item = payload.get("job_id"), payload.get("item")
         reason = f"malformed attribute payload: {exc.errors()[0]['msg']}"
-        return _retry_or_fail(self, ValueError(reason), job_id, item)
+        return _retry_or_fail(self, ValueError(reason), _items_of(payload))
     try:
-        result = pipeline.attribute_step(p, settings, driver=get_driver(), on_ingest=_send_ingest)
-        return result.model_dump(mode="json")
+        results = pipeline.attribute_chunk_step(
+            chunk, settings, driver=get_driver(), on_ingest=_send_ingest
+        )
+        return _results(results)
     except Retry:
         raise
     except Exception as exc:
-        return _retry_or_fail(self, exc, p.job_id, p.item)
+        return _retry_or_fail(self, exc, [(p.job_id, p.item) for p in chunk.items])
 
 
 @app.task(name="atlas.ingest", bind=True, acks_late=True, ignore_result=True)
 def ingest(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
-    """Ingest one artifact into Neo4j and mark its job item done."""
+    """Ingest the artifacts of a chunk into Neo4j (one transaction per prompt, each marking its
+    job item done). A permanent failure of one artifact fails that item alone."""
     try:
-        p = pipeline.IngestPayload.model_validate(payload)
+        if isinstance(payload, dict) and "items" not in payload:
+            payload = {"items": [payload]}
+        chunk = pipeline.IngestChunk.model_validate(payload)
     except ValidationError as exc:
         reason = f"malformed ingest payload: {exc.errors()[0]['msg']}"
-        return _retry_or_fail(self, ValueError(reason), payload.get("job_id"), payload.get("item"))
+        return _retry_or_fail(self, ValueError(reason), _items_of(payload))
     try:
-        return pipeline.ingest_step(p, settings, driver=get_driver()).model_dump(mode="json")
+        return _results(pipeline.ingest_chunk_step(chunk, settings, driver=get_driver()))
     except Retry:
         raise
     except Exception as exc:
-        return _retry_or_fail(self, exc, p.job_id, p.item)
+        return _retry_or_fail(self, exc, [(p.job_id, p.item) for p in chunk.items])
 
 
 @app.task(name="atlas.annotate", bind=True, acks_late=True)
@@ -166,4 +192,4 @@ def annotate(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     except Retry:
         raise
     except Exception as exc:
-        return _retry_or_fail(self, exc, p.job_id, None)
+        return _retry_or_fail(self, exc, [(p.job_id, None)])

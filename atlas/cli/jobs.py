@@ -79,14 +79,19 @@ def _celery_app(settings: Any) -> Any:
 
 
 def _send_attribute(app: Any, payloads: Sequence[Any], settings: Any) -> None:
-    """Publish attribute messages (JSON). Redis down -> ServiceUnavailable, one line."""
+    """Publish attribute messages (JSON), ``settings.chunk_size`` specs per message.
+    Redis down -> ServiceUnavailable, one line."""
+    from atlas.pipeline import chunked
+
     try:
         with app.producer_or_acquire() as producer:
-            for p in payloads:
-                p.enqueued_at = time.time()
+            for chunk in chunked(payloads, settings.chunk_size):
+                now = time.time()
+                for p in chunk.items:
+                    p.enqueued_at = now
                 app.send_task(
                     "atlas.attribute",
-                    args=[p.model_dump(mode="json")],
+                    args=[chunk.model_dump(mode="json")],
                     queue="attribute",
                     producer=producer,
                 )

@@ -44,40 +44,45 @@ MERGE (i:JobItem {key: $job_id + '/' + toString(row.idx)})
 """
 
 # A finished item ('done') never goes back to a running state when a redelivered message runs
-# again; 'failed' can be overwritten by a later success (retry). ``$attempt`` counts an attempt
+# again, and a second 'done' (a redelivered ingest) keeps the first one's outcome and timings;
+# 'failed' can be overwritten by a later success (retry). ``$attempt`` counts an attempt
 # unless the item's start already counted it (a failure before the start, e.g. an unknown model).
 JOB_MARK_ITEM = """
 MATCH (i:JobItem {key: $key})
-WITH i, (i.state = 'done' AND $state <> 'done') AS stale
+WITH i, i.state = 'done' AS was_done
+WITH i, was_done, (was_done AND $state <> 'done') AS stale
 SET i.attempts = coalesce(i.attempts, 0)
                  + CASE WHEN $attempt AND i.state <> 'attributing' THEN 1 ELSE 0 END,
     i.updated_at = $now
-WITH i, stale WHERE NOT stale
+WITH i, was_done, stale WHERE NOT stale
 SET i.state = $state,
     i.prompt_id = coalesce($prompt_id, i.prompt_id),
-    i.outcome = coalesce($outcome, i.outcome),
+    i.outcome = CASE WHEN was_done THEN i.outcome ELSE coalesce($outcome, i.outcome) END,
     i.reason = CASE WHEN $state = 'failed' THEN $reason ELSE NULL END,
-    i.timings = coalesce($timings, i.timings)
+    i.timings = CASE WHEN was_done THEN i.timings ELSE coalesce($timings, i.timings) END
 """
 
-# First statement of an attribution (one round trip): is the prompt already in the atlas, and
-# the item's state: 'done' with outcome 'present' when it is (unless forced), else
-# 'attributing'. A finished item is never moved back. ``$key`` may be null (no job).
-JOB_START_ITEM = """
-OPTIONAL MATCH (p:Prompt {id: $prompt_id})
-WITH coalesce(p.complete, false) AS present
-CALL (present) {
-  OPTIONAL MATCH (i:JobItem {key: $key})
+# First statement of an attribute chunk (one round trip for all its specs): for each row
+# {key, prompt_id, force}, is the prompt already in the atlas, and the item's state: 'done' with
+# outcome 'present' when it is (unless forced), else 'attributing'. A finished item is never moved
+# back. ``row.key`` may be null (no job). Rows come back in input order (``row.n``).
+JOB_START_ITEMS = """
+UNWIND $rows AS row
+OPTIONAL MATCH (p:Prompt {id: row.prompt_id})
+WITH row, coalesce(p.complete, false) AS present
+CALL (row, present) {
+  OPTIONAL MATCH (i:JobItem {key: row.key})
   WITH i WHERE i IS NOT NULL AND i.state <> 'done'
-  WITH i, present AND NOT $force AS skip
+  WITH i, present AND NOT row.force AS skip
   SET i.attempts = coalesce(i.attempts, 0) + 1,
       i.updated_at = $now,
       i.state = CASE WHEN skip THEN 'done' ELSE 'attributing' END,
-      i.prompt_id = $prompt_id,
+      i.prompt_id = row.prompt_id,
       i.outcome = CASE WHEN skip THEN 'present' ELSE i.outcome END,
       i.reason = NULL
 }
-RETURN present
+RETURN row.n AS n, present
+ORDER BY n
 """
 
 JOB_GET = """

@@ -253,15 +253,18 @@ def test_task_retry_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     first, later = _Task(0), _Task(5)
     for task in (first, later):
         with pytest.raises(_Retry):
-            tasks._retry_or_fail(task, ServiceUnavailable("Redis down"), "job", 1)
+            tasks._retry_or_fail(task, ServiceUnavailable("Redis down"), [("job", 1)])
     assert 2.0 <= first.countdowns[0] <= 2.5 and later.countdowns[0] >= 64.0
     assert recorded == []
 
-    out = tasks._retry_or_fail(_Task(tasks.MAX_RETRIES), ServiceUnavailable("down"), "job", 2)
+    out = tasks._retry_or_fail(
+        _Task(tasks.MAX_RETRIES), ServiceUnavailable("down"), [("job", 2), ("job", 4)]
+    )["results"][0]
     assert out["outcome"] == "failed" and "gave up after" in out["reason"]
-    out = tasks._retry_or_fail(_Task(0), InputError("prompt too long"), "job", 3)
+    out = tasks._retry_or_fail(_Task(0), InputError("prompt too long"), [("job", 3)])["results"][0]
     assert out["outcome"] == "failed" and out["reason"] == "prompt too long"
-    assert [(j, i) for j, i, _ in recorded] == [("job", 2), ("job", 3)]
+    # every item of a chunk that gave up is recorded
+    assert [(j, i) for j, i, _ in recorded] == [("job", 2), ("job", 4), ("job", 3)]
 
 
 def test_out_of_memory_halves_the_batch_then_fails_permanently(
