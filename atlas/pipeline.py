@@ -43,7 +43,7 @@ from atlas.errors import AtlasError, AttributionError, InputError, ServiceUnavai
 if TYPE_CHECKING:
     from atlas.graph import Graph, ModelInfo, TranscoderInfo
     from atlas.settings import AtlasSettings
-    from atlas.store.ingest import InTransaction
+    from atlas.store.ingest import InTransaction, PromptRows
 
 log = logging.getLogger(__name__)
 
@@ -327,39 +327,6 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 # --------------------------------------------------------------------------- store adapters
-def _ingest(
-    driver: Any,
-    graph: Graph,
-    settings: AtlasSettings,
-    *,
-    force: bool,
-    in_transaction: InTransaction | None = None,
-) -> bool:
-    """Store one graph; True when it was written, False when the prompt was already there."""
-    from atlas.store.ingest import ingest_graph
-
-    if force:
-        _delete_prompt(driver, graph.prompt_id, settings)
-    try:
-        result = ingest_graph(
-            driver,
-            graph,
-            database=settings.neo4j_database,
-            batch_size=settings.ingest_batch_size,
-            min_abs_weight=settings.ingest_min_abs_weight,
-            max_edges=settings.ingest_max_edges,
-            in_transaction=in_transaction,
-        )
-        return bool(result.created)
-    except AtlasError:
-        raise
-    except Exception as exc:
-        transient, reason = classify(exc)
-        if transient:
-            raise ServiceUnavailable(f"Neo4j failed during ingestion: {reason}") from exc
-        raise
-
-
 def _delete_prompt(driver: Any, prompt_id: str, settings: AtlasSettings) -> None:
     """Remove a stored prompt before a forced re-ingestion (with its share of the aggregates)."""
     from atlas.store.ingest import delete_prompt
@@ -450,6 +417,7 @@ def attribute_chunk_step(
     records_s = (time.perf_counter() - t_rec) / max(1, len(prepared))
 
     ingests: list[IngestPayload] = []
+    sent: list[int] = []  # chunk index of each ingest payload
     for x, is_present in zip(prepared, present, strict=True):
         spec, timings = x.payload.spec, x.timings
         timings["records_s"] = records_s
@@ -486,6 +454,7 @@ def attribute_chunk_step(
                 timings=timings,
             )
         )
+        sent.append(x.index)
         results[x.index] = StepResult(
             outcome=outcome, prompt_id=x.prompt_id, artifact=str(x.path), timings=timings
         )
@@ -495,8 +464,10 @@ def attribute_chunk_step(
         for ing in ingests:
             ing.enqueued_at = now
         if on_ingest is None:
-            for ing in ingests:
-                ingest_step(ing, settings, driver=driver)
+            stored = ingest_chunk_step(IngestChunk(items=ingests), settings, driver=driver)
+            for i, res in zip(sent, stored, strict=True):
+                if res.outcome == "failed":
+                    results[i] = res
         else:
             on_ingest(IngestChunk(items=ingests))
     return [r if r is not None else StepResult(outcome="failed", reason="not run") for r in results]
@@ -559,61 +530,145 @@ def _free_accelerator_memory() -> None:
         log.debug("could not empty the CUDA cache", exc_info=True)
 
 
-def ingest_step(payload: IngestPayload, settings: AtlasSettings, *, driver: Any) -> StepResult:
-    """Ingest one artifact into Neo4j (idempotent) and mark its job item done."""
+def _load_for_ingest(
+    payload: IngestPayload, settings: AtlasSettings, *, driver: Any
+) -> tuple[PromptRows, dict[str, float]]:
+    """An artifact's ingestion rows and its timings so far (a forced prompt is removed first)."""
     from atlas.graph import Graph
-    from atlas.jobs import JobStore
+    from atlas.store.ingest import graph_rows
 
     timings = dict(payload.timings)
     if payload.enqueued_at is not None:
         timings["ingest_queue_s"] = max(0.0, time.time() - payload.enqueued_at)
     t0 = time.perf_counter()
     graph = Graph.load(payload.artifact)
-    timings["load_artifact_s"] = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    job_id, item = payload.job_id, payload.item
-    mark_done: InTransaction | None = None
-    if job_id is not None and item is not None:
-
-        def mark_done(tx: Any, created: bool) -> None:
-            # in the ingestion's transaction: the item is done exactly when the prompt is stored
-            timings["ingest_s"] = time.perf_counter() - t1
-            JobStore.mark_tx(
-                tx,
-                job_id,
-                item,
-                state="done",
-                prompt_id=payload.prompt_id,
-                outcome=payload.attribution if created else "present",
-                timings=timings,
-            )
-
-    # the store's ingestion is idempotent: a prompt already stored is left as is
-    created = _ingest(driver, graph, settings, force=payload.force, in_transaction=mark_done)
-    timings["ingest_s"] = time.perf_counter() - t1
-    outcome: Outcome = "ingested" if created else "present"
-    return StepResult(
-        outcome=outcome, prompt_id=payload.prompt_id, artifact=payload.artifact, timings=timings
+    rows = graph_rows(
+        graph, min_abs_weight=settings.ingest_min_abs_weight, max_edges=settings.ingest_max_edges
     )
+    timings["load_artifact_s"] = time.perf_counter() - t0
+    if payload.force:
+        _delete_prompt(driver, payload.prompt_id, settings)
+    return rows, timings
+
+
+def _mark_done_hook(
+    payload: IngestPayload, timings: dict[str, float], started: float
+) -> InTransaction | None:
+    """The job item's ``done``, written inside the ingestion's transaction: an item is done
+    exactly when its prompt is stored."""
+    from atlas.jobs import JobStore
+
+    job_id, item = payload.job_id, payload.item
+    if job_id is None or item is None:
+        return None
+
+    def mark_done(tx: Any, created: bool) -> None:
+        timings["ingest_s"] = time.perf_counter() - started
+        JobStore.mark_tx(
+            tx,
+            job_id,
+            item,
+            state="done",
+            prompt_id=payload.prompt_id,
+            outcome=payload.attribution if created else "present",
+            timings=timings,
+        )
+
+    return mark_done
+
+
+def _store_many(
+    driver: Any, batch: list[tuple[PromptRows, InTransaction | None]], settings: AtlasSettings
+) -> list[bool]:
+    """Ingest prompts in one transaction; driver faults become :class:`ServiceUnavailable`."""
+    from atlas.store.ingest import ingest_many
+
+    try:
+        results = ingest_many(
+            driver, batch, database=settings.neo4j_database, batch_size=settings.ingest_batch_size
+        )
+    except AtlasError:
+        raise
+    except Exception as exc:
+        transient, reason = classify(exc)
+        if transient:
+            raise ServiceUnavailable(f"Neo4j failed during ingestion: {reason}") from exc
+        raise
+    return [r.created for r in results]
+
+
+def _ingested(payload: IngestPayload, created: bool, timings: dict[str, float]) -> StepResult:
+    return StepResult(
+        outcome="ingested" if created else "present",
+        prompt_id=payload.prompt_id,
+        artifact=payload.artifact,
+        timings=timings,
+    )
+
+
+def ingest_step(payload: IngestPayload, settings: AtlasSettings, *, driver: Any) -> StepResult:
+    """Ingest one artifact into Neo4j (idempotent) and mark its job item done (same
+    transaction)."""
+    rows, timings = _load_for_ingest(payload, settings, driver=driver)
+    t1 = time.perf_counter()
+    (created,) = _store_many(driver, [(rows, _mark_done_hook(payload, timings, t1))], settings)
+    timings["ingest_s"] = time.perf_counter() - t1
+    return _ingested(payload, created, timings)
 
 
 def ingest_chunk_step(
     chunk: IngestChunk, settings: AtlasSettings, *, driver: Any
 ) -> list[StepResult]:
-    """:func:`ingest_step` for each artifact of a chunk. A permanent failure (e.g. a corrupt
-    artifact) is recorded on its item and the rest go on; a transient fault raises (the caller
-    retries the chunk: ingestion is idempotent)."""
-    results = []
-    for p in chunk.items:
+    """Ingest the artifacts of a chunk in ONE transaction (each marks its job item done in it).
+
+    A permanent failure is isolated: an artifact that cannot be read fails alone, and if the
+    store refuses the joint transaction the prompts are written one by one, so only the bad one
+    fails. A transient fault raises (the caller retries the chunk: ingestion is idempotent).
+    """
+
+    def fail(p: IngestPayload, exc: BaseException) -> StepResult:
+        transient, reason = classify(exc)
+        if transient:
+            raise exc
+        record_failure(driver, p.job_id, p.item, reason)
+        return StepResult(outcome="failed", prompt_id=p.prompt_id, reason=reason)
+
+    results: dict[int, StepResult] = {}
+    ready: list[tuple[int, PromptRows, dict[str, float]]] = []
+    for i, p in enumerate(chunk.items):
         try:
-            results.append(ingest_step(p, settings, driver=driver))
+            rows, timings = _load_for_ingest(p, settings, driver=driver)
         except Exception as exc:
-            transient, reason = classify(exc)
-            if transient:
+            results[i] = fail(p, exc)
+            continue
+        ready.append((i, rows, timings))
+    if len(ready) > 1:
+        t1 = time.perf_counter()
+        batch = [(rows, _mark_done_hook(chunk.items[i], tm, t1)) for i, rows, tm in ready]
+        try:
+            created = _store_many(driver, batch, settings)
+        except Exception as exc:
+            if classify(exc)[0]:
                 raise
-            record_failure(driver, p.job_id, p.item, reason)
-            results.append(StepResult(outcome="failed", prompt_id=p.prompt_id, reason=reason))
-    return results
+            log.warning("a chunk's joint ingestion was refused (%s): one by one", exc)
+        else:
+            share = (time.perf_counter() - t1) / len(ready)
+            for (i, _, tm), was_created in zip(ready, created, strict=True):
+                tm["ingest_s"] = share
+                results[i] = _ingested(chunk.items[i], was_created, tm)
+            ready = []
+    for i, rows, timings in ready:
+        p = chunk.items[i]
+        try:
+            t1 = time.perf_counter()
+            (was_created,) = _store_many(
+                driver, [(rows, _mark_done_hook(p, timings, t1))], settings
+            )
+            timings["ingest_s"] = time.perf_counter() - t1
+            results[i] = _ingested(p, was_created, timings)
+        except Exception as exc:
+            results[i] = fail(p, exc)
+    return [results[i] for i in range(len(chunk.items))]
 
 
 def annotate_step(

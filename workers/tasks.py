@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from celery.exceptions import Retry
@@ -140,47 +141,53 @@ def _results(results: list[pipeline.StepResult]) -> dict[str, Any]:
     return {"results": [r.model_dump(mode="json") for r in results]}
 
 
-@app.task(name="atlas.attribute", bind=True, acks_late=True, ignore_result=True)
-def attribute(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
-    """Attribute a chunk of prompt specs and hand their artifacts to the ``ingest`` queue.
-
-    The message is an :class:`atlas.pipeline.AttributeChunk` (a single ``AttributePayload`` is
-    accepted too)."""
+def _run_chunk(
+    task: Any,
+    payload: Any,
+    model: type[pipeline.AttributeChunk] | type[pipeline.IngestChunk],
+    step: Callable[[Any], list[pipeline.StepResult]],
+) -> dict[str, Any]:
+    """Validate a chunk message (a bare single item is accepted too), run ``step`` on it, and
+    apply the retry policy to whatever it raises."""
+    if isinstance(payload, dict) and "items" not in payload:
+        payload = {"items": [payload]}
     try:
-        if isinstance(payload, dict) and "items" not in payload:
-            payload = {"items": [payload]}
-        chunk = pipeline.AttributeChunk.model_validate(payload)
+        chunk = model.model_validate(payload)
     except ValidationError as exc:
-        reason = f"malformed attribute payload: {exc.errors()[0]['msg']}"
-        return _retry_or_fail(self, ValueError(reason), _items_of(payload))
+        reason = f"malformed {task.name} payload: {exc.errors()[0]['msg']}"
+        return _retry_or_fail(task, ValueError(reason), _items_of(payload))
     try:
-        results = pipeline.attribute_chunk_step(
-            chunk, settings, driver=get_driver(), on_ingest=_send_ingest
-        )
-        return _results(results)
+        return _results(step(chunk))
     except Retry:
         raise
     except Exception as exc:
-        return _retry_or_fail(self, exc, [(p.job_id, p.item) for p in chunk.items])
+        return _retry_or_fail(task, exc, [(p.job_id, p.item) for p in chunk.items])
+
+
+@app.task(name="atlas.attribute", bind=True, acks_late=True, ignore_result=True)
+def attribute(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
+    """Attribute a chunk of prompt specs (:class:`atlas.pipeline.AttributeChunk`) and hand their
+    artifacts to the ``ingest`` queue as one message."""
+    return _run_chunk(
+        self,
+        payload,
+        pipeline.AttributeChunk,
+        lambda chunk: pipeline.attribute_chunk_step(
+            chunk, settings, driver=get_driver(), on_ingest=_send_ingest
+        ),
+    )
 
 
 @app.task(name="atlas.ingest", bind=True, acks_late=True, ignore_result=True)
 def ingest(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     """Ingest the artifacts of a chunk into Neo4j (one transaction per prompt, each marking its
     job item done). A permanent failure of one artifact fails that item alone."""
-    try:
-        if isinstance(payload, dict) and "items" not in payload:
-            payload = {"items": [payload]}
-        chunk = pipeline.IngestChunk.model_validate(payload)
-    except ValidationError as exc:
-        reason = f"malformed ingest payload: {exc.errors()[0]['msg']}"
-        return _retry_or_fail(self, ValueError(reason), _items_of(payload))
-    try:
-        return _results(pipeline.ingest_chunk_step(chunk, settings, driver=get_driver()))
-    except Retry:
-        raise
-    except Exception as exc:
-        return _retry_or_fail(self, exc, [(p.job_id, p.item) for p in chunk.items])
+    return _run_chunk(
+        self,
+        payload,
+        pipeline.IngestChunk,
+        lambda chunk: pipeline.ingest_chunk_step(chunk, settings, driver=get_driver()),
+    )
 
 
 @app.task(name="atlas.annotate", bind=True, acks_late=True)

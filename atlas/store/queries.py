@@ -250,10 +250,22 @@ WITH ns[$src[i]] AS s, ns[$tgt[i]] AS t, $w[i] AS w
 CREATE (s)-[:EDGE {w: w}]->(t)
 """
 
+
 # The prompt's contribution to the feature aggregate, grouped by source feature: ``g.a`` is the
 # element id of a source Feature (from CLAIM_PROMPT), ``g.b`` / ``g.w`` the target features and
 # the weights summed over positions. One row per (source, target) feature pair of ONE prompt; the
 # prompt's claim guarantees this runs once per prompt, so counts never double.
+def _fold(rel: str, w: str) -> str:
+    """``ON CREATE`` / ``ON MATCH`` of an aggregate relationship ``rel`` (AGG or SAGG) folding in
+    one prompt's weight ``w`` (fixed identifiers, never values)."""
+    return f"""ON CREATE SET {rel}.n_prompts = 1, {rel}.sum_w = {w}, {rel}.max_w = {w}, {rel}.min_w = {w}
+  ON MATCH SET {rel}.n_prompts = {rel}.n_prompts + 1,
+      {rel}.sum_w = {rel}.sum_w + {w},
+      {rel}.max_w = CASE WHEN {w} > {rel}.max_w THEN {w} ELSE {rel}.max_w END,
+      {rel}.min_w = CASE WHEN {w} < {rel}.min_w THEN {w} ELSE {rel}.min_w END
+"""
+
+
 _AGG_UPDATE = """
   UNWIND $groups AS g
   MATCH (a:Feature) WHERE elementId(a) = g.a
@@ -261,12 +273,7 @@ _AGG_UPDATE = """
   WITH a, g.b[i] AS bid, g.w[i] AS w
   MATCH (b:Feature) WHERE elementId(b) = bid
   MERGE (a)-[x:AGG]->(b)
-  ON CREATE SET x.n_prompts = 1, x.sum_w = w, x.max_w = w, x.min_w = w
-  ON MATCH SET x.n_prompts = x.n_prompts + 1,
-      x.sum_w = x.sum_w + w,
-      x.max_w = CASE WHEN w > x.max_w THEN w ELSE x.max_w END,
-      x.min_w = CASE WHEN w < x.min_w THEN w ELSE x.min_w END
-"""
+  """ + _fold("x", "w")
 UPDATE_FEATURE_AGG = _AGG_UPDATE
 
 # Last statement of a prompt: the last batch of AGG rows, the prompt's contribution to the
@@ -283,12 +290,9 @@ CALL () {
   WHERE s <> t
   WITH s, t, sum(e.w) AS w
   MERGE (s)-[g:SAGG]->(t)
-  ON CREATE SET g.n_prompts = 1, g.sum_w = w, g.max_w = w, g.min_w = w
-  ON MATCH SET g.n_prompts = g.n_prompts + 1,
-      g.sum_w = g.sum_w + w,
-      g.max_w = CASE WHEN w > g.max_w THEN w ELSE g.max_w END,
-      g.min_w = CASE WHEN w < g.min_w THEN w ELSE g.min_w END
-}
+  """
+    + _fold("g", "w")
+    + """}
 MATCH (p:Prompt {id: $id})
 SET p.complete = true, p.ingested_at = datetime()
 """

@@ -53,6 +53,26 @@ def run_read(
         raise translate_neo4j_error(exc, what) from exc
 
 
+class _Reader:
+    """A driver with the caller's database and timeout, so the helpers below run named queries
+    without repeating them."""
+
+    def __init__(self, driver: neo4j.Driver, database: str | None, timeout_s: float) -> None:
+        self.driver = driver
+        self.database = database
+        self.timeout_s = timeout_s
+
+    def rows(self, text: str, params: dict[str, Any], what: str) -> list[dict[str, Any]]:
+        """:func:`run_read` with this reader's database and timeout."""
+        return run_read(
+            self.driver, text, params, database=self.database, timeout_s=self.timeout_s, what=what
+        )
+
+    def refs(self, text: str, params: dict[str, Any], what: str) -> list[str]:
+        """The ``ref`` column of a query's rows."""
+        return [r["ref"] for r in self.rows(text, params, what)]
+
+
 # --------------------------------------------------------------------------- endpoints
 @dataclass(frozen=True)
 class Endpoint:
@@ -71,55 +91,55 @@ def resolve_endpoint(
     driver: neo4j.Driver, spec: str, *, database: str | None = None, timeout_s: float = 30.0
 ) -> Endpoint:
     """Resolve ``supernode:NAME`` / ``feature:L/I`` / ``token:TEXT`` / ``logit:TEXT``."""
+    return _resolve_endpoint(_Reader(driver, database, timeout_s), spec)
+
+
+def _resolve_endpoint(reader: _Reader, spec: str) -> Endpoint:
     m = _SPEC.match(spec)
     if m is None:
         raise InputError(
             f"bad endpoint {spec!r}: use supernode:NAME, feature:LAYER/INDEX, token:TEXT or logit:TEXT"
         )
     kind, arg = m.group(1), m.group(2)
-    kw: dict[str, Any] = {"database": database, "timeout_s": timeout_s, "what": f"resolving {spec}"}
+    what = f"resolving {spec}"
     if kind == "feature":
         fm = _FEATURE.match(arg)
         if fm is None:
             raise InputError(f"bad feature {arg!r}: use feature:LAYER/INDEX, e.g. feature:3/1024")
-        rows = run_read(
-            driver,
-            Q.FEATURES_BY_LAYER_INDEX,
-            {"layer": int(fm.group(1)), "index": int(fm.group(2))},
-            **kw,
-        )
-        return Endpoint(spec, "feature", [r["ref"] for r in rows])
+        params = {"layer": int(fm.group(1)), "index": int(fm.group(2))}
+        return Endpoint(spec, "feature", reader.refs(Q.FEATURES_BY_LAYER_INDEX, params, what))
     if kind == "supernode":
-        from atlas.store.supernodes import validate_name
-
-        name = validate_name(arg)
-        if not run_read(driver, Q.SUPERNODE_EXISTS, {"name": name}, **kw):
+        name = _supernode_name(arg)
+        if not reader.rows(Q.SUPERNODE_EXISTS, {"name": name}, what):
             raise InputError(f"no supernode named {name!r}")
-        rows = run_read(driver, Q.SUPERNODE_MEMBERS, {"name": name}, **kw)
-        return Endpoint(spec, "feature", [r["ref"] for r in rows])
+        return Endpoint(spec, "feature", reader.refs(Q.SUPERNODE_MEMBERS, {"name": name}, what))
     text = normalise_token_text(arg)
     if not text:
         raise InputError(f"empty token text in {spec!r}")
-    rows = run_read(driver, Q.TOKENS_BY_TEXT, {"text": text}, **kw)
-    return Endpoint(spec, kind, [r["ref"] for r in rows])
+    return Endpoint(spec, kind, reader.refs(Q.TOKENS_BY_TEXT, {"text": text}, what))
 
 
-def _ref_texts(
-    driver: neo4j.Driver, refs: set[str], database: str | None, timeout_s: float
-) -> dict[str, str]:
+def _supernode_name(arg: str) -> str:
+    """A validated supernode name (imported late: :mod:`atlas.store.supernodes` imports this)."""
+    from atlas.store.supernodes import validate_name
+
+    return validate_name(arg)
+
+
+def _feature_refs(reader: _Reader, spec: str, usage: str) -> list[str]:
+    """Refs of an endpoint that must name features (``usage`` is the error otherwise)."""
+    ep = _resolve_endpoint(reader, spec)
+    if ep.kind != "feature":
+        raise InputError(usage)
+    return ep.refs
+
+
+def _ref_texts(reader: _Reader, refs: set[str]) -> dict[str, str]:
     """Display names of global refs: ``feature:L/I (label)`` or the token's text (quoted)."""
     if not refs:
         return {}
-    rows = run_read(
-        driver,
-        Q.REF_TEXTS,
-        {"refs": sorted(refs)},
-        database=database,
-        timeout_s=timeout_s,
-        what="naming nodes",
-    )
     names: dict[str, str] = {}
-    for r in rows:
+    for r in reader.rows(Q.REF_TEXTS, {"refs": sorted(refs)}, "naming nodes"):
         if r["is_token"]:
             names[r["ref"]] = repr(r["text"]) if r["text"] is not None else r["ref"]
         elif r["layer"] is not None:
@@ -161,42 +181,39 @@ def paths(
         raise InputError("min weight must be a finite number >= 0")
     if limit < 1:
         raise InputError("limit must be >= 1")
-    src = resolve_endpoint(driver, source, database=database, timeout_s=timeout_s)
-    dst = resolve_endpoint(driver, target, database=database, timeout_s=timeout_s)
+    reader = _Reader(driver, database, timeout_s)
+    src = _resolve_endpoint(reader, source)
+    dst = _resolve_endpoint(reader, target)
     if not src.refs or not dst.refs:
         return {"paths": [], "aggregate": [], "truncated": False}
-    rows = run_read(
-        driver,
-        Q.PATHS[max_hops],
-        {
-            "from_refs": src.refs,
-            "from_kind": src.kind,
-            "to_refs": dst.refs,
-            "to_kind": dst.kind,
-            "min_weight": float(min_weight),
-            "cap": cap + 1,
-        },
-        database=database,
-        timeout_s=timeout_s,
-        what="paths query",
-    )
+    params = {
+        "from_refs": src.refs,
+        "from_kind": src.kind,
+        "to_refs": dst.refs,
+        "to_kind": dst.kind,
+        "min_weight": float(min_weight),
+        "cap": cap + 1,
+    }
+    rows = reader.rows(Q.PATHS[max_hops], params, "paths query")
     truncated = len(rows) > cap
-    rows = rows[:cap]
-    found = []
-    for r in rows:
-        score = math.prod(r["weights"])
-        found.append(
-            {
-                "prompt": r["prompt"],
-                "nodes": r["nodes"],
-                "weights": r["weights"],
-                "score": score,
-                "_refs": r["refs"],
-            }
-        )
+    found = [
+        {
+            "prompt": r["prompt"],
+            "nodes": r["nodes"],
+            "weights": r["weights"],
+            "score": math.prod(r["weights"]),
+            "_refs": r["refs"],
+        }
+        for r in rows[:cap]
+    ]
     found.sort(key=lambda p: (-abs(p["score"]), p["prompt"], p["nodes"]))
     refs = {ref for p in found for ref in p["_refs"] if not ref.startswith("error:")}
-    texts = _ref_texts(driver, refs, database, timeout_s)
+    aggregate = _aggregate_routes(found, _ref_texts(reader, refs))
+    return {"paths": found[:limit], "aggregate": aggregate, "truncated": truncated}
+
+
+def _aggregate_routes(found: list[dict[str, Any]], texts: dict[str, str]) -> list[dict[str, Any]]:
+    """Group paths by their route of named global refs (popping each path's ``_refs``)."""
     groups: dict[tuple[str, ...], dict[str, Any]] = {}
     for p in found:
         route = tuple(describe_ref(ref, texts) for ref in p.pop("_refs"))
@@ -216,7 +233,7 @@ def paths(
         for g in groups.values()
     ]
     aggregate.sort(key=lambda g: (-abs(g["sum_score"]), g["route"]))
-    return {"paths": found[:limit], "aggregate": aggregate, "truncated": truncated}
+    return aggregate
 
 
 # --------------------------------------------------------------------------- other named queries
@@ -229,17 +246,9 @@ def active_prompts(
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> list[dict[str, Any]]:
     """Prompts where a feature (``feature:L/I``) or supernode (``supernode:NAME``) is active."""
-    ep = resolve_endpoint(driver, spec, database=database, timeout_s=timeout_s)
-    if ep.kind != "feature":
-        raise InputError("active prompts take feature:L/I or supernode:NAME")
-    return run_read(
-        driver,
-        Q.ACTIVE_PROMPTS,
-        {"refs": ep.refs, "limit": limit},
-        database=database,
-        timeout_s=timeout_s,
-        what="active prompts",
-    )
+    reader = _Reader(driver, database, timeout_s)
+    refs = _feature_refs(reader, spec, "active prompts take feature:L/I or supernode:NAME")
+    return reader.rows(Q.ACTIVE_PROMPTS, {"refs": refs, "limit": limit}, "active prompts")
 
 
 def top_contributors(
@@ -253,16 +262,10 @@ def top_contributors(
     """Sources with the largest summed |direct effect| on a logit (``logit:TEXT``) across prompts."""
     if not spec.startswith("logit:"):
         spec = "logit:" + spec
-    ep = resolve_endpoint(driver, spec, database=database, timeout_s=timeout_s)
-    rows = run_read(
-        driver,
-        Q.TOP_CONTRIBUTORS,
-        {"refs": ep.refs, "limit": limit},
-        database=database,
-        timeout_s=timeout_s,
-        what="top contributors",
-    )
-    texts = _ref_texts(driver, {r["source"] for r in rows}, database, timeout_s)
+    reader = _Reader(driver, database, timeout_s)
+    ep = _resolve_endpoint(reader, spec)
+    rows = reader.rows(Q.TOP_CONTRIBUTORS, {"refs": ep.refs, "limit": limit}, "top contributors")
+    texts = _ref_texts(reader, {r["source"] for r in rows})
     for r in rows:
         r["name"] = describe_ref(r["source"], texts)
     return rows
@@ -277,18 +280,14 @@ def neighbours(
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> list[dict[str, Any]]:
     """Aggregated neighbours (over all prompts) of a feature or a supernode."""
-    kw: dict[str, Any] = {"database": database, "timeout_s": timeout_s, "what": "neighbours"}
+    reader = _Reader(driver, database, timeout_s)
     if spec.startswith("supernode:"):
-        from atlas.store.supernodes import validate_name
-
-        name = validate_name(spec.split(":", 1)[1])
-        return run_read(driver, Q.SUPERNODE_NEIGHBOURS, {"name": name, "limit": limit}, **kw)
-    ep = resolve_endpoint(driver, spec, database=database, timeout_s=timeout_s)
-    if ep.kind != "feature":
-        raise InputError("neighbours take feature:L/I or supernode:NAME")
+        name = _supernode_name(spec.split(":", 1)[1])
+        return reader.rows(Q.SUPERNODE_NEIGHBOURS, {"name": name, "limit": limit}, "neighbours")
+    refs = _feature_refs(reader, spec, "neighbours take feature:L/I or supernode:NAME")
     out: list[dict[str, Any]] = []
-    for ref in ep.refs:
-        out.extend(run_read(driver, Q.FEATURE_NEIGHBOURS, {"fid": ref, "limit": limit}, **kw))
+    for ref in refs:
+        out.extend(reader.rows(Q.FEATURE_NEIGHBOURS, {"fid": ref, "limit": limit}, "neighbours"))
     out.sort(key=lambda r: (-r["n_prompts"], -abs(r["sum_w"])))
     return out[:limit]
 
@@ -297,16 +296,13 @@ def resolve_prompt(
     driver: neo4j.Driver, prefix: str, *, database: str | None = None, timeout_s: float = 30.0
 ) -> str:
     """Full id of a stored prompt from its id or a unique prefix of it."""
+    return _resolve_prompt(_Reader(driver, database, timeout_s), prefix)
+
+
+def _resolve_prompt(reader: _Reader, prefix: str) -> str:
     if not prefix or not re.fullmatch(r"[0-9a-f]+", prefix):
         raise InputError(f"bad prompt id {prefix!r}: expected hexadecimal")
-    rows = run_read(
-        driver,
-        Q.FIND_PROMPT_BY_PREFIX,
-        {"prefix": prefix},
-        database=database,
-        timeout_s=timeout_s,
-        what="finding prompt",
-    )
+    rows = reader.rows(Q.FIND_PROMPT_BY_PREFIX, {"prefix": prefix}, "finding prompt")
     if not rows:
         raise InputError(f"no stored prompt with id {prefix!r}")
     if len(rows) > 1:
@@ -322,15 +318,9 @@ def prompt_supernode_graph(
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> list[dict[str, Any]]:
     """One prompt collapsed to supernodes (+ its token and logit nodes): summed edges."""
-    pid = resolve_prompt(driver, prompt, database=database, timeout_s=timeout_s)
-    return run_read(
-        driver,
-        Q.PROMPT_SUPERNODE_GRAPH,
-        {"id": pid},
-        database=database,
-        timeout_s=timeout_s,
-        what="supernode graph",
-    )
+    reader = _Reader(driver, database, timeout_s)
+    pid = _resolve_prompt(reader, prompt)
+    return reader.rows(Q.PROMPT_SUPERNODE_GRAPH, {"id": pid}, "supernode graph")
 
 
 def compare_prompts(
@@ -343,12 +333,12 @@ def compare_prompts(
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> dict[str, Any]:
     """Two prompts side by side: shared / exclusive features and shared feature edges."""
-    pa = resolve_prompt(driver, a, database=database, timeout_s=timeout_s)
-    pb = resolve_prompt(driver, b, database=database, timeout_s=timeout_s)
-    kw: dict[str, Any] = {"database": database, "timeout_s": timeout_s, "what": "compare"}
-    feats = run_read(driver, Q.COMPARE_FEATURES, {"a": pa, "b": pb}, **kw)
-    edges = run_read(driver, Q.COMPARE_EDGES, {"a": pa, "b": pb, "limit": limit}, **kw)
-    texts = _ref_texts(driver, {f["ref"] for f in feats}, database, timeout_s)
+    reader = _Reader(driver, database, timeout_s)
+    pa = _resolve_prompt(reader, a)
+    pb = _resolve_prompt(reader, b)
+    feats = reader.rows(Q.COMPARE_FEATURES, {"a": pa, "b": pb}, "compare")
+    edges = reader.rows(Q.COMPARE_EDGES, {"a": pa, "b": pb, "limit": limit}, "compare")
+    texts = _ref_texts(reader, {f["ref"] for f in feats})
     shared, only_a, only_b = [], [], []
     for f in feats:
         item = {"feature": describe_ref(f["ref"], texts), "act_a": f["act_a"], "act_b": f["act_b"]}
@@ -390,29 +380,29 @@ def export_graph(
 
     Returns the graph and the feature labels by node id (for the interchange JSON ``clerp``).
     """
-    graph, labels, _ = _export(driver, prompt, database=database, timeout_s=timeout_s)
+    graph, labels, _ = _export(_Reader(driver, database, timeout_s), prompt)
     return graph, labels
 
 
-def _export(
-    driver: neo4j.Driver, prompt: str, *, database: str | None, timeout_s: float
-) -> tuple[Graph, dict[str, str], dict[int, str]]:
-    pid = resolve_prompt(driver, prompt, database=database, timeout_s=timeout_s)
-    kw: dict[str, Any] = {"database": database, "timeout_s": timeout_s, "what": f"export {pid}"}
-    head = run_read(driver, Q.EXPORT_PROMPT, {"id": pid}, **kw)
+_NODE_KINDS = {
+    "feature": NodeKind.FEATURE,
+    "error": NodeKind.ERROR,
+    "token": NodeKind.TOKEN,
+    "logit": NodeKind.LOGIT,
+}
+
+
+def _export(reader: _Reader, prompt: str) -> tuple[Graph, dict[str, str], dict[int, str]]:
+    pid = _resolve_prompt(reader, prompt)
+    what = f"export {pid}"
+    head = reader.rows(Q.EXPORT_PROMPT, {"id": pid}, what)
     if not head:
         raise InputError(f"no stored prompt with id {pid!r}")
     meta = GraphMetadata.model_validate_json(head[0]["meta_json"])
-    nodes = run_read(driver, Q.EXPORT_NODES, {"id": pid}, **kw)
-    edges = run_read(driver, Q.EXPORT_EDGES, {"id": pid}, **kw)
+    nodes = reader.rows(Q.EXPORT_NODES, {"id": pid}, what)
+    edges = reader.rows(Q.EXPORT_EDGES, {"id": pid}, what)
     if [n["idx"] for n in nodes] != list(range(len(nodes))):
         raise InputError(f"prompt {pid}: stored node order is inconsistent")
-    kinds = {
-        "feature": NodeKind.FEATURE,
-        "error": NodeKind.ERROR,
-        "token": NodeKind.TOKEN,
-        "logit": NodeKind.LOGIT,
-    }
 
     def col(name: str, dtype: torch.dtype, nan: float = math.nan) -> torch.Tensor:
         return torch.tensor([nan if n[name] is None else n[name] for n in nodes], dtype=dtype)
@@ -422,7 +412,7 @@ def _export(
     graph = Graph(
         metadata=meta,
         input_ids=torch.tensor(input_ids or [], dtype=torch.int64),
-        kind=torch.tensor([int(kinds[n["kind"]]) for n in nodes], dtype=torch.int8),
+        kind=torch.tensor([int(_NODE_KINDS[n["kind"]]) for n in nodes], dtype=torch.int8),
         layer=col("layer", torch.int32),
         pos=col("pos", torch.int32),
         feature=col("feature", torch.int64),
@@ -451,8 +441,9 @@ def export_json(
     """A stored prompt as interchange JSON (labels and its supernodes included)."""
     from atlas.interchange import graph_to_json
 
-    graph, labels, token_texts = _export(driver, prompt, database=database, timeout_s=timeout_s)
-    supernodes = prompt_supernodes(driver, graph.prompt_id, database=database, timeout_s=timeout_s)
+    reader = _Reader(driver, database, timeout_s)
+    graph, labels, token_texts = _export(reader, prompt)
+    supernodes = _prompt_supernodes(reader, graph.prompt_id)
     known = {s[0] for s in graph.metadata.extra.get("supernodes") or []}
     merged = list(graph.metadata.extra.get("supernodes") or []) + [
         s for s in supernodes if s[0] not in known
@@ -471,15 +462,11 @@ def prompt_supernodes(
     driver: neo4j.Driver, pid: str, *, database: str | None = None, timeout_s: float = 30.0
 ) -> list[list[str]]:
     """``[[name, node_id, ...], ...]`` of the supernodes with members in one prompt."""
-    rows = run_read(
-        driver,
-        Q.PROMPT_SUPERNODES,
-        {"id": pid},
-        database=database,
-        timeout_s=timeout_s,
-        what="prompt supernodes",
-    )
+    return _prompt_supernodes(_Reader(driver, database, timeout_s), pid)
+
+
+def _prompt_supernodes(reader: _Reader, pid: str) -> list[list[str]]:
     grouped: dict[str, list[str]] = defaultdict(list)
-    for r in rows:
+    for r in reader.rows(Q.PROMPT_SUPERNODES, {"id": pid}, "prompt supernodes"):
         grouped[r["name"]].extend(sorted(r["ids"]))
     return [[name, *ids] for name, ids in grouped.items()]

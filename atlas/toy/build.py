@@ -80,6 +80,12 @@ class ToyBuildConfig:
     """torch threads for the whole build (1: fastest on a shared 2-core machine, deterministic)."""
 
 
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as the toy world's JSON files are written: indent 2, sorted keys, final
+    newline (the bytes are part of the reproducible build)."""
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -197,7 +203,7 @@ def build_toy(
         },
         "elapsed_s": {"model": round(t_model, 1), "total": round(t_total, 1)},
     }
-    paths.manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_json(paths.manifest, manifest)
     logger.info("toy world built in %.0f s at %s", t_total, paths.root)
     return paths
 

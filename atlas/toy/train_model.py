@@ -24,8 +24,10 @@ from typing import Any
 
 import torch
 
+from atlas.toy.build import write_json
 from atlas.toy.corpus import Fact, ToyCorpus
 from atlas.toy.tokenizer import BOS_ID, EOS_ID, PAD_ID, build_tokenizer, save_tokenizer
+from atlas.transcoders.training import torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -62,16 +64,14 @@ class ModelTrainConfig:
 @contextmanager
 def deterministic_torch(seed: int, threads: int) -> Iterator[None]:
     """Seed torch, fix the thread count and require deterministic kernels inside the block."""
-    old_threads = torch.get_num_threads()
     old_det = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old_threads)
-        torch.use_deterministic_algorithms(old_det)
+    with torch_threads(threads):
+        torch.manual_seed(seed)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(old_det)
 
 
 def make_config(cfg: ModelTrainConfig, vocab_size: int) -> Any:
@@ -209,11 +209,11 @@ def save_model(model: Any, tokenizer: Any, out_dir: Path) -> None:
     rope = config.get("rope_parameters") or {}
     config.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
     config.setdefault("torch_dtype", config.get("dtype", "float32"))
-    cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_json(cfg_path, config)
     tok_cfg_path = out_dir / "tokenizer_config.json"
     tok_cfg = json.loads(tok_cfg_path.read_text())
     tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
+    write_json(tok_cfg_path, tok_cfg)
     for path in out_dir.iterdir():
         if path.is_file():
             path.chmod(0o644)

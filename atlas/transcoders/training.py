@@ -34,7 +34,8 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -289,6 +290,19 @@ def _scale(v: torch.Tensor) -> float:
     return 1.0 / math.sqrt(ms) if ms > 0 else 1.0
 
 
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch intra-op threads (``None``: leave the count as is),
+    then restore the previous count."""
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+
+
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -500,10 +514,7 @@ class TranscoderTrainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        old_threads = torch.get_num_threads()
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        try:
+        with torch_threads(cfg.threads or None):
             self.load_checkpoint()
             bar = tqdm(
                 total=cfg.chunks,
@@ -552,8 +563,6 @@ class TranscoderTrainer:
                 ):
                     self.save_checkpoint()
             bar.close()
-        finally:
-            torch.set_num_threads(old_threads)
 
     def _step(
         self, batch: dict[int, tuple[torch.Tensor, torch.Tensor]], fired: dict[int, torch.Tensor]
