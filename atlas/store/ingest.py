@@ -10,6 +10,15 @@ concurrent ingesters (shared ``Feature`` nodes) are transient errors that ``exec
 retries; the unit of work is idempotent, so a retry is safe.
 
 Rows are written in ``UNWIND $rows`` batches of ``settings.ingest_batch_size``.
+
+Aggregates (``AGG``) are looked up by their unique ``pair`` key (an index seek), never by a
+relationship ``MERGE`` between two high-degree ``Feature`` nodes (popular features gather
+thousands of ``AGG`` relationships, and a MERGE scans them: at 3,400 synthetic prompts that was
+~800 db hits per pair and growing with the atlas); a pair that does not exist yet is created. That
+is race-free: ``CLAIM_PROMPT`` takes the write lock of every feature of the prompt (in ``fid``
+order, so concurrent claims cannot deadlock on them) and holds it until commit, and any transaction
+that creates or deletes an ``AGG`` needs the locks of both of its features (the unique
+``AGG.pair`` constraint backs that up).
 """
 
 from __future__ import annotations
@@ -264,30 +273,11 @@ def _chunks(rows: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield rows[start : start + size]
 
 
-def _agg_groups(
-    agg: list[dict[str, Any]], entity_eids: dict[str, str], batch: int
-) -> list[list[dict[str, Any]]]:
-    """AGG rows grouped by source feature (``{a, b: [...], w: [...]}``), in batches of about
-    ``batch`` pairs."""
-    out: list[list[dict[str, Any]]] = []
-    cur: list[dict[str, Any]] = []
-    n = 0
-    group: dict[str, Any] = {}
-    source = None
-    for r in agg:  # sorted by (s, t)
-        if source != r["s"] or n >= batch:
-            if n >= batch:
-                out.append(cur)
-                cur, n = [], 0
-            source = r["s"]
-            group = {"a": entity_eids[r["s"]], "b": [], "w": []}
-            cur.append(group)
-        group["b"].append(entity_eids[r["t"]])
-        group["w"].append(r["w"])
-        n += 1
-    if cur:
-        out.append(cur)
-    return out
+def agg_pair(source_fid: str, target_fid: str) -> str:
+    """Key of an aggregate ``AGG`` relationship (unique, indexed; see schema/0003):
+    ``<source fid>|<target layer>/<target index>`` (both features are of one transcoder set)."""
+    _, layer, index = target_fid.rsplit("/", 2)
+    return f"{source_fid}|{layer}/{index}"
 
 
 def _write_prompt(tx: neo4j.ManagedTransaction, rows: PromptRows, batch: int) -> bool:
@@ -345,11 +335,20 @@ def _write_prompt(tx: neo4j.ManagedTransaction, rows: PromptRows, batch: int) ->
             tgt=[e[1] for e in chunk],
             w=[e[2] for e in chunk],
         ).consume()
-    groups = _agg_groups(rows.agg, entity_eids, batch)
-    for chunk in groups[:-1]:
-        tx.run(Q.UPDATE_FEATURE_AGG, groups=chunk).consume()
+    agg_rows = [
+        {
+            "p": agg_pair(r["s"], r["t"]),
+            "a": entity_eids[r["s"]],
+            "b": entity_eids[r["t"]],
+            "w": r["w"],
+        }
+        for r in rows.agg
+    ]
+    agg_chunks = list(_chunks(agg_rows, batch)) or [[]]
+    for chunk in agg_chunks[:-1]:
+        tx.run(Q.UPDATE_FEATURE_AGG, rows=chunk).consume()
     # the last batch, the supernode aggregate and the ``complete`` flag: one statement
-    tx.run(Q.FINISH_PROMPT, id=pid, groups=groups[-1] if groups else []).consume()
+    tx.run(Q.FINISH_PROMPT, id=pid, rows=agg_chunks[-1]).consume()
     return True
 
 

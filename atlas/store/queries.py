@@ -251,13 +251,37 @@ CREATE (s)-[:EDGE {w: w}]->(t)
 """
 
 
-# The prompt's contribution to the feature aggregate, grouped by source feature: ``g.a`` is the
-# element id of a source Feature (from CLAIM_PROMPT), ``g.b`` / ``g.w`` the target features and
-# the weights summed over positions. One row per (source, target) feature pair of ONE prompt; the
-# prompt's claim guarantees this runs once per prompt, so counts never double.
+# The prompt's contribution to the feature aggregate. Rows ``{p, a, b, w}``: one per (source,
+# target) feature pair of ONE prompt, ``w`` summed over positions, ``p`` the pair key (see
+# schema/0003), ``a``/``b`` the features' element ids from CLAIM_PROMPT. An aggregate is found by
+# a seek on the unique ``AGG.pair`` index, never by expanding two high-degree features (a
+# relationship MERGE between them scans their AGG relationships, and popular features gather
+# thousands); a missing one is created. No other transaction can create or delete the same pair
+# meanwhile: CLAIM_PROMPT holds the write locks of both features until commit (and the uniqueness
+# constraint backs that up). The prompt's claim also guarantees this runs once per prompt.
+_AGG_UPDATE = """
+  UNWIND $rows AS r
+  OPTIONAL MATCH ()-[x:AGG {pair: r.p}]->()
+  CALL (r, x) {
+    WITH * WHERE x IS NULL
+    MATCH (a:Feature) WHERE elementId(a) = r.a
+    MATCH (b:Feature) WHERE elementId(b) = r.b
+    CREATE (a)-[:AGG {pair: r.p, n_prompts: 1, sum_w: r.w, max_w: r.w, min_w: r.w}]->(b)
+  }
+  CALL (r, x) {
+    WITH * WHERE x IS NOT NULL
+    SET x.n_prompts = x.n_prompts + 1,
+        x.sum_w = x.sum_w + r.w,
+        x.max_w = CASE WHEN r.w > x.max_w THEN r.w ELSE x.max_w END,
+        x.min_w = CASE WHEN r.w < x.min_w THEN r.w ELSE x.min_w END
+  }
+"""
+UPDATE_FEATURE_AGG = _AGG_UPDATE
+
+
 def _fold(rel: str, w: str) -> str:
-    """``ON CREATE`` / ``ON MATCH`` of an aggregate relationship ``rel`` (AGG or SAGG) folding in
-    one prompt's weight ``w`` (fixed identifiers, never values)."""
+    """``ON CREATE`` / ``ON MATCH`` of an aggregate relationship ``rel`` folding in one prompt's
+    weight ``w`` (fixed identifiers, never values)."""
     return f"""ON CREATE SET {rel}.n_prompts = 1, {rel}.sum_w = {w}, {rel}.max_w = {w}, {rel}.min_w = {w}
   ON MATCH SET {rel}.n_prompts = {rel}.n_prompts + 1,
       {rel}.sum_w = {rel}.sum_w + {w},
@@ -265,16 +289,6 @@ def _fold(rel: str, w: str) -> str:
       {rel}.min_w = CASE WHEN {w} < {rel}.min_w THEN {w} ELSE {rel}.min_w END
 """
 
-
-_AGG_UPDATE = """
-  UNWIND $groups AS g
-  MATCH (a:Feature) WHERE elementId(a) = g.a
-  UNWIND range(0, size(g.b) - 1) AS i
-  WITH a, g.b[i] AS bid, g.w[i] AS w
-  MATCH (b:Feature) WHERE elementId(b) = bid
-  MERGE (a)-[x:AGG]->(b)
-  """ + _fold("x", "w")
-UPDATE_FEATURE_AGG = _AGG_UPDATE
 
 # Last statement of a prompt: the last batch of AGG rows, the prompt's contribution to the
 # supernode aggregate (SAGG), then the ``complete`` flag.
@@ -306,7 +320,7 @@ MATCH (a:Node:FeatureNode {prompt: $id})-[e:EDGE]->(b:FeatureNode)
 MATCH (a)-[:OF]->(fa:Feature)
 MATCH (b)-[:OF]->(fb:Feature)
 WITH fa, fb, sum(e.w) AS w
-MATCH (fa)-[g:AGG]->(fb)
+MATCH ()-[g:AGG {pair: fa.fid + '|' + toString(fb.layer) + '/' + toString(fb.index)}]->()
 SET g.n_prompts = g.n_prompts - 1, g.sum_w = g.sum_w - w
 WITH fa, fb, g
 CALL (fa, fb, g) {

@@ -670,3 +670,53 @@ def graph_rows_features(g: Graph) -> set[tuple[int, int]]:
         for i in range(g.n_nodes)
         if g.kind[i] == NodeKind.FEATURE
     }
+
+
+# --------------------------------------------------------------------------- ingest plans
+def _operators(plan: Any) -> list[str]:
+    """Operator names of an EXPLAIN plan (depth first), as the driver returns them."""
+    if not plan:
+        return []
+    ops = [str(plan.get("operatorType", "")).split("@")[0]]
+    for child in plan.get("children", []):
+        ops.extend(_operators(child))
+    return ops
+
+
+def test_agg_pairs_are_keyed_and_found_by_index(db: neo4j.Driver) -> None:
+    """AGG is found by its unique pair key: no write statement expands a Feature's relationships
+    (they grow with the atlas) or scans a label."""
+    from atlas.store.ingest import agg_pair
+
+    graphs = [small(s) for s in range(200, 203)]
+    for g in graphs:
+        ingest_graph(db, g)
+    recs = db.execute_query(
+        "MATCH (a:Feature)-[g:AGG]->(b:Feature) RETURN a.fid AS s, b.fid AS t, g.pair AS pair"
+    ).records
+    assert recs and all(r["pair"] == agg_pair(r["s"], r["t"]) for r in recs)
+    rows = [{"p": "x|1/2", "a": "4:x:1", "b": "4:x:2", "w": 1.0}]
+    for query, params in (
+        (Q.UPDATE_FEATURE_AGG, {"rows": rows}),
+        (Q.FINISH_PROMPT, {"rows": rows, "id": "p"}),
+        (Q.CREATE_NODES_AND_EDGES, {"rows": [], "prompt": "p", "src": [], "tgt": [], "w": []}),
+    ):
+        ops = _operators(db.execute_query("EXPLAIN " + query, **params).summary.plan)
+        assert not [o for o in ops if "LabelScan" in o or "AllNodesScan" in o], ops
+        if "AGG" in query:
+            assert any("RelationshipUniqueIndexSeek" in o for o in ops), " ".join(ops)
+        if query == Q.UPDATE_FEATURE_AGG:
+            assert not [o for o in ops if o.startswith("Expand")], ops
+
+
+def test_schema_backfills_agg_pairs_of_older_atlases(db: neo4j.Driver) -> None:
+    graphs = [small(s) for s in range(210, 213)]
+    for g in graphs[:2]:
+        ingest_graph(db, g)
+    db.execute_query("MATCH ()-[g:AGG]->() REMOVE g.pair")  # an atlas written before 0003
+    apply_schema(db)
+    apply_schema(db)  # idempotent
+    missing = db.execute_query("MATCH ()-[g:AGG]->() WHERE g.pair IS NULL RETURN count(g) AS n")
+    assert missing.records[0]["n"] == 0
+    ingest_graph(db, graphs[2])
+    assert_agg_equal(db, graphs)
