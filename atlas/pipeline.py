@@ -552,10 +552,11 @@ def _load_for_ingest(
 
 
 def _mark_done_hook(
-    payload: IngestPayload, timings: dict[str, float], started: float
+    payload: IngestPayload, timings: dict[str, float], clock: list[float]
 ) -> InTransaction | None:
     """The job item's ``done``, written inside the ingestion's transaction: an item is done
-    exactly when its prompt is stored."""
+    exactly when its prompt is stored. ``clock[0]`` is when this prompt's writing began (the
+    previous prompt's end, in a chunk); its ``ingest_s`` is the time since."""
     from atlas.jobs import JobStore
 
     job_id, item = payload.job_id, payload.item
@@ -563,7 +564,9 @@ def _mark_done_hook(
         return None
 
     def mark_done(tx: Any, created: bool) -> None:
-        timings["ingest_s"] = time.perf_counter() - started
+        now = time.perf_counter()
+        timings["ingest_s"] = now - clock[0]
+        clock[0] = now
         JobStore.mark_tx(
             tx,
             job_id,
@@ -611,7 +614,7 @@ def ingest_step(payload: IngestPayload, settings: AtlasSettings, *, driver: Any)
     transaction)."""
     rows, timings = _load_for_ingest(payload, settings, driver=driver)
     t1 = time.perf_counter()
-    (created,) = _store_many(driver, [(rows, _mark_done_hook(payload, timings, t1))], settings)
+    (created,) = _store_many(driver, [(rows, _mark_done_hook(payload, timings, [t1]))], settings)
     timings["ingest_s"] = time.perf_counter() - t1
     return _ingested(payload, created, timings)
 
@@ -644,7 +647,8 @@ def ingest_chunk_step(
         ready.append((i, rows, timings))
     if len(ready) > 1:
         t1 = time.perf_counter()
-        batch = [(rows, _mark_done_hook(chunk.items[i], tm, t1)) for i, rows, tm in ready]
+        clock = [t1]
+        batch = [(rows, _mark_done_hook(chunk.items[i], tm, clock)) for i, rows, tm in ready]
         try:
             created = _store_many(driver, batch, settings)
         except Exception as exc:
@@ -652,9 +656,7 @@ def ingest_chunk_step(
                 raise
             log.warning("a chunk's joint ingestion was refused (%s): one by one", exc)
         else:
-            share = (time.perf_counter() - t1) / len(ready)
             for (i, _, tm), was_created in zip(ready, created, strict=True):
-                tm["ingest_s"] = share
                 results[i] = _ingested(chunk.items[i], was_created, tm)
             ready = []
     for i, rows, timings in ready:
@@ -662,7 +664,7 @@ def ingest_chunk_step(
         try:
             t1 = time.perf_counter()
             (was_created,) = _store_many(
-                driver, [(rows, _mark_done_hook(p, timings, t1))], settings
+                driver, [(rows, _mark_done_hook(p, timings, [t1]))], settings
             )
             timings["ingest_s"] = time.perf_counter() - t1
             results[i] = _ingested(p, was_created, timings)
