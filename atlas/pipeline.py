@@ -6,12 +6,13 @@ for the distributed one. Nothing here imports Celery.
 
 Steps, each idempotent (at-least-once delivery may run any of them twice):
 
-``attribute_step``
+``attribute_chunk_step`` (``attribute_step`` for one spec)
     prompt spec -> prompt id (computed from the spec, the model revision and the transcoder content
     hash BEFORE the model runs) -> skip if the prompt is already in the atlas (unless forced) ->
     reuse the content-addressed artifact if it exists -> else attribution -> artifact.
-``ingest_step``
-    artifact -> Neo4j (the store's idempotent ingestion) -> job item marked done.
+``ingest_chunk_step``
+    artifacts -> Neo4j in one transaction (the store's idempotent ingestion), each job item marked
+    done inside it.
 ``annotate_step``
     feature labels for one transcoder set (the store's annotation code).
 
@@ -609,12 +610,18 @@ def _ingested(payload: IngestPayload, created: bool, timings: dict[str, float]) 
     )
 
 
-def ingest_step(payload: IngestPayload, settings: AtlasSettings, *, driver: Any) -> StepResult:
-    """Ingest one artifact into Neo4j (idempotent) and mark its job item done (same
-    transaction)."""
-    rows, timings = _load_for_ingest(payload, settings, driver=driver)
+def _store_one(
+    payload: IngestPayload,
+    rows: PromptRows,
+    timings: dict[str, float],
+    settings: AtlasSettings,
+    *,
+    driver: Any,
+) -> StepResult:
+    """One prompt in its own transaction, with its job item's ``done``."""
     t1 = time.perf_counter()
-    (created,) = _store_many(driver, [(rows, _mark_done_hook(payload, timings, [t1]))], settings)
+    hook = _mark_done_hook(payload, timings, [t1])
+    (created,) = _store_many(driver, [(rows, hook)], settings)
     timings["ingest_s"] = time.perf_counter() - t1
     return _ingested(payload, created, timings)
 
@@ -659,17 +666,11 @@ def ingest_chunk_step(
             for (i, _, tm), was_created in zip(ready, created, strict=True):
                 results[i] = _ingested(chunk.items[i], was_created, tm)
             ready = []
-    for i, rows, timings in ready:
-        p = chunk.items[i]
+    for i, rows, timings in ready:  # a single artifact, or a chunk the store refused jointly
         try:
-            t1 = time.perf_counter()
-            (was_created,) = _store_many(
-                driver, [(rows, _mark_done_hook(p, timings, [t1]))], settings
-            )
-            timings["ingest_s"] = time.perf_counter() - t1
-            results[i] = _ingested(p, was_created, timings)
+            results[i] = _store_one(chunk.items[i], rows, timings, settings, driver=driver)
         except Exception as exc:
-            results[i] = fail(p, exc)
+            results[i] = fail(chunk.items[i], exc)
     return [results[i] for i in range(len(chunk.items))]
 
 

@@ -406,17 +406,10 @@ def ingest_graph(
     batch_size: int = 5000,
     min_abs_weight: float = 0.0,
     max_edges: int | None = None,
-    in_transaction: InTransaction | None = None,
 ) -> IngestResult:
-    """Store one graph (one transaction). Idempotent: a prompt already stored is left as is.
-
-    ``in_transaction(tx, created)`` runs last in the same transaction (e.g. the job record's
-    ``done``), also when the prompt was already stored (``created`` False).
-    """
+    """Store one graph (one transaction). Idempotent: a prompt already stored is left as is."""
     rows = graph_rows(graph, min_abs_weight=min_abs_weight, max_edges=max_edges)
-    return ingest_rows(
-        driver, rows, database=database, batch_size=batch_size, in_transaction=in_transaction
-    )
+    return ingest_rows(driver, rows, database=database, batch_size=batch_size)
 
 
 def ingest_rows(
@@ -425,12 +418,9 @@ def ingest_rows(
     *,
     database: str | None = None,
     batch_size: int = 5000,
-    in_transaction: InTransaction | None = None,
 ) -> IngestResult:
     """Write prepared rows (see :func:`graph_rows`) as one transaction."""
-    return ingest_many(driver, [(rows, in_transaction)], database=database, batch_size=batch_size)[
-        0
-    ]
+    return ingest_many(driver, [(rows, None)], database=database, batch_size=batch_size)[0]
 
 
 def ingest_many(

@@ -259,7 +259,7 @@ CREATE (s)-[:EDGE {w: w}]->(t)
 # thousands); a missing one is created. No other transaction can create or delete the same pair
 # meanwhile: CLAIM_PROMPT holds the write locks of both features until commit (and the uniqueness
 # constraint backs that up). The prompt's claim also guarantees this runs once per prompt.
-_AGG_UPDATE = """
+UPDATE_FEATURE_AGG = """
   UNWIND $rows AS r
   OPTIONAL MATCH ()-[x:AGG {pair: r.p}]->()
   CALL (r, x) {
@@ -276,7 +276,6 @@ _AGG_UPDATE = """
         x.min_w = CASE WHEN r.w < x.min_w THEN r.w ELSE x.min_w END
   }
 """
-UPDATE_FEATURE_AGG = _AGG_UPDATE
 
 
 def _fold(rel: str, w: str) -> str:
@@ -295,7 +294,7 @@ def _fold(rel: str, w: str) -> str:
 FINISH_PROMPT = (
     """
 CALL () {"""
-    + _AGG_UPDATE
+    + UPDATE_FEATURE_AGG
     + """}
 CALL () {
   MATCH (a:Node:FeatureNode {prompt: $id})-[:OF]->(:Feature)<-[:HAS]-(s:Supernode)

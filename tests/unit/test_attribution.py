@@ -236,20 +236,22 @@ def test_token_ids_prompt_equals_text_prompt(result: AttributionResult, tiny) ->
     torch.testing.assert_close(other.adjacency, result.adjacency, atol=1e-5, rtol=1e-5)
 
 
-def test_float64_model_agrees(result: AttributionResult, tiny) -> None:
+def _attribute_at(tiny, dtype: torch.dtype) -> AttributionResult:
+    """The tiny model and transcoders loaded at ``dtype``, attributed on PROMPT."""
     model_dir, tc_dir, _, _ = tiny
-    m64 = load_model(model_dir, dtype=torch.float64)
-    t64 = load_transcoders(tc_dir, m64, dtype=torch.float64)
-    r64 = attribute(PROMPT, m64, t64, batch_size=16)
+    model = load_model(model_dir, dtype=dtype)
+    tcs = load_transcoders(tc_dir, model, dtype=dtype)
+    return attribute(PROMPT, model, tcs, batch_size=16)
+
+
+def test_float64_model_agrees(result: AttributionResult, tiny) -> None:
+    r64 = _attribute_at(tiny, torch.float64)
     assert torch.equal(r64.active_features, result.active_features)
     torch.testing.assert_close(r64.adjacency, result.adjacency, atol=1e-4, rtol=1e-4)
 
 
 def test_bfloat16_runs_and_roughly_agrees(result: AttributionResult, tiny) -> None:
-    model_dir, tc_dir, _, _ = tiny
-    mbf = load_model(model_dir, dtype=torch.bfloat16)
-    tbf = load_transcoders(tc_dir, mbf, dtype=torch.bfloat16)
-    rbf = attribute(PROMPT, mbf, tbf, batch_size=16)
+    rbf = _attribute_at(tiny, torch.bfloat16)
     assert rbf.adjacency.dtype == torch.float32
     assert torch.isfinite(rbf.adjacency).all()
     assert rbf.settings.dtype == "bfloat16"

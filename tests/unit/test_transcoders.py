@@ -230,25 +230,27 @@ def test_non_finite_weights(tc_root: Path, model, tmp_path: Path) -> None:
         load_transcoders(d, model)
 
 
+def _with_config(d: Path, **changes: object) -> Path:
+    """``d`` with ``changes`` written into its config.yaml."""
+    cfg = yaml.safe_load((d / "config.yaml").read_text())
+    cfg.update(changes)
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return d
+
+
 def test_unsupported_hook(tc_root: Path, model, tmp_path: Path) -> None:
     d = _copy(tc_root / "relu", tmp_path / "c")
-    cfg = yaml.safe_load((d / "config.yaml").read_text())
-    cfg["feature_output_hook"] = "blocks.0.hook_resid_post"
-    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    _with_config(d, feature_output_hook="blocks.0.hook_resid_post")
     with pytest.raises(TranscoderError, match="feature_output_hook"):
         load_transcoders(d, model)
 
 
 def test_bad_config_values(tc_root: Path, model, tmp_path: Path) -> None:
     d = _copy(tc_root / "relu", tmp_path / "c")
-    cfg = yaml.safe_load((d / "config.yaml").read_text())
-    cfg["model_kind"] = "mystery"
-    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    _with_config(d, model_kind="mystery")
     with pytest.raises(TranscoderError, match="model_kind"):
         load_transcoders(d, model)
-    cfg["model_kind"] = "transcoder_set"
-    cfg["activation"] = "topk"
-    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    _with_config(d, model_kind="transcoder_set", activation="topk")
     with pytest.raises(TranscoderError, match="'k'"):
         load_transcoders(d, model)
     (d / "config.yaml").write_text("model_kind: [unclosed")
