@@ -80,9 +80,15 @@ def status() -> None:
     default=None,
     help="Directory of .cypher files (default: the repository's schema/).",
 )
-def init(schema_dir: str | None) -> None:
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Re-apply files already recorded as applied (e.g. after dropping an index by hand).",
+)
+def init(schema_dir: str | None, force: bool) -> None:
     """Apply schema/*.cypher (idempotent) and wait until every index is online.
 
+    Files already applied with the same text are skipped (recorded as :SchemaMigration nodes).
     Starts the local Neo4j first when NEO4J_URI is unset and it is not running.
     """
     from pathlib import Path
@@ -97,9 +103,11 @@ def init(schema_dir: str | None) -> None:
             driver,
             Path(schema_dir) if schema_dir else None,
             database=settings.neo4j_database,
+            force=force,
         )
     click.echo(
-        f"schema applied: {len(report.files)} files, {report.statements} statements, "
+        f"schema applied: {len(report.files) - len(report.skipped)} of {len(report.files)} files "
+        f"({len(report.skipped)} already applied), {report.statements} statements, "
         f"{report.indexes_online} indexes online"
     )
 

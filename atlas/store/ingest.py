@@ -189,7 +189,6 @@ def graph_rows(
         refs.append(ref)
         nodes[kind].append(
             {
-                "key": f"{pid}/{ids[i]}",
                 "id": ids[i],
                 "idx": i,
                 "kind": kind,

@@ -13,6 +13,13 @@ AWAIT_INDEXES = "CALL db.awaitIndexes($timeout_s)"
 
 SHOW_INDEXES = "SHOW INDEXES YIELD name, state, type, labelsOrTypes, properties"
 
+# The schema ledger: one node per schema file that ran to the end, with the hash of its text.
+SCHEMA_APPLIED = "MATCH (m:SchemaMigration) RETURN m.name AS name, m.sha256 AS sha256"
+SCHEMA_RECORD = """
+MERGE (m:SchemaMigration {name: $name})
+SET m.sha256 = $sha256, m.applied_at = datetime()
+"""
+
 SHOW_CONSTRAINTS = "SHOW CONSTRAINTS YIELD name, type, labelsOrTypes, properties"
 
 # Used by the tests' fixture and ``atlas db wipe``: batched so large atlases do not blow memory.
@@ -151,7 +158,7 @@ RETURN p.id AS prompt_id, p.text AS text
 # (:Model {name})  (:TranscoderSet {hash})-[:FOR_MODEL]->(:Model)
 # (:Feature {fid = "<tset>/<layer>/<index>"})   (:Token {tid = "<model>/<vocab id>", text_norm})
 # (:Prompt {id, complete})-[:USES_MODEL]->(:Model), -[:USES_TRANSCODERS]->(:TranscoderSet)
-# (:Node:FeatureNode|ErrorNode|TokenNode|LogitNode {key = "<prompt>/<node id>", prompt, id, ref})
+# (:Node:FeatureNode|ErrorNode|TokenNode|LogitNode {prompt, id, kind, ref})
 #     -[:EDGE {w}]->(:Node)          source -> target, w = A[target, source]; one prompt only
 #     -[:OF]->(:Feature | :Token)    instance of a global entity
 # (:Feature)-[:AGG {n_prompts, sum_w, max_w, min_w}]->(:Feature)     (mean = sum_w / n_prompts)
@@ -221,8 +228,8 @@ RETURN count(*) AS deleted
 # no lookup per edge, and an edge can only join two nodes created here, i.e. of one prompt.
 CREATE_NODES_AND_EDGES = """
 UNWIND $rows AS r
-CREATE (n:Node:$(r.label) {key: r.key, prompt: $prompt, id: r.id, idx: r.idx, kind: r.kind,
-                            ref: r.ref, layer: r.layer, pos: r.pos, feature: r.feature,
+CREATE (n:Node:$(r.label) {prompt: $prompt, id: r.id, idx: r.idx, kind: r.kind, ref: r.ref,
+                            layer: r.layer, pos: r.pos, feature: r.feature,
                             token_id: r.token_id, activation: r.activation,
                             influence: r.influence, logit_prob: r.logit_prob})
 WITH r, n
@@ -258,10 +265,12 @@ CREATE (s)-[:EDGE {w: w}]->(t)
 # relationship MERGE between them scans their AGG relationships, and popular features gather
 # thousands); a missing one is created. No other transaction can create or delete the same pair
 # meanwhile: CLAIM_PROMPT holds the write locks of both features until commit (and the uniqueness
-# constraint backs that up). The prompt's claim also guarantees this runs once per prompt.
+# constraint backs that up). The prompt's claim also guarantees this runs once per prompt. The
+# hint pins the seek: on a small atlas the planner may otherwise pick a scan of the whole index,
+# which is ruinous once the atlas has millions of aggregates.
 UPDATE_FEATURE_AGG = """
   UNWIND $rows AS r
-  OPTIONAL MATCH ()-[x:AGG {pair: r.p}]->()
+  OPTIONAL MATCH ()-[x:AGG {pair: r.p}]->() USING INDEX x:AGG(pair)
   CALL (r, x) {
     WITH * WHERE x IS NULL
     MATCH (a:Feature) WHERE elementId(a) = r.a
@@ -320,6 +329,7 @@ MATCH (a)-[:OF]->(fa:Feature)
 MATCH (b)-[:OF]->(fb:Feature)
 WITH fa, fb, sum(e.w) AS w
 MATCH ()-[g:AGG {pair: fa.fid + '|' + toString(fb.layer) + '/' + toString(fb.index)}]->()
+USING INDEX g:AGG(pair)
 SET g.n_prompts = g.n_prompts - 1, g.sum_w = g.sum_w - w
 WITH fa, fb, g
 CALL (fa, fb, g) {
@@ -355,9 +365,8 @@ DELETE_PROMPT_NODE = "MATCH (p:Prompt {id: $id}) DETACH DELETE p RETURN count(*)
 # Baseline for the benchmark: the same rows written with plain CREATE, no checks, no links.
 BASELINE_CREATE_NODES = """
 UNWIND $rows AS r
-CREATE (n:BaselineNode {key: r.key, prompt: $prompt, id: r.id, idx: r.idx, kind: r.kind,
-                        ref: r.ref, layer: r.layer, pos: r.pos, feature: r.feature,
-                        token_id: r.token_id, activation: r.activation,
+CREATE (n:BaselineNode {prompt: $prompt, id: r.id, idx: r.idx, kind: r.kind, ref: r.ref,
+                        layer: r.layer, pos: r.pos, feature: r.feature, token_id: r.token_id, activation: r.activation,
                         influence: r.influence, logit_prob: r.logit_prob})
 RETURN r.idx AS idx, elementId(n) AS eid
 """
@@ -461,17 +470,23 @@ RETURN ref, t IS NOT NULL AS is_token, coalesce(t.text, f.label) AS text,
 """
 
 # --------------------------------------------------------------------------- named queries
-# Paths of 1..H edges inside one prompt (node keys embed the prompt id, so EDGE never crosses
-# prompts). Cypher needs a literal upper bound on the quantifier: one text per H, built below
-# from a fixed template with an integer from a closed range (never from user text).
-# The target's prompts are found first (one index seek), so start nodes in prompts without the
-# target are never expanded; the weight filter sits inside the quantified pattern.
+# Paths of 1..H edges inside one prompt (ingestion only joins nodes of one prompt with EDGE, so
+# no path crosses prompts). Cypher needs a literal upper bound on the quantifier: one text per H,
+# built below from a fixed template with an integer from a closed range (never from user text).
+# Plan (schema/0004): the prompts that contain the target are read from the (ref, kind, prompt)
+# index alone; the start nodes are sought in that index restricted to those prompts (the hint
+# keeps the planner from expanding backwards from every target instance); the expansion runs
+# from each start node (CALL), with the weight filter inside the quantified pattern.
 _PATHS_TEMPLATE = """
-MATCH (b0:Node) WHERE b0.ref IN $to_refs AND b0.kind = $to_kind
+MATCH (b0:Node) WHERE b0.ref IN $to_refs AND b0.kind = $to_kind AND b0.prompt IS NOT NULL
 WITH collect(DISTINCT b0.prompt) AS prompts
-MATCH (a:Node) WHERE a.ref IN $from_refs AND a.kind = $from_kind AND a.prompt IN prompts
-MATCH p = (a) ((u:Node)-[e:EDGE WHERE abs(e.w) >= $min_weight]->(v:Node)){1,__H__} (b:Node)
-WHERE b.ref IN $to_refs AND b.kind = $to_kind
+MATCH (a:Node) USING INDEX a:Node(ref, kind, prompt)
+WHERE a.ref IN $from_refs AND a.kind = $from_kind AND a.prompt IN prompts
+CALL (a) {
+  MATCH p = (a) ((u:Node)-[e:EDGE WHERE abs(e.w) >= $min_weight]->(v:Node)){1,__H__} (b:Node)
+  WHERE b.ref IN $to_refs AND b.kind = $to_kind
+  RETURN p
+}
 RETURN a.prompt AS prompt,
        [n IN nodes(p) | n.id] AS nodes,
        [n IN nodes(p) | coalesce(n.ref, n.kind + ':' + toString(n.layer))] AS refs,
@@ -485,7 +500,7 @@ PATHS: dict[int, str] = {
 }
 
 ACTIVE_PROMPTS = """
-MATCH (n:Node:FeatureNode) WHERE n.ref IN $refs
+MATCH (n:Node:FeatureNode) WHERE n.ref IN $refs AND n.kind = 'feature' AND n.prompt IS NOT NULL
 WITH n.prompt AS prompt, max(n.activation) AS max_activation,
      min(n.influence) AS best_influence, count(n) AS n_instances,
      collect(DISTINCT n.pos) AS positions
@@ -495,7 +510,7 @@ ORDER BY max_activation DESC LIMIT $limit
 """
 
 TOP_CONTRIBUTORS = """
-MATCH (l:Node:LogitNode) WHERE l.ref IN $refs
+MATCH (l:Node:LogitNode) WHERE l.ref IN $refs AND l.kind = 'logit' AND l.prompt IS NOT NULL
 MATCH (s:Node)-[e:EDGE]->(l)
 WITH coalesce(s.ref, s.kind + ':' + toString(s.layer)) AS source, s.kind AS kind,
      s.layer AS layer, e.w AS w, l.prompt AS prompt

@@ -2,14 +2,18 @@
 
 Files are applied in name order. Statements end with ``;`` at the end of a line; ``//``
 comments are allowed (whole lines or trailing). Every statement should be idempotent
-(``CREATE ... IF NOT EXISTS``), so applying the schema twice changes nothing. After the last
-statement we wait until every index is ONLINE (``CALL db.awaitIndexes``).
+(``CREATE ... IF NOT EXISTS``), so applying the schema twice changes nothing. A file that ran to
+the end is recorded in the database (``(:SchemaMigration {name, sha256})``) and skipped next
+time unless its text changed: a backfill that scans every aggregate runs once, not on every
+``atlas import``. After the last file we wait until every index is ONLINE
+(``CALL db.awaitIndexes``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +33,8 @@ class SchemaReport:
     files: list[str]
     statements: int
     indexes_online: int
+    #: files already recorded with the same text, hence not run again
+    skipped: list[str] = field(default_factory=list)
 
 
 def default_schema_dir() -> Path:
@@ -92,22 +98,35 @@ def apply_schema(
     *,
     database: str = "neo4j",
     await_timeout_s: int = 300,
+    force: bool = False,
 ) -> SchemaReport:
-    """Apply every schema file (each statement in its own auto-commit transaction), then wait
-    for all indexes to come ONLINE. Idempotent when the files use ``IF NOT EXISTS``."""
+    """Apply each schema file not yet recorded with its current text (each statement in its own
+    auto-commit transaction), record it, then wait for all indexes to come ONLINE. Idempotent
+    when the files use ``IF NOT EXISTS``; ``force`` re-applies every file."""
     import neo4j.exceptions as neo4j_errors
 
     files = schema_files(schema_dir)
     count = 0
-    where = "awaiting indexes"
+    skipped: list[str] = []
+    where = "reading the schema ledger"
     try:
+        # (on a new database the ledger's label does not exist yet: no warning for that)
+        with driver.session(database=database, notifications_min_severity="OFF") as quiet:
+            done = {r["name"]: r["sha256"] for r in quiet.run(queries.SCHEMA_APPLIED)}
         with driver.session(database=database) as session:
             for path in files:
-                for number, statement in enumerate(split_statements(path.read_text()), 1):
+                text = path.read_text()
+                digest = hashlib.sha256(text.encode()).hexdigest()
+                if not force and done.get(path.name) == digest:
+                    skipped.append(path.name)
+                    continue
+                for number, statement in enumerate(split_statements(text), 1):
                     where = f"{path.name} statement {number}"
                     logger.debug("%s: %s", where, statement)
                     session.run(statement).consume()
                     count += 1
+                where = f"recording {path.name}"
+                session.run(queries.SCHEMA_RECORD, name=path.name, sha256=digest).consume()
                 logger.info("applied %s", path.name)
             where = "awaiting indexes"
             session.run(queries.AWAIT_INDEXES, timeout_s=await_timeout_s).consume()
@@ -121,4 +140,6 @@ def apply_schema(
     except neo4j_errors.Neo4jError as exc:
         message = " ".join(str(exc.message or exc).split())
         raise StoreError(f"applying the schema failed at {where}: {message}") from exc
-    return SchemaReport(files=[p.name for p in files], statements=count, indexes_online=online)
+    return SchemaReport(
+        files=[p.name for p in files], statements=count, indexes_online=online, skipped=skipped
+    )

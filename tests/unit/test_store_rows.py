@@ -23,8 +23,7 @@ def test_rows_cover_every_node_and_edge_once() -> None:
     rows = graph_rows(g)
     all_nodes = [r for rs in rows.nodes.values() for r in rs]
     assert sorted(r["idx"] for r in all_nodes) == list(range(g.n_nodes))
-    assert len({r["key"] for r in all_nodes}) == g.n_nodes
-    assert all(r["key"].startswith(g.prompt_id + "/") for r in all_nodes)
+    assert len({r["id"] for r in all_nodes}) == g.n_nodes
     assert len(rows.edges) == g.n_edges
     # features deduplicated per prompt, with the max activation
     fids = {r["fid"] for r in rows.features}
