@@ -408,8 +408,12 @@ def demo(
 
         with steps.step("querying the atlas"):
             stats = _print_answer(driver, settings, max_hops, min_weight, limit)
+            from atlas.store.read import count_prompts
+
+            in_atlas = count_prompts(driver, database=settings.neo4j_database)
         click.echo(
-            f"\ndemo: {summary.done} prompts in the atlas, {stats['n_paths']} paths "
+            f"\ndemo: {summary.done} prompts done by this batch, {in_atlas} in the atlas; "
+            f"{stats['n_paths']} paths "
             f"Hand -> '{TARGET}' over {stats['n_routes']} routes; total {steps.total:.0f}s",
             err=True,
         )

@@ -251,6 +251,14 @@ def active_prompts(
     return reader.rows(Q.ACTIVE_PROMPTS, {"refs": refs, "limit": limit}, "active prompts")
 
 
+def count_prompts(
+    driver: neo4j.Driver, *, database: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> int:
+    """Number of complete prompts in the atlas."""
+    rows = run_read(driver, Q.COUNT_PROMPTS, database=database, timeout_s=timeout_s, what="count")
+    return int(rows[0]["n"]) if rows else 0
+
+
 def top_contributors(
     driver: neo4j.Driver,
     spec: str,
