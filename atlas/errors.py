@@ -11,6 +11,7 @@
     │   ├── ServiceUnavailable Neo4j / Redis not reachable (transient: retry)
     │   └── AuthError          wrong credentials (permanent)
     └── StoreError             Neo4j answered but the write or query failed
+        └── StoreBusy          ... in a way the driver deems retryable (transient: retry)
 
 Lower-layer exceptions (driver, broker, torch, OS) are translated at the boundary with
 ``raise ... from exc`` so the CLI can print one line and exit non-zero.
@@ -66,3 +67,10 @@ class AuthError(ServiceError):
 
 class StoreError(AtlasError):
     """Neo4j answered, but a write or query failed."""
+
+
+class StoreBusy(StoreError):
+    """Neo4j answered, but the transaction failed in a way the driver deems retryable (a
+    deadlock, a database not available yet) and its own retries ran out. Transient."""
+
+    transient = True

@@ -221,7 +221,7 @@ def main() -> None:
     report: dict[str, Any] = {"target_prompts": args.prompts, "edges_per_prompt": args.edges}
     try:
         apply_schema(driver)
-        have = driver.execute_query(Q.COUNT_PROMPTS).records[0]["n"]
+        have = read.count_prompts(driver)
         data_dir = home / "data" if home else None
         disk0 = du(data_dir) if data_dir else 0
         shape = {"n_features": args.features, "n_edges": args.edges}

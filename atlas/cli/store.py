@@ -123,9 +123,9 @@ def retry_transient(
     warn: Callable[[str], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
-    """Call ``fn``, retrying transient faults (``AtlasError.transient``, e.g. Neo4j unreachable,
-    or a retryable driver error underneath) with exponential backoff until ``budget_s`` seconds
-    of pauses are spent.
+    """Call ``fn``, retrying transient faults (``AtlasError.transient``: Neo4j unreachable, or
+    :class:`~atlas.errors.StoreBusy` for a retryable driver error) with exponential backoff until
+    ``budget_s`` seconds of pauses are spent.
 
     ``warn`` gets one line per retry. Permanent errors are raised unchanged; a transient one,
     once the budget is spent, with "gave up after N s of retries" appended to its message.
@@ -141,7 +141,7 @@ def retry_transient(
             return fn()
         except AtlasError as exc:
             pause = min(delay, max_delay_s, budget_s - waited)
-            if not _transient(exc):
+            if not exc.transient:
                 raise
             if pause <= 0:
                 if waited > 0 and len(exc.args) == 1 and isinstance(exc.args[0], str):
@@ -154,18 +154,6 @@ def retry_transient(
             sleep(pause)
             waited += pause
             delay *= 2
-
-
-def _transient(exc: BaseException) -> bool:
-    """Whether retrying may help: a transient :class:`AtlasError`, or one translated from a
-    driver error that the driver itself deems retryable (a deadlock, an unavailable database)."""
-    from atlas.errors import AtlasError
-
-    if isinstance(exc, AtlasError) and exc.transient:
-        return True
-    cause = exc.__cause__
-    is_retryable = getattr(cause, "is_retryable", None)
-    return bool(callable(is_retryable) and is_retryable())
 
 
 class _DriverRetryFilter:

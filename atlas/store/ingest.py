@@ -35,7 +35,7 @@ from typing import Any
 import neo4j
 import neo4j.exceptions
 
-from atlas.errors import ConfigError, InputError, ServiceUnavailable, StoreError
+from atlas.errors import ConfigError, InputError, ServiceUnavailable, StoreBusy, StoreError
 from atlas.graph import Graph, NodeKind
 from atlas.store import queries as Q
 
@@ -392,9 +392,16 @@ def translate_neo4j_error(exc: Exception, what: str) -> Exception:
         from atlas.errors import AuthError
 
         return AuthError(f"{what}: Neo4j refused the credentials")
+    error = StoreBusy if _retryable(exc) else StoreError
     if isinstance(exc, neo4j.exceptions.Neo4jError):
-        return StoreError(f"{what}: {exc.code}: {exc.message}")
-    return StoreError(f"{what}: {exc}")
+        return error(f"{what}: {exc.code}: {exc.message}")
+    return error(f"{what}: {exc}")
+
+
+def _retryable(exc: Exception) -> bool:
+    """Whether the driver deems the failure retryable (``Neo4jError`` / ``DriverError``)."""
+    is_retryable = getattr(exc, "is_retryable", None)
+    return bool(callable(is_retryable) and is_retryable())
 
 
 def ingest_graph(

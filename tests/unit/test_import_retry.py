@@ -7,6 +7,7 @@ import pytest
 
 from atlas.cli.store import IMPORT_RETRY_BUDGET_S, retry_transient
 from atlas.errors import InputError, ServiceUnavailable, StoreError
+from atlas.store.ingest import translate_neo4j_error
 
 
 class Flaky:
@@ -56,16 +57,15 @@ def test_permanent_errors_are_not_retried() -> None:
 def test_a_store_error_over_a_retryable_driver_error_is_retried() -> None:
     """A deadlock or an unavailable database arrives as StoreError translated from a retryable
     driver error: retried. A StoreError over a non-retryable one is not."""
-    retryable = StoreError("deadlock")
-    retryable.__cause__ = neo4j.exceptions.TransientError()
+    retryable = translate_neo4j_error(neo4j.exceptions.TransientError(), "deadlock")
+    assert isinstance(retryable, StoreError)
     sleeps: list[float] = []
     warnings: list[str] = []
     fn = Flaky(1, retryable)
     assert retry_transient(fn, what="f", warn=warnings.append, sleep=sleeps.append) == "ok"
     assert sleeps == [1.0] and "Neo4j busy, retrying in 1 s" in warnings[0]
 
-    permanent = StoreError("syntax")
-    permanent.__cause__ = neo4j.exceptions.ClientError()
+    permanent = translate_neo4j_error(neo4j.exceptions.ClientError(), "syntax")
     with pytest.raises(StoreError):
         retry_transient(Flaky(1, permanent), what="f", sleep=sleeps.append)
     assert sleeps == [1.0]
