@@ -19,7 +19,7 @@ Steps, each idempotent (at-least-once delivery may run any of them twice):
 Models and transcoders are loaded once per process and kept in a small LRU keyed by reference
 (:data:`ENGINES`); it is filled lazily by the first task, never at import and never before a fork.
 
-Errors are sorted by :func:`classify`: transient faults (Neo4j/Redis unavailable) are retried
+Errors are sorted by :func:`atlas.retry.classify`: transient faults (Neo4j/Redis unavailable) are retried
 with backoff by the caller, permanent ones (bad prompt, missing model, out of memory at batch size
 1) are recorded on the job item with their reason and never retried.
 """
@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from atlas.errors import AtlasError, AttributionError, InputError, ServiceUnavailable
+from atlas.retry import classify, retry_transient
 
 if TYPE_CHECKING:
     from atlas.graph import Graph, ModelInfo, TranscoderInfo
@@ -298,30 +299,6 @@ def prompt_id_for(spec: PromptSpec, engine: Engine, settings: AtlasSettings) -> 
 
 
 # --------------------------------------------------------------------------- error sorting
-def classify(exc: BaseException) -> tuple[bool, str]:
-    """``(transient, one-line reason)`` for an exception raised by a step."""
-    reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-    if isinstance(exc, AtlasError):
-        return exc.transient, str(exc).splitlines()[0][:500] or type(exc).__name__
-    try:
-        import neo4j.exceptions as nex
-
-        if isinstance(exc, nex.ServiceUnavailable | nex.SessionExpired | nex.TransientError):
-            return True, reason
-    except ImportError:  # pragma: no cover - neo4j is a dependency
-        pass
-    try:
-        import redis.exceptions as rex
-
-        if isinstance(exc, rex.ConnectionError | rex.TimeoutError):
-            return True, reason
-    except ImportError:  # pragma: no cover - redis is a dependency
-        pass
-    if isinstance(exc, ConnectionError | TimeoutError):
-        return True, reason
-    return False, reason
-
-
 def _is_oom(exc: BaseException) -> bool:
     text = str(exc).lower()
     return "out of memory" in text or type(exc).__name__ == "OutOfMemoryError"
@@ -719,24 +696,6 @@ def record_failure(driver: Any, job_id: str | None, item: int | None, reason: st
 
 
 # --------------------------------------------------------------------------- inline mode
-def run_with_retries(
-    fn: Callable[[], StepResult], *, max_retries: int = 5, base_delay_s: float = 1.0
-) -> StepResult:
-    """Run a step inline, retrying transient faults with exponential backoff."""
-    attempt = 0
-    while True:
-        try:
-            return fn()
-        except Exception as exc:
-            transient, reason = classify(exc)
-            if not transient or attempt >= max_retries:
-                raise
-            delay = min(base_delay_s * 2**attempt, 30.0)
-            log.warning("transient fault (%s): retrying in %.1fs", reason, delay)
-            time.sleep(delay)
-            attempt += 1
-
-
 def run_inline(
     payload: AttributePayload,
     settings: AtlasSettings,
@@ -750,8 +709,10 @@ def run_inline(
     as a ``failed`` result rather than raised, so one poison prompt does not stop a batch.
     """
     try:
-        return run_with_retries(
-            lambda: attribute_step(payload, settings, driver=driver, engines=engines)
+        return retry_transient(
+            lambda: attribute_step(payload, settings, driver=driver, engines=engines),
+            what=f"prompt {payload.spec.prompt[:40]!r}",
+            warn=log.warning,
         )
     except Exception as exc:
         _, reason = classify(exc)

@@ -231,6 +231,9 @@ def main() -> None:
         breakdown: dict[str, float] = {}
         per_segment: list[float] = []
         seg_t = seg_e = 0.0
+        # paired sums per 1,000 prompts (ours, same rows, nodes+edges): the marginal ratios
+        marginal: list[dict[str, float]] = []
+        seg_pair = [0.0, 0.0, 0.0]
         todo = max(0, args.prompts - have)
         print(f"atlas has {have} prompts; ingesting {todo} more into {uri}", flush=True)
         for i in range(have, args.prompts):
@@ -256,6 +259,7 @@ def main() -> None:
                 pair_base += tb
                 pair_full += tf
                 pair_edges += len(rows.edges)
+                seg_pair = [seg_pair[0] + dt, seg_pair[1] + tf, seg_pair[2] + tb]
             ours_t += dt
             ours_e += len(rows.edges)
             seg_t += dt
@@ -274,6 +278,21 @@ def main() -> None:
                     flush=True,
                 )
                 seg_t = seg_e = 0.0
+            if ((i + 1) % 1000 == 0 or i == args.prompts - 1) and seg_pair[0]:
+                marginal.append(
+                    {
+                        "up_to_prompts": i + 1,
+                        "ratio_same_rows": seg_pair[1] / seg_pair[0],
+                        "ratio_nodes_edges": seg_pair[2] / seg_pair[0],
+                    }
+                )
+                print(
+                    f"  paired ratio over prompts since the last 1,000 mark: "
+                    f"{seg_pair[1] / seg_pair[0]:.2f} (same rows), "
+                    f"{seg_pair[2] / seg_pair[0]:.2f} (nodes+edges)",
+                    flush=True,
+                )
+                seg_pair = [0.0, 0.0, 0.0]
         if todo:
             report["ingest"] = {
                 "prompts_ingested": todo,
@@ -287,6 +306,7 @@ def main() -> None:
                 if pair_full
                 else None,
                 "ratio_vs_baseline_same_rows": pair_full / pair_ours if pair_ours else None,
+                "paired_ratios_by_1000_prompts": marginal,
                 "synthetic_generation_s": gen_t,
                 "share_of_time_by_statement_paired": {
                     k: v / pair_ours for k, v in sorted(breakdown.items(), key=lambda kv: -kv[1])

@@ -10,22 +10,14 @@ import contextlib
 import json
 import logging
 import math
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from atlas.cli import get_settings
 
-T = TypeVar("T")
-
-#: ``atlas import``: first pause after a transient fault, the longest single pause, and the
-#: longest total pause per file (enough to ride out a Neo4j restart, which takes ~30 s).
-IMPORT_RETRY_FIRST_S = 1.0
-IMPORT_RETRY_MAX_DELAY_S = 30.0
-IMPORT_RETRY_BUDGET_S = 90.0
 #: How long the driver itself retries one prompt's transaction (deadlocks, a dropped
 #: connection) before ``atlas import``'s own loop, which tells the user, takes over.
 IMPORT_DRIVER_RETRY_S = 5.0
@@ -113,49 +105,6 @@ def _output(rows: list[dict[str, Any]], fmt: str, columns: Sequence[str], title:
 
 
 # --------------------------------------------------------------------------- import / export
-def retry_transient(
-    fn: Callable[[], T],
-    *,
-    what: str,
-    first_delay_s: float = IMPORT_RETRY_FIRST_S,
-    max_delay_s: float = IMPORT_RETRY_MAX_DELAY_S,
-    budget_s: float = IMPORT_RETRY_BUDGET_S,
-    warn: Callable[[str], None] | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-) -> T:
-    """Call ``fn``, retrying transient faults (``AtlasError.transient``: Neo4j unreachable, or
-    :class:`~atlas.errors.StoreBusy` for a retryable driver error) with exponential backoff until
-    ``budget_s`` seconds of pauses are spent.
-
-    ``warn`` gets one line per retry. Permanent errors are raised unchanged; a transient one,
-    once the budget is spent, with "gave up after N s of retries" appended to its message.
-    Only for idempotent work (ingestion is: a stored prompt is skipped, and an interrupted
-    transaction leaves nothing).
-    """
-    from atlas.errors import AtlasError, ServiceUnavailable
-
-    waited = 0.0
-    delay = first_delay_s
-    while True:
-        try:
-            return fn()
-        except AtlasError as exc:
-            pause = min(delay, max_delay_s, budget_s - waited)
-            if not exc.transient:
-                raise
-            if pause <= 0:
-                if waited > 0 and len(exc.args) == 1 and isinstance(exc.args[0], str):
-                    exc.args = (f"{exc.args[0]} (gave up after {waited:.0f} s of retries)",)
-                raise
-            fault = "Neo4j unreachable" if isinstance(exc, ServiceUnavailable) else "Neo4j busy"
-            if warn is not None:
-                detail = " ".join(str(exc).split())[:400]
-                warn(f"warning: {what}: {fault}, retrying in {pause:.0f} s ({detail})")
-            sleep(pause)
-            waited += pause
-            delay *= 2
-
-
 class _DriverRetryFilter:
     """Drops the driver's own multi-line "Transaction failed and will be retried" warnings
     (``atlas import`` reports its retries in one line each); kept with ``-v``."""
@@ -202,6 +151,7 @@ def import_cmd(
     from rich.progress import Progress
 
     from atlas.errors import AtlasError
+    from atlas.retry import retry_transient
     from atlas.store.ingest import IngestResult, ingest_path
     from atlas.store.schema import apply_schema
 

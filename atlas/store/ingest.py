@@ -11,14 +11,14 @@ retries; the unit of work is idempotent, so a retry is safe.
 
 Rows are written in ``UNWIND $rows`` batches of ``settings.ingest_batch_size``.
 
-Aggregates (``AGG``) are looked up by their unique ``pair`` key (an index seek), never by a
-relationship ``MERGE`` between two high-degree ``Feature`` nodes (popular features gather
-thousands of ``AGG`` relationships, and a MERGE scans them: at 3,400 synthetic prompts that was
-~800 db hits per pair and growing with the atlas); a pair that does not exist yet is created. That
-is race-free: ``CLAIM_PROMPT`` takes the write lock of every feature of the prompt (in ``fid``
-order, so concurrent claims cannot deadlock on them) and holds it until commit, and any transaction
-that creates or deletes an ``AGG`` needs the locks of both of its features (the unique
-``AGG.pair`` constraint backs that up).
+Aggregates (``AGG``) are looked up by their integer ``pair_key`` (an index seek, then a check of
+both endpoints), never by a relationship ``MERGE`` between two high-degree ``Feature`` nodes
+(popular features gather thousands of ``AGG`` relationships, and a MERGE scans them: at 3,400
+synthetic prompts that was ~800 db hits per pair and growing with the atlas); a pair that does not
+exist yet is created. That is race-free: ``CLAIM_PROMPT`` takes the write lock of every feature of
+the prompt (in ``fid`` order, so concurrent claims cannot deadlock on them) and holds it until
+commit, and any transaction that creates or deletes an ``AGG`` needs the locks of both of its
+features.
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ class PromptRows:
     edges: list[tuple[int, int, float]]
     """(source idx, target idx, weight) of the kept edges."""
     agg: list[dict[str, Any]]
-    """One row per (source feature, target feature) pair: ``{s, t, w, n}``."""
+    """One row per (source feature, target feature) pair: ``{s, t, k, w, n}`` (``k``: the
+    :func:`agg_pair_key`)."""
     n_nodes: int = 0
     n_edges_total: int = 0
     dropped_edges: int = field(default=0)
@@ -228,6 +229,25 @@ def graph_rows(
                 acc[0] += w
                 acc[1] += 1.0
 
+    # in key order: one prompt's aggregate lookups then walk the pair_key index in order
+    agg_rows = sorted(
+        (
+            {
+                "s": s,
+                "t": t,
+                "k": agg_pair_key(
+                    features[s]["layer"],
+                    features[s]["index"],
+                    features[t]["layer"],
+                    features[t]["index"],
+                ),
+                "w": acc[0],
+                "n": int(acc[1]),
+            }
+            for (s, t), acc in agg.items()
+        ),
+        key=lambda r: (r["k"], r["s"], r["t"]),
+    )
     props = {
         "text": meta.prompt,
         "tokens": list(meta.tokens),
@@ -258,9 +278,7 @@ def graph_rows(
         tokens=sorted(tokens.values(), key=lambda r: r["tid"]),
         nodes=nodes,
         edges=edges,
-        agg=[
-            {"s": s, "t": t, "w": acc[0], "n": int(acc[1])} for (s, t), acc in sorted(agg.items())
-        ],
+        agg=agg_rows,
         n_nodes=graph.n_nodes,
         n_edges_total=graph.n_edges,
         dropped_edges=graph.n_edges - len(edges),
@@ -272,11 +290,24 @@ def _chunks(rows: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield rows[start : start + size]
 
 
-def agg_pair(source_fid: str, target_fid: str) -> str:
-    """Key of an aggregate ``AGG`` relationship (unique, indexed; see schema/0003):
-    ``<source fid>|<target layer>/<target index>`` (both features are of one transcoder set)."""
-    _, layer, index = target_fid.rsplit("/", 2)
-    return f"{source_fid}|{layer}/{index}"
+#: bits of a feature's layer / index in :func:`agg_pair_key` (larger values wrap)
+_LAYER_BITS = 7
+_INDEX_BITS = 20
+
+
+def agg_pair_key(src_layer: int, src_index: int, dst_layer: int, dst_index: int) -> int:
+    """Index key of an aggregate ``AGG`` relationship (schema/0005; same formula there).
+
+    ``(src layer, src index, dst layer, dst index)`` packed into 54 bits, so keys sort by source
+    feature. Not unique: transcoder sets of one shape share keys, and layers >= 128 or indices
+    >= 2**20 wrap, so a lookup also checks both endpoints. Layers and indices are non-negative.
+    """
+    feature_bits = _LAYER_BITS + _INDEX_BITS
+
+    def code(layer: int, index: int) -> int:
+        return (layer % (1 << _LAYER_BITS)) << _INDEX_BITS | index % (1 << _INDEX_BITS)
+
+    return code(src_layer, src_index) << feature_bits | code(dst_layer, dst_index)
 
 
 def _write_prompt(tx: neo4j.ManagedTransaction, rows: PromptRows, batch: int) -> bool:
@@ -336,7 +367,7 @@ def _write_prompt(tx: neo4j.ManagedTransaction, rows: PromptRows, batch: int) ->
         ).consume()
     agg_rows = [
         {
-            "p": agg_pair(r["s"], r["t"]),
+            "k": r["k"],
             "a": entity_eids[r["s"]],
             "b": entity_eids[r["t"]],
             "w": r["w"],

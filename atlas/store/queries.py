@@ -258,24 +258,25 @@ CREATE (s)-[:EDGE {w: w}]->(t)
 """
 
 
-# The prompt's contribution to the feature aggregate. Rows ``{p, a, b, w}``: one per (source,
-# target) feature pair of ONE prompt, ``w`` summed over positions, ``p`` the pair key (see
-# schema/0003), ``a``/``b`` the features' element ids from CLAIM_PROMPT. An aggregate is found by
-# a seek on the unique ``AGG.pair`` index, never by expanding two high-degree features (a
-# relationship MERGE between them scans their AGG relationships, and popular features gather
-# thousands); a missing one is created. No other transaction can create or delete the same pair
-# meanwhile: CLAIM_PROMPT holds the write locks of both features until commit (and the uniqueness
-# constraint backs that up). The prompt's claim also guarantees this runs once per prompt. The
-# hint pins the seek: on a small atlas the planner may otherwise pick a scan of the whole index,
-# which is ruinous once the atlas has millions of aggregates.
+# The prompt's contribution to the feature aggregate. Rows ``{k, a, b, w}``: one per (source,
+# target) feature pair of ONE prompt, ``w`` summed over positions, ``k`` the pair key (see
+# schema/0005 and ingest.agg_pair_key), ``a``/``b`` the features' element ids from CLAIM_PROMPT.
+# An aggregate is found by a seek on the ``AGG.pair_key`` index plus a check of its endpoints (the
+# key is not unique), never by expanding two high-degree features (a relationship MERGE between
+# them scans their AGG relationships, and popular features gather thousands); a missing one is
+# created. No other transaction can create or delete the same pair meanwhile: CLAIM_PROMPT holds
+# the write locks of both features until commit. The prompt's claim also guarantees this runs
+# once per prompt. The hint pins the seek: on a small atlas the planner may otherwise pick a scan
+# of the whole index, which is ruinous once the atlas has millions of aggregates.
 UPDATE_FEATURE_AGG = """
   UNWIND $rows AS r
-  OPTIONAL MATCH ()-[x:AGG {pair: r.p}]->() USING INDEX x:AGG(pair)
+  OPTIONAL MATCH (s)-[x:AGG {pair_key: r.k}]->(t) USING INDEX SEEK x:AGG(pair_key)
+  WHERE elementId(s) = r.a AND elementId(t) = r.b
   CALL (r, x) {
     WITH * WHERE x IS NULL
     MATCH (a:Feature) WHERE elementId(a) = r.a
     MATCH (b:Feature) WHERE elementId(b) = r.b
-    CREATE (a)-[:AGG {pair: r.p, n_prompts: 1, sum_w: r.w, max_w: r.w, min_w: r.w}]->(b)
+    CREATE (a)-[:AGG {pair_key: r.k, n_prompts: 1, sum_w: r.w, max_w: r.w, min_w: r.w}]->(b)
   }
   CALL (r, x) {
     WITH * WHERE x IS NOT NULL
@@ -328,8 +329,10 @@ MATCH (a:Node:FeatureNode {prompt: $id})-[e:EDGE]->(b:FeatureNode)
 MATCH (a)-[:OF]->(fa:Feature)
 MATCH (b)-[:OF]->(fb:Feature)
 WITH fa, fb, sum(e.w) AS w
-MATCH ()-[g:AGG {pair: fa.fid + '|' + toString(fb.layer) + '/' + toString(fb.index)}]->()
-USING INDEX g:AGG(pair)
+MATCH (ga)-[g:AGG {pair_key: (fa.layer % 128) * 140737488355328 + (fa.index % 1048576) * 134217728
+                            + (fb.layer % 128) * 1048576 + (fb.index % 1048576)}]->(gb)
+USING INDEX SEEK g:AGG(pair_key)
+WHERE ga = fa AND gb = fb
 SET g.n_prompts = g.n_prompts - 1, g.sum_w = g.sum_w - w
 WITH fa, fb, g
 CALL (fa, fb, g) {

@@ -23,7 +23,7 @@ from atlas.graph import Graph, NodeKind
 from atlas.store import queries as Q
 from atlas.store import read, supernodes
 from atlas.store.cypher import run_cypher
-from atlas.store.ingest import feature_ref, ingest_graph, ingest_path
+from atlas.store.ingest import feature_ref, graph_rows, ingest_graph, ingest_path, ingest_rows
 from atlas.store.schema import apply_schema
 from atlas.store.synthetic import synthetic_graph, word
 
@@ -684,41 +684,80 @@ def _operators(plan: Any) -> list[str]:
 
 
 def test_agg_pairs_are_keyed_and_found_by_index(db: neo4j.Driver) -> None:
-    """AGG is found by its unique pair key: no write statement expands a Feature's relationships
-    (they grow with the atlas) or scans a label."""
-    from atlas.store.ingest import agg_pair
+    """AGG is found by its pair key: no write statement expands a Feature's relationships (they
+    grow with the atlas) or scans a label; Python and schema/0005 compute the same key."""
+    from atlas.store.ingest import agg_pair_key
 
     graphs = [small(s) for s in range(200, 203)]
     for g in graphs:
         ingest_graph(db, g)
     recs = db.execute_query(
-        "MATCH (a:Feature)-[g:AGG]->(b:Feature) RETURN a.fid AS s, b.fid AS t, g.pair AS pair"
+        "MATCH (a:Feature)-[g:AGG]->(b:Feature) RETURN a.layer AS al, a.index AS ai, "
+        "b.layer AS bl, b.index AS bi, g.pair_key AS key, g.pair AS pair"
     ).records
-    assert recs and all(r["pair"] == agg_pair(r["s"], r["t"]) for r in recs)
-    rows = [{"p": "x|1/2", "a": "4:x:1", "b": "4:x:2", "w": 1.0}]
+    assert recs and all(
+        r["key"] == agg_pair_key(r["al"], r["ai"], r["bl"], r["bi"]) and r["pair"] is None
+        for r in recs
+    )
+    rows = [{"k": 7, "a": "4:x:1", "b": "4:x:2", "w": 1.0}]
     for query, params in (
         (Q.UPDATE_FEATURE_AGG, {"rows": rows}),
         (Q.FINISH_PROMPT, {"rows": rows, "id": "p"}),
+        (Q.DELETE_PROMPT_AGG, {"id": "p"}),
         (Q.CREATE_NODES_AND_EDGES, {"rows": [], "prompt": "p", "src": [], "tgt": [], "w": []}),
     ):
         ops = _operators(db.execute_query("EXPLAIN " + query, **params).summary.plan)
         assert not [o for o in ops if "LabelScan" in o or "AllNodesScan" in o], ops
         if "AGG" in query:
-            assert any("RelationshipUniqueIndexSeek" in o for o in ops), " ".join(ops)
+            assert any("RelationshipIndexSeek" in o for o in ops), " ".join(ops)
         if query == Q.UPDATE_FEATURE_AGG:
             assert not [o for o in ops if o.startswith("Expand")], ops
 
 
+def test_agg_key_collisions_are_told_apart(db: neo4j.Driver) -> None:
+    """Keys wrap (layer 128 = layer 0, index 2**20 = index 0): aggregates that share a key stay
+    separate, and each prompt's weights fold into its own pair."""
+    from atlas.store.ingest import agg_pair_key
+
+    assert agg_pair_key(128, 1, 2, 3) == agg_pair_key(0, 1, 2, 3)
+    assert agg_pair_key(1, 2**20 + 5, 2, 3) == agg_pair_key(1, 5, 2, 3)
+    assert agg_pair_key(1, 2, 3, 4) != agg_pair_key(3, 4, 1, 2)
+    graphs = [small(s, d_transcoder=8, feature_pool=8) for s in (220, 221)]
+    shared = {(r["s"], r["t"]) for r in graph_rows(graphs[0]).agg}
+    assert shared & {(r["s"], r["t"]) for r in graph_rows(graphs[1]).agg}
+    ingest_graph(db, graphs[0])
+    # give every aggregate the same key: lookups must still find their own pair
+    db.execute_query("MATCH ()-[g:AGG]->() SET g.pair_key = 0")
+    rows = graph_rows(graphs[1])
+    for r in rows.agg:
+        r["k"] = 0
+    ingest_rows(db, rows)
+    assert_agg_equal(db, graphs)
+
+
 def test_schema_backfills_agg_pairs_of_older_atlases(db: neo4j.Driver) -> None:
+    from atlas.store.ingest import agg_pair_key
+
     graphs = [small(s) for s in range(210, 213)]
     for g in graphs[:2]:
         ingest_graph(db, g)
-    # an atlas written before 0003 (and so without 0003 in its schema ledger)
-    db.execute_query("MATCH ()-[g:AGG]->() REMOVE g.pair")
-    db.execute_query("MATCH (m:SchemaMigration {name: '0003_aggregates.cypher'}) DELETE m")
+    # an atlas written before 0003 and 0005 (so neither is in its schema ledger)
+    db.execute_query("MATCH ()-[g:AGG]->() REMOVE g.pair_key")
+    db.execute_query(
+        "MATCH (m:SchemaMigration) WHERE m.name IN "
+        "['0003_aggregates.cypher', '0005_agg_pair_key.cypher'] DELETE m"
+    )
     apply_schema(db)
     apply_schema(db)  # idempotent
-    missing = db.execute_query("MATCH ()-[g:AGG]->() WHERE g.pair IS NULL RETURN count(g) AS n")
-    assert missing.records[0]["n"] == 0
+    recs = db.execute_query(
+        "MATCH (a)-[g:AGG]->(b) RETURN a.layer AS al, a.index AS ai, b.layer AS bl, "
+        "b.index AS bi, g.pair_key AS key, g.pair AS pair"
+    ).records
+    assert recs and all(
+        r["key"] == agg_pair_key(r["al"], r["ai"], r["bl"], r["bi"]) and r["pair"] is None
+        for r in recs
+    )
+    names = {r["name"] for r in db.execute_query("SHOW CONSTRAINTS YIELD name").records}
+    assert "agg_pair" not in names
     ingest_graph(db, graphs[2])
     assert_agg_equal(db, graphs)

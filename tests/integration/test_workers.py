@@ -193,7 +193,7 @@ def test_errors_are_sorted_into_transient_and_permanent() -> None:
     import neo4j.exceptions as nex
     import redis.exceptions as rex
 
-    from atlas.pipeline import classify
+    from atlas.retry import classify
 
     assert classify(ServiceUnavailable("Neo4j at x is not reachable"))[0] is True
     assert classify(nex.ServiceUnavailable("down"))[0] is True
@@ -204,25 +204,34 @@ def test_errors_are_sorted_into_transient_and_permanent() -> None:
     assert transient is False and reason == "RuntimeError: boom"
 
 
-def test_transient_faults_are_retried_with_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    from atlas import pipeline
+def test_inline_run_retries_transient_faults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inline pipeline retries a transient fault with backoff (atlas.retry) and records a
+    permanent one as a failed result without retrying."""
+    from atlas import pipeline, retry
 
     sleeps: list[float] = []
-    monkeypatch.setattr(pipeline.time, "sleep", sleeps.append)
+    monkeypatch.setattr(retry.time, "sleep", sleeps.append)
     calls = iter([ServiceUnavailable("Neo4j down"), ServiceUnavailable("Neo4j down"), None])
 
-    def step() -> pipeline.StepResult:
+    def step(*_: Any, **__: Any) -> pipeline.StepResult:
         exc = next(calls)
         if exc is not None:
             raise exc
         return pipeline.StepResult(outcome="computed")
 
-    assert pipeline.run_with_retries(step, base_delay_s=1.0).outcome == "computed"
+    monkeypatch.setattr(pipeline, "attribute_step", step)
+    payload = pipeline.AttributePayload(spec=pipeline.PromptSpec(prompt="a cat"))
+    assert pipeline.run_inline(payload, None, driver=None).outcome == "computed"  # type: ignore[arg-type]
     assert sleeps == [1.0, 2.0]  # exponential backoff
 
     sleeps.clear()
-    with pytest.raises(InputError):  # permanent: raised at once, never retried
-        pipeline.run_with_retries(lambda: (_ for _ in ()).throw(InputError("bad prompt")))
+
+    def bad(*_: Any, **__: Any) -> pipeline.StepResult:
+        raise InputError("bad prompt")
+
+    monkeypatch.setattr(pipeline, "attribute_step", bad)
+    result = pipeline.run_inline(payload, None, driver=None)  # type: ignore[arg-type]
+    assert result.outcome == "failed" and result.reason == "bad prompt"
     assert sleeps == []
 
 

@@ -1,12 +1,14 @@
-"""``atlas import``'s retry of transient faults (no database: a fake step and a fake clock)."""
+"""The retry of transient faults used by ``atlas import`` and the inline pipeline (no database:
+a fake step and a fake clock)."""
 
 from __future__ import annotations
 
 import neo4j.exceptions
 import pytest
+import redis.exceptions
 
-from atlas.cli.store import IMPORT_RETRY_BUDGET_S, retry_transient
 from atlas.errors import InputError, ServiceUnavailable, StoreError
+from atlas.retry import RETRY_BUDGET_S, retry_transient
 from atlas.store.ingest import translate_neo4j_error
 
 
@@ -33,7 +35,7 @@ def test_transient_faults_are_retried_with_backoff_and_one_line_warnings() -> No
     assert fn.calls == 4
     assert sleeps == [1.0, 2.0, 4.0]
     assert len(warnings) == 3
-    assert warnings[0].startswith("warning: a.safetensors: Neo4j unreachable, retrying in 1 s (")
+    assert warnings[0].startswith("warning: a.safetensors: service unavailable, retrying in 1 s (")
     assert all("\n" not in w for w in warnings)
 
 
@@ -43,7 +45,7 @@ def test_budget_covers_a_restart_then_gives_up_with_the_error() -> None:
     with pytest.raises(ServiceUnavailable, match=r"gave up after 90 s of retries"):
         retry_transient(fn, what="f", sleep=sleeps.append)
     assert sleeps == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 29.0]
-    assert sum(sleeps) == IMPORT_RETRY_BUDGET_S >= 60
+    assert sum(sleeps) == RETRY_BUDGET_S >= 60
 
 
 def test_permanent_errors_are_not_retried() -> None:
@@ -69,3 +71,15 @@ def test_a_store_error_over_a_retryable_driver_error_is_retried() -> None:
     with pytest.raises(StoreError):
         retry_transient(Flaky(1, permanent), what="f", sleep=sleeps.append)
     assert sleeps == [1.0]
+
+
+def test_raw_driver_and_redis_faults_are_transient_anything_else_is_not() -> None:
+    """The inline pipeline's steps may raise library exceptions as they are."""
+    sleeps: list[float] = []
+    for exc in (neo4j.exceptions.ServiceUnavailable("down"), redis.exceptions.ConnectionError("x")):
+        fn = Flaky(2, exc)
+        assert retry_transient(fn, what="f", sleep=sleeps.append) == "ok"
+    assert sleeps == [1.0, 2.0, 1.0, 2.0]
+    with pytest.raises(RuntimeError):
+        retry_transient(Flaky(1, RuntimeError("boom")), what="f", sleep=sleeps.append)
+    assert len(sleeps) == 4
