@@ -19,6 +19,11 @@ Reported per run:
     overhead / attribution    (wall s * N - sum attribution s) / sum attribution s
     per-prompt means of each timed stage (from the job records)
 
+Then, on a fresh Neo4j with nothing else running, the storage floor: the same graphs stored by
+our chunked ingestion and by a plain ``UNWIND CREATE`` of their rows (bench/store.py's
+baselines), in ms per prompt and as a share of the attribution time. Where Neo4j shares the
+CPUs with attribution, the plain write alone bounds how small the overhead can be.
+
 Usage: ``python bench/pipeline.py [--prompts 60] [--workers 1 2] [--tiny]``. The toy world is
 used when it exists (``atlas toy build`` or shipped assets), else ``--tiny`` models.
 """
@@ -249,6 +254,59 @@ def _run(
     }
 
 
+def _storage_floor(artifacts: Path, chunk_size: int, tmp: Path) -> dict[str, Any]:
+    """Neo4j's cost of storing these graphs with nothing else running: our chunked ingestion
+    (one transaction per chunk, as the ingest worker writes) and a plain ``UNWIND CREATE`` of
+    the same rows (bench/store.py's baselines), in ms per prompt on a fresh store."""
+    import neo4j
+
+    from atlas.graph import Graph
+    from atlas.services import _proc, neo4j_local
+    from atlas.settings import AtlasSettings
+    from atlas.store.ingest import graph_rows, ingest_many
+    from atlas.store.schema import apply_schema
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from store import baseline_write  # bench/store.py
+
+    rows = [graph_rows(Graph.load(p)) for p in sorted(artifacts.rglob("*.safetensors"))]
+    home = tmp / "floor"
+    uri = neo4j_local.start(
+        home=home / "neo4j",
+        port=_proc.free_port(),
+        heap="1g",
+        pagecache="512m",
+        build_root=AtlasSettings().atlas_home / "launcher",
+        die_with_parent=True,
+    )
+    ours: list[float] = []
+    same: list[float] = []
+    plain: list[float] = []
+    try:
+        with neo4j.GraphDatabase.driver(uri) as driver:
+            apply_schema(driver)
+            warm, rest = rows[: 2 * chunk_size], rows[2 * chunk_size :]
+            for start in range(0, len(warm), chunk_size):
+                ingest_many(driver, [(r, None) for r in warm[start : start + chunk_size]])
+            for start in range(0, len(rest), chunk_size):
+                chunk = rest[start : start + chunk_size]
+                same.append(baseline_write(driver, chunk[0], 5000, full=True))
+                plain.append(baseline_write(driver, chunk[0], 5000, full=False))
+                t0 = time.perf_counter()
+                ingest_many(driver, [(r, None) for r in chunk])
+                ours.append((time.perf_counter() - t0) / len(chunk))
+    finally:
+        neo4j_local.stop(home=home / "neo4j")
+    return {
+        "graphs": len(rows),
+        "mean_nodes": statistics.fmean(r.n_nodes for r in rows),
+        "mean_edges": statistics.fmean(len(r.edges) for r in rows),
+        "ours_chunked_s": statistics.fmean(ours),
+        "plain_create_same_rows_s": statistics.fmean(same),
+        "plain_create_nodes_edges_s": statistics.fmean(plain),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=60)
@@ -311,8 +369,23 @@ def main() -> None:
             "  mean per prompt: "
             + ", ".join(f"{k.removesuffix('_s')} {v * 1000:.0f}ms" for k, v in m.items())
         )
+    floor = _storage_floor(tmp / f"run-{args.workers[-1]}" / "artifacts", args.chunk_size, tmp)
+    print(
+        f"\nstoring these {floor['graphs']} graphs (mean {floor['mean_nodes']:.0f} nodes, "
+        f"{floor['mean_edges']:.0f} edges) in a fresh Neo4j with nothing else running, ms per "
+        f"prompt (and as a share of the {base * 1000:.0f} ms attribution):\n"
+        f"  our ingestion, chunks of {args.chunk_size}: {floor['ours_chunked_s'] * 1000:.1f} "
+        f"({floor['ours_chunked_s'] / base:.0%})\n"
+        f"  plain UNWIND CREATE, same rows: {floor['plain_create_same_rows_s'] * 1000:.1f} "
+        f"({floor['plain_create_same_rows_s'] / base:.0%})\n"
+        f"  plain UNWIND CREATE, nodes + edges only: "
+        f"{floor['plain_create_nodes_edges_s'] * 1000:.1f} "
+        f"({floor['plain_create_nodes_edges_s'] / base:.0%})"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"world": world, "results": results}, indent=2))
+        args.json.write_text(
+            json.dumps({"world": world, "results": results, "storage_floor": floor}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -217,7 +217,8 @@ def test_ingest_twice_changes_nothing(db: neo4j.Driver) -> None:
 
 
 def test_concurrent_ingesters(db: neo4j.Driver) -> None:
-    graphs = [small(s) for s in range(10, 18)]
+    # a small feature space: the prompts share feature pairs, so ingesters race on aggregates
+    graphs = [small(s, d_transcoder=8, feature_pool=8) for s in range(10, 18)]
     errors: list[BaseException] = []
 
     def worker(order: list[Graph]) -> None:
@@ -242,6 +243,12 @@ def test_concurrent_ingesters(db: neo4j.Driver) -> None:
     n_edges = db.execute_query("MATCH ()-[e:EDGE]->() RETURN count(e) AS n").records[0]["n"]
     assert n_edges == sum(g.n_edges for g in graphs)
     assert_agg_equal(db, graphs)
+    dup = db.execute_query(
+        "MATCH (a)-[g:AGG]->(b) WITH a, b, count(g) AS n WHERE n > 1 RETURN count(*) AS n"
+    ).records[0]["n"]
+    assert dup == 0
+    shared = db.execute_query("MATCH ()-[g:AGG]->() WHERE g.n_prompts > 1 RETURN count(g) AS n")
+    assert shared.records[0]["n"] > 0
 
 
 _KILL_SCRIPT = r"""
