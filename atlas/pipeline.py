@@ -712,6 +712,7 @@ def run_inline(
         return retry_transient(
             lambda: attribute_step(payload, settings, driver=driver, engines=engines),
             what=f"prompt {payload.spec.prompt[:40]!r}",
+            service="Neo4j",  # inline mode has no broker
             warn=log.warning,
         )
     except Exception as exc:

@@ -51,11 +51,11 @@ def classify(exc: BaseException) -> tuple[bool, str]:
     return False, reason
 
 
-def _fault(exc: BaseException) -> str:
+def _fault(exc: BaseException, service: str) -> str:
     if isinstance(exc, StoreBusy):
         return "Neo4j busy"
     if isinstance(exc, ServiceUnavailable):
-        return "service unavailable"
+        return f"{service} unreachable"
     return "transient fault"
 
 
@@ -63,6 +63,7 @@ def retry_transient(
     fn: Callable[[], T],
     *,
     what: str,
+    service: str = "a service",
     first_delay_s: float = RETRY_FIRST_S,
     max_delay_s: float = RETRY_MAX_DELAY_S,
     budget_s: float = RETRY_BUDGET_S,
@@ -72,7 +73,7 @@ def retry_transient(
     """Call ``fn``, retrying transient faults (:func:`classify`) with exponential backoff until
     ``budget_s`` seconds of pauses are spent.
 
-    ``warn`` gets one line per retry. Permanent errors are raised unchanged; a transient one,
+    ``warn`` gets one line per retry, naming ``service`` when it is unreachable. Permanent errors are raised unchanged; a transient one,
     once the budget is spent, with "gave up after N s of retries" appended to an
     :class:`~atlas.errors.AtlasError`'s message.
     """
@@ -97,7 +98,9 @@ def retry_transient(
                 raise
             if warn is not None:
                 detail = " ".join(str(exc).split())[:400] or reason
-                warn(f"warning: {what}: {_fault(exc)}, retrying in {pause:.0f} s ({detail})")
+                warn(
+                    f"warning: {what}: {_fault(exc, service)}, retrying in {pause:.0f} s ({detail})"
+                )
             (sleep or time.sleep)(pause)
             waited += pause
             delay *= 2

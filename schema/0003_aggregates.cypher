@@ -1,7 +1,4 @@
-// 0003: the aggregated feature layer. AGG.pair = "<source fid>|<target layer>/<target index>"
-// (both features belong to one transcoder set) is unique and indexed, so ingestion finds an
-// aggregate by one index seek instead of expanding two high-degree Feature nodes.
-// Backfill for atlases written before 0003 (idempotent: only relationships without a pair).
-MATCH (a:Feature)-[g:AGG]->(b:Feature) WHERE g.pair IS NULL
-CALL (a, g, b) { SET g.pair = a.fid + '|' + toString(b.layer) + '/' + toString(b.index) } IN TRANSACTIONS OF 10000 ROWS;
-CREATE CONSTRAINT agg_pair IF NOT EXISTS FOR ()-[g:AGG]-() REQUIRE g.pair IS UNIQUE;
+// 0003 (superseded by 0005, now empty): gave each AGG a unique string key
+// "<source fid>|<target layer>/<target index>" with a uniqueness constraint, and backfilled it on
+// older atlases. 0005 replaced it with an integer pair_key, converts any atlas that still has the
+// string, and drops the constraint. Kept so that every atlas's schema ledger stays in file order.

@@ -189,7 +189,7 @@ def import_cmd(
                     )
 
                 try:
-                    res = retry_transient(one, what=str(f), warn=warn)
+                    res = retry_transient(one, what=str(f), service="Neo4j", warn=warn)
                 except AtlasError as exc:
                     _name_file(exc, f)
                     raise

@@ -43,7 +43,7 @@ def test_schema_init_is_idempotent(neo4j_driver: neo4j.Driver) -> None:
     indexes = {r["name"] for r in neo4j_driver.execute_query("SHOW INDEXES").records}
     again = schema.apply_schema(neo4j_driver, force=True)
     assert first.statements == again.statements > 0 and not first.skipped
-    # recorded files are skipped next time (the 0003 backfill scans every aggregate)
+    # recorded files are skipped next time (the 0005 conversion scans every aggregate)
     second = schema.apply_schema(neo4j_driver)
     assert second.statements == 0 and second.skipped == first.files
     assert first.files == second.files == [p.name for p in schema.schema_files()]

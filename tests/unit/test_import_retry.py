@@ -31,11 +31,13 @@ def test_transient_faults_are_retried_with_backoff_and_one_line_warnings() -> No
     sleeps: list[float] = []
     warnings: list[str] = []
     fn = Flaky(3, ServiceUnavailable("ingesting prompt p: Neo4j unreachable:\nrefused"))
-    assert retry_transient(fn, what="a.safetensors", warn=warnings.append, sleep=sleeps.append)
+    assert retry_transient(
+        fn, what="a.safetensors", service="Neo4j", warn=warnings.append, sleep=sleeps.append
+    )
     assert fn.calls == 4
     assert sleeps == [1.0, 2.0, 4.0]
     assert len(warnings) == 3
-    assert warnings[0].startswith("warning: a.safetensors: service unavailable, retrying in 1 s (")
+    assert warnings[0].startswith("warning: a.safetensors: Neo4j unreachable, retrying in 1 s (")
     assert all("\n" not in w for w in warnings)
 
 
