@@ -108,6 +108,21 @@ print(json.dumps((time.perf_counter() - t0) / len(prompts)))
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def _start_neo4j(home: Path) -> str:
+    """A fresh local Neo4j for one measurement (small heap and page cache, free port)."""
+    from atlas.services import _proc, neo4j_local
+    from atlas.settings import AtlasSettings
+
+    return neo4j_local.start(
+        home=home,
+        port=_proc.free_port(),
+        heap="1g",
+        pagecache="512m",
+        build_root=AtlasSettings().atlas_home / "launcher",
+        die_with_parent=True,
+    )
+
+
 def _run(
     n_workers: int,
     model: str,
@@ -122,20 +137,13 @@ def _run(
     from atlas.cli.jobs import submit, wait_for_job
     from atlas.jobs import JobStore
     from atlas.pipeline import PromptSpec
-    from atlas.services import _proc, neo4j_local, redis_local
+    from atlas.services import neo4j_local, redis_local
     from atlas.settings import AtlasSettings
     from atlas.store.connection import open_driver
     from workers.app import make_celery
 
     home = tmp / f"run-{n_workers}"
-    uri = neo4j_local.start(
-        home=home / "neo4j",
-        port=_proc.free_port(),
-        heap="1g",
-        pagecache="512m",
-        build_root=AtlasSettings().atlas_home / "launcher",
-        die_with_parent=True,
-    )
+    uri = _start_neo4j(home / "neo4j")
     redis = redis_local.start(home / "redis", die_with_parent=True)
     settings = AtlasSettings(  # type: ignore[call-arg]
         _env_file=None, atlas_home=home, neo4j_uri=uri, redis_url=redis.url, chunk_size=chunk_size
@@ -261,8 +269,7 @@ def _storage_floor(artifacts: Path, chunk_size: int, tmp: Path) -> dict[str, Any
     import neo4j
 
     from atlas.graph import Graph
-    from atlas.services import _proc, neo4j_local
-    from atlas.settings import AtlasSettings
+    from atlas.services import neo4j_local
     from atlas.store.ingest import graph_rows, ingest_many
     from atlas.store.schema import apply_schema
 
@@ -271,14 +278,7 @@ def _storage_floor(artifacts: Path, chunk_size: int, tmp: Path) -> dict[str, Any
 
     rows = [graph_rows(Graph.load(p)) for p in sorted(artifacts.rglob("*.safetensors"))]
     home = tmp / "floor"
-    uri = neo4j_local.start(
-        home=home / "neo4j",
-        port=_proc.free_port(),
-        heap="1g",
-        pagecache="512m",
-        build_root=AtlasSettings().atlas_home / "launcher",
-        die_with_parent=True,
-    )
+    uri = _start_neo4j(home / "neo4j")
     ours: list[float] = []
     same: list[float] = []
     plain: list[float] = []

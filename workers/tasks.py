@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from atlas import pipeline
 from atlas.errors import ServiceUnavailable
+from atlas.retry import classify
 from atlas.settings import AtlasSettings
 from workers.app import make_celery
 
@@ -98,7 +99,7 @@ def _retry_or_fail(
 ) -> dict[str, Any]:
     """Retry a transient fault with backoff; record anything else as a permanent failure of
     every item of the message (items already done stay done)."""
-    transient, reason = pipeline.classify(exc)
+    transient, reason = classify(exc)
     retries = int(task.request.retries or 0)
     if transient and retries < MAX_RETRIES:
         _drop_driver_on_outage()

@@ -690,15 +690,11 @@ def _operators(plan: Any) -> list[str]:
     return ops
 
 
-def test_agg_pairs_are_keyed_and_found_by_index(db: neo4j.Driver) -> None:
-    """AGG is found by its pair key: no write statement expands a Feature's relationships (they
-    grow with the atlas) or scans a label; Python and schema/0005 compute the same key."""
+def assert_agg_keyed(driver: neo4j.Driver) -> None:
+    """Every aggregate carries the pair key Python computes (schema/0005 agrees), no string."""
     from atlas.store.ingest import agg_pair_key
 
-    graphs = [small(s) for s in range(200, 203)]
-    for g in graphs:
-        ingest_graph(db, g)
-    recs = db.execute_query(
+    recs = driver.execute_query(
         "MATCH (a:Feature)-[g:AGG]->(b:Feature) RETURN a.layer AS al, a.index AS ai, "
         "b.layer AS bl, b.index AS bi, g.pair_key AS key, g.pair AS pair"
     ).records
@@ -706,6 +702,16 @@ def test_agg_pairs_are_keyed_and_found_by_index(db: neo4j.Driver) -> None:
         r["key"] == agg_pair_key(r["al"], r["ai"], r["bl"], r["bi"]) and r["pair"] is None
         for r in recs
     )
+
+
+def test_agg_pairs_are_keyed_and_found_by_index(db: neo4j.Driver) -> None:
+    """AGG is found by its pair key: no write statement expands a Feature's relationships (they
+    grow with the atlas) or scans a label; Python and schema/0005 compute the same key."""
+
+    graphs = [small(s) for s in range(200, 203)]
+    for g in graphs:
+        ingest_graph(db, g)
+    assert_agg_keyed(db)
     rows = [{"k": 7, "a": "4:x:1", "b": "4:x:2", "w": 1.0}]
     for query, params in (
         (Q.UPDATE_FEATURE_AGG, {"rows": rows}),
@@ -743,7 +749,6 @@ def test_agg_key_collisions_are_told_apart(db: neo4j.Driver) -> None:
 
 
 def test_schema_backfills_agg_pairs_of_older_atlases(db: neo4j.Driver) -> None:
-    from atlas.store.ingest import agg_pair_key
 
     graphs = [small(s) for s in range(210, 213)]
     for g in graphs[:2]:
@@ -756,14 +761,7 @@ def test_schema_backfills_agg_pairs_of_older_atlases(db: neo4j.Driver) -> None:
     )
     apply_schema(db)
     apply_schema(db)  # idempotent
-    recs = db.execute_query(
-        "MATCH (a)-[g:AGG]->(b) RETURN a.layer AS al, a.index AS ai, b.layer AS bl, "
-        "b.index AS bi, g.pair_key AS key, g.pair AS pair"
-    ).records
-    assert recs and all(
-        r["key"] == agg_pair_key(r["al"], r["ai"], r["bl"], r["bi"]) and r["pair"] is None
-        for r in recs
-    )
+    assert_agg_keyed(db)
     names = {r["name"] for r in db.execute_query("SHOW CONSTRAINTS YIELD name").records}
     assert "agg_pair" not in names
     ingest_graph(db, graphs[2])
