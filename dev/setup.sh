@@ -64,7 +64,8 @@ fi
 
 # ---------------------------------------------------------------- .venv + package
 STAMP=".venv/.atlas-setup-stamp"
-want="$(cat pyproject.toml | sha256sum | cut -d' ' -f1)"
+# The stamp covers pyproject.toml and the bytecode step below, so changing either reinstalls.
+want="$( (cat pyproject.toml; echo "bytecode") | sha256sum | cut -d' ' -f1)"
 have="$(cat "$STAMP" 2>/dev/null || true)"
 if [ ! -x .venv/bin/python ]; then
   say "creating .venv (python 3.11)"
@@ -74,6 +75,11 @@ fi
 if [ "$want" != "$have" ]; then
   say "installing circuit-atlas[dev] into .venv (uv pip install -e '.[dev]')"
   "$UV" pip install -q -p .venv/bin/python -e '.[dev]'
+  # Bytecode is compiled once here: uv installs without it and PYTHONDONTWRITEBYTECODE is common, so
+  # otherwise every process (CLI call, worker start, test subprocess) compiles torch and transformers
+  # again (~4 s of each start on 2 cores). A few vendored test files do not compile; that is fine.
+  say "compiling bytecode for .venv"
+  .venv/bin/python -m compileall -q -j 0 .venv/lib/python3.*/site-packages >/dev/null 2>&1 || true
   echo "$want" > "$STAMP"
 else
   say ".venv is up to date"
