@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 EPS = 1e-6
 METHOD = "attention_rollout"
@@ -104,11 +104,17 @@ class Rollout:
         }
 
 
+def head_entropy(attention: Tensor) -> Tensor:
+    """Mean over query rows of one head's attention entropy (``[N, N]`` -> scalar). One head at a
+    time keeps the temporaries at ``N^2`` (a 64 x 64 grid has 4096 patches: 64 MiB per head)."""
+    p = attention / (attention.sum(dim=-1, keepdim=True) + EPS)
+    return -(p * torch.log(p + EPS)).sum(dim=-1).mean()
+
+
 def layer_attention(attention: Tensor, params: RolloutParams) -> Tensor:
     """One layer's rollout matrix ``[N, N]`` from its attentions ``[H, N, N]``: the lowest-entropy
     heads averaged, identity added, rows normalised."""
-    p = attention / (attention.sum(dim=-1, keepdim=True) + EPS)
-    entropy = -(p * torch.log(p + EPS)).sum(dim=-1).mean(dim=-1)  # [H]
+    entropy = torch.stack([head_entropy(head) for head in attention])  # [H]
     kept = torch.argsort(entropy, stable=True)[: params.heads_kept(attention.shape[0])]
     mixed = attention[kept].mean(dim=0)
     mixed = mixed + torch.eye(mixed.shape[-1], dtype=mixed.dtype, device=mixed.device)
@@ -163,7 +169,7 @@ def _grids(n_tokens: int, tokens_per_image: int, cls_tokens: int) -> tuple[int, 
 
 
 def attention_rollout(
-    attentions: Sequence[Tensor],
+    attentions: Sequence[Tensor | None],
     *,
     tokens_per_image: int,
     params: RolloutParams | None = None,
@@ -172,7 +178,8 @@ def attention_rollout(
     """Rollout maps for every image soft token from a vision tower's eager attentions.
 
     ``attentions``: one ``[B, H, N, N]`` (or ``[H, N, N]``) tensor per vision layer, as the tower
-    returns with ``output_attentions=True`` under ``attn_implementation="eager"``.
+    returns with ``output_attentions=True`` under ``attn_implementation="eager"`` or as
+    :func:`vision_attentions` captures them (``None`` for layers outside the last ``last_k``).
     ``tokens_per_image``: soft tokens per image (Gemma-3: ``mm_tokens_per_image``; LLaVA: the
     number of patches, so block 1). ``dtype``: the computation's precision (maps are float32).
     """
@@ -181,7 +188,10 @@ def attention_rollout(
         raise ValueError("no attentions: run the vision tower with output_attentions=True")
     n_layers = len(attentions)
     layers = tuple(range(max(0, n_layers - params.last_k), n_layers))
-    images = _per_image([attentions[i] for i in layers])
+    kept = [attentions[i] for i in layers]
+    if any(a is None for a in kept):
+        raise ValueError(f"attentions missing for some of the rolled-out layers {list(layers)}")
+    images = _per_image([a for a in kept if a is not None])
     n_heads, n_tokens = images[0][0].shape[0], images[0][0].shape[-1]
     grid, pooled = _grids(n_tokens, tokens_per_image, params.cls_tokens)
     c = params.cls_tokens
@@ -199,6 +209,54 @@ def attention_rollout(
         heads_kept=params.heads_kept(n_heads),
         params=params,
     )
+
+
+def vision_attentions(
+    tower: nn.Module,
+    pixel_values: Tensor,
+    *,
+    last_k: int = 4,
+    n_layers: int | None = None,
+) -> list[Tensor | None]:
+    """Run a CLIP or SigLIP vision tower and keep only the attentions the rollout reads.
+
+    ``output_attentions=True`` would hold every layer's ``[B, H, N, N]`` (27 x 16 x 4096^2 values
+    on Gemma-3-4B's tower); hooks on the last ``last_k`` of the first ``n_layers`` encoder layers
+    (default: all) keep just those. ``n_layers`` matters where the features are read below the
+    top (LLaVA's ``vision_feature_layer=-2`` reads after layer L-1: ``n_layers = L - 1``). The
+    tower must run eager attention, the only kind that returns weights. Returns a list of length
+    ``n_layers`` with ``None`` for the layers not kept (their indices stay true for
+    :func:`attention_rollout`).
+    """
+    blocks = list(tower.get_submodule("encoder.layers").children())
+    n_layers = len(blocks) if n_layers is None else n_layers
+    if not 0 < n_layers <= len(blocks):
+        raise ValueError(f"n_layers must be in 1..{len(blocks)}, got {n_layers}")
+    kept = range(max(0, n_layers - last_k), n_layers)
+    captured: list[Tensor | None] = [None] * n_layers
+    handles = []
+
+    def keep(index: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: object, output: object) -> None:
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if weights is None:
+                raise ValueError(
+                    "the vision tower returned no attention weights: load the model with "
+                    'attn_implementation="eager"'
+                )
+            captured[index] = weights.detach()
+
+        return hook
+
+    for i in kept:
+        handles.append(blocks[i].get_submodule("self_attn").register_forward_hook(keep(i)))
+    try:
+        with torch.no_grad():
+            tower(pixel_values=pixel_values)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
 
 
 # ---------------------------------------------------------------------- rendering

@@ -22,6 +22,7 @@ from atlas.attribution.rollout import (
     attention_rollout,
     normalise_map,
     render_map,
+    vision_attentions,
     write_rollout,
 )
 from atlas.testing.tiny_vlm import build_tiny_vlm
@@ -218,3 +219,46 @@ def test_write_rollout_files(tmp_path: Path, gemma_attn: tuple[list[torch.Tensor
     assert meta["grid"] == [8, 8] and meta["pooled_grid"] == [4, 4] and meta["block"] == 2
     assert meta["k"] == 4 and meta["head_fraction"] == 0.3 and meta["reduction"] == "max"
     assert meta["clip"]["quantile"] == 0.95 and meta["image_size"] == [45, 30]
+
+
+# ---------------------------------------------------------------------- capturing attentions
+def test_vision_attentions_keeps_only_the_rolled_out_layers() -> None:
+    model, _processor = build_tiny_vlm("gemma3", seed=3)
+    tower = model.model.vision_tower
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = tower(pixel_values=pixels, output_attentions=True).attentions
+    captured = vision_attentions(tower, pixels)
+    assert len(captured) == 5 and captured[0] is None
+    for i in range(1, 5):
+        got = captured[i]
+        assert got is not None
+        torch.testing.assert_close(got, full[i], rtol=0, atol=0)
+    a = attention_rollout(captured, tokens_per_image=16)
+    b = attention_rollout(full, tokens_per_image=16)
+    assert a.layers == b.layers == (1, 2, 3, 4)
+    torch.testing.assert_close(a.maps, b.maps, rtol=0, atol=0)
+
+
+def test_vision_attentions_below_the_top_layer() -> None:
+    model, _processor = build_tiny_vlm("llava")
+    tower = model.model.vision_tower
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = tower(pixel_values=pixels, output_attentions=True).attentions
+    captured = vision_attentions(tower, pixels, last_k=2, n_layers=4)
+    assert [c is None for c in captured] == [True, True, False, False]
+    rollout = attention_rollout(
+        captured, tokens_per_image=16, params=RolloutParams(last_k=2, cls_tokens=1)
+    )
+    assert rollout.layers == (2, 3)
+    _check(rollout, list(full[:4]), 16, last_k=2, cls_tokens=1)
+
+
+def test_vision_attentions_needs_eager() -> None:
+    model, _processor = build_tiny_vlm("gemma3")
+    model.set_attn_implementation("sdpa")
+    tower = model.model.vision_tower
+    with pytest.raises(ValueError, match="eager"):
+        vision_attentions(tower, torch.zeros(1, 3, 32, 32))
+    assert not any(layer.self_attn._forward_hooks for layer in tower.encoder.layers)
