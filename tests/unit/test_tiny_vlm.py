@@ -114,11 +114,14 @@ def test_llava_siglip_forward() -> None:
 
 @pytest.mark.parametrize("kind", ["gemma3", "llava"])
 def test_prompt_without_placeholder(kind: str) -> None:
-    """Given an image, a prompt with no placeholder is refused (the caller must place it); text
-    alone is tokenised with no image tokens."""
+    """Given an image, a prompt with no placeholder is refused (the caller must place it), and so
+    is a placeholder without an image; text alone is tokenised with no image tokens."""
     _model, processor = build_tiny_vlm(kind)
     with pytest.raises(ValueError, match="number of"):
         processor(images=_image(), text="how many fingers?", return_tensors="pt")
+    placeholder = "<start_of_image>" if kind == "gemma3" else "<image>"
+    with pytest.raises(ValueError, match="no images"):
+        processor(text=placeholder + " how many fingers?", return_tensors="pt")
     text_only = processor(text="how many fingers?", return_tensors="pt")
     ids = text_only["input_ids"][0]
     assert (
