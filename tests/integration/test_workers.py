@@ -507,3 +507,62 @@ def test_only_broker_faults_read_as_redis_unreachable(
     up = neo4j_settings.model_copy(update={"redis_url": redis_url})
     with pytest.raises(TypeError, match="not JSON serializable"):
         celery_app.send_attribute(up, payloads)
+
+
+# --------------------------------------------------------------------------- exit codes
+def _console(args: list[str], settings: Any, **env: str) -> subprocess.CompletedProcess[str]:
+    """The real console script (``.venv/bin/atlas``), as a user's shell or CI runs it."""
+    script = Path(sys.executable).with_name("atlas")
+    assert script.is_file(), script
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "REDIS_"))}
+    base |= {
+        "ATLAS_HOME": str(settings.atlas_home),
+        "NEO4J_URI": settings.neo4j_uri,
+        "NEO4J_USER": settings.neo4j_user,
+        "NEO4J_PASSWORD": settings.neo4j_password.get_secret_value(),
+        "REDIS_URL": settings.redis_url or "",
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.run(
+        [str(script), *args],
+        env=base | env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
+    )
+
+
+def test_failed_prompts_exit_nonzero_inline(
+    tmp_path: Path, clean_neo4j: Any, neo4j_settings: Any, tiny_world: tuple[str, str]
+) -> None:
+    """``batch`` and ``jobs retry`` with a failed prompt exit 1 through the console script; a
+    batch that fully succeeds exits 0."""
+    model, tcs = tiny_world
+    lines = [{"prompt": "hello world", "model": model, "transcoders": tcs}]
+    lines.append({"prompt": "hi", "model": "/nonexistent/model", "transcoders": tcs})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = _console(["batch", str(bad)], neo4j_settings)
+    assert out.returncode == 1, (out.stdout, out.stderr[-2000:])
+    assert "1 done, 1 failed of 2" in out.stderr
+    job = out.stdout.strip().splitlines()[-1]
+
+    out = _console(["jobs", "retry", job], neo4j_settings)
+    assert out.returncode == 1, (out.stdout, out.stderr[-2000:])
+    assert "re-sending 1 items" in out.stderr
+
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps(lines[0]) + "\n")
+    out = _console(["batch", str(good)], neo4j_settings)
+    assert out.returncode == 0, (out.stdout, out.stderr[-2000:])
+
+
+def test_failed_prompts_exit_nonzero_through_celery(
+    clean_neo4j: Any, service_settings: Any, celery_worker: Any, tiny_world: tuple[str, str]
+) -> None:
+    tcs = tiny_world[1]
+    args = ["enqueue", "hello", "--model", "/nonexistent/model", "--transcoders", tcs, "--wait"]
+    out = _console([*args, "--timeout", "240"], service_settings)
+    assert out.returncode == 1, (out.stderr[-2000:], celery_worker.log_text()[-2000:])
+    assert "0 done, 1 failed of 1" in out.stderr
