@@ -29,7 +29,7 @@ _COMMANDS: dict[str, str] = {
     "enqueue": "atlas.cli.jobs:enqueue",
     "batch": "atlas.cli.jobs:batch",
     "jobs": "atlas.cli.jobs:jobs",
-    "worker": "atlas.cli.jobs:worker",
+    "worker": "atlas.cli.worker:worker",
     "demo": "atlas.cli.demo:demo",
 }
 

@@ -48,6 +48,7 @@ from atlas.retry import classify, retry_transient
 from atlas.store.jobs import JobStore
 
 if TYPE_CHECKING:
+    from atlas.graph import Graph
     from atlas.settings import AtlasSettings
     from atlas.store.ingest import InTransaction, PromptRows
 
@@ -128,8 +129,6 @@ def attribute_chunk_step(
     Redis unavailable) raises, so that the caller retries the whole chunk, which is safe: done
     prompts are skipped and computed artifacts reused.
     """
-    from atlas.graph import artifact_path
-
     results: list[StepResult | None] = [None] * len(chunk.items)
 
     def fail(i: int, p: AttributePayload, exc: BaseException) -> None:
@@ -141,33 +140,16 @@ def attribute_chunk_step(
 
     prepared: list[_Prepared] = []
     for i, p in enumerate(chunk.items):
-        timings: dict[str, float] = {"started_at": time.time()}
-        if p.enqueued_at is not None:
-            timings["queue_s"] = max(0.0, timings["started_at"] - p.enqueued_at)
         try:
-            t0 = time.perf_counter()
-            model_ref, tc_ref = resolve_refs(p.spec.model, p.spec.transcoders, settings)
-            engine = (engines or PROCESS_ENGINES).get(model_ref, tc_ref, settings)
-            timings["load_s"] = time.perf_counter() - t0
-            pid = prompt_id_for(p.spec, engine, settings)
+            prepared.append(_prepare(i, p, settings, engines or PROCESS_ENGINES))
         except Exception as exc:
             fail(i, p, exc)
-            continue
-        path = artifact_path(settings.resolved_artifact_dir, pid)
-        prepared.append(_Prepared(i, p, engine, pid, path, timings))
-
-    # one round trip: which prompts are in the atlas, and the start of the others
-    t_rec = time.perf_counter()
-    present = _jobs(driver, settings).start_many(
-        [(x.payload.job_id, x.payload.item, x.prompt_id, x.payload.spec.force) for x in prepared]
-    )
-    records_s = (time.perf_counter() - t_rec) / max(1, len(prepared))
+    present = _claim(prepared, settings, driver=driver)
 
     ingests: list[IngestPayload] = []
     sent: list[int] = []  # chunk index of each ingest payload
     for x, is_present in zip(prepared, present, strict=True):
         spec, timings = x.payload.spec, x.timings
-        timings["records_s"] = records_s
         if is_present and not spec.force:
             log.info("prompt %s already in the atlas: skipped", x.prompt_id)
             results[x.index] = StepResult(
@@ -188,42 +170,90 @@ def attribute_chunk_step(
             except Exception as exc:
                 fail(x.index, x.payload, exc)
                 continue
-            if graph.prompt_id != x.prompt_id:
-                log.warning(
-                    "engine recorded prompt id %s, expected %s", graph.prompt_id, x.prompt_id
-                )
-            t1 = time.perf_counter()
-            graph.save(x.path)
-            timings["save_s"] = time.perf_counter() - t1
+            _save(graph, x)
         timings["handed_off_at"] = time.time()
-        ingests.append(
-            IngestPayload(
-                prompt_id=x.prompt_id,
-                artifact=str(x.path),
-                job_id=x.payload.job_id,
-                item=x.payload.item,
-                force=spec.force,
-                attribution=outcome,
-                timings=timings,
-            )
-        )
+        ingests.append(_ingest_payload(x, outcome))
         sent.append(x.index)
         results[x.index] = StepResult(
             outcome=outcome, prompt_id=x.prompt_id, artifact=str(x.path), timings=timings
         )
 
     if ingests:
-        now = time.time()
-        for ing in ingests:
-            ing.enqueued_at = now
-        if on_ingest is None:
-            stored = ingest_chunk_step(IngestChunk(items=ingests), settings, driver=driver)
-            for i, res in zip(sent, stored, strict=True):
-                if res.outcome == "failed":
-                    results[i] = res
-        else:
-            on_ingest(IngestChunk(items=ingests))
+        _hand_off(ingests, sent, results, settings, driver=driver, on_ingest=on_ingest)
     return [r if r is not None else StepResult(outcome="failed", reason="not run") for r in results]
+
+
+def _prepare(
+    index: int, payload: AttributePayload, settings: AtlasSettings, engines: EngineCache
+) -> _Prepared:
+    """The engine, prompt id and artifact path of one spec (loading the engine on first use)."""
+    from atlas.graph import artifact_path
+
+    timings: dict[str, float] = {"started_at": time.time()}
+    if payload.enqueued_at is not None:
+        timings["queue_s"] = max(0.0, timings["started_at"] - payload.enqueued_at)
+    t0 = time.perf_counter()
+    model_ref, tc_ref = resolve_refs(payload.spec.model, payload.spec.transcoders, settings)
+    engine = engines.get(model_ref, tc_ref, settings)
+    timings["load_s"] = time.perf_counter() - t0
+    pid = prompt_id_for(payload.spec, engine, settings)
+    path = artifact_path(settings.resolved_artifact_dir, pid)
+    return _Prepared(index, payload, engine, pid, path, timings)
+
+
+def _claim(prepared: list[_Prepared], settings: AtlasSettings, *, driver: Any) -> list[bool]:
+    """One round trip for the chunk: which prompts are in the atlas, and the others' start."""
+    t_rec = time.perf_counter()
+    present = _jobs(driver, settings).start_many(
+        [(x.payload.job_id, x.payload.item, x.prompt_id, x.payload.spec.force) for x in prepared]
+    )
+    records_s = (time.perf_counter() - t_rec) / max(1, len(prepared))
+    for x in prepared:
+        x.timings["records_s"] = records_s
+    return present
+
+
+def _save(graph: Graph, x: _Prepared) -> None:
+    if graph.prompt_id != x.prompt_id:
+        log.warning("engine recorded prompt id %s, expected %s", graph.prompt_id, x.prompt_id)
+    t1 = time.perf_counter()
+    graph.save(x.path)
+    x.timings["save_s"] = time.perf_counter() - t1
+
+
+def _ingest_payload(x: _Prepared, outcome: Literal["computed", "cached"]) -> IngestPayload:
+    return IngestPayload(
+        prompt_id=x.prompt_id,
+        artifact=str(x.path),
+        job_id=x.payload.job_id,
+        item=x.payload.item,
+        force=x.payload.spec.force,
+        attribution=outcome,
+        timings=x.timings,
+    )
+
+
+def _hand_off(
+    ingests: list[IngestPayload],
+    sent: list[int],
+    results: list[StepResult | None],
+    settings: AtlasSettings,
+    *,
+    driver: Any,
+    on_ingest: Callable[[IngestChunk], None] | None,
+) -> None:
+    """Send the chunk's artifacts on as one ingest message, or ingest them here (``on_ingest``
+    None), recording an ingestion failure as the item's result."""
+    now = time.time()
+    for ing in ingests:
+        ing.enqueued_at = now
+    if on_ingest is not None:
+        on_ingest(IngestChunk(items=ingests))
+        return
+    stored = ingest_chunk_step(IngestChunk(items=ingests), settings, driver=driver)
+    for i, res in zip(sent, stored, strict=True):
+        if res.outcome == "failed":
+            results[i] = res
 
 
 def _load_for_ingest(

@@ -71,7 +71,8 @@ def test_call_sites_use_the_queue_and_task_constants() -> None:
     """No queue or task name literal outside workers/app.py (the constants' one home)."""
     literals = ['"atlas.attribute"', '"atlas.ingest"', '"atlas.annotate"', '"attribute,ingest"']
     literals += ['queue="attribute"', 'queue="ingest"']
-    sites = ["atlas/cli/jobs.py", "atlas/cli/demo.py", "workers/tasks.py", "dev/services_demo.py"]
+    sites = ["atlas/cli/jobs.py", "atlas/cli/worker.py", "atlas/cli/demo.py", "workers/tasks.py"]
+    sites += ["dev/services_demo.py"]
     sites += ["atlas/pipeline/submit.py", "atlas/pipeline/steps.py", "bench/pipeline.py"]
     for site in sites:
         text = (REPO_ROOT / site).read_text()
