@@ -123,8 +123,8 @@ class PromptSpec(BaseModel):
     def spec_id(self) -> str:
         """Hash of the request (not of the model files): the CLI's cheap identity for skipping.
 
-        Hashed flat (the knobs beside the prompt), so it is the same for a line written either
-        way and for records written before the knobs were nested.
+        Hashed flat (the knobs beside the prompt, as a batch-file line gives them), so a request
+        has one id however its knobs are written.
         """
         body = self.model_dump(mode="json", exclude={"force", "attribution"})
         knobs = self._request_knobs(self.attribution)

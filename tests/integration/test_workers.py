@@ -1,8 +1,9 @@
 """Workers, jobs and the inline pipeline against a real Neo4j, a real Redis and real workers.
 
-Fast tests first (payloads, batch files, the worker command, error sorting, the out-of-memory
-policy), then the inline mode on Neo4j, then real ``celery worker`` subprocesses: a batch with
-poison prompts, a worker killed with SIGKILL mid-task, and Redis restarted mid-batch.
+Fast tests first (payloads, batch files, the worker command, error sorting, the retry policy),
+then the inline mode on Neo4j, then real ``celery worker`` subprocesses: a batch with poison
+prompts, a worker killed with SIGKILL mid-task, and Redis restarted mid-batch; then job records in
+a database that does not exist, broker faults, and the exit status of the real console script.
 """
 
 from __future__ import annotations

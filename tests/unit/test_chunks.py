@@ -62,7 +62,7 @@ def test_spec_embeds_the_attribution_settings_and_accepts_flat_knobs() -> None:
 
 
 def test_the_spec_id_is_the_hash_of_the_flat_request() -> None:
-    """Stable across the nesting: job records written with flat specs still match."""
+    """One id however the knobs are written, and the id the job records of flat specs hold."""
     import hashlib
     import json
 

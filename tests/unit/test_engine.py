@@ -71,12 +71,3 @@ def test_other_attribution_errors_are_not_retried(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(AttributionError, match="did not converge"):
         attribute_with_halving(_engine(), "x", AttributionSettings(), batch_size=64, timings={})
     assert seen == [64]
-
-
-def test_settings_name_the_torch_dtype() -> None:
-    import torch
-
-    from atlas.settings import AtlasSettings
-
-    for name, dtype in [("float32", torch.float32), ("bfloat16", torch.bfloat16)]:
-        assert AtlasSettings(_env_file=None, dtype=name).torch_dtype() is dtype  # type: ignore[call-arg]
