@@ -6,7 +6,8 @@
     │   └── CypherRefused      user Cypher that is not read-only or otherwise refused
     ├── ModelLoadError         model directory missing or unreadable
     ├── TranscoderError        transcoder files missing, corrupted, or not matching the model
-    ├── AttributionError       the computation itself failed (e.g. out of memory)
+    ├── AttributionError       the computation itself failed
+    │   └── OutOfMemory        the accelerator (or host) ran out of memory: retry smaller
     ├── ServiceError           an external service misbehaves
     │   ├── ServiceUnavailable Neo4j / Redis not reachable (transient: retry)
     │   └── AuthError          wrong credentials (permanent)
@@ -49,6 +50,11 @@ class TranscoderError(AtlasError):
 
 class AttributionError(AtlasError):
     """The attribution computation failed."""
+
+
+class OutOfMemory(AttributionError):
+    """The computation ran out of memory. Raised where torch reports it, so callers can react to
+    the type (halve the batch) instead of matching the message text."""
 
 
 class ServiceError(AtlasError):

@@ -1,10 +1,12 @@
-"""The one rule for transient faults: which exceptions are worth retrying, and the in-process
-retry loop used by ``atlas import`` and by the inline (no broker) pipeline.
+"""The one rule for transient faults: which exceptions are worth retrying, how long to wait
+between tries (:class:`Backoff`), and the in-process retry loop used by ``atlas import`` and by the
+inline (no broker) pipeline.
 
 A fault is transient when waiting may fix it: Neo4j or Redis unreachable, a retryable driver
 error (deadlock, database not yet available: :class:`~atlas.errors.StoreBusy`). Everything else
 (bad input, a missing model, a refused query) is permanent and raised at once. Celery tasks use
-:func:`classify` too, with Celery's own countdown retries (workers/tasks.py) instead of the loop.
+:func:`classify` and a :class:`Backoff` too (:data:`TASK_BACKOFF`), with Celery's own countdown
+retries (workers/tasks.py) instead of the loop.
 
 Only idempotent work may be retried: ingestion is (a stored prompt is skipped and an interrupted
 transaction leaves nothing), and so is a pipeline step (done prompts are skipped).
@@ -12,19 +14,50 @@ transaction leaves nothing), and so is a pipeline step (done prompts are skipped
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from atlas.errors import AtlasError, ServiceUnavailable, StoreBusy
 
 T = TypeVar("T")
 
-#: First pause after a transient fault, the longest single pause, and the longest total pause
-#: (enough to ride out a Neo4j restart, which takes ~30 s).
-RETRY_FIRST_S = 1.0
-RETRY_MAX_DELAY_S = 30.0
-RETRY_BUDGET_S = 90.0
+
+@dataclass(frozen=True)
+class Backoff:
+    """An exponential backoff schedule: pause ``n`` (from 0) is ``first_s * factor**n`` seconds,
+    at most ``cap_s``, plus up to ``jitter`` of itself at random (so that many clients hit by the
+    same outage do not come back in step). Retrying stops when the pauses reach ``budget_s`` or
+    after ``max_retries`` retries, whichever is set."""
+
+    first_s: float
+    cap_s: float
+    factor: float = 2.0
+    jitter: float = 0.0
+    budget_s: float | None = None
+    max_retries: int | None = None
+
+    def delay(self, retries: int, rand: Callable[[], float] = random.random) -> float:
+        """Seconds to wait before retry number ``retries + 1``."""
+        base = min(self.cap_s, self.first_s * self.factor**retries)
+        return base * (1.0 + self.jitter * rand()) if self.jitter else base
+
+    def may_retry(self, retries: int, waited_s: float = 0.0) -> bool:
+        """Whether retry number ``retries + 1`` is still allowed after ``waited_s`` of pauses."""
+        if self.max_retries is not None and retries >= self.max_retries:
+            return False
+        return self.budget_s is None or waited_s < self.budget_s
+
+
+#: In-process retries (``atlas import``, the inline pipeline): enough to ride out a Neo4j
+#: restart, which takes ~30 s.
+INLINE_BACKOFF = Backoff(first_s=1.0, cap_s=30.0, budget_s=90.0)
+
+#: Celery task retries: longer, jittered (many workers retry at once), a bounded number of times
+#: before the item is recorded as failed.
+TASK_BACKOFF = Backoff(first_s=2.0, cap_s=120.0, jitter=0.25, max_retries=8)
 
 
 def classify(exc: BaseException) -> tuple[bool, str]:
@@ -64,21 +97,19 @@ def retry_transient(
     *,
     what: str,
     service: str = "a service",
-    first_delay_s: float = RETRY_FIRST_S,
-    max_delay_s: float = RETRY_MAX_DELAY_S,
-    budget_s: float = RETRY_BUDGET_S,
+    backoff: Backoff = INLINE_BACKOFF,
     warn: Callable[[str], None] | None = None,
     sleep: Callable[[float], None] | None = None,
 ) -> T:
-    """Call ``fn``, retrying transient faults (:func:`classify`) with exponential backoff until
-    ``budget_s`` seconds of pauses are spent.
+    """Call ``fn``, retrying transient faults (:func:`classify`) on the ``backoff`` schedule
+    until its budget (or its number of retries) is spent.
 
-    ``warn`` gets one line per retry, naming ``service`` when it is unreachable. Permanent errors are raised unchanged; a transient one,
-    once the budget is spent, with "gave up after N s of retries" appended to an
-    :class:`~atlas.errors.AtlasError`'s message.
+    ``warn`` gets one line per retry, naming ``service`` when it is unreachable. Permanent
+    errors are raised unchanged; a transient one, once the budget is spent, with "gave up after
+    N s of retries" appended to an :class:`~atlas.errors.AtlasError`'s message.
     """
     waited = 0.0
-    delay = first_delay_s
+    retries = 0
     while True:
         try:
             return fn()
@@ -86,15 +117,9 @@ def retry_transient(
             transient, reason = classify(exc)
             if not transient:
                 raise
-            pause = min(delay, max_delay_s, budget_s - waited)
+            pause = _next_pause(backoff, retries, waited)
             if pause <= 0:
-                if (
-                    isinstance(exc, AtlasError)
-                    and waited > 0
-                    and len(exc.args) == 1
-                    and isinstance(exc.args[0], str)
-                ):
-                    exc.args = (f"{exc.args[0]} (gave up after {waited:.0f} s of retries)",)
+                _note_gave_up(exc, waited)
                 raise
             if warn is not None:
                 detail = " ".join(str(exc).split())[:400] or reason
@@ -103,4 +128,21 @@ def retry_transient(
                 )
             (sleep or time.sleep)(pause)
             waited += pause
-            delay *= 2
+            retries += 1
+
+
+def _next_pause(backoff: Backoff, retries: int, waited: float) -> float:
+    """The next pause, shortened so the total stays within the budget (0: stop)."""
+    if not backoff.may_retry(retries, waited):
+        return 0.0
+    pause = backoff.delay(retries)
+    if backoff.budget_s is not None:
+        pause = min(pause, backoff.budget_s - waited)
+    return pause
+
+
+def _note_gave_up(exc: BaseException, waited: float) -> None:
+    """Append how long we retried to a one-message :class:`AtlasError`."""
+    one_message = len(exc.args) == 1 and isinstance(exc.args[0], str)
+    if isinstance(exc, AtlasError) and waited > 0 and one_message:
+        exc.args = (f"{exc.args[0]} (gave up after {waited:.0f} s of retries)",)

@@ -8,10 +8,13 @@ or from a ``.env`` file in the working directory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _default_home() -> Path:
@@ -113,3 +116,10 @@ class AtlasSettings(BaseSettings):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def torch_dtype(self) -> torch.dtype:
+        """The torch dtype named by ``dtype`` (torch is imported only when this is called)."""
+        import torch
+
+        dtype: torch.dtype = getattr(torch, self.dtype)
+        return dtype

@@ -50,8 +50,8 @@ def _world(tiny: bool, tmp: Path) -> tuple[str, str, list[str], str]:
     """(model dir, transcoder dir, prompts, name)."""
     if not tiny:
         try:
-            from atlas.cli.demo import demo_prompts
             from atlas.toy import toy_paths
+            from atlas.toy.demo import demo_prompts
 
             paths = toy_paths()
             return str(paths.model_dir), str(paths.transcoder_dir), demo_prompts(400), "toy"
@@ -134,13 +134,12 @@ def _run(
     ingest_concurrency: int = 1,
     chunk_size: int = 8,
 ) -> dict[str, Any]:
-    from atlas.cli.jobs import submit, wait_for_job
-    from atlas.jobs import JobStore
-    from atlas.pipeline import PromptSpec
+    from atlas.pipeline.payloads import PromptSpec
+    from atlas.pipeline.submit import job_store, submit, wait_for_job
     from atlas.services import neo4j_local, redis_local
     from atlas.settings import AtlasSettings
     from atlas.store.connection import open_driver
-    from workers.app import make_celery
+    from workers.app import ATTRIBUTE_QUEUE, INGEST_QUEUE, PIPELINE_QUEUES, make_celery
 
     home = tmp / f"run-{n_workers}"
     uri = _start_neo4j(home / "neo4j")
@@ -154,9 +153,9 @@ def _run(
     driver = None
     try:
         names = []
-        queues = ["attribute" if split else "attribute,ingest"] * n_workers
+        queues = [ATTRIBUTE_QUEUE if split else PIPELINE_QUEUES] * n_workers
         if split:
-            queues.append("ingest")
+            queues.append(INGEST_QUEUE)
         conc = ["1"] * n_workers + ([str(ingest_concurrency)] if split else [])
         for i, (queue, c) in enumerate(zip(queues, conc, strict=True)):
             name = f"bench-{i}-{os.getpid()}@localhost"
@@ -200,14 +199,14 @@ def _run(
 
         # warm-up: two chunks per attribution worker, so that every worker has loaded the model
         warm = warm[: 2 * chunk_size * n_workers]
-        job, _ = submit(settings, specs(warm), source="bench warm-up", driver=driver, echo=False)
-        wait_for_job(settings, driver, job, timeout_s=900, show=False, poll_s=0.2)
+        job, _ = submit(settings, specs(warm), source="bench warm-up", driver=driver)
+        wait_for_job(settings, driver, job, timeout_s=900, poll_s=0.2)
 
         t0 = time.monotonic()
-        job, _ = submit(settings, specs(prompts), source="bench", driver=driver, echo=False)
-        summary = wait_for_job(settings, driver, job, timeout_s=3600, show=False, poll_s=0.2)
+        job, _ = submit(settings, specs(prompts), source="bench", driver=driver)
+        summary = wait_for_job(settings, driver, job, timeout_s=3600, poll_s=0.2)
         wall = time.monotonic() - t0
-        items = JobStore(driver).items(job)
+        items = job_store(driver, settings).items(job)
     finally:
         if driver is not None:
             driver.close()

@@ -1,8 +1,12 @@
-"""``make smoke`` (and ``make demo`` where ``atlas demo`` is missing): the services end to end.
+"""``make smoke``: the services end to end.
 
 Starts the local Neo4j (unless NEO4J_URI is set or it already runs) and a local redis-server
 (unless REDIS_URL is set), runs ``atlas db init``, round-trips the ``atlas.ping`` task through a
 real Celery worker, prints one line, and stops whatever it started.
+
+The worker listens on a queue of its own (``atlas-smoke-<pid>``), never on the pipeline's: with
+``REDIS_URL`` pointing at a live broker, a smoke run must not take messages meant for the
+pipeline's workers.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ def main() -> int:
     from atlas.settings import AtlasSettings
     from workers.app import make_celery, ping
 
+    queue = f"atlas-smoke-{os.getpid()}"
     settings = AtlasSettings()
     started_neo4j = False
     redis_dir: Path | None = None
@@ -44,12 +49,13 @@ def main() -> int:
         print(f"[demo] starting a Celery worker (log {log})", file=sys.stderr)
         worker = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q",
-             "attribute,ingest", "-P", "solo", "-c", "1", "-l", "warning",
+             queue, "-P", "solo", "-c", "1", "-l", "warning",
              "--without-gossip", "--without-mingle", "-n", "atlas-demo@%h"],
             cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
         )  # fmt: skip
-        answer = ping(make_celery(settings, check=True), payload="hello", timeout_s=120)
+        app = make_celery(settings, check=True)
+        answer = ping(app, payload="hello", timeout_s=120, queue=queue)
         print(
             f"demo ok: Neo4j at {settings.resolved_neo4j_uri} initialised; task atlas.ping "
             f"answered {answer['pong']!r} from worker pid {answer['pid']} via "

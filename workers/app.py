@@ -6,11 +6,23 @@ prefetched at a time, a task whose worker dies is re-queued, and Redis waits
 ``celery_visibility_timeout_s`` (6 h by default, above the longest attribution) before it
 re-delivers an unacknowledged task. Payloads are JSON only.
 
-Queues: ``attribute`` (GPU workers, one process per GPU) and ``ingest`` (CPU workers). Task
-names starting ``atlas.attribute`` go to ``attribute``; everything else defaults to ``ingest``.
+Queues and tasks (the names are the constants below; every call site uses them):
 
-``celery -A workers.app worker`` works too: the module attribute ``app`` is built lazily from
-the environment on first access. The pipeline's tasks live in :mod:`workers.tasks`.
+========================  ===========  ==========================================
+task                      queue        what
+========================  ===========  ==========================================
+``atlas.attribute``       attribute    a chunk of prompt specs -> artifacts (GPU)
+``atlas.annotate``        attribute    feature labels of one transcoder set (GPU)
+``atlas.gpu.*``           attribute    any future task that needs the model
+``atlas.ingest``          ingest       artifacts -> Neo4j (CPU)
+``atlas.ping``            ingest       the health check (or the caller's queue)
+========================  ===========  ==========================================
+
+Every app :func:`make_celery` builds registers every pipeline task (:mod:`workers.tasks`), so a
+worker started from any of them knows every message it may take off a queue (Celery drops a
+message whose task it does not know). ``celery -A workers.app worker`` and ``celery -A
+workers.tasks worker`` are the same app: the module attribute ``app`` is built lazily from the
+environment on first access.
 """
 
 from __future__ import annotations
@@ -19,29 +31,50 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from kombu import Exchange, Queue
 
-from atlas.errors import ConfigError
+from atlas.errors import ConfigError, ServiceUnavailable
 
 if TYPE_CHECKING:
+    from atlas.pipeline.payloads import AttributePayload
     from atlas.settings import AtlasSettings
 
 logger = logging.getLogger(__name__)
 
 ATTRIBUTE_QUEUE = "attribute"
 INGEST_QUEUE = "ingest"
-PING_TASK = "atlas.ping"
+#: What ``atlas worker`` consumes by default: both pipeline queues.
+PIPELINE_QUEUES = f"{ATTRIBUTE_QUEUE},{INGEST_QUEUE}"
 
-#: Task name (glob) -> queue. The GPU queue only gets attribution.
+ATTRIBUTE_TASK = "atlas.attribute"
+INGEST_TASK = "atlas.ingest"
+ANNOTATE_TASK = "atlas.annotate"
+PING_TASK = "atlas.ping"
+#: A task named with this prefix needs the model, so it goes to the GPU queue by construction.
+GPU_TASK_PREFIX = "atlas.gpu."
+
+#: Task name (glob) -> queue. The GPU queue gets the tasks that run the model.
 TASK_ROUTES: dict[str, dict[str, str]] = {
-    "atlas.attribute": {"queue": ATTRIBUTE_QUEUE},
-    "atlas.attribute.*": {"queue": ATTRIBUTE_QUEUE},
-    "atlas.ingest": {"queue": INGEST_QUEUE},
-    "atlas.ingest.*": {"queue": INGEST_QUEUE},
+    ATTRIBUTE_TASK: {"queue": ATTRIBUTE_QUEUE},
+    f"{ATTRIBUTE_TASK}.*": {"queue": ATTRIBUTE_QUEUE},
+    ANNOTATE_TASK: {"queue": ATTRIBUTE_QUEUE},
+    f"{GPU_TASK_PREFIX}*": {"queue": ATTRIBUTE_QUEUE},
+    INGEST_TASK: {"queue": INGEST_QUEUE},
+    f"{INGEST_TASK}.*": {"queue": INGEST_QUEUE},
+    PING_TASK: {"queue": INGEST_QUEUE},
 }
+
+
+class AtlasCelery(Celery):
+    """The Celery app, carrying the settings it was built from (the tasks read them)."""
+
+    def __init__(self, settings: AtlasSettings) -> None:
+        super().__init__("circuit_atlas", set_as_current=False)
+        self.atlas_settings = settings
 
 
 def _ping(payload: Any = None) -> dict[str, Any]:
@@ -49,8 +82,8 @@ def _ping(payload: Any = None) -> dict[str, Any]:
     return {"pong": payload, "host": socket.gethostname(), "pid": os.getpid(), "t": time.time()}
 
 
-def make_celery(settings: AtlasSettings, *, check: bool = False) -> Celery:
-    """The Circuit Atlas Celery app for these settings.
+def make_celery(settings: AtlasSettings, *, check: bool = False) -> AtlasCelery:
+    """The Circuit Atlas Celery app for these settings, with every pipeline task registered.
 
     Broker and result backend are both ``settings.redis_url``. Building the app does not contact
     Redis; pass ``check=True`` (or call :func:`check_broker`) to fail fast with
@@ -60,7 +93,7 @@ def make_celery(settings: AtlasSettings, *, check: bool = False) -> Celery:
         check_broker(settings)
     url = settings.redis_url
     transport = {"visibility_timeout": int(settings.celery_visibility_timeout_s)}
-    app = Celery("circuit_atlas", set_as_current=False)
+    app = AtlasCelery(settings)
     app.conf.update(
         broker_url=url,
         result_backend=url,
@@ -91,6 +124,9 @@ def make_celery(settings: AtlasSettings, *, check: bool = False) -> Celery:
         timezone="UTC",
     )
     app.task(name=PING_TASK)(_ping)
+    from workers import tasks
+
+    tasks.register(app)
     return app
 
 
@@ -103,13 +139,62 @@ def check_broker(settings: AtlasSettings, timeout_s: float = 3.0) -> None:
     check_reachable(settings.redis_url, timeout_s=timeout_s)
 
 
+def broker_errors() -> tuple[type[BaseException], ...]:
+    """What sending to Redis raises when the broker, not the message, is at fault."""
+    import kombu.exceptions
+    import redis.exceptions
+
+    return (kombu.exceptions.OperationalError, redis.exceptions.RedisError, OSError)
+
+
+def is_broker_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was raised because of, a broker fault (Celery re-raises a lost
+    result-store connection as a bare ``RuntimeError`` from the Redis error)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, broker_errors()):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def send_attribute(settings: AtlasSettings, payloads: Sequence[AttributePayload]) -> None:
+    """Publish attribute messages (JSON), ``settings.chunk_size`` specs per message.
+
+    Redis down -> ServiceUnavailable, one line (checked first, so it is said at once and not
+    after the client's retries); any other error is raised as it is.
+    """
+    from atlas.pipeline.payloads import chunked
+
+    app = make_celery(settings, check=True)
+    try:
+        with app.producer_or_acquire() as producer:
+            for chunk in chunked(payloads, settings.chunk_size):
+                now = time.time()
+                for p in chunk.items:
+                    p.enqueued_at = now
+                app.send_task(
+                    ATTRIBUTE_TASK,
+                    args=[chunk.model_dump(mode="json")],
+                    queue=ATTRIBUTE_QUEUE,
+                    producer=producer,
+                    ignore_result=True,
+                )
+    except Exception as exc:
+        if not is_broker_fault(exc):
+            raise
+        raise ServiceUnavailable(
+            f"Redis at {settings.redis_url} is not reachable: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
 def ping(
     app: Celery, payload: Any = "ping", timeout_s: float = 60.0, queue: str = INGEST_QUEUE
 ) -> dict[str, Any]:
     """Round-trip the ``atlas.ping`` task through the broker and a worker; return its answer."""
     from celery.exceptions import TimeoutError as CeleryTimeout
-
-    from atlas.errors import ServiceUnavailable
 
     try:
         result = app.send_task(PING_TASK, args=[payload], queue=queue)
@@ -123,11 +208,12 @@ def ping(
     return answer
 
 
-_APP: Celery | None = None
+_APP: AtlasCelery | None = None
 
 
 def __getattr__(name: str) -> Any:
-    """``workers.app.app``: built from the environment on first access (for ``celery -A``)."""
+    """``workers.app.app``: built from the environment on first access (for ``celery -A``); the
+    worker's entry point, so the settings are built here."""
     global _APP
     if name in ("app", "celery"):
         if _APP is None:

@@ -1,52 +1,58 @@
-"""Celery tasks: thin wrappers around :mod:`atlas.pipeline` with the retry policy.
+"""Celery tasks: thin wrappers around :mod:`atlas.pipeline.steps` with the retry policy.
 
 Start a worker with ``atlas worker`` (or ``celery -A workers.tasks worker -Q attribute,ingest
--c 1 --prefetch-multiplier 1``). The settings are built here, at the worker's entry point.
+-c 1 --prefetch-multiplier 1``). :func:`register` adds the tasks to an app;
+:func:`workers.app.make_celery` calls it for every app it builds, so every app knows every task.
+The settings a task runs with are its app's (``app.atlas_settings``, built at the worker's entry
+point).
 
 Retry policy (one place, :func:`_retry_or_fail`): transient faults (Neo4j or Redis unavailable,
-:attr:`atlas.errors.AtlasError.transient`) are retried with exponential backoff and jitter up to
-:data:`MAX_RETRIES` times; anything else is a permanent failure, recorded on the job item with its
-reason and never retried. Tasks are idempotent (see :mod:`atlas.pipeline`), because delivery is
+:attr:`atlas.errors.AtlasError.transient`) are retried on the :data:`atlas.retry.TASK_BACKOFF`
+schedule; anything else is a permanent failure, recorded on the job item with its reason and
+never retried. Tasks are idempotent (see :mod:`atlas.pipeline.steps`), because delivery is
 at-least-once (acks_late, prefetch 1, a visibility timeout above the longest task: workers/app.py).
 
-Per-process resources (the Neo4j driver, the model cache) are created lazily by the first task in
-the process that runs it, never at import and never in a parent that forks.
+Per-process resources (the Neo4j driver, the engine cache) are created lazily by the first task in
+the process that runs it, never at import and never in a parent that forks; the pipeline's
+modules (and torch with them) are imported by the first task too.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Retry
 from celery.signals import worker_process_init, worker_process_shutdown
-from pydantic import ValidationError
 
-from atlas import pipeline
 from atlas.errors import ServiceUnavailable
-from atlas.retry import classify
-from atlas.settings import AtlasSettings
-from workers.app import make_celery
+from atlas.retry import TASK_BACKOFF, classify
+from workers.app import ANNOTATE_TASK, ATTRIBUTE_TASK, INGEST_QUEUE, INGEST_TASK, is_broker_fault
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from atlas.pipeline.payloads import IngestChunk, StepResult
+    from atlas.settings import AtlasSettings
 
 log = logging.getLogger(__name__)
-
-settings = AtlasSettings()
-app = make_celery(settings)
-
-#: Retries of a transient fault before the item is recorded as failed.
-MAX_RETRIES = 8
-#: Backoff: base * 2**retries seconds, capped, plus up to 25% jitter.
-BACKOFF_BASE_S = 2.0
-BACKOFF_CAP_S = 120.0
 
 _driver: Any = None
 _driver_lock = threading.Lock()
 
 
-def get_driver() -> Any:
+def __getattr__(name: str) -> Any:
+    """``workers.tasks.app`` is ``workers.app.app`` (for ``celery -A workers.tasks``)."""
+    if name in ("app", "celery"):
+        import workers.app
+
+        return workers.app.app
+    raise AttributeError(name)
+
+
+def get_driver(settings: AtlasSettings) -> Any:
     """This process's Neo4j driver (created on first use)."""
     global _driver
     with _driver_lock:
@@ -62,7 +68,9 @@ def _reset_after_fork(**_: Any) -> None:
     """A forked pool process must not share its parent's driver or models."""
     global _driver
     _driver = None
-    pipeline.ENGINES.clear()
+    from atlas.engine import PROCESS_ENGINES
+
+    PROCESS_ENGINES.clear()
 
 
 @worker_process_shutdown.connect
@@ -74,12 +82,6 @@ def _close_driver(**_: Any) -> None:
         except Exception:  # pragma: no cover - best effort at exit
             log.debug("closing the Neo4j driver failed", exc_info=True)
         _driver = None
-
-
-def backoff_s(retries: int) -> float:
-    """Seconds to wait before retry number ``retries + 1``."""
-    delay: float = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**retries)
-    return delay * (1.0 + 0.25 * random.random())
 
 
 def _drop_driver_on_outage() -> None:
@@ -94,6 +96,11 @@ def _drop_driver_on_outage() -> None:
             _driver = None
 
 
+def _settings(task: Any) -> AtlasSettings:
+    settings: AtlasSettings = task.app.atlas_settings
+    return settings
+
+
 def _retry_or_fail(
     task: Any, exc: BaseException, items: list[tuple[str | None, int | None]]
 ) -> dict[str, Any]:
@@ -101,25 +108,36 @@ def _retry_or_fail(
     every item of the message (items already done stay done)."""
     transient, reason = classify(exc)
     retries = int(task.request.retries or 0)
-    if transient and retries < MAX_RETRIES:
+    if transient and TASK_BACKOFF.may_retry(retries):
         _drop_driver_on_outage()
-        countdown = backoff_s(retries)
+        countdown = TASK_BACKOFF.delay(retries)
         log.warning(
             "%s: transient fault (%s), retry %d in %.1fs", task.name, reason, retries + 1, countdown
         )
-        raise task.retry(exc=exc, countdown=countdown, max_retries=MAX_RETRIES)
+        raise task.retry(exc=exc, countdown=countdown, max_retries=TASK_BACKOFF.max_retries)
     if transient:
         reason = f"gave up after {retries} retries: {reason}"
+    _record_failures(task, items, reason)
+    from atlas.pipeline.payloads import StepResult
+
+    return {"results": [StepResult(outcome="failed", reason=reason).model_dump()]}
+
+
+def _record_failures(task: Any, items: list[tuple[str | None, int | None]], reason: str) -> None:
+    """Every item of a message that failed for good, on its job record (or in the log when Neo4j
+    cannot be reached)."""
+    from atlas.pipeline import steps
+
+    settings = _settings(task)
     try:
-        driver = get_driver()
+        driver = get_driver(settings)
     except Exception:
         driver = None
     for job_id, item in items:
         if driver is not None:
-            pipeline.record_failure(driver, job_id, item, reason)
+            steps.record_failure(driver, settings, job_id, item, reason)
         else:
             log.error("job %s item %s failed and Neo4j is unreachable: %s", job_id, item, reason)
-    return {"results": [pipeline.StepResult(outcome="failed", reason=reason).model_dump()]}
 
 
 def _items_of(payload: Any) -> list[tuple[str | None, int | None]]:
@@ -131,25 +149,39 @@ def _items_of(payload: Any) -> list[tuple[str | None, int | None]]:
     ]
 
 
-def _send_ingest(chunk: pipeline.IngestChunk) -> None:
-    try:
-        ingest.apply_async(args=[chunk.model_dump(mode="json")], queue="ingest")
-    except Exception as exc:  # kombu raises OperationalError and friends when Redis is down
-        raise ServiceUnavailable(f"could not send the ingest message: {exc}") from exc
+def _ingest_sender(app: Celery) -> Callable[[IngestChunk], None]:
+    """Hands an attribute chunk's artifacts to the ingest queue; Redis down -> transient."""
+
+    def send(chunk: IngestChunk) -> None:
+        try:
+            app.send_task(
+                INGEST_TASK,
+                args=[chunk.model_dump(mode="json")],
+                queue=INGEST_QUEUE,
+                ignore_result=True,
+            )
+        except Exception as exc:
+            if not is_broker_fault(exc):
+                raise
+            raise ServiceUnavailable(f"could not send the ingest message: {exc}") from exc
+
+    return send
 
 
-def _results(results: list[pipeline.StepResult]) -> dict[str, Any]:
+def _results(results: list[StepResult]) -> dict[str, Any]:
     return {"results": [r.model_dump(mode="json") for r in results]}
 
 
 def _run_chunk(
-    task: Any,
-    payload: Any,
-    model: type[pipeline.AttributeChunk] | type[pipeline.IngestChunk],
-    step: Callable[[Any], list[pipeline.StepResult]],
+    task: Any, payload: Any, kind: str, step: Callable[[Any], list[StepResult]]
 ) -> dict[str, Any]:
-    """Validate a chunk message (a bare single item is accepted too), run ``step`` on it, and
-    apply the retry policy to whatever it raises."""
+    """Validate a chunk message (``kind`` ``attribute`` or ``ingest``; a bare single item is
+    accepted too), run ``step`` on it, and apply the retry policy to whatever it raises."""
+    from pydantic import ValidationError
+
+    from atlas.pipeline.payloads import AttributeChunk, IngestChunk
+
+    model = AttributeChunk if kind == "attribute" else IngestChunk
     if isinstance(payload, dict) and "items" not in payload:
         payload = {"items": [payload]}
     try:
@@ -165,39 +197,53 @@ def _run_chunk(
         return _retry_or_fail(task, exc, [(p.job_id, p.item) for p in chunk.items])
 
 
-@app.task(name="atlas.attribute", bind=True, acks_late=True, ignore_result=True)
 def attribute(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
-    """Attribute a chunk of prompt specs (:class:`atlas.pipeline.AttributeChunk`) and hand their
-    artifacts to the ``ingest`` queue as one message."""
+    """Attribute a chunk of prompt specs (:class:`atlas.pipeline.payloads.AttributeChunk`) and
+    hand their artifacts to the ``ingest`` queue as one message."""
+    from atlas.pipeline.steps import attribute_chunk_step
+
+    settings = _settings(self)
     return _run_chunk(
         self,
         payload,
-        pipeline.AttributeChunk,
-        lambda chunk: pipeline.attribute_chunk_step(
-            chunk, settings, driver=get_driver(), on_ingest=_send_ingest
+        "attribute",
+        lambda chunk: attribute_chunk_step(
+            chunk, settings, driver=get_driver(settings), on_ingest=_ingest_sender(self.app)
         ),
     )
 
 
-@app.task(name="atlas.ingest", bind=True, acks_late=True, ignore_result=True)
 def ingest(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     """Ingest the artifacts of a chunk into Neo4j (one transaction per prompt, each marking its
     job item done). A permanent failure of one artifact fails that item alone."""
+    from atlas.pipeline.steps import ingest_chunk_step
+
+    settings = _settings(self)
     return _run_chunk(
         self,
         payload,
-        pipeline.IngestChunk,
-        lambda chunk: pipeline.ingest_chunk_step(chunk, settings, driver=get_driver()),
+        "ingest",
+        lambda chunk: ingest_chunk_step(chunk, settings, driver=get_driver(settings)),
     )
 
 
-@app.task(name="atlas.annotate", bind=True, acks_late=True)
 def annotate(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     """Label the features of one transcoder set (logit lens + top activations)."""
-    p = pipeline.AnnotatePayload.model_validate(payload)
+    from atlas.pipeline.payloads import AnnotatePayload
+    from atlas.pipeline.steps import annotate_step
+
+    settings = _settings(self)
+    p = AnnotatePayload.model_validate(payload)
     try:
-        return pipeline.annotate_step(p, settings, driver=get_driver())
+        return annotate_step(p, settings, driver=get_driver(settings))
     except Retry:
         raise
     except Exception as exc:
         return _retry_or_fail(self, exc, [(p.job_id, None)])
+
+
+def register(app: Celery) -> None:
+    """Add the pipeline's tasks to ``app`` (acks late; results of the chunk tasks ignored)."""
+    app.task(name=ATTRIBUTE_TASK, bind=True, acks_late=True, ignore_result=True)(attribute)
+    app.task(name=INGEST_TASK, bind=True, acks_late=True, ignore_result=True)(ingest)
+    app.task(name=ANNOTATE_TASK, bind=True, acks_late=True)(annotate)

@@ -23,7 +23,7 @@ from atlas.attribution.context import (
 )
 from atlas.attribution.pruning import DEFAULT_BLOCK_ROWS
 from atlas.attribution.result import AttributionResult
-from atlas.errors import AttributionError, InputError
+from atlas.errors import AttributionError, InputError, OutOfMemory
 from atlas.graph import AttributionSettings
 from atlas.models.loading import LoadedModel
 from atlas.transcoders.loading import TranscoderSet
@@ -250,7 +250,7 @@ def _attribute(
                         n_visited += int(idx.shape[0])
                         tick(int(idx.shape[0]))
     except torch.OutOfMemoryError as exc:
-        raise AttributionError(f"out of memory during attribution: {exc}") from exc
+        raise OutOfMemory(f"out of memory during attribution: {exc}") from exc
 
     selected = torch.nonzero(visited).flatten()
     if not full:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from atlas.errors import AttributionError
+from atlas.errors import AttributionError, OutOfMemory
 from atlas.models.freezing import frozen
 from atlas.models.loading import LoadedModel
 from atlas.transcoders.loading import TranscoderSet
@@ -114,7 +114,7 @@ def precompute(model: LoadedModel, tset: TranscoderSet, input_ids: torch.Tensor)
     try:
         out = hf(input_ids=ids, use_cache=False, **_forward_kwargs(hf))
     except torch.OutOfMemoryError as exc:
-        raise AttributionError(f"out of memory in the forward pass: {exc}") from exc
+        raise OutOfMemory(f"out of memory in the forward pass: {exc}") from exc
     finally:
         for h in handles:
             h.remove()
@@ -292,7 +292,7 @@ class ReplacementContext:
             self.final = out.last_hidden_state
         except torch.OutOfMemoryError as exc:
             self.__exit__(None, None, None)
-            raise AttributionError(
+            raise OutOfMemory(
                 f"out of memory in the frozen forward pass (batch {b}); lower the batch size"
             ) from exc
         finally:

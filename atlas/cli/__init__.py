@@ -29,7 +29,7 @@ _COMMANDS: dict[str, str] = {
     "enqueue": "atlas.cli.jobs:enqueue",
     "batch": "atlas.cli.jobs:batch",
     "jobs": "atlas.cli.jobs:jobs",
-    "worker": "atlas.cli.jobs:worker",
+    "worker": "atlas.cli.worker:worker",
     "demo": "atlas.cli.demo:demo",
 }
 
@@ -43,12 +43,7 @@ class _LazyGroup(click.Group):
         if target is None:
             return super().get_command(ctx, cmd_name)
         module_name, attr = target.split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                return None  # not built yet
-            raise
+        module = importlib.import_module(module_name)
         command = getattr(module, attr, None)
         return command if isinstance(command, click.Command) else None
 
@@ -75,9 +70,13 @@ def get_settings(ctx: click.Context | None = None) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: user errors become one line on stderr and a non-zero exit."""
+    """Console entry point: user errors become one line on stderr and a non-zero exit.
+
+    In non-standalone mode click returns a command's ``Exit`` code instead of exiting, so the code
+    it returns is this process's exit status (a batch with failed prompts exits 1).
+    """
     try:
-        cli.main(args=argv, standalone_mode=False, prog_name="atlas")
+        code = cli.main(args=argv, standalone_mode=False, prog_name="atlas")
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -92,3 +91,4 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

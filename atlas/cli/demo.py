@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -33,42 +32,12 @@ import click
 
 from atlas.cli import get_settings
 from atlas.errors import AtlasError, ConfigError, ServiceUnavailable
+from workers.app import ANNOTATE_TASK, ATTRIBUTE_QUEUE, INGEST_QUEUE
 
 #: Label pattern of the Hand supernode (a full-match regex over feature labels).
 HAND_PATTERN = r"(?i).*\b(hands?|fingers?)\b.*"
 HAND = "Hand"
 TARGET = "5"
-
-
-def demo_prompts(n: int, seed: int = 0) -> list[str]:
-    """``n`` prompts from the toy corpus: every hand/finger fact first, then other facts.
-
-    The others are drawn (seeded) from the other count objects, arithmetic (some answering 5,
-    so "paths to 5" has competition), colours and two-hop facts.
-    """
-    from atlas.toy import ToyCorpus
-
-    corpus = ToyCorpus(seed=0)
-    hand = [f.prompt for f in corpus.facts if f.family == "count" and "hand" in f.subject]
-    rng = random.Random(f"demo-{seed}")
-    others: list[str] = []
-    pools = {
-        "count": [f for f in corpus.facts if f.family == "count" and "hand" not in f.subject],
-        "arith": [f for f in corpus.facts if f.family == "arith"],
-        "colour": [f for f in corpus.facts if f.family == "colour"],
-        "twohop": [f for f in corpus.facts if f.family == "twohop"],
-    }
-    shares = {"count": 0.4, "arith": 0.3, "colour": 0.2, "twohop": 0.1}
-    n_other = max(0, n - len(hand))
-    for family, share in shares.items():
-        pool = pools[family]
-        k = min(len(pool), round(n_other * share))
-        others += [f.prompt for f in rng.sample(pool, k)]
-    prompts = list(dict.fromkeys(hand + others))  # unique, order kept
-    extra = [f.prompt for f in corpus.facts if f.prompt not in set(prompts)]
-    rng.shuffle(extra)
-    prompts += extra[: max(0, n - len(prompts))]
-    return prompts[:n]
 
 
 class _Steps:
@@ -109,7 +78,7 @@ def _start_workers(settings: Any, logs: Path) -> list[tuple[str, subprocess.Pope
     logs.mkdir(parents=True, exist_ok=True)
     env = _worker_env(settings)
     started = []
-    for queue in ("attribute", "ingest"):
+    for queue in (ATTRIBUTE_QUEUE, INGEST_QUEUE):
         name = f"demo-{queue}-{os.getpid()}@localhost"
         argv = [
             sys.executable,
@@ -356,9 +325,11 @@ def demo(
             workers = _start_workers(settings, home / "logs")
             _wait_workers_ready(app, workers, home / "logs", timeout_s=300)
 
-        from atlas.cli.jobs import submit, wait_for_job
-        from atlas.pipeline import PromptSpec
+        from atlas.cli.jobs import JobProgress
+        from atlas.pipeline.payloads import PromptSpec
+        from atlas.pipeline.submit import submit, wait_for_job
         from atlas.store.connection import open_driver
+        from atlas.toy.demo import demo_prompts
 
         driver = open_driver(settings)
         if fresh:
@@ -375,11 +346,20 @@ def demo(
                 PromptSpec(prompt=p, model=str(toy.model_dir), transcoders=str(toy.transcoder_dir))
                 for p in prompts
             ]
-            job_id, _ = submit(settings, specs, source="atlas demo", driver=driver)
+            with JobProgress(bar=False) as view:
+                job_id, _ = submit(
+                    settings, specs, source="atlas demo", driver=driver, progress=view
+                )
             t_batch = time.monotonic()
-            summary = wait_for_job(
-                settings, driver, job_id, timeout_s=timeout_s, requeue_after_s=300.0
-            )
+            with JobProgress(announce=False) as view:
+                summary = wait_for_job(
+                    settings,
+                    driver,
+                    job_id,
+                    timeout_s=timeout_s,
+                    requeue_after_s=300.0,
+                    progress=view,
+                )
             batch_s = time.monotonic() - t_batch
             click.echo(
                 f"    job {job_id}: {summary.done} done, {summary.failed} failed; "
@@ -388,12 +368,12 @@ def demo(
             )
 
         with steps.step("labelling features (logit lens + top activating tokens)"):
-            from atlas.pipeline import AnnotatePayload
+            from atlas.pipeline.payloads import AnnotatePayload
 
             payload = AnnotatePayload(model=str(toy.model_dir), transcoders=str(toy.transcoder_dir))
-            res = app.send_task(
-                "atlas.annotate", args=[payload.model_dump(mode="json")], queue="attribute"
-            ).get(timeout=timeout_s)
+            res = app.send_task(ANNOTATE_TASK, args=[payload.model_dump(mode="json")]).get(
+                timeout=timeout_s
+            )
             click.echo(f"    {res}", err=True)
 
         with steps.step(f"supernode {HAND}: features whose labels mention hand/finger"):

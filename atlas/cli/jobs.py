@@ -1,181 +1,76 @@
-"""``atlas enqueue``, ``atlas batch``, ``atlas jobs`` and ``atlas worker``.
+"""``atlas enqueue``, ``atlas batch`` and ``atlas jobs``: the click commands and a progress view
+over the service in :mod:`atlas.pipeline.submit`.
 
 With a broker configured (``REDIS_URL``) prompts go to the ``attribute`` queue and workers do the
-rest; without one, the same task code runs inline in this process (the embedded default), so the
-pipeline works with nothing but the local Neo4j. Either way a job record is kept in Neo4j
-(:mod:`atlas.jobs`) and the job id is printed on stdout.
+rest; without one, the same step code runs inline in this process. Either way a job record is
+kept in Neo4j (:mod:`atlas.store.jobs`) and the job id is printed on stdout. A job with failed
+prompts exits 1 once its outcome is known (inline, or with ``--wait``).
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
-import shutil
-import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from atlas.cli import get_settings
-from atlas.errors import ConfigError, InputError, ServiceUnavailable
 
-DEFAULT_QUEUES = "attribute,ingest"
+if TYPE_CHECKING:
+    from atlas.settings import AtlasSettings
+    from atlas.store.jobs import JobSummary
 
-log = logging.getLogger(__name__)
 
-
-# --------------------------------------------------------------------------- helpers (library-ish)
-def open_atlas_driver(settings: Any) -> Any:
+def open_atlas_driver(settings: AtlasSettings) -> Any:
     """A Neo4j driver for the CLI: starts the local launcher first when no NEO4J_URI is set."""
     from atlas.store import connection
 
-    ensure = getattr(connection, "ensure_local_neo4j", None)
-    if settings.uses_local_neo4j and ensure is not None:
-        ensure(settings)
+    if settings.uses_local_neo4j:
+        connection.ensure_local_neo4j(settings)
     return connection.open_driver(settings)
 
 
-def parse_batch_file(path: Path) -> list[Any]:
-    """Read a JSONL file of prompt specs. Any malformed line -> InputError naming the line."""
-    from pydantic import ValidationError
+class JobProgress:
+    """What a job's progress callback shows on stderr: one line when the job is recorded, then
+    (with ``bar``, for work this process waits on) a rich bar of done / failed / remaining, rate
+    and ETA."""
 
-    from atlas.pipeline import PromptSpec
+    def __init__(self, *, announce: bool = True, bar: bool = True) -> None:
+        self.announce = announce
+        self.bar = bar
+        self.seen = False
+        self.progress: Any = None
+        self.task: Any = None
+        self.start = time.monotonic()
+        self.start_finished = 0
 
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from exc
-    specs = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
-        if isinstance(obj, str):
-            obj = {"prompt": obj}
-        if not isinstance(obj, dict):
-            raise InputError(f"{path}:{lineno}: expected a JSON object with a 'prompt' field")
-        try:
-            specs.append(PromptSpec.model_validate(obj))
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(x) for x in err.get("loc", ())) or "line"
-            raise InputError(f"{path}:{lineno}: {where}: {err['msg']}") from exc
-    if not specs:
-        raise InputError(f"{path}: no prompt specs in the file")
-    return specs
+    def __call__(self, summary: JobSummary) -> None:
+        if not self.seen:
+            self.seen = True
+            self._first(summary)
+        elif self.progress is not None:
+            self.progress.update(
+                self.task, completed=summary.done + summary.failed, **self._fields(summary)
+            )
 
+    def _first(self, s: JobSummary) -> None:
+        if self.announce:
+            click.echo(
+                f"job {s.job_id}: {s.n_items} prompts, {s.done} already in the atlas, "
+                f"{s.remaining} to compute ({s.mode})",
+                err=True,
+            )
+        if self.bar and s.remaining:
+            self._start_bar(s)
 
-def _celery_app(settings: Any) -> Any:
-    from workers.app import make_celery
-
-    return make_celery(settings)
-
-
-def _send_attribute(app: Any, payloads: Sequence[Any], settings: Any) -> None:
-    """Publish attribute messages (JSON), ``settings.chunk_size`` specs per message.
-    Redis down -> ServiceUnavailable, one line."""
-    from atlas.pipeline import chunked
-
-    try:
-        with app.producer_or_acquire() as producer:
-            for chunk in chunked(payloads, settings.chunk_size):
-                now = time.time()
-                for p in chunk.items:
-                    p.enqueued_at = now
-                app.send_task(
-                    "atlas.attribute",
-                    args=[chunk.model_dump(mode="json")],
-                    queue="attribute",
-                    producer=producer,
-                )
-    except Exception as exc:
-        if isinstance(exc, ServiceUnavailable):
-            raise
-        raise ServiceUnavailable(
-            f"Redis at {settings.redis_url} is not reachable: {type(exc).__name__}: {exc}"
-        ) from exc
-
-
-def submit(
-    settings: Any,
-    specs: Sequence[Any],
-    *,
-    source: str,
-    driver: Any,
-    force: bool = False,
-    echo: bool = True,
-) -> tuple[str, int]:
-    """Record a job and send (or, with no broker, run) its prompts. Returns (job id, n skipped).
-
-    Specs whose prompt is already in the atlas (from an earlier job) are recorded as done and
-    not sent, unless ``force``.
-    """
-    from atlas.jobs import JobStore, ensure_job_schema, new_job_id, skip_done
-    from atlas.pipeline import AttributePayload
-    from atlas.store.schema import apply_schema
-
-    apply_schema(driver, database=settings.neo4j_database)
-    ensure_job_schema(driver)
-    store = JobStore(driver)
-    if force:
-        specs = [s.model_copy(update={"force": True}) for s in specs]
-    spec_ids = [s.spec_id() for s in specs]
-    already = {} if force else skip_done(store, spec_ids)
-    job_id = new_job_id()
-    mode = "celery" if settings.redis_url else "inline"
-    store.create(
-        job_id,
-        [s.model_dump(mode="json") for s in specs],
-        spec_ids,
-        source=source,
-        mode=mode,
-        already_done=already,
-    )
-    pending = [
-        AttributePayload(spec=s, job_id=job_id, item=i)
-        for i, s in enumerate(specs)
-        if i not in already
-    ]
-    if echo:
-        click.echo(
-            f"job {job_id}: {len(specs)} prompts, {len(already)} already in the atlas, "
-            f"{len(pending)} to compute ({mode})",
-            err=True,
-        )
-    if pending and mode == "celery":
-        _send_attribute(_celery_app(settings), pending, settings)
-    elif pending:
-        _run_inline(settings, job_id, pending, driver)
-    return job_id, len(already)
-
-
-def _run_inline(settings: Any, job_id: str, payloads: Sequence[Any], driver: Any) -> None:
-    from atlas.jobs import JobStore
-    from atlas.pipeline import run_inline
-
-    store = JobStore(driver)
-    with _ProgressView(store.summary(job_id)) as view:
-        for p in payloads:
-            run_inline(p, settings, driver=driver)
-            view.update(store.summary(job_id))
-
-
-class _ProgressView:
-    """A rich progress bar: done / failed / remaining, rate and ETA."""
-
-    def __init__(self, summary: Any) -> None:
+    def _start_bar(self, s: JobSummary) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.start = time.monotonic()
-        self.start_finished = summary.done + summary.failed
+        self.start_finished = s.done + s.failed
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(bar_width=24),
@@ -188,10 +83,11 @@ class _ProgressView:
             console=Console(stderr=True),
         )
         self.task = self.progress.add_task(
-            "prompts", total=summary.n_items, **self._fields(summary)
+            "prompts", total=s.n_items, completed=s.done + s.failed, **self._fields(s)
         )
+        self.progress.start()
 
-    def _fields(self, s: Any) -> dict[str, Any]:
+    def _fields(self, s: JobSummary) -> dict[str, Any]:
         elapsed = max(1e-6, time.monotonic() - self.start)
         newly = s.done + s.failed - self.start_finished
         rate = newly / elapsed * 60.0
@@ -204,15 +100,12 @@ class _ProgressView:
             "eta": eta if s.remaining else "0s",
         }
 
-    def update(self, s: Any) -> None:
-        self.progress.update(self.task, completed=s.done + s.failed, **self._fields(s))
-
-    def __enter__(self) -> _ProgressView:
-        self.progress.start()
+    def __enter__(self) -> JobProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        if self.progress is not None:
+            self.progress.stop()
 
 
 def _fmt_s(seconds: float) -> str:
@@ -224,126 +117,76 @@ def _fmt_s(seconds: float) -> str:
     return f"{seconds}s"
 
 
-def wait_for_job(
-    settings: Any,
-    driver: Any,
-    job_id: str,
-    *,
-    poll_s: float = 1.0,
-    timeout_s: float | None = None,
-    requeue_after_s: float | None = None,
-    show: bool = True,
-) -> Any:
-    """Poll the job record until every item is done or failed; returns the final summary.
-
-    ``requeue_after_s``: when the job has made no progress at all for that long, its active
-    items that nothing touched for that long are sent again (safe: the tasks are idempotent).
-    It covers messages lost with a Redis that had no persistence; messages lost with a dead
-    worker are Celery's to redeliver (visibility timeout).
-    """
-    from atlas.jobs import JobStore
-
-    store = JobStore(driver)
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    summary = store.summary(job_id)
-    view = _ProgressView(summary) if show else None
-    last_change = time.monotonic()
-    state = (summary.done, summary.failed, summary.running, summary.queued)
-    try:
-        if view is not None:
-            view.__enter__()
-        while not summary.finished:
-            if deadline is not None and time.monotonic() > deadline:
-                raise ServiceUnavailable(
-                    f"job {job_id} not finished after {timeout_s:.0f}s: "
-                    f"{summary.remaining} prompts remaining (are workers running?)"
-                )
-            time.sleep(poll_s)
-            try:
-                summary = store.summary(job_id)
-            except ServiceUnavailable:
-                continue  # Neo4j blip: keep waiting
-            if view is not None:
-                view.update(summary)
-            now_state = (summary.done, summary.failed, summary.running, summary.queued)
-            if now_state != state:
-                state, last_change = now_state, time.monotonic()
-            elif (
-                requeue_after_s
-                and settings.redis_url
-                and time.monotonic() - last_change > requeue_after_s
-            ):
-                last_change = time.monotonic()
-                n = requeue_stale(settings, driver, job_id, stale_s=requeue_after_s)
-                if n:
-                    log.warning("job %s stalled: re-sent %d items", job_id, n)
-    finally:
-        if view is not None:
-            view.__exit__(None, None, None)
-    return summary
-
-
-def requeue_stale(settings: Any, driver: Any, job_id: str, *, stale_s: float) -> int:
-    """Send again the items of a job that nothing touched for ``stale_s`` seconds."""
-    from atlas.jobs import JobStore
-    from atlas.pipeline import AttributePayload, PromptSpec
-
-    store = JobStore(driver)
-    stale = store.stale_items(job_id, stale_s)
-    if not stale:
-        return 0
-    payloads = []
-    for it in stale:
-        store.mark(job_id, it.idx, state="queued")
-        payloads.append(
-            AttributePayload(spec=PromptSpec.model_validate(it.spec), job_id=job_id, item=it.idx)
-        )
-    _send_attribute(_celery_app(settings), payloads, settings)
-    return len(payloads)
-
-
-def _stall_s(settings: Any) -> float:
-    """No progress for this long means lost messages: above the visibility timeout, after
-    which Celery itself redelivers what a dead worker held."""
-    return float(settings.celery_visibility_timeout_s) + 60.0
-
-
-def _finish(settings: Any, driver: Any, job_id: str, wait: bool, timeout_s: float | None) -> None:
-    """Print the job id (stdout); with --wait, wait and report, exit 1 if some prompts failed."""
-    from atlas.jobs import JobStore
+def _finish(
+    settings: AtlasSettings, driver: Any, job_id: str, wait: bool, timeout_s: float | None
+) -> None:
+    """Print the job id (stdout); once the outcome is known, report it and exit 1 if some
+    prompts failed."""
+    from atlas.pipeline.submit import job_store, outcome
 
     click.echo(job_id)
-    if settings.redis_url and not wait:
+    with JobProgress(announce=False) as view:
+        summary = outcome(settings, driver, job_id, wait=wait, timeout_s=timeout_s, progress=view)
+    if summary is None:
         return
-    summary = (
-        wait_for_job(
-            settings, driver, job_id, timeout_s=timeout_s, requeue_after_s=_stall_s(settings)
-        )
-        if settings.redis_url
-        else JobStore(driver).summary(job_id)
-    )
     click.echo(
         f"job {job_id}: {summary.done} done, {summary.failed} failed of {summary.n_items}", err=True
     )
     if summary.failed:
-        for it in JobStore(driver).items(job_id, ["failed"])[:20]:
+        for it in job_store(driver, settings).items(job_id, ["failed"])[:20]:
             click.echo(f"  item {it.idx} failed: {it.reason}", err=True)
         raise click.exceptions.Exit(1)
 
 
-_spec_options = [
-    click.option("--model", default=None, help="Model dir or hub id (default: the toy model)."),
-    click.option("--transcoders", default=None, help="Transcoder dir (default: the toy set)."),
-    click.option("--max-n-logits", type=int, default=10, show_default=True),
-    click.option("--desired-logit-prob", type=float, default=0.95, show_default=True),
-    click.option("--max-feature-nodes", type=int, default=None),
-    click.option("--node-threshold", type=float, default=0.8, show_default=True),
-    click.option("--edge-threshold", type=float, default=0.98, show_default=True),
-]
+def _submit_and_finish(
+    settings: AtlasSettings,
+    specs: list[Any],
+    *,
+    source: str,
+    force: bool,
+    wait: bool,
+    timeout_s: float | None,
+) -> None:
+    from atlas.pipeline.submit import submit
+
+    driver = open_atlas_driver(settings)
+    try:
+        with JobProgress(bar=not settings.redis_url) as view:
+            job_id, _ = submit(
+                settings, specs, source=source, driver=driver, force=force, progress=view
+            )
+        _finish(settings, driver, job_id, wait, timeout_s)
+    finally:
+        driver.close()
+
+
+class _KnobOption(click.Option):
+    """An attribution knob whose default is :class:`atlas.graph.AttributionSettings`' (the one
+    definition), read only when needed: ``atlas.graph`` imports torch, ``atlas --help`` must not."""
+
+    def get_default(self, ctx: click.Context, call: bool = True) -> Any:
+        from atlas.graph import AttributionSettings
+
+        return AttributionSettings.model_fields[self.name or ""].default
+
+
+def _knob_option(name: str, kind: type) -> Any:
+    return click.option(
+        "--" + name.replace("_", "-"), type=kind, cls=_KnobOption, show_default=True
+    )
 
 
 def _with_spec_options(fn: Any) -> Any:
-    for opt in reversed(_spec_options):
+    options = [
+        click.option("--model", default=None, help="Model dir or hub id (default: the toy model)."),
+        click.option("--transcoders", default=None, help="Transcoder dir (default: the toy set)."),
+        _knob_option("max_n_logits", int),
+        _knob_option("desired_logit_prob", float),
+        _knob_option("max_feature_nodes", int),
+        _knob_option("node_threshold", float),
+        _knob_option("edge_threshold", float),
+    ]
+    for opt in reversed(options):
         fn = opt(fn)
     return fn
 
@@ -367,22 +210,13 @@ def enqueue(
     texts: tuple[str, ...], force: bool, wait: bool, timeout_s: float | None, **spec_opts: Any
 ) -> None:
     """Attribute the prompts TEXT... and ingest them into the atlas. Prints the job id."""
-    from pydantic import ValidationError
-
-    from atlas.pipeline import PromptSpec
+    from atlas.pipeline.payloads import parse_spec
 
     settings = get_settings()
-    try:
-        specs = [PromptSpec(prompt=t, **spec_opts) for t in texts]
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise InputError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from exc
-    driver = open_atlas_driver(settings)
-    try:
-        job_id, _ = submit(settings, specs, source="enqueue", driver=driver, force=force)
-        _finish(settings, driver, job_id, wait, timeout_s)
-    finally:
-        driver.close()
+    specs = [parse_spec({"prompt": t, **spec_opts}) for t in texts]
+    _submit_and_finish(
+        settings, specs, source="enqueue", force=force, wait=wait, timeout_s=timeout_s
+    )
 
 
 @click.command()
@@ -396,14 +230,13 @@ def batch(file: Path, force: bool, wait: bool, timeout_s: float | None) -> None:
     A line is {"prompt": "...", "model": ..., "transcoders": ..., "max_n_logits": ...} (only
     "prompt" is required) or a bare JSON string. Re-running a file skips what is done.
     """
+    from atlas.pipeline.submit import parse_batch_file
+
     settings = get_settings()
     specs = parse_batch_file(file)
-    driver = open_atlas_driver(settings)
-    try:
-        job_id, _ = submit(settings, specs, source=str(file), driver=driver, force=force)
-        _finish(settings, driver, job_id, wait, timeout_s)
-    finally:
-        driver.close()
+    _submit_and_finish(
+        settings, specs, source=str(file), force=force, wait=wait, timeout_s=timeout_s
+    )
 
 
 @click.group()
@@ -416,13 +249,14 @@ def jobs() -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 def jobs_list(limit: int, fmt: str) -> None:
     """The most recent jobs."""
-    from atlas.jobs import JobStore, ensure_job_schema
+    from atlas.pipeline.submit import job_store
+    from atlas.store.jobs import ensure_job_schema
 
     settings = get_settings()
     driver = open_atlas_driver(settings)
     try:
-        ensure_job_schema(driver)
-        rows = JobStore(driver).recent(limit)
+        ensure_job_schema(driver, settings.neo4j_database)
+        rows = job_store(driver, settings).recent(limit)
     finally:
         driver.close()
     if fmt == "json":
@@ -456,19 +290,24 @@ def jobs_status(
     job_id: str, show_items: bool, wait: bool, timeout_s: float | None, fmt: str
 ) -> None:
     """Where job JOB_ID stands; failed items are listed with their reasons."""
-    from atlas.jobs import JobStore
+    from atlas.pipeline.submit import job_store, stall_s, wait_for_job
 
     settings = get_settings()
     driver = open_atlas_driver(settings)
     try:
-        store = JobStore(driver)
-        summary = (
-            wait_for_job(
-                settings, driver, job_id, timeout_s=timeout_s, requeue_after_s=_stall_s(settings)
-            )
-            if wait
-            else store.summary(job_id)
-        )
+        store = job_store(driver, settings)
+        if wait:
+            with JobProgress(announce=False) as view:
+                summary = wait_for_job(
+                    settings,
+                    driver,
+                    job_id,
+                    timeout_s=timeout_s,
+                    requeue_after_s=stall_s(settings),
+                    progress=view,
+                )
+        else:
+            summary = store.summary(job_id)
         items = store.items(job_id, None if show_items else ["failed"])
     finally:
         driver.close()
@@ -503,122 +342,15 @@ def jobs_status(
 @_timeout_option
 def jobs_retry(job_id: str, stale_after: float | None, wait: bool, timeout_s: float | None) -> None:
     """Send the failed items of JOB_ID again (and stale ones with --stale-after)."""
-    from atlas.jobs import ACTIVE_STATES, JobStore
-    from atlas.pipeline import AttributePayload, PromptSpec
+    from atlas.pipeline.submit import resend, retry_items
 
     settings = get_settings()
     driver = open_atlas_driver(settings)
     try:
-        store = JobStore(driver)
-        store.summary(job_id)  # unknown job -> InputError
-        states = ["failed"] + (list(ACTIVE_STATES) if stale_after else [])
-        items = store.items(job_id, states)
-        if stale_after:
-            stale = {i.idx for i in store.stale_items(job_id, stale_after)}
-            items = [i for i in items if i.state == "failed" or i.idx in stale]
-        payloads = []
-        for it in items:
-            store.mark(job_id, it.idx, state="queued")
-            spec = PromptSpec.model_validate(it.spec)
-            payloads.append(AttributePayload(spec=spec, job_id=job_id, item=it.idx))
-        click.echo(f"job {job_id}: re-sending {len(payloads)} items", err=True)
-        if payloads and settings.redis_url:
-            _send_attribute(_celery_app(settings), payloads, settings)
-        elif payloads:
-            _run_inline(settings, job_id, payloads, driver)
+        items = retry_items(driver, settings, job_id, stale_after)
+        click.echo(f"job {job_id}: re-sending {len(items)} items", err=True)
+        with JobProgress(announce=False, bar=not settings.redis_url) as view:
+            resend(settings, driver, job_id, items, progress=view)
         _finish(settings, driver, job_id, wait, timeout_s)
     finally:
         driver.close()
-
-
-def worker_argv(
-    *,
-    queues: str,
-    concurrency: int,
-    pool: str,
-    loglevel: str,
-    hostname: str | None,
-    python: str = sys.executable,
-) -> list[str]:
-    """The celery command line of a correctly configured worker (prefetch 1, late acks)."""
-    argv = [
-        python,
-        "-m",
-        "celery",
-        "-A",
-        "workers.tasks",
-        "worker",
-        "-Q",
-        queues,
-        "-c",
-        str(concurrency),
-        "-P",
-        pool,
-        "--prefetch-multiplier",
-        "1",
-        "-l",
-        loglevel,
-        "--without-gossip",
-        "--without-mingle",
-    ]
-    if hostname:
-        argv += ["-n", hostname]
-    return argv
-
-
-@click.command()
-@click.option("--gpu", type=int, default=None, help="GPU index: sets CUDA_VISIBLE_DEVICES, -c 1.")
-@click.option("--queues", default=DEFAULT_QUEUES, show_default=True, help="Comma-separated.")
-@click.option(
-    "--concurrency",
-    "-c",
-    type=int,
-    default=1,
-    show_default=True,
-    help="Processes (forced to 1 with --gpu: one process per GPU).",
-)
-@click.option(
-    "--pool",
-    type=click.Choice(["prefork", "solo", "threads"]),
-    default="prefork",
-    show_default=True,
-)
-@click.option("--threads", type=int, default=None, help="Torch CPU threads per process.")
-@click.option("--loglevel", "-l", default="info", show_default=True)
-@click.option("--name", "hostname", default=None, help="Worker node name (celery -n).")
-def worker(
-    gpu: int | None,
-    queues: str,
-    concurrency: int,
-    pool: str,
-    threads: int | None,
-    loglevel: str,
-    hostname: str | None,
-) -> None:
-    """Start a Celery worker for the pipeline (replaces this process).
-
-    One worker process per GPU: ``--gpu N`` sets CUDA_VISIBLE_DEVICES=N before anything imports
-    torch and runs one pool process with prefetch 1; models load lazily in that process (after
-    the fork), so CUDA is never initialised in the parent.
-    """
-    from workers.app import check_broker
-
-    settings = get_settings()
-    check_broker(settings)  # one line now, instead of Celery retrying an absent Redis forever
-    # The worker is exec'd below, so nothing this process imported (or initialised) leaks into it.
-    env = dict(os.environ)
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-        concurrency = 1
-        hostname = hostname or f"atlas-gpu{gpu}@%h"
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
-        env["MKL_NUM_THREADS"] = str(threads)
-    argv = worker_argv(
-        queues=queues, concurrency=concurrency, pool=pool, loglevel=loglevel, hostname=hostname
-    )
-    if shutil.which(argv[0]) is None and not Path(argv[0]).exists():
-        raise ConfigError(f"python interpreter {argv[0]} not found")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execvpe(argv[0], argv, env)

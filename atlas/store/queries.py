@@ -25,17 +25,11 @@ SHOW_CONSTRAINTS = "SHOW CONSTRAINTS YIELD name, type, labelsOrTypes, properties
 # Used by the tests' fixture and ``atlas db wipe``: batched so large atlases do not blow memory.
 WIPE_DATABASE = "MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS"
 
-# =========================================================================== jobs (workers engineer)
+# =========================================================================== jobs
 # Job records live in Neo4j next to the atlas, so job state survives a Redis restart (or loss) and
 # every worker, wherever it runs, reports to the same place. One (:Job) per batch and one
-# (:JobItem) per prompt spec, keyed "{job id}/{item index}". Used by atlas.jobs only.
-JOB_SCHEMA = (
-    "CREATE CONSTRAINT job_id IF NOT EXISTS FOR (j:Job) REQUIRE j.id IS UNIQUE",
-    "CREATE CONSTRAINT job_item_key IF NOT EXISTS FOR (i:JobItem) REQUIRE i.key IS UNIQUE",
-    "CREATE INDEX job_item_job IF NOT EXISTS FOR (i:JobItem) ON (i.job_id)",
-    "CREATE INDEX job_item_spec IF NOT EXISTS FOR (i:JobItem) ON (i.spec_id)",
-)
-
+# (:JobItem) per prompt spec, keyed "{job id}/{item index}"; their constraints and indexes are
+# schema/0006_jobs.cypher. Used by atlas.store.jobs only.
 JOB_CREATE = """
 MERGE (j:Job {id: $job_id})
   ON CREATE SET j.created_at = $now, j.source = $source, j.n_items = $n_items, j.mode = $mode

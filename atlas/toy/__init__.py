@@ -8,6 +8,7 @@ Public API::
     load_toy(paths=None) -> (model, tokenizer)
     evaluate_toy(paths=None) -> dict        fact accuracy + transcoder FVU / L0 / dead
     ToyCorpus(seed)                         facts, splits, vocabulary, document sampler
+    atlas.toy.demo.demo_prompts(n)          the demo's prompts (hand facts first)
 
 CLI: ``atlas toy build [--out DIR] [--seed N] [--force]`` and ``atlas toy eval``.
 """

@@ -23,8 +23,8 @@ def _toy_or_skip() -> None:
 
 
 def test_demo_prompts_are_many_unique_and_hand_heavy() -> None:
-    from atlas.cli.demo import demo_prompts
     from atlas.toy import ToyCorpus
+    from atlas.toy.demo import demo_prompts
 
     prompts = demo_prompts(120)
     assert len(prompts) == 120 == len(set(prompts))

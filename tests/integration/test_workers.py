@@ -1,8 +1,9 @@
 """Workers, jobs and the inline pipeline against a real Neo4j, a real Redis and real workers.
 
-Fast tests first (payloads, batch files, the worker command, error sorting, the out-of-memory
-policy), then the inline mode on Neo4j, then real ``celery worker`` subprocesses: a batch with
-poison prompts, a worker killed with SIGKILL mid-task, and Redis restarted mid-batch.
+Fast tests first (payloads, batch files, the worker command, error sorting, the retry policy),
+then the inline mode on Neo4j, then real ``celery worker`` subprocesses: a batch with poison
+prompts, a worker killed with SIGKILL mid-task, and Redis restarted mid-batch; then job records in
+a database that does not exist, broker faults, and the exit status of the real console script.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 
 def _specs(world: tuple[str, str], prompts: list[str]) -> list[Any]:
-    from atlas.pipeline import PromptSpec
+    from atlas.pipeline.payloads import PromptSpec
 
     return [PromptSpec(prompt=p, model=world[0], transcoders=world[1]) for p in prompts]
 
@@ -64,7 +65,7 @@ def _node_count(driver: Any, prompt_id: str) -> int:
 def test_payloads_are_strict_and_round_trip_through_json() -> None:
     from pydantic import ValidationError
 
-    from atlas.pipeline import AttributePayload, IngestPayload, PromptSpec
+    from atlas.pipeline.payloads import AttributePayload, IngestPayload, PromptSpec
 
     spec = PromptSpec(prompt="a hand has", max_feature_nodes=100)
     payload = AttributePayload(spec=spec, job_id="j", item=3, enqueued_at=1.5)
@@ -78,11 +79,12 @@ def test_payloads_are_strict_and_round_trip_through_json() -> None:
         IngestPayload.model_validate({"prompt_id": "p", "artifact": "a", "extra": True})
     # the spec id ignores `force` (a forced re-run is the same request) but nothing else
     assert spec.spec_id() == spec.model_copy(update={"force": True}).spec_id()
-    assert spec.spec_id() != spec.model_copy(update={"max_n_logits": 3}).spec_id()
+    fewer = spec.attribution.model_copy(update={"max_n_logits": 3})
+    assert spec.spec_id() != spec.model_copy(update={"attribution": fewer}).spec_id()
 
 
 def test_batch_file_errors_name_the_line(tmp_path: Path) -> None:
-    from atlas.cli.jobs import parse_batch_file
+    from atlas.pipeline.submit import parse_batch_file
 
     good = tmp_path / "good.jsonl"
     good.write_text(
@@ -90,7 +92,7 @@ def test_batch_file_errors_name_the_line(tmp_path: Path) -> None:
     )
     specs = parse_batch_file(good)
     assert [s.prompt for s in specs] == ["a hand has", "a spider has", "x"]
-    assert specs[2].max_n_logits == 2
+    assert specs[2].attribution.max_n_logits == 2
 
     cases = {
         '{"prompt": "ok"}\n{"prompt": "broken"\n': ":2: not valid JSON",
@@ -133,9 +135,9 @@ def test_importing_the_tasks_loads_no_model_and_no_torch() -> None:
     """Models load lazily in the worker process, never at import (so never before a fork)."""
     code = (
         "import sys, workers.tasks as t\n"
-        "from atlas import pipeline\n"
+        "from atlas import engine\n"
         "assert 'torch' not in sys.modules, 'torch imported at import time'\n"
-        "assert not pipeline.ENGINES._items\n"
+        "assert not engine.PROCESS_ENGINES._items\n"
         "names = set(t.app.tasks)\n"
         "assert {'atlas.attribute', 'atlas.ingest', 'atlas.annotate'} <= names, names\n"
         "c = t.app.conf\n"
@@ -207,30 +209,31 @@ def test_errors_are_sorted_into_transient_and_permanent() -> None:
 def test_inline_run_retries_transient_faults(monkeypatch: pytest.MonkeyPatch) -> None:
     """The inline pipeline retries a transient fault with backoff (atlas.retry) and records a
     permanent one as a failed result without retrying."""
-    from atlas import pipeline, retry
+    from atlas import retry
+    from atlas.pipeline import payloads, steps
 
     sleeps: list[float] = []
     monkeypatch.setattr(retry.time, "sleep", sleeps.append)
     calls = iter([ServiceUnavailable("Neo4j down"), ServiceUnavailable("Neo4j down"), None])
 
-    def step(*_: Any, **__: Any) -> pipeline.StepResult:
+    def step(*_: Any, **__: Any) -> payloads.StepResult:
         exc = next(calls)
         if exc is not None:
             raise exc
-        return pipeline.StepResult(outcome="computed")
+        return payloads.StepResult(outcome="computed")
 
-    monkeypatch.setattr(pipeline, "attribute_step", step)
-    payload = pipeline.AttributePayload(spec=pipeline.PromptSpec(prompt="a cat"))
-    assert pipeline.run_inline(payload, None, driver=None).outcome == "computed"  # type: ignore[arg-type]
+    monkeypatch.setattr(steps, "attribute_step", step)
+    payload = payloads.AttributePayload(spec=payloads.PromptSpec(prompt="a cat"))
+    assert steps.run_inline(payload, None, driver=None).outcome == "computed"  # type: ignore[arg-type]
     assert sleeps == [1.0, 2.0]  # exponential backoff
 
     sleeps.clear()
 
-    def bad(*_: Any, **__: Any) -> pipeline.StepResult:
+    def bad(*_: Any, **__: Any) -> payloads.StepResult:
         raise InputError("bad prompt")
 
-    monkeypatch.setattr(pipeline, "attribute_step", bad)
-    result = pipeline.run_inline(payload, None, driver=None)  # type: ignore[arg-type]
+    monkeypatch.setattr(steps, "attribute_step", bad)
+    result = steps.run_inline(payload, None, driver=None)  # type: ignore[arg-type]
     assert result.outcome == "failed" and result.reason == "bad prompt"
     assert sleeps == []
 
@@ -239,12 +242,14 @@ def test_task_retry_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     """The Celery wrapper retries transient faults (with growing countdowns) up to a cap,
     then records the item failed; permanent faults are recorded at once."""
     import workers.tasks as tasks
+    from atlas.retry import TASK_BACKOFF
 
     class _Retry(Exception):
         pass
 
     class _Task:
         name = "atlas.attribute"
+        app = type("App", (), {"atlas_settings": None})()
 
         def __init__(self, retries: int) -> None:
             self.request = type("R", (), {"retries": retries})()
@@ -255,9 +260,11 @@ def test_task_retry_policy(monkeypatch: pytest.MonkeyPatch) -> None:
             return _Retry()
 
     recorded: list[tuple[Any, Any, str]] = []
-    monkeypatch.setattr(tasks, "get_driver", lambda: "driver")
+    from atlas.pipeline import steps
+
+    monkeypatch.setattr(tasks, "get_driver", lambda settings: "driver")
     monkeypatch.setattr(
-        tasks.pipeline, "record_failure", lambda d, j, i, reason: recorded.append((j, i, reason))
+        steps, "record_failure", lambda d, s, j, i, reason: recorded.append((j, i, reason))
     )
     first, later = _Task(0), _Task(5)
     for task in (first, later):
@@ -267,7 +274,7 @@ def test_task_retry_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     assert recorded == []
 
     out = tasks._retry_or_fail(
-        _Task(tasks.MAX_RETRIES), ServiceUnavailable("down"), [("job", 2), ("job", 4)]
+        _Task(TASK_BACKOFF.max_retries or 0), ServiceUnavailable("down"), [("job", 2), ("job", 4)]
     )["results"][0]
     assert out["outcome"] == "failed" and "gave up after" in out["reason"]
     out = tasks._retry_or_fail(_Task(0), InputError("prompt too long"), [("job", 3)])["results"][0]
@@ -276,59 +283,21 @@ def test_task_retry_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [(j, i) for j, i, _ in recorded] == [("job", 2), ("job", 4), ("job", 3)]
 
 
-def test_out_of_memory_halves_the_batch_then_fails_permanently(
-    monkeypatch: pytest.MonkeyPatch, neo4j_settings: Any
-) -> None:
-    """OOM at batch b -> retry at b/2 ... -> success, or a permanent AttributionError at 1."""
-    import atlas.attribution
-    from atlas.graph import ModelInfo, TranscoderInfo
-    from atlas.pipeline import Engine, PromptSpec, _run_attribution
-
-    seen: list[int] = []
-
-    class _Result:
-        def to_graph(self, **_: Any) -> str:
-            return "graph"
-
-    def fake_attribute(prompt: str, model: Any, tcs: Any, *, batch_size: int, **_: Any) -> Any:
-        seen.append(batch_size)
-        if batch_size > limit:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return _Result()
-
-    monkeypatch.setattr(atlas.attribution, "attribute", fake_attribute)
-    info = ModelInfo(name="m", family="llama", n_layers=1, d_model=1, vocab_size=1)
-    tinfo = TranscoderInfo(name="t", kind="transcoder_set", content_hash="h", d_transcoder=1)
-    engine = Engine(model=None, transcoders=None, model_info=info, transcoder_info=tinfo)
-    settings = neo4j_settings.model_copy(update={"batch_size": 64})
-    spec = PromptSpec(prompt="a hand has")
-
-    limit = 10
-    assert _run_attribution(spec, engine, settings, {}) == "graph"  # type: ignore[comparison-overlap]
-    assert seen == [64, 32, 16, 8]
-
-    seen.clear()
-    limit = 0
-    with pytest.raises(AttributionError, match="out of memory even at batch size 1"):
-        _run_attribution(spec, engine, settings, {})
-    assert seen == [64, 32, 16, 8, 4, 2, 1]
-
-
 # --------------------------------------------------------------------------- inline mode (Neo4j)
 def test_inline_batch_is_idempotent_and_rerun_skips_done(
     clean_neo4j: Any, neo4j_settings: Any, tiny_world: tuple[str, str]
 ) -> None:
-    from atlas.cli.jobs import submit
     from atlas.graph import Graph, artifact_path
-    from atlas.jobs import JobStore
+    from atlas.pipeline.submit import submit
+    from atlas.store.jobs import JobStore
 
     driver = clean_neo4j
     settings = neo4j_settings
     assert settings.redis_url is None  # the embedded default: no broker, inline
     specs = _specs(tiny_world, ["hello world", "The cat sat", "1 + 2 = 3"])
-    job, skipped = submit(settings, specs, source="test", driver=driver, echo=False)
+    job, skipped = submit(settings, specs, source="test", driver=driver)
     assert skipped == 0
-    store = JobStore(driver)
+    store = JobStore(driver, settings.neo4j_database)
     summary = store.summary(job)
     assert (summary.done, summary.failed, summary.remaining) == (3, 0, 0)
     items = store.items(job)
@@ -345,7 +314,7 @@ def test_inline_batch_is_idempotent_and_rerun_skips_done(
 
     # re-running the same batch (plus one new prompt) only computes the new one
     job2, skipped2 = submit(
-        settings, [*specs, *_specs(tiny_world, ["abc"])], source="test", driver=driver, echo=False
+        settings, [*specs, *_specs(tiny_world, ["abc"])], source="test", driver=driver
     )
     assert skipped2 == 3
     items2 = store.items(job2)
@@ -353,7 +322,8 @@ def test_inline_batch_is_idempotent_and_rerun_skips_done(
     assert _count(driver, "MATCH (p:Prompt) RETURN count(p)") == 4
 
     # a worker handed an already-stored prompt (redelivery) recomputes nothing
-    from atlas.pipeline import AttributePayload, attribute_step
+    from atlas.pipeline.payloads import AttributePayload
+    from atlas.pipeline.steps import attribute_step
 
     result = attribute_step(AttributePayload(spec=specs[0]), settings, driver=driver)
     assert result.outcome == "present" and result.prompt_id == items[0].prompt_id
@@ -362,17 +332,17 @@ def test_inline_batch_is_idempotent_and_rerun_skips_done(
 
 # --------------------------------------------------------------------------- real workers
 def _wait_job(settings: Any, driver: Any, job: str, timeout_s: float = 240.0) -> Any:
-    from atlas.cli.jobs import wait_for_job
+    from atlas.pipeline.submit import wait_for_job
 
-    return wait_for_job(settings, driver, job, timeout_s=timeout_s, poll_s=0.5, show=False)
+    return wait_for_job(settings, driver, job, timeout_s=timeout_s, poll_s=0.5)
 
 
 def test_batch_through_a_worker_with_poison_prompts(
     clean_neo4j: Any, service_settings: Any, celery_worker: Any, tiny_world: tuple[str, str]
 ) -> None:
-    from atlas.cli.jobs import submit
-    from atlas.jobs import JobStore
-    from atlas.pipeline import PromptSpec
+    from atlas.pipeline.payloads import PromptSpec
+    from atlas.pipeline.submit import submit
+    from atlas.store.jobs import JobStore
 
     driver = clean_neo4j
     good = ["a hand has", "the cat", "2 + 3 =", "blue sky"]
@@ -380,10 +350,10 @@ def test_batch_through_a_worker_with_poison_prompts(
     specs.append(PromptSpec(prompt="x" * 1000, model=tiny_world[0], transcoders=tiny_world[1]))
     specs += _specs(tiny_world, good[2:])
     specs.append(PromptSpec(prompt="hi", model="/nonexistent/model", transcoders=tiny_world[1]))
-    job, _ = submit(service_settings, specs, source="test", driver=driver, echo=False)
+    job, _ = submit(service_settings, specs, source="test", driver=driver)
     summary = _wait_job(service_settings, driver, job)
     assert (summary.done, summary.failed) == (4, 2), celery_worker.log_text()[-3000:]
-    store = JobStore(driver)
+    store = JobStore(driver, service_settings.neo4j_database)
     failed = {i.idx: i for i in store.items(job, ["failed"])}
     assert set(failed) == {2, 5}
     assert "more than the limit" in (failed[2].reason or "")
@@ -413,9 +383,9 @@ def test_worker_killed_mid_task_is_redelivered_exactly_once(
     start_worker: Callable[..., Any],
     tiny_world: tuple[str, str],
 ) -> None:
-    from atlas.cli.jobs import submit
     from atlas.graph import Graph, artifact_path
-    from atlas.jobs import JobStore
+    from atlas.pipeline.submit import submit
+    from atlas.store.jobs import JobStore
 
     driver = clean_neo4j
     visibility = 12
@@ -425,8 +395,8 @@ def test_worker_killed_mid_task_is_redelivered_exactly_once(
     env = {"CELERY_VISIBILITY_TIMEOUT_S": str(visibility)}
     first = start_worker(settings=settings, extra_env=env)
     specs = _specs(tiny_world, [SLOW_PROMPT, "hello there", "one more"])
-    job, _ = submit(settings, specs, source="test", driver=driver, echo=False)
-    store = JobStore(driver)
+    job, _ = submit(settings, specs, source="test", driver=driver)
+    store = JobStore(driver, settings.neo4j_database)
     deadline = time.monotonic() + 120
     while store.items(job)[0].state != "attributing":
         assert time.monotonic() < deadline, first.log_text()[-3000:]
@@ -456,9 +426,9 @@ def test_redis_restart_mid_batch_completes(
     start_worker: Callable[..., Any],
     tiny_world: tuple[str, str],
 ) -> None:
-    from atlas.cli.jobs import submit
-    from atlas.jobs import JobStore
+    from atlas.pipeline.submit import submit
     from atlas.services import redis_local
+    from atlas.store.jobs import JobStore
 
     driver = clean_neo4j
     visibility = 15
@@ -469,8 +439,8 @@ def test_redis_restart_mid_batch_completes(
         settings=settings, extra_env={"CELERY_VISIBILITY_TIMEOUT_S": str(visibility)}
     )
     prompts = [f"prompt number {i} is here" for i in range(10)]
-    job, _ = submit(settings, _specs(tiny_world, prompts), source="test", driver=driver, echo=False)
-    store = JobStore(driver)
+    job, _ = submit(settings, _specs(tiny_world, prompts), source="test", driver=driver)
+    store = JobStore(driver, settings.neo4j_database)
     deadline = time.monotonic() + 120
     while store.summary(job).done < 2:
         assert time.monotonic() < deadline, worker.log_text()[-3000:]
@@ -484,3 +454,116 @@ def test_redis_restart_mid_batch_completes(
     for item in store.items(job):
         assert _prompt_copies(driver, item.prompt_id or "") == 1
     worker.stop()
+
+
+# --------------------------------------------------------------------------- job records' database
+def test_job_records_use_the_configured_database(neo4j_schema: Any) -> None:
+    """Community Neo4j has one user database: job records aimed at another must fail with the
+    store's one-line error, never land silently in the home database."""
+    from atlas.errors import StoreError
+    from atlas.store.jobs import JobStore, ensure_job_schema, prompts_present
+
+    driver = neo4j_schema
+    store = JobStore(driver, "nosuchdb")
+    calls: list[Callable[[], Any]] = [
+        lambda: store.create("j-nosuchdb", [{"prompt": "x"}], ["s"], source="t", mode="inline"),
+        lambda: store.summary("j-nosuchdb"),
+        lambda: ensure_job_schema(driver, "nosuchdb"),
+        lambda: prompts_present(driver, "nosuchdb", ["p"]),
+    ]
+    for call in calls:
+        with pytest.raises(StoreError) as info:
+            call()
+        message = str(info.value)
+        assert "nosuchdb" in message and "\n" not in message, message
+    assert _count(driver, "MATCH (j:Job {id: 'j-nosuchdb'}) RETURN count(j)") == 0
+
+    home = JobStore(driver, "neo4j")  # the same calls in the configured database work
+    home.create("j-home-db", [{"prompt": "x"}], ["s"], source="t", mode="inline")
+    assert home.summary("j-home-db").n_items == 1
+
+
+# --------------------------------------------------------------------------- broker errors
+def test_only_broker_faults_read_as_redis_unreachable(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str, neo4j_settings: Any
+) -> None:
+    """A Redis that does not answer is ServiceUnavailable; a bug in sending (here a TypeError
+    from the send itself) is raised as it is, not reported as an unreachable Redis."""
+    from atlas.pipeline.payloads import AttributePayload, PromptSpec
+    from workers import app as celery_app
+
+    payloads = [AttributePayload(spec=PromptSpec(prompt="a cat"), job_id="j", item=0)]
+    from atlas.services import _proc
+
+    down = neo4j_settings.model_copy(
+        update={"redis_url": f"redis://127.0.0.1:{_proc.free_port()}/0"}
+    )
+    with pytest.raises(ServiceUnavailable, match="is not reachable"):
+        celery_app.send_attribute(down, payloads)
+
+    def broken(*_: Any, **__: Any) -> None:
+        raise TypeError("Object of type set is not JSON serializable")
+
+    monkeypatch.setattr(celery_app.AtlasCelery, "send_task", broken)
+    up = neo4j_settings.model_copy(update={"redis_url": redis_url})
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        celery_app.send_attribute(up, payloads)
+
+
+# --------------------------------------------------------------------------- exit codes
+def _console(args: list[str], settings: Any, **env: str) -> subprocess.CompletedProcess[str]:
+    """The real console script (``.venv/bin/atlas``), as a user's shell or CI runs it."""
+    script = Path(sys.executable).with_name("atlas")
+    assert script.is_file(), script
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "REDIS_"))}
+    base |= {
+        "ATLAS_HOME": str(settings.atlas_home),
+        "NEO4J_URI": settings.neo4j_uri,
+        "NEO4J_USER": settings.neo4j_user,
+        "NEO4J_PASSWORD": settings.neo4j_password.get_secret_value(),
+        "REDIS_URL": settings.redis_url or "",
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.run(
+        [str(script), *args],
+        env=base | env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
+    )
+
+
+def test_failed_prompts_exit_nonzero_inline(
+    tmp_path: Path, clean_neo4j: Any, neo4j_settings: Any, tiny_world: tuple[str, str]
+) -> None:
+    """``batch`` and ``jobs retry`` with a failed prompt exit 1 through the console script; a
+    batch that fully succeeds exits 0."""
+    model, tcs = tiny_world
+    lines = [{"prompt": "hello world", "model": model, "transcoders": tcs}]
+    lines.append({"prompt": "hi", "model": "/nonexistent/model", "transcoders": tcs})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = _console(["batch", str(bad)], neo4j_settings)
+    assert out.returncode == 1, (out.stdout, out.stderr[-2000:])
+    assert "1 done, 1 failed of 2" in out.stderr
+    job = out.stdout.strip().splitlines()[-1]
+
+    out = _console(["jobs", "retry", job], neo4j_settings)
+    assert out.returncode == 1, (out.stdout, out.stderr[-2000:])
+    assert "re-sending 1 items" in out.stderr
+
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps(lines[0]) + "\n")
+    out = _console(["batch", str(good)], neo4j_settings)
+    assert out.returncode == 0, (out.stdout, out.stderr[-2000:])
+
+
+def test_failed_prompts_exit_nonzero_through_celery(
+    clean_neo4j: Any, service_settings: Any, celery_worker: Any, tiny_world: tuple[str, str]
+) -> None:
+    tcs = tiny_world[1]
+    args = ["enqueue", "hello", "--model", "/nonexistent/model", "--transcoders", tcs, "--wait"]
+    out = _console([*args, "--timeout", "240"], service_settings)
+    assert out.returncode == 1, (out.stderr[-2000:], celery_worker.log_text()[-2000:])
+    assert "0 done, 1 failed of 1" in out.stderr

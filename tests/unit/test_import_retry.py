@@ -8,7 +8,7 @@ import pytest
 import redis.exceptions
 
 from atlas.errors import InputError, ServiceUnavailable, StoreError
-from atlas.retry import RETRY_BUDGET_S, retry_transient
+from atlas.retry import INLINE_BACKOFF, TASK_BACKOFF, Backoff, retry_transient
 from atlas.store.ingest import translate_neo4j_error
 
 
@@ -47,7 +47,7 @@ def test_budget_covers_a_restart_then_gives_up_with_the_error() -> None:
     with pytest.raises(ServiceUnavailable, match=r"gave up after 90 s of retries"):
         retry_transient(fn, what="f", sleep=sleeps.append)
     assert sleeps == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 29.0]
-    assert sum(sleeps) == RETRY_BUDGET_S >= 60
+    assert sum(sleeps) == INLINE_BACKOFF.budget_s >= 60
 
 
 def test_permanent_errors_are_not_retried() -> None:
@@ -85,3 +85,23 @@ def test_raw_driver_and_redis_faults_are_transient_anything_else_is_not() -> Non
     with pytest.raises(RuntimeError):
         retry_transient(Flaky(1, RuntimeError("boom")), what="f", sleep=sleeps.append)
     assert len(sleeps) == 4
+
+
+def test_one_backoff_schedule_for_the_loop_and_the_tasks() -> None:
+    """The worker's countdowns come from the same Backoff as the in-process loop: doubling from
+    2 s, capped at 120 s, up to 25% jitter, 8 retries."""
+    assert [TASK_BACKOFF.delay(n, rand=lambda: 0.0) for n in range(8)] == [
+        2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 120.0, 120.0
+    ]  # fmt: skip
+    assert TASK_BACKOFF.delay(0, rand=lambda: 1.0) == 2.5
+    assert TASK_BACKOFF.may_retry(7) and not TASK_BACKOFF.may_retry(8)
+    assert [INLINE_BACKOFF.delay(n) for n in range(6)] == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0]
+    assert INLINE_BACKOFF.may_retry(100, waited_s=89.0) and not INLINE_BACKOFF.may_retry(0, 90.0)
+
+    sleeps: list[float] = []
+    three = Backoff(first_s=0.5, cap_s=10.0, factor=3.0, max_retries=3)
+    with pytest.raises(ServiceUnavailable):
+        retry_transient(
+            Flaky(10, ServiceUnavailable("down")), what="f", backoff=three, sleep=sleeps.append
+        )
+    assert sleeps == [0.5, 1.5, 4.5]

@@ -103,3 +103,13 @@ def test_readme_documents_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
     missing = [name.upper() for name in FIELDS if f"`{name.upper()}`" not in readme]
     assert not missing, f"README.md configuration table lacks {missing}"
+
+
+def test_device_and_dtype_resolve_in_one_place() -> None:
+    """The engine loads with ``torch_dtype()`` and ``resolved_device()``; nothing else maps names."""
+    import torch
+
+    for name, dtype in [("float32", torch.float32), ("bfloat16", torch.bfloat16)]:
+        assert AtlasSettings(dtype=name).torch_dtype() is dtype
+    assert AtlasSettings(dtype="float16").torch_dtype() is torch.float16
+    assert AtlasSettings(device="cpu").resolved_device() == "cpu"

@@ -1,7 +1,9 @@
 """Job records: what a batch asked for and where each prompt stands.
 
-Where they live: in Neo4j, next to the atlas (``(:Job)`` and ``(:JobItem)`` nodes; the Cypher is
-the "jobs" section of :mod:`atlas.store.queries`). Redis only carries the messages, so job state
+Where they live: in Neo4j, next to the atlas, in the same database (``settings.neo4j_database``:
+the ingestion marks items ``done`` inside its own transaction there), as ``(:Job)`` and
+``(:JobItem)`` nodes; the Cypher is the "jobs" section of :mod:`atlas.store.queries`, the
+constraints and indexes are ``schema/0006_jobs.cypher``. Redis only carries the messages, so job state
 survives a Redis restart or loss, every worker reports to the same place wherever it runs, and
 the inline mode (no Redis at all) keeps the same records. The atlas itself stays the source of
 truth for "done": a prompt whose id is a complete ``(:Prompt)`` is never computed again unless
@@ -27,11 +29,12 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from atlas.errors import InputError, ServiceUnavailable, StoreError
+from atlas.errors import InputError
 from atlas.store import queries as q
 
 log = logging.getLogger(__name__)
@@ -86,23 +89,29 @@ def new_job_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
-def _run(driver: Any, query: str, **params: Any) -> list[dict[str, Any]]:
-    """Run one query in a managed write transaction (retried on transient errors by the driver)."""
+def _run(driver: Any, database: str, query: str, **params: Any) -> list[dict[str, Any]]:
+    """Run one query in a managed write transaction in ``database`` (retried on transient errors
+    by the driver); driver errors become the project's one-line errors."""
     import neo4j.exceptions as nex
 
     def work(tx: Any) -> list[dict[str, Any]]:
         return [record.data() for record in tx.run(query, **params)]
 
     try:
-        with driver.session(notifications_min_severity="OFF") as session:
+        with driver.session(database=database, notifications_min_severity="OFF") as session:
             result: list[dict[str, Any]] = session.execute_write(work)
             return result
-    except nex.ServiceUnavailable as exc:
-        raise ServiceUnavailable(f"Neo4j is not reachable for job records: {exc}") from exc
-    except nex.SessionExpired as exc:
-        raise ServiceUnavailable(f"Neo4j session expired while writing job records: {exc}") from exc
-    except nex.Neo4jError as exc:
-        raise StoreError(f"job record query failed: {exc.message or exc}") from exc
+    except (nex.Neo4jError, nex.DriverError) as exc:
+        raise _translated(exc, f"job records in database {database!r}") from exc
+
+
+def _translated(exc: Exception, what: str) -> Exception:
+    """The store's translation, squeezed to one line (server messages can span several)."""
+    from atlas.store.ingest import translate_neo4j_error
+
+    error = translate_neo4j_error(exc, what)
+    error.args = (" ".join(str(error).split()),)
+    return error
 
 
 def _mark_params(
@@ -127,25 +136,40 @@ def _mark_params(
     }
 
 
-def ensure_job_schema(driver: Any) -> None:
-    """Create the job constraints and indexes (idempotent)."""
-    for stmt in q.JOB_SCHEMA:
-        _run(driver, stmt)
+def job_schema_file(schema_dir: Path | None = None) -> Path:
+    """``schema/0006_jobs.cypher``: the job records' constraints and indexes."""
+    from atlas.store.schema import default_schema_dir
+
+    return (schema_dir or default_schema_dir()) / "0006_jobs.cypher"
 
 
-def prompts_present(driver: Any, prompt_ids: Sequence[str]) -> set[str]:
+def ensure_job_schema(driver: Any, database: str) -> None:
+    """Create the job constraints and indexes (idempotent): the statements of the job schema
+    file, for commands that read job records without applying the whole schema."""
+    from atlas.store.schema import split_statements
+
+    for statement in split_statements(job_schema_file().read_text()):
+        _run(driver, database, statement)
+
+
+def prompts_present(driver: Any, database: str, prompt_ids: Sequence[str]) -> set[str]:
     """The subset of ``prompt_ids`` that are complete prompts in the atlas."""
     if not prompt_ids:
         return set()
-    rows = _run(driver, q.PROMPTS_PRESENT, prompt_ids=list(prompt_ids))
+    rows = _run(driver, database, q.PROMPTS_PRESENT, prompt_ids=list(prompt_ids))
     return {r["prompt_id"] for r in rows}
 
 
 class JobStore:
-    """Reads and writes job records through a Neo4j driver (passed in, never global)."""
+    """Reads and writes job records through a Neo4j driver (passed in, never global) in one
+    database (the atlas's: ``settings.neo4j_database``)."""
 
-    def __init__(self, driver: Any) -> None:
+    def __init__(self, driver: Any, database: str) -> None:
         self.driver = driver
+        self.database = database
+
+    def _run(self, query: str, **params: Any) -> list[dict[str, Any]]:
+        return _run(self.driver, self.database, query, **params)
 
     # ------------------------------------------------------------------ writes
     def create(
@@ -161,9 +185,8 @@ class JobStore:
         """Record a job and its items; items in ``already_done`` (idx -> prompt id) start done."""
         already_done = already_done or {}
         now = time.time()
-        _run(
-            driver=self.driver,
-            query=q.JOB_CREATE,
+        self._run(
+            q.JOB_CREATE,
             job_id=job_id,
             now=now,
             source=source,
@@ -185,8 +208,7 @@ class JobStore:
                 }
             )
         for start in range(0, len(rows), 5000):
-            _run(
-                self.driver,
+            self._run(
                 q.JOB_ADD_ITEMS,
                 job_id=job_id,
                 rows=rows[start : start + 5000],
@@ -206,8 +228,7 @@ class JobStore:
         attempt: bool = False,
     ) -> None:
         """Move one item to ``state`` (``done`` is final; see the module docstring)."""
-        _run(
-            self.driver,
+        self._run(
             q.JOB_MARK_ITEM,
             **_mark_params(job_id, item, state, prompt_id, outcome, reason, timings, attempt),
         )
@@ -242,17 +263,17 @@ class JobStore:
             }
             for n, (job_id, item, prompt_id, force) in enumerate(items)
         ]
-        out = _run(self.driver, q.JOB_START_ITEMS, rows=rows, now=time.time())
+        out = self._run(q.JOB_START_ITEMS, rows=rows, now=time.time())
         return [bool(r["present"]) for r in sorted(out, key=lambda r: r["n"])]
 
     # ------------------------------------------------------------------ reads
     def summary(self, job_id: str) -> JobSummary:
         """Counts by state. Raises :class:`InputError` for an unknown job."""
-        rows = _run(self.driver, q.JOB_GET, job_id=job_id)
+        rows = self._run(q.JOB_GET, job_id=job_id)
         if not rows:
             raise InputError(f"no job {job_id!r} (see `atlas jobs list`)")
         head = rows[0]
-        counts = {r["state"]: r["n"] for r in _run(self.driver, q.JOB_STATE_COUNTS, job_id=job_id)}
+        counts = {r["state"]: r["n"] for r in self._run(q.JOB_STATE_COUNTS, job_id=job_id)}
         return JobSummary(
             job_id=job_id,
             created_at=head["created_at"],
@@ -267,8 +288,7 @@ class JobStore:
 
     def items(self, job_id: str, states: Iterable[str] | None = None) -> list[JobItem]:
         """The items of a job (optionally only those in ``states``), in index order."""
-        rows = _run(
-            self.driver,
+        rows = self._run(
             q.JOB_ITEMS,
             job_id=job_id,
             states=list(states) if states is not None else None,
@@ -284,7 +304,7 @@ class JobStore:
 
     def recent(self, limit: int = 20) -> list[JobSummary]:
         """The most recent jobs with done / failed counts."""
-        rows = _run(self.driver, q.JOB_LIST, limit=limit)
+        rows = self._run(q.JOB_LIST, limit=limit)
         return [
             JobSummary(
                 job_id=r["id"],
@@ -302,12 +322,12 @@ class JobStore:
         """spec id -> prompt ids produced by earlier finished items with that spec id."""
         if not spec_ids:
             return {}
-        rows = _run(self.driver, q.JOB_DONE_SPECS, spec_ids=list(set(spec_ids)))
+        rows = self._run(q.JOB_DONE_SPECS, spec_ids=list(set(spec_ids)))
         return {r["spec_id"]: r["prompt_ids"] for r in rows}
 
     def stale_items(self, job_id: str, stale_s: float) -> list[JobItem]:
         """Active items that nothing has touched for ``stale_s`` seconds."""
-        rows = _run(self.driver, q.JOB_STALE_ITEMS, job_id=job_id, before=time.time() - stale_s)
+        rows = self._run(q.JOB_STALE_ITEMS, job_id=job_id, before=time.time() - stale_s)
         return [i for i in self.items(job_id, ACTIVE_STATES) if i.idx in {r["idx"] for r in rows}]
 
 
@@ -319,7 +339,7 @@ def skip_done(store: JobStore, spec_ids: Sequence[str]) -> dict[int, str]:
     """
     done = store.done_specs(spec_ids)
     candidates = {pid for pids in done.values() for pid in pids}
-    present = prompts_present(store.driver, sorted(candidates))
+    present = prompts_present(store.driver, store.database, sorted(candidates))
     out: dict[int, str] = {}
     for idx, sid in enumerate(spec_ids):
         for pid in done.get(sid, []):
