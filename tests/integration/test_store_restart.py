@@ -22,7 +22,7 @@ from typing import Any
 import neo4j
 import pytest
 
-from atlas.cli.store import IMPORT_DRIVER_RETRY_S
+from atlas.cli.transfer import IMPORT_DRIVER_RETRY_S
 from atlas.graph import Graph, NodeKind
 from atlas.services import _proc
 from atlas.store import queries as Q

@@ -7,8 +7,8 @@ from collections import defaultdict
 import pytest
 import torch
 
-from atlas.annotate.labels import short_label
-from atlas.annotate.lens import logit_lens
+from atlas.circuits.labels import short_label
+from atlas.circuits.lens import logit_lens
 from atlas.errors import CypherRefused, InputError
 from atlas.graph import NodeKind
 from atlas.store import queries as Q
