@@ -196,7 +196,13 @@ def prompts(limit: int, fmt: str) -> None:
 @click.option("--param", "params", multiple=True, help="name=value (JSON values are parsed).")
 @FORMAT
 def cypher(text: str, params: tuple[str, ...], fmt: str) -> None:
-    """Run read-only Cypher (writes, LOAD CSV, writing procedures and admin commands refused)."""
+    """Run read-only Cypher over the graph.
+
+    Refused with one line: writes, LOAD CSV, server commands (SHOW ..., TERMINATE ...), USE,
+    procedures other than db.labels / db.relationshipTypes / db.propertyKeys / db.schema.*, and
+    =~ patterns whose cost the server cannot bound. Results stop at CYPHER_ROW_CAP rows and
+    CYPHER_RESULT_MB megabytes.
+    """
     from atlas.store.cypher import parse_params, run_cypher
 
     settings = get_settings()
