@@ -202,6 +202,8 @@ def test_import_survives_neo4j_restart(server: Server, tmp_path: Path) -> None:
             r"^warning: .*: Neo4j unreachable, retrying in \d+ s \(.*\)$", stderr, re.M
         )
         assert retries, stderr
+        # ... and the driver's own retry and connection warnings stay off stderr
+        assert not re.search(r"^WARNING neo4j|will be retried", stderr, re.M), stderr
         summary = re.search(
             r"(\d+) prompt\(s\) ingested \(\d+ edges\), (\d+) already stored", stdout
         )
