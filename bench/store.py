@@ -200,11 +200,11 @@ def ours_breakdown(
     driver: neo4j.Driver, rows: PromptRows, batch: int, times: dict[str, float]
 ) -> float:
     """Our ingestion unit of work, statement by statement timed (same statements, same tx)."""
-    from atlas.store.ingest import _write_prompt
+    from atlas.store.ingest import write_prompt
 
     t0 = time.perf_counter()
     with driver.session() as session:
-        created = session.execute_write(lambda tx: _write_prompt(_TimedTx(tx, times), rows, batch))  # type: ignore[arg-type]
+        created = session.execute_write(lambda tx: write_prompt(_TimedTx(tx, times), rows, batch))  # type: ignore[arg-type]
     assert created
     return time.perf_counter() - t0
 

@@ -341,8 +341,10 @@ def agg_pair_key(src_layer: int, src_index: int, dst_layer: int, dst_index: int)
     return code(src_layer, src_index) << feature_bits | code(dst_layer, dst_index)
 
 
-def _write_prompt(tx: neo4j.ManagedTransaction, rows: PromptRows, batch: int) -> bool:
-    """The unit of work of one prompt (idempotent; rerun whole on transient errors)."""
+def write_prompt(tx: neo4j.ManagedTransaction, rows: PromptRows, batch: int) -> bool:
+    """The unit of work of one prompt inside ``tx`` (idempotent; rerun whole on transient
+    errors); True when it wrote the prompt, False when the prompt was already stored. Public so
+    that ``bench/store.py`` can time its statements one by one."""
     pid = rows.prompt_id
     claim = tx.run(
         Q.CLAIM_PROMPT,
@@ -496,7 +498,7 @@ def ingest_many(
     def work(tx: neo4j.ManagedTransaction) -> list[bool]:
         created = []
         for rows, hook in prompts:
-            done = _write_prompt(tx, rows, batch_size)
+            done = write_prompt(tx, rows, batch_size)
             if hook is not None:
                 hook(tx, done)
             created.append(done)
