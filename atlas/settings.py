@@ -83,6 +83,10 @@ class AtlasSettings(BaseSettings):
     cypher_row_cap: int = 10_000
     """Most rows a raw ``atlas cypher`` query returns."""
 
+    cypher_result_mb: float = Field(default=64.0, gt=0)
+    """Most megabytes of values a raw ``atlas cypher`` query may return (counted as records
+    arrive; a larger result stops with one line, so client memory stays bounded)."""
+
     ingest_batch_size: int = 5000
     """Rows per ``UNWIND $rows`` write when ingesting a prompt into Neo4j."""
 

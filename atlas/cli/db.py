@@ -10,10 +10,8 @@ from __future__ import annotations
 import click
 
 from atlas.cli import get_settings
-
-
-def _progress(message: str) -> None:
-    click.echo(message, err=True)
+from atlas.cli._common import atlas_driver
+from atlas.cli._common import progress as _progress
 
 
 @click.group()
@@ -66,9 +64,7 @@ def status() -> None:
         if not state.answers:
             raise SystemExit(1)
         return
-    from atlas.store.connection import open_driver
-
-    with open_driver(settings) as driver:
+    with atlas_driver(start_local=False) as driver:
         info = driver.get_server_info()
     click.echo(f"Neo4j at {settings.neo4j_uri} answers (server {info.agent})")
 
@@ -93,12 +89,10 @@ def init(schema_dir: str | None, force: bool) -> None:
     """
     from pathlib import Path
 
-    from atlas.store.connection import ensure_local_neo4j, open_driver
     from atlas.store.schema import apply_schema
 
     settings = get_settings()
-    ensure_local_neo4j(settings, progress=_progress)
-    with open_driver(settings) as driver:
+    with atlas_driver() as driver:
         report = apply_schema(
             driver,
             Path(schema_dir) if schema_dir else None,
@@ -117,11 +111,13 @@ def init(schema_dir: str | None, force: bool) -> None:
 def wipe(yes: bool) -> None:
     """Delete all data (constraints and indexes stay)."""
     from atlas.store import queries
-    from atlas.store.connection import open_driver
+    from atlas.store.connection import run_autocommit
 
     if not yes:
         raise click.UsageError("refusing to wipe without --yes")
     settings = get_settings()
-    with open_driver(settings) as driver, driver.session(database=settings.neo4j_database) as s:
-        s.run(queries.WIPE_DATABASE).consume()
+    with atlas_driver(start_local=False) as driver:
+        run_autocommit(
+            driver, queries.WIPE_DATABASE, database=settings.neo4j_database, what="wiping"
+        )
     click.echo(f"wiped {settings.resolved_neo4j_uri}")

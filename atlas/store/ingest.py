@@ -1,6 +1,6 @@
 """Ingestion of attribution graphs into Neo4j.
 
-One prompt is one write transaction (``driver.session().execute_write``), so a prompt becomes
+One prompt is one write transaction (:func:`atlas.store.connection.write_tx`), so a prompt becomes
 visible only once all of it is written; a crash or a killed ingester leaves nothing (the server
 rolls the open transaction back). The first statement claims the prompt with ``MERGE`` on its
 unique id and takes its write lock: a second ingester of the same prompt waits, then sees
@@ -13,12 +13,11 @@ Rows are written in ``UNWIND $rows`` batches of ``settings.ingest_batch_size``.
 
 Aggregates (``AGG``) are looked up by their integer ``pair_key`` (an index seek, then a check of
 both endpoints), never by a relationship ``MERGE`` between two high-degree ``Feature`` nodes
-(popular features gather thousands of ``AGG`` relationships, and a MERGE scans them: at 3,400
-synthetic prompts that was ~800 db hits per pair and growing with the atlas); a pair that does not
-exist yet is created. That is race-free: ``CLAIM_PROMPT`` takes the write lock of every feature of
-the prompt (in ``fid`` order, so concurrent claims cannot deadlock on them) and holds it until
-commit, and any transaction that creates or deletes an ``AGG`` needs the locks of both of its
-features.
+(popular features gather thousands of ``AGG`` relationships, and a MERGE scans them, at a cost
+that grows with the atlas); a pair that does not exist yet is created. That is race-free:
+``CLAIM_PROMPT`` takes the write lock of every feature of the prompt (in ``fid`` order, so
+concurrent claims cannot deadlock on them) and holds it until commit, and any transaction that
+creates or deletes an ``AGG`` needs the locks of both of its features.
 """
 
 from __future__ import annotations
@@ -33,11 +32,15 @@ from pathlib import Path
 from typing import Any
 
 import neo4j
-import neo4j.exceptions
 
-from atlas.errors import ConfigError, InputError, ServiceUnavailable, StoreBusy, StoreError
+from atlas.errors import ConfigError, InputError, StoreError
 from atlas.graph import Graph, NodeKind
 from atlas.store import queries as Q
+from atlas.store.connection import translate_neo4j_error, write_tx
+from atlas.store.read import normalise_token_text
+
+# re-export for callers not yet moved (atlas.pipeline, tests/unit/test_import_retry.py)
+__all__ = ["translate_neo4j_error"]
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +67,6 @@ def feature_ref(tset: str, layer: int, index: int) -> str:
 def token_ref(model: str, token_id: int) -> str:
     """Global key of a vocabulary entry: ``<model name>/<token id>``."""
     return f"{model}/{token_id}"
-
-
-def normalise_token_text(text: str) -> str:
-    """Token text as matched by ``token:TEXT`` / ``logit:TEXT``: surrounding whitespace stripped."""
-    return text.strip()
 
 
 @dataclass
@@ -121,138 +119,20 @@ def graph_rows(
     """
     meta = graph.metadata
     pid = graph.prompt_id
-    model_name = meta.model.name
     tset = meta.transcoders.content_hash
     ids = graph.node_ids()
     if len(set(ids)) != len(ids):
         raise InputError(f"prompt {pid}: graph has duplicate node ids")
-
+    nodes = _node_rows(graph, ids, tset, _token_texts(graph))
+    edges = _kept_edges(graph, min_abs_weight=min_abs_weight, max_edges=max_edges)
     kinds = graph.kind.tolist()
-    layers = graph.layer.tolist()
-    poss = graph.pos.tolist()
-    feats = graph.feature.tolist()
-    tok_ids = graph.token_id.tolist()
-    acts = graph.activation.tolist()
-    infl = graph.influence.tolist()
-    probs = graph.logit_prob.tolist()
+    agg_rows = _aggregate_pairs(edges, kinds, nodes.refs, nodes.features)
     input_ids = graph.input_ids.tolist()
-
-    # Token text: prompt tokens by position, then logit texts supplied by the engine/importer.
-    text_by_id: dict[int, str] = {}
-    for tid, text in zip(input_ids, meta.tokens, strict=False):
-        text_by_id.setdefault(int(tid), text)
-    logit_texts = meta.extra.get("logit_tokens")
-    logit_pos = [i for i, k in enumerate(kinds) if k == NodeKind.LOGIT]
-    if isinstance(logit_texts, list) and len(logit_texts) == len(logit_pos):
-        for i, ltext in zip(logit_pos, logit_texts, strict=True):
-            if isinstance(ltext, str):
-                text_by_id[int(tok_ids[i])] = ltext
-
-    raw_labels = meta.extra.get("labels")
-    labels: dict[str, Any] = raw_labels if isinstance(raw_labels, dict) else {}
-    nodes: dict[str, list[dict[str, Any]]] = {k: [] for k in NODE_LABELS}
-    features: dict[str, dict[str, Any]] = {}
-    tokens: dict[str, dict[str, Any]] = {}
-    refs: list[str | None] = []
-    for i, k in enumerate(kinds):
-        kind = KIND_NAMES[NodeKind(k)]
-        ref: str | None = None
-        if kind == "feature":
-            ref = feature_ref(tset, layers[i], feats[i])
-            act = float(acts[i]) if math.isfinite(acts[i]) else 0.0
-            row = features.get(ref)
-            if row is None:
-                features[ref] = {
-                    "fid": ref,
-                    "tset": tset,
-                    "layer": layers[i],
-                    "index": feats[i],
-                    "act": act,
-                    "label": labels.get(ids[i]) if isinstance(labels.get(ids[i]), str) else None,
-                }
-            else:
-                row["act"] = max(row["act"], act)
-        elif kind in ("token", "logit"):
-            if tok_ids[i] < 0:
-                raise InputError(f"prompt {pid}: {kind} node {ids[i]} has no vocabulary id")
-            ref = token_ref(model_name, tok_ids[i])
-            tok_text = text_by_id.get(int(tok_ids[i]))
-            tokens.setdefault(
-                ref,
-                {
-                    "tid": ref,
-                    "model": model_name,
-                    "token_id": tok_ids[i],
-                    "text": tok_text,
-                    "text_norm": normalise_token_text(tok_text) if tok_text is not None else None,
-                },
-            )
-        refs.append(ref)
-        nodes[kind].append(
-            {
-                "id": ids[i],
-                "idx": i,
-                "kind": kind,
-                "ref": ref,
-                "layer": layers[i],
-                "pos": poss[i],
-                "feature": feats[i],
-                "token_id": tok_ids[i],
-                "activation": _finite_or_none(acts[i]),
-                "influence": _finite_or_none(infl[i]),
-                "logit_prob": _finite_or_none(probs[i]),
-            }
-        )
-
-    src = graph.edge_source.tolist()
-    tgt = graph.edge_target.tolist()
-    wts = graph.edge_weight.tolist()
-    for w in wts:
-        if not math.isfinite(w):
-            raise InputError(f"prompt {pid}: non-finite edge weight")
-    order = list(range(len(wts)))
-    if min_abs_weight > 0:
-        order = [j for j in order if abs(wts[j]) >= min_abs_weight]
-    if max_edges is not None and len(order) > max_edges:
-        order = sorted(order, key=lambda j: -abs(wts[j]))[:max_edges]
-        order.sort()
-    edges = [(src[j], tgt[j], float(wts[j])) for j in order]
-
-    agg: dict[tuple[str, str], list[float]] = {}
-    for s, t, w in edges:
-        rs, rt = refs[s], refs[t]
-        if kinds[s] == NodeKind.FEATURE and kinds[t] == NodeKind.FEATURE and rs and rt:
-            acc = agg.get((rs, rt))
-            if acc is None:
-                agg[(rs, rt)] = [w, 1.0]
-            else:
-                acc[0] += w
-                acc[1] += 1.0
-
-    # in key order: one prompt's aggregate lookups then walk the pair_key index in order
-    agg_rows = sorted(
-        (
-            {
-                "s": s,
-                "t": t,
-                "k": agg_pair_key(
-                    features[s]["layer"],
-                    features[s]["index"],
-                    features[t]["layer"],
-                    features[t]["index"],
-                ),
-                "w": acc[0],
-                "n": int(acc[1]),
-            }
-            for (s, t), acc in agg.items()
-        ),
-        key=lambda r: (r["k"], r["s"], r["t"]),
-    )
     props = {
         "text": meta.prompt,
         "tokens": list(meta.tokens),
         "input_ids": input_ids,
-        "model": model_name,
+        "model": meta.model.name,
         "tset": tset,
         "image_sha256": meta.image_sha256,
         "n_nodes": graph.n_nodes,
@@ -274,9 +154,9 @@ def graph_rows(
             "kind": meta.transcoders.kind,
             "d_transcoder": meta.transcoders.d_transcoder,
         },
-        features=sorted(features.values(), key=lambda r: r["fid"]),
-        tokens=sorted(tokens.values(), key=lambda r: r["tid"]),
-        nodes=nodes,
+        features=sorted(nodes.features.values(), key=lambda r: r["fid"]),
+        tokens=sorted(nodes.tokens.values(), key=lambda r: r["tid"]),
+        nodes=nodes.by_kind,
         edges=edges,
         agg=agg_rows,
         n_nodes=graph.n_nodes,
@@ -285,18 +165,169 @@ def graph_rows(
     )
 
 
+def _token_texts(graph: Graph) -> dict[int, str]:
+    """Text of each vocabulary id the graph names: the prompt's tokens by position, then the
+    logit texts the engine or the importer supplied (``extra["logit_tokens"]``), so that
+    ``logit:TEXT`` finds logits whose token is not in the prompt."""
+    meta = graph.metadata
+    text_by_id: dict[int, str] = {}
+    for tid, text in zip(graph.input_ids.tolist(), meta.tokens, strict=False):
+        text_by_id.setdefault(int(tid), text)
+    logit_texts = meta.extra.get("logit_tokens")
+    kinds = graph.kind.tolist()
+    tok_ids = graph.token_id.tolist()
+    logit_pos = [i for i, k in enumerate(kinds) if k == NodeKind.LOGIT]
+    if isinstance(logit_texts, list) and len(logit_texts) == len(logit_pos):
+        for i, ltext in zip(logit_pos, logit_texts, strict=True):
+            if isinstance(ltext, str):
+                text_by_id[int(tok_ids[i])] = ltext
+    return text_by_id
+
+
+@dataclass
+class _Nodes:
+    """Per-node rows by kind, the global entities they are instances of, and each node's ref."""
+
+    by_kind: dict[str, list[dict[str, Any]]]
+    features: dict[str, dict[str, Any]]
+    tokens: dict[str, dict[str, Any]]
+    refs: list[str | None]
+
+
+def _node_rows(graph: Graph, ids: list[str], tset: str, texts: dict[int, str]) -> _Nodes:
+    """One row per node, plus its global ``Feature`` (max activation over the prompt's
+    instances) or ``Token`` entity; error nodes have no entity."""
+    pid = graph.prompt_id
+    model_name = graph.metadata.model.name
+    raw_labels = graph.metadata.extra.get("labels")
+    labels: dict[str, Any] = raw_labels if isinstance(raw_labels, dict) else {}
+    layers, poss = graph.layer.tolist(), graph.pos.tolist()
+    feats, tok_ids = graph.feature.tolist(), graph.token_id.tolist()
+    acts, infl, probs = (
+        graph.activation.tolist(),
+        graph.influence.tolist(),
+        graph.logit_prob.tolist(),
+    )
+    out = _Nodes({k: [] for k in NODE_LABELS}, {}, {}, [])
+    for i, k in enumerate(graph.kind.tolist()):
+        kind = KIND_NAMES[NodeKind(k)]
+        ref: str | None = None
+        if kind == "feature":
+            ref = feature_ref(tset, layers[i], feats[i])
+            act = float(acts[i]) if math.isfinite(acts[i]) else 0.0
+            row = out.features.get(ref)
+            if row is None:
+                label = labels.get(ids[i])
+                out.features[ref] = {
+                    "fid": ref,
+                    "tset": tset,
+                    "layer": layers[i],
+                    "index": feats[i],
+                    "act": act,
+                    "label": label if isinstance(label, str) else None,
+                }
+            else:
+                row["act"] = max(row["act"], act)
+        elif kind in ("token", "logit"):
+            if tok_ids[i] < 0:
+                raise InputError(f"prompt {pid}: {kind} node {ids[i]} has no vocabulary id")
+            ref = token_ref(model_name, tok_ids[i])
+            text = texts.get(int(tok_ids[i]))
+            out.tokens.setdefault(
+                ref,
+                {
+                    "tid": ref,
+                    "model": model_name,
+                    "token_id": tok_ids[i],
+                    "text": text,
+                    "text_norm": normalise_token_text(text) if text is not None else None,
+                },
+            )
+        out.refs.append(ref)
+        out.by_kind[kind].append(
+            {
+                "id": ids[i],
+                "idx": i,
+                "kind": kind,
+                "ref": ref,
+                "layer": layers[i],
+                "pos": poss[i],
+                "feature": feats[i],
+                "token_id": tok_ids[i],
+                "activation": _finite_or_none(acts[i]),
+                "influence": _finite_or_none(infl[i]),
+                "logit_prob": _finite_or_none(probs[i]),
+            }
+        )
+    return out
+
+
+def _kept_edges(
+    graph: Graph, *, min_abs_weight: float, max_edges: int | None
+) -> list[tuple[int, int, float]]:
+    """``(source, target, weight)`` of the edges kept by the weight and count filters, in the
+    graph's order (the largest ``|weight|`` win when ``max_edges`` cuts)."""
+    src = graph.edge_source.tolist()
+    tgt = graph.edge_target.tolist()
+    wts = graph.edge_weight.tolist()
+    if not all(math.isfinite(w) for w in wts):
+        raise InputError(f"prompt {graph.prompt_id}: non-finite edge weight")
+    order = list(range(len(wts)))
+    if min_abs_weight > 0:
+        order = [j for j in order if abs(wts[j]) >= min_abs_weight]
+    if max_edges is not None and len(order) > max_edges:
+        order = sorted(order, key=lambda j: -abs(wts[j]))[:max_edges]
+        order.sort()
+    return [(src[j], tgt[j], float(wts[j])) for j in order]
+
+
+def _aggregate_pairs(
+    edges: list[tuple[int, int, float]],
+    kinds: list[int],
+    refs: list[str | None],
+    features: dict[str, dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """One ``{s, t, k, w, n}`` row per (source feature, target feature) pair of the prompt:
+    weights summed over positions, in key order (the aggregate lookups then walk the
+    ``pair_key`` index in order)."""
+    agg: dict[tuple[str, str], list[float]] = {}
+    for s, t, w in edges:
+        rs, rt = refs[s], refs[t]
+        if kinds[s] == NodeKind.FEATURE and kinds[t] == NodeKind.FEATURE and rs and rt:
+            acc = agg.setdefault((rs, rt), [0.0, 0.0])
+            acc[0] += w
+            acc[1] += 1.0
+    rows = (
+        {
+            "s": s,
+            "t": t,
+            "k": agg_pair_key(
+                features[s]["layer"],
+                features[s]["index"],
+                features[t]["layer"],
+                features[t]["index"],
+            ),
+            "w": acc[0],
+            "n": int(acc[1]),
+        }
+        for (s, t), acc in agg.items()
+    )
+    return sorted(rows, key=lambda r: (r["k"], r["s"], r["t"]))
+
+
 def _chunks(rows: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(rows), size):
         yield rows[start : start + size]
 
 
 #: bits of a feature's layer / index in :func:`agg_pair_key` (larger values wrap)
-_LAYER_BITS = 7
-_INDEX_BITS = 20
+_LAYER_BITS = Q.PAIR_KEY_LAYER_BITS
+_INDEX_BITS = Q.PAIR_KEY_INDEX_BITS
 
 
 def agg_pair_key(src_layer: int, src_index: int, dst_layer: int, dst_index: int) -> int:
-    """Index key of an aggregate ``AGG`` relationship (schema/0005; same formula there).
+    """Index key of an aggregate ``AGG`` relationship (``queries.pair_key_expr`` and
+    schema/0005 compute the same in Cypher).
 
     ``(src layer, src index, dst layer, dst index)`` packed into 54 bits, so keys sort by source
     feature. Not unique: transcoder sets of one shape share keys, and layers >= 128 or indices
@@ -310,8 +341,10 @@ def agg_pair_key(src_layer: int, src_index: int, dst_layer: int, dst_index: int)
     return code(src_layer, src_index) << feature_bits | code(dst_layer, dst_index)
 
 
-def _write_prompt(tx: neo4j.ManagedTransaction, rows: PromptRows, batch: int) -> bool:
-    """The unit of work of one prompt (idempotent; rerun whole on transient errors)."""
+def write_prompt(tx: neo4j.ManagedTransaction, rows: PromptRows, batch: int) -> bool:
+    """The unit of work of one prompt inside ``tx`` (idempotent; rerun whole on transient
+    errors); True when it wrote the prompt, False when the prompt was already stored. Public so
+    that ``bench/store.py`` can time its statements one by one."""
     pid = rows.prompt_id
     claim = tx.run(
         Q.CLAIM_PROMPT,
@@ -408,31 +441,14 @@ def delete_prompt(
 
     Returns False when no such prompt is stored. Used for forced re-ingestion.
     """
-    try:
-        with driver.session(database=database) as session:
-            return bool(session.execute_write(_delete_prompt, prompt_id, batch_size))
-    except (neo4j.exceptions.Neo4jError, neo4j.exceptions.DriverError) as exc:
-        raise translate_neo4j_error(exc, f"deleting prompt {prompt_id}") from exc
-
-
-def translate_neo4j_error(exc: Exception, what: str) -> Exception:
-    """Map a driver exception to the project's exception tree (call as ``raise ... from exc``)."""
-    if isinstance(exc, neo4j.exceptions.ServiceUnavailable | neo4j.exceptions.SessionExpired):
-        return ServiceUnavailable(f"{what}: Neo4j unreachable: {exc}")
-    if isinstance(exc, neo4j.exceptions.AuthError):
-        from atlas.errors import AuthError
-
-        return AuthError(f"{what}: Neo4j refused the credentials")
-    error = StoreBusy if _retryable(exc) else StoreError
-    if isinstance(exc, neo4j.exceptions.Neo4jError):
-        return error(f"{what}: {exc.code}: {exc.message}")
-    return error(f"{what}: {exc}")
-
-
-def _retryable(exc: Exception) -> bool:
-    """Whether the driver deems the failure retryable (``Neo4jError`` / ``DriverError``)."""
-    is_retryable = getattr(exc, "is_retryable", None)
-    return bool(callable(is_retryable) and is_retryable())
+    return bool(
+        write_tx(
+            driver,
+            lambda tx: _delete_prompt(tx, prompt_id, batch_size),
+            database=database,
+            what=f"deleting prompt {prompt_id}",
+        )
+    )
 
 
 def ingest_graph(
@@ -482,7 +498,7 @@ def ingest_many(
     def work(tx: neo4j.ManagedTransaction) -> list[bool]:
         created = []
         for rows, hook in prompts:
-            done = _write_prompt(tx, rows, batch_size)
+            done = write_prompt(tx, rows, batch_size)
             if hook is not None:
                 hook(tx, done)
             created.append(done)
@@ -493,11 +509,7 @@ def ingest_many(
         if len(prompts) == 1
         else f"ingesting {len(prompts)} prompts ({prompts[0][0].prompt_id}, ...)"
     )
-    try:
-        with driver.session(database=database) as session:
-            created = session.execute_write(work)
-    except (neo4j.exceptions.DriverError, neo4j.exceptions.Neo4jError) as exc:
-        raise translate_neo4j_error(exc, what) from exc
+    created = write_tx(driver, work, database=database, what=what)
     results = []
     for (rows, _), was_created in zip(prompts, created, strict=True):
         if was_created:
@@ -519,10 +531,8 @@ def load_graph_file(path: str | Path) -> Graph:
     """Read a graph from an artifact (``.safetensors``) or an interchange JSON file (``.json``)."""
     path = Path(path)
     if path.suffix == ".json":
-        try:
-            from atlas.interchange import graph_from_json
-        except ImportError as exc:
-            raise ConfigError("interchange JSON support (atlas.interchange) is missing") from exc
+        from atlas.interchange import graph_from_json
+
         if not path.is_file():
             raise InputError(f"no such file: {path}")
         try:
@@ -583,30 +593,3 @@ def ingest_path(
         min_abs_weight=min_abs_weight,
         max_edges=max_edges,
     )
-
-
-def ingest_paths(
-    driver: neo4j.Driver,
-    paths: Sequence[str | Path],
-    *,
-    database: str | None = None,
-    batch_size: int = 5000,
-    min_abs_weight: float = 0.0,
-    max_edges: int | None = None,
-    on_done: Callable[[Path, IngestResult], None] | None = None,
-) -> list[IngestResult]:
-    """Ingest several files in order; ``on_done`` is called after each (for progress bars)."""
-    results = []
-    for p in paths:
-        res = ingest_path(
-            driver,
-            p,
-            database=database,
-            batch_size=batch_size,
-            min_abs_weight=min_abs_weight,
-            max_edges=max_edges,
-        )
-        results.append(res)
-        if on_done is not None:
-            on_done(Path(p), res)
-    return results

@@ -7,8 +7,6 @@ Each query is a module-level constant; the functions that run them live next to 
 from __future__ import annotations
 
 # --------------------------------------------------------------------------- service / schema
-PING = "RETURN 1 AS ok"
-
 AWAIT_INDEXES = "CALL db.awaitIndexes($timeout_s)"
 
 SHOW_INDEXES = "SHOW INDEXES YIELD name, state, type, labelsOrTypes, properties"
@@ -19,8 +17,6 @@ SCHEMA_RECORD = """
 MERGE (m:SchemaMigration {name: $name})
 SET m.sha256 = $sha256, m.applied_at = datetime()
 """
-
-SHOW_CONSTRAINTS = "SHOW CONSTRAINTS YIELD name, type, labelsOrTypes, properties"
 
 # Used by the tests' fixture and ``atlas db wipe``: batched so large atlases do not blow memory.
 WIPE_DATABASE = "MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS"
@@ -139,12 +135,6 @@ MATCH (i:JobItem {job_id: $job_id})
 WHERE i.state IN ['queued', 'attributing'] AND i.updated_at < $before
 RETURN i.idx AS idx, i.spec AS spec, i.state AS state
 ORDER BY i.idx
-"""
-# text of prompts by id (the demo prints prompts, not hashes)
-PROMPT_TEXTS = """
-UNWIND $prompt_ids AS pid
-MATCH (p:Prompt {id: pid})
-RETURN p.id AS prompt_id, p.text AS text
 """
 # =========================================================================== end of jobs section
 
@@ -315,16 +305,38 @@ SET p.complete = true, p.ingested_at = datetime()
 """
 )
 
+# ---- the aggregate pair key
+#: bits of a feature's layer and index in an ``AGG.pair_key`` (larger values wrap)
+PAIR_KEY_LAYER_BITS = 7
+PAIR_KEY_INDEX_BITS = 20
+
+
+def pair_key_expr(src: str, dst: str) -> str:
+    """The Cypher expression of the ``AGG.pair_key`` between the features bound to ``src`` and
+    ``dst`` (fixed identifiers, never values): ``ingest.agg_pair_key`` in Cypher. schema/0005
+    keeps its own frozen copy."""
+    layers = 1 << PAIR_KEY_LAYER_BITS
+    indices = 1 << PAIR_KEY_INDEX_BITS
+    feature = PAIR_KEY_LAYER_BITS + PAIR_KEY_INDEX_BITS
+    return (
+        f"({src}.layer % {layers}) * {1 << (feature + PAIR_KEY_INDEX_BITS)}"
+        f" + ({src}.index % {indices}) * {1 << feature}"
+        f" + ({dst}.layer % {layers}) * {indices} + ({dst}.index % {indices})"
+    )
+
+
 # ---- deleting a prompt (one transaction: aggregates first, then the nodes, then the prompt)
 # The prompt's contribution to AGG is subtracted; max/min are recomputed from the other prompts'
 # instance edges of the same feature pair; pairs left with no prompt are deleted.
-DELETE_PROMPT_AGG = """
+DELETE_PROMPT_AGG = (
+    """
 MATCH (a:Node:FeatureNode {prompt: $id})-[e:EDGE]->(b:FeatureNode)
 MATCH (a)-[:OF]->(fa:Feature)
 MATCH (b)-[:OF]->(fb:Feature)
 WITH fa, fb, sum(e.w) AS w
-MATCH (ga)-[g:AGG {pair_key: (fa.layer % 128) * 140737488355328 + (fa.index % 1048576) * 134217728
-                            + (fb.layer % 128) * 1048576 + (fb.index % 1048576)}]->(gb)
+MATCH (ga)-[g:AGG {pair_key: """
+    + pair_key_expr("fa", "fb")
+    + """}]->(gb)
 USING INDEX SEEK g:AGG(pair_key)
 WHERE ga = fa AND gb = fb
 SET g.n_prompts = g.n_prompts - 1, g.sum_w = g.sum_w - w
@@ -342,6 +354,7 @@ CALL (g) {
   DELETE g
 }
 """
+)
 
 DELETE_PROMPT_FEATURE_STATS = """
 MATCH (n:Node:FeatureNode {prompt: $id})-[:OF]->(f:Feature)
@@ -359,58 +372,17 @@ PROMPT_ANY_STATE = "MATCH (p:Prompt {id: $id}) RETURN p.id AS id"
 
 DELETE_PROMPT_NODE = "MATCH (p:Prompt {id: $id}) DETACH DELETE p RETURN count(*) AS deleted"
 
-# Baseline for the benchmark: the same rows written with plain CREATE, no checks, no links.
-BASELINE_CREATE_NODES = """
-UNWIND $rows AS r
-CREATE (n:BaselineNode {prompt: $prompt, id: r.id, idx: r.idx, kind: r.kind, ref: r.ref,
-                        layer: r.layer, pos: r.pos, feature: r.feature, token_id: r.token_id, activation: r.activation,
-                        influence: r.influence, logit_prob: r.logit_prob})
-RETURN r.idx AS idx, elementId(n) AS eid
-"""
-
-BASELINE_CREATE_EDGES = """
-UNWIND $rows AS r
-MATCH (s) WHERE elementId(s) = r.s
-MATCH (t) WHERE elementId(t) = r.t
-CREATE (s)-[:BASELINE_EDGE {w: r.w}]->(t)
-"""
-
-# The "same rows" baseline adds what our graph model also stores per prompt, still as plain
-# CREATE: each node's link to its global entity, and one aggregate row per feature pair
-# (endpoints found by their unique keys; rows whose entity does not exist are simply dropped).
-BASELINE_CREATE_FEATURE_LINKS = """
-UNWIND $rows AS r
-MATCH (n) WHERE elementId(n) = r.n
-MATCH (e:Feature {fid: r.ref})
-CREATE (n)-[:BASELINE_OF]->(e)
-"""
-
-BASELINE_CREATE_TOKEN_LINKS = """
-UNWIND $rows AS r
-MATCH (n) WHERE elementId(n) = r.n
-MATCH (e:Token {tid: r.ref})
-CREATE (n)-[:BASELINE_OF]->(e)
-"""
-
-BASELINE_CREATE_AGG = """
-UNWIND $rows AS r
-MATCH (a:Feature {fid: r.s})
-MATCH (b:Feature {fid: r.t})
-CREATE (a)-[:BASELINE_AGG {n_prompts: 1, sum_w: r.w, max_w: r.w, min_w: r.w}]->(b)
-"""
-
-BASELINE_WIPE = """
-MATCH (n:BaselineNode) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 5000 ROWS
-"""
-
-BASELINE_WIPE_AGG = """
-MATCH ()-[r:BASELINE_AGG]->() CALL (r) { DELETE r } IN TRANSACTIONS OF 5000 ROWS
-"""
-
 # --------------------------------------------------------------------------- prompts, export
 PROMPT_EXISTS = "MATCH (p:Prompt {id: $id}) WHERE p.complete RETURN p.id AS id"
 
 COUNT_PROMPTS = "MATCH (p:Prompt) WHERE p.complete RETURN count(p) AS n"
+
+# text of prompts by id (tables show prompts, not hashes)
+PROMPT_TEXTS = """
+UNWIND $prompt_ids AS pid
+MATCH (p:Prompt {id: pid})
+RETURN p.id AS prompt_id, p.text AS text
+"""
 
 LIST_PROMPTS = """
 MATCH (p:Prompt) WHERE p.complete
@@ -598,14 +570,16 @@ RETURN count(f) AS n_members
 
 SUPERNODE_EXISTS = "MATCH (s:Supernode {name: $name}) RETURN s.name AS name"
 
-FEATURES_BY_LABEL_PATTERN = """
-MATCH (f:Feature) WHERE f.label =~ $pattern
-RETURN f.fid AS fid
+# Candidates of a pattern supernode: the pattern runs in Python over these strings, so the regex
+# dialect that is checked is the one that runs, under a time budget (see supernodes.py).
+FEATURE_LABELS = """
+MATCH (f:Feature) WHERE f.label IS NOT NULL
+RETURN f.fid AS fid, [f.label] AS texts
 """
 
-FEATURES_BY_TOKEN_PATTERN = """
-MATCH (f:Feature) WHERE any(t IN coalesce(f.top_tokens, []) WHERE t =~ $pattern)
-RETURN f.fid AS fid
+FEATURE_TOP_TOKENS = """
+MATCH (f:Feature) WHERE f.top_tokens IS NOT NULL
+RETURN f.fid AS fid, f.top_tokens AS texts
 """
 
 # Features of prompts' graphs matched by (layer, index) pairs (for qParams imports).
@@ -695,14 +669,4 @@ UNWIND $rows AS r
 MATCH (f:Feature {fid: r.fid})
 SET f.label = r.label, f.top_act_tokens = r.tokens, f.top_act_values = r.values,
     f.top_act_prompts = r.prompts
-"""
-
-# --------------------------------------------------------------------------- stats
-STORE_COUNTS = """
-CALL () { MATCH (p:Prompt) WHERE p.complete RETURN count(p) AS prompts }
-CALL () { MATCH (n:Node) RETURN count(n) AS nodes }
-CALL () { MATCH ()-[e:EDGE]->() RETURN count(e) AS edges }
-CALL () { MATCH (f:Feature) RETURN count(f) AS features }
-CALL () { MATCH ()-[g:AGG]->() RETURN count(g) AS agg_edges }
-RETURN prompts, nodes, edges, features, agg_edges
 """

@@ -1,7 +1,8 @@
 """Named read queries over the atlas (the Cypher itself lives in :mod:`atlas.store.queries`).
 
 Every function takes the driver (never a global), runs in a READ transaction with a server-side
-timeout and returns plain dicts/lists ready for tables or JSON.
+timeout (:func:`atlas.store.connection.read_rows`) and returns plain dicts/lists ready for
+tables or JSON (:mod:`atlas.present`).
 
 Endpoint specs (``atlas query paths --from X --to Y``):
 
@@ -17,54 +18,51 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import neo4j
-import neo4j.exceptions
-import torch
 
 from atlas.errors import InputError
-from atlas.graph import Graph, GraphMetadata, NodeKind
+from atlas.graph import NodeKind
 from atlas.store import queries as Q
-from atlas.store.ingest import normalise_token_text, translate_neo4j_error
+from atlas.store.connection import read_rows
+
+if TYPE_CHECKING:
+    from atlas.graph import Graph
 
 DEFAULT_TIMEOUT_S = 30.0
 
 
-def run_read(
-    driver: neo4j.Driver,
-    text: str,
-    params: dict[str, Any] | None = None,
-    *,
-    database: str | None = None,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-    what: str = "query",
-) -> list[dict[str, Any]]:
-    """Run one read query in a READ transaction and return its records as dicts."""
-
-    @neo4j.unit_of_work(timeout=timeout_s)
-    def work(tx: neo4j.ManagedTransaction) -> list[dict[str, Any]]:
-        return [rec.data() for rec in tx.run(text, params or {})]
-
-    try:
-        with driver.session(database=database) as session:
-            return session.execute_read(work)
-    except (neo4j.exceptions.Neo4jError, neo4j.exceptions.DriverError) as exc:
-        raise translate_neo4j_error(exc, what) from exc
+def normalise_token_text(text: str) -> str:
+    """Token text as matched by ``token:TEXT`` / ``logit:TEXT``: surrounding whitespace stripped
+    (ingestion stores it so, as ``Token.text_norm``)."""
+    return text.strip()
 
 
+#: ``LAYER/INDEX`` of a feature (``feature:3/1024``; spaces around the slash allowed)
+FEATURE_SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+def parse_feature(arg: str) -> tuple[int, int]:
+    """``(layer, index)`` of a ``LAYER/INDEX`` spec, or :class:`InputError`."""
+    m = FEATURE_SPEC.match(arg)
+    if m is None:
+        raise InputError(f"bad feature {arg!r}: use feature:LAYER/INDEX, e.g. feature:3/1024")
+    return int(m.group(1)), int(m.group(2))
+
+
+@dataclass(frozen=True)
 class _Reader:
     """A driver with the caller's database and timeout, so the helpers below run named queries
     without repeating them."""
 
-    def __init__(self, driver: neo4j.Driver, database: str | None, timeout_s: float) -> None:
-        self.driver = driver
-        self.database = database
-        self.timeout_s = timeout_s
+    driver: neo4j.Driver
+    database: str | None
+    timeout_s: float
 
     def rows(self, text: str, params: dict[str, Any], what: str) -> list[dict[str, Any]]:
-        """:func:`run_read` with this reader's database and timeout."""
-        return run_read(
+        """The records of one read query with this reader's database and timeout."""
+        return read_rows(
             self.driver, text, params, database=self.database, timeout_s=self.timeout_s, what=what
         )
 
@@ -84,17 +82,10 @@ class Endpoint:
 
 
 _SPEC = re.compile(r"^(supernode|feature|token|logit):(.*)$", re.DOTALL)
-_FEATURE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
-
-
-def resolve_endpoint(
-    driver: neo4j.Driver, spec: str, *, database: str | None = None, timeout_s: float = 30.0
-) -> Endpoint:
-    """Resolve ``supernode:NAME`` / ``feature:L/I`` / ``token:TEXT`` / ``logit:TEXT``."""
-    return _resolve_endpoint(_Reader(driver, database, timeout_s), spec)
 
 
 def _resolve_endpoint(reader: _Reader, spec: str) -> Endpoint:
+    """Resolve ``supernode:NAME`` / ``feature:L/I`` / ``token:TEXT`` / ``logit:TEXT``."""
     m = _SPEC.match(spec)
     if m is None:
         raise InputError(
@@ -103,10 +94,8 @@ def _resolve_endpoint(reader: _Reader, spec: str) -> Endpoint:
     kind, arg = m.group(1), m.group(2)
     what = f"resolving {spec}"
     if kind == "feature":
-        fm = _FEATURE.match(arg)
-        if fm is None:
-            raise InputError(f"bad feature {arg!r}: use feature:LAYER/INDEX, e.g. feature:3/1024")
-        params = {"layer": int(fm.group(1)), "index": int(fm.group(2))}
+        layer, index = parse_feature(arg)
+        params = {"layer": layer, "index": index}
         return Endpoint(spec, "feature", reader.refs(Q.FEATURES_BY_LAYER_INDEX, params, what))
     if kind == "supernode":
         name = _supernode_name(arg)
@@ -255,8 +244,45 @@ def count_prompts(
     driver: neo4j.Driver, *, database: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
 ) -> int:
     """Number of complete prompts in the atlas."""
-    rows = run_read(driver, Q.COUNT_PROMPTS, database=database, timeout_s=timeout_s, what="count")
+    rows = read_rows(driver, Q.COUNT_PROMPTS, database=database, timeout_s=timeout_s, what="count")
     return int(rows[0]["n"]) if rows else 0
+
+
+def list_prompts(
+    driver: neo4j.Driver,
+    *,
+    limit: int = 20,
+    database: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> list[dict[str, Any]]:
+    """The most recently ingested prompts (id, text, sizes, scores)."""
+    return read_rows(
+        driver,
+        Q.LIST_PROMPTS,
+        {"limit": limit},
+        database=database,
+        timeout_s=timeout_s,
+        what="listing prompts",
+    )
+
+
+def prompt_texts(
+    driver: neo4j.Driver,
+    prompt_ids: list[str],
+    *,
+    database: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> dict[str, str]:
+    """Text of each stored prompt by id (tables show prompts, not hashes)."""
+    rows = read_rows(
+        driver,
+        Q.PROMPT_TEXTS,
+        {"prompt_ids": list(prompt_ids)},
+        database=database,
+        timeout_s=timeout_s,
+        what="prompt texts",
+    )
+    return {r["prompt_id"]: r["text"] or "" for r in rows}
 
 
 def top_contributors(
@@ -300,14 +326,8 @@ def neighbours(
     return out[:limit]
 
 
-def resolve_prompt(
-    driver: neo4j.Driver, prefix: str, *, database: str | None = None, timeout_s: float = 30.0
-) -> str:
-    """Full id of a stored prompt from its id or a unique prefix of it."""
-    return _resolve_prompt(_Reader(driver, database, timeout_s), prefix)
-
-
 def _resolve_prompt(reader: _Reader, prefix: str) -> str:
+    """Full id of a stored prompt from its id or a unique prefix of it."""
     if not prefix or not re.fullmatch(r"[0-9a-f]+", prefix):
         raise InputError(f"bad prompt id {prefix!r}: expected hexadecimal")
     rows = reader.rows(Q.FIND_PROMPT_BY_PREFIX, {"prefix": prefix}, "finding prompt")
@@ -401,6 +421,10 @@ _NODE_KINDS = {
 
 
 def _export(reader: _Reader, prompt: str) -> tuple[Graph, dict[str, str], dict[int, str]]:
+    import torch
+
+    from atlas.graph import Graph, GraphMetadata
+
     pid = _resolve_prompt(reader, prompt)
     what = f"export {pid}"
     head = reader.rows(Q.EXPORT_PROMPT, {"id": pid}, what)
@@ -466,14 +490,8 @@ def export_json(
     return result
 
 
-def prompt_supernodes(
-    driver: neo4j.Driver, pid: str, *, database: str | None = None, timeout_s: float = 30.0
-) -> list[list[str]]:
-    """``[[name, node_id, ...], ...]`` of the supernodes with members in one prompt."""
-    return _prompt_supernodes(_Reader(driver, database, timeout_s), pid)
-
-
 def _prompt_supernodes(reader: _Reader, pid: str) -> list[list[str]]:
+    """``[[name, node_id, ...], ...]`` of the supernodes with members in one prompt."""
     grouped: dict[str, list[str]] = defaultdict(list)
     for r in reader.rows(Q.PROMPT_SUPERNODES, {"id": pid}, "prompt supernodes"):
         grouped[r["name"]].extend(sorted(r["ids"]))

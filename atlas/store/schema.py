@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from atlas.errors import ConfigError, StoreError
+from atlas.errors import ConfigError
 from atlas.store import queries
+from atlas.store.connection import session as open_session
+from atlas.store.connection import translate_neo4j_error
 
 if TYPE_CHECKING:
     import neo4j
@@ -110,10 +112,8 @@ def apply_schema(
     skipped: list[str] = []
     where = "reading the schema ledger"
     try:
-        # (on a new database the ledger's label does not exist yet: no warning for that)
-        with driver.session(database=database, notifications_min_severity="OFF") as quiet:
-            done = {r["name"]: r["sha256"] for r in quiet.run(queries.SCHEMA_APPLIED)}
-        with driver.session(database=database) as session:
+        with open_session(driver, database) as session:
+            done = {r["name"]: r["sha256"] for r in session.run(queries.SCHEMA_APPLIED)}
             for path in files:
                 text = path.read_text()
                 digest = hashlib.sha256(text.encode()).hexdigest()
@@ -133,13 +133,8 @@ def apply_schema(
             online = sum(
                 1 for record in session.run(queries.SHOW_INDEXES) if record["state"] == "ONLINE"
             )
-    except neo4j_errors.ServiceUnavailable as exc:
-        from atlas.errors import ServiceUnavailable
-
-        raise ServiceUnavailable(f"Neo4j went away while applying the schema: {exc}") from exc
-    except neo4j_errors.Neo4jError as exc:
-        message = " ".join(str(exc.message or exc).split())
-        raise StoreError(f"applying the schema failed at {where}: {message}") from exc
+    except (neo4j_errors.Neo4jError, neo4j_errors.DriverError) as exc:
+        raise translate_neo4j_error(exc, f"applying the schema failed at {where}") from exc
     return SchemaReport(
         files=[p.name for p in files], statements=count, indexes_online=online, skipped=skipped
     )

@@ -2,7 +2,9 @@
 
 A supernode is defined by an explicit feature list, by a regular expression over feature labels
 or over their logit-lens top tokens, or imported from an interchange JSON graph's
-``qParams.supernodes``. Names are user text: validated for shape, then always passed to Cypher
+``qParams.supernodes``. Patterns run here, in Python's ``regex`` dialect (the one they are checked
+in), over the label strings read from Neo4j, under a time budget: a pattern that backtracks
+without end stops with one line instead of holding a server thread past the query timeout. Names are user text: validated for shape, then always passed to Cypher
 as parameters (a name like ``x"}) DETACH DELETE n //`` is stored as the data it is).
 
 Each supernode keeps aggregated edges to the other supernodes (``SAGG``): rebuilt over every
@@ -12,23 +14,25 @@ stored prompt when the supernode is (re)defined, and updated by each later inges
 from __future__ import annotations
 
 import logging
-import re
+import time
 import unicodedata
 from pathlib import Path
 from typing import Any
 
 import neo4j
-import neo4j.exceptions
+import regex
 
 from atlas.errors import InputError
 from atlas.graph import NodeKind
 from atlas.store import queries as Q
-from atlas.store.ingest import feature_ref, translate_neo4j_error
-from atlas.store.read import run_read
+from atlas.store.connection import read_rows, read_tx, write_tx
+from atlas.store.ingest import feature_ref
+from atlas.store.read import DEFAULT_TIMEOUT_S, parse_feature
 
 log = logging.getLogger(__name__)
 
 MAX_NAME_LEN = 200
+MAX_PATTERN_LEN = 500
 
 
 def validate_name(name: str) -> str:
@@ -46,22 +50,62 @@ def validate_name(name: str) -> str:
 
 
 def validate_pattern(pattern: str) -> str:
-    """A regular expression (matched in full by Neo4j's ``=~``); checked before it is sent."""
-    if not pattern or len(pattern) > 500:
-        raise InputError("pattern must be 1..500 characters")
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise InputError(f"bad regular expression {pattern!r}: {exc}") from exc
+    """A regular expression in the ``regex`` dialect (the one :func:`matching_features` runs),
+    matched in full; checked before anything is read."""
+    compile_pattern(pattern)
     return pattern
 
 
-def _write(driver: neo4j.Driver, database: str | None, what: str, work: Any) -> Any:
+def compile_pattern(pattern: str) -> regex.Pattern[str]:
+    """``pattern`` compiled (1..500 characters), or :class:`InputError` naming the fault."""
+    if not isinstance(pattern, str) or not pattern or len(pattern) > MAX_PATTERN_LEN:
+        raise InputError(f"pattern must be 1..{MAX_PATTERN_LEN} characters")
     try:
-        with driver.session(database=database) as session:
-            return session.execute_write(work)
-    except (neo4j.exceptions.Neo4jError, neo4j.exceptions.DriverError) as exc:
-        raise translate_neo4j_error(exc, what) from exc
+        return regex.compile(pattern)
+    except regex.error as exc:
+        raise InputError(f"bad regular expression {pattern!r}: {exc}") from exc
+
+
+def matching_features(
+    driver: neo4j.Driver,
+    query: str,
+    pattern: str,
+    *,
+    database: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    what: str = "matching features",
+) -> list[str]:
+    """Fids of the features one of whose texts (``query`` returns ``fid, texts``) matches
+    ``pattern`` in full.
+
+    The rows are streamed and matched as they arrive; the whole match, reading included, gets
+    ``timeout_s`` seconds, and a pattern that needs longer is refused with one line.
+    """
+    compiled = compile_pattern(pattern)
+    deadline = time.monotonic() + timeout_s
+
+    def work(tx: neo4j.ManagedTransaction) -> list[str]:
+        fids = []
+        for record in tx.run(query):
+            texts = [t for t in record["texts"] or [] if isinstance(t, str)]
+            if any(_fullmatch(compiled, t, deadline, timeout_s) for t in texts):
+                fids.append(record["fid"])
+        return fids
+
+    return read_tx(driver, work, database=database, what=what, timeout_s=timeout_s)
+
+
+def _fullmatch(compiled: regex.Pattern[str], text: str, deadline: float, budget: float) -> bool:
+    left = deadline - time.monotonic()
+    try:
+        if left <= 0:
+            raise TimeoutError
+        return compiled.fullmatch(text, timeout=left) is not None
+    except TimeoutError:
+        raise InputError(
+            f"pattern {compiled.pattern!r} took longer than {budget:g} s over the stored "
+            "texts; simplify it (nested or repeated quantifiers backtrack)"
+        ) from None
 
 
 def define(
@@ -88,7 +132,7 @@ def define(
         tx.run(Q.REBUILD_SUPERNODE_AGG_IN, name=name).consume()
         return n
 
-    n = int(_write(driver, database, f"defining supernode {name!r}", work))
+    n = int(write_tx(driver, work, database=database, what=f"defining supernode {name!r}"))
     if n < len(fids):
         log.warning(
             "supernode %r: %d of %d features are not in the atlas", name, len(fids) - n, len(fids)
@@ -96,20 +140,12 @@ def define(
     return n
 
 
-_FEATURE_SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
-
-
 def define_from_features(
     driver: neo4j.Driver, name: str, specs: list[str], *, database: str | None = None
 ) -> int:
     """Supernode from ``LAYER/INDEX`` specs (matching features of every transcoder set)."""
-    pairs = []
-    for spec in specs:
-        m = _FEATURE_SPEC.match(spec.removeprefix("feature:"))
-        if m is None:
-            raise InputError(f"bad feature {spec!r}: use LAYER/INDEX")
-        pairs.append([int(m.group(1)), int(m.group(2))])
-    rows = run_read(
+    pairs = [list(parse_feature(spec.removeprefix("feature:"))) for spec in specs]
+    rows = read_rows(
         driver,
         Q.FEATURES_BY_PAIRS,
         {"pairs": pairs, "tset": None},
@@ -122,20 +158,30 @@ def define_from_features(
 
 
 def define_from_label(
-    driver: neo4j.Driver, name: str, pattern: str, *, database: str | None = None
+    driver: neo4j.Driver,
+    name: str,
+    pattern: str,
+    *,
+    database: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> int:
     """Supernode of every feature whose label matches ``pattern`` (a full-match regex)."""
     return _define_from_pattern(
-        driver, name, pattern, Q.FEATURES_BY_LABEL_PATTERN, "label", database=database
+        driver, name, pattern, Q.FEATURE_LABELS, "label", database=database, timeout_s=timeout_s
     )
 
 
 def define_from_token(
-    driver: neo4j.Driver, name: str, pattern: str, *, database: str | None = None
+    driver: neo4j.Driver,
+    name: str,
+    pattern: str,
+    *,
+    database: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> int:
     """Supernode of every feature one of whose logit-lens top tokens matches ``pattern``."""
     return _define_from_pattern(
-        driver, name, pattern, Q.FEATURES_BY_TOKEN_PATTERN, "token", database=database
+        driver, name, pattern, Q.FEATURE_TOP_TOKENS, "token", database=database, timeout_s=timeout_s
     )
 
 
@@ -147,14 +193,13 @@ def _define_from_pattern(
     kind: str,
     *,
     database: str | None,
+    timeout_s: float,
 ) -> int:
-    pattern = validate_pattern(pattern)
-    rows = run_read(
-        driver, query, {"pattern": pattern}, database=database, what=f"matching {kind}s"
+    name = validate_name(name)
+    fids = matching_features(
+        driver, query, pattern, database=database, timeout_s=timeout_s, what=f"matching {kind}s"
     )
-    return define(
-        driver, name, [r["fid"] for r in rows], kind=kind, pattern=pattern, database=database
-    )
+    return define(driver, name, fids, kind=kind, pattern=pattern, database=database)
 
 
 def import_from_json(
@@ -191,13 +236,13 @@ def import_from_json(
 
 def list_supernodes(driver: neo4j.Driver, *, database: str | None = None) -> list[dict[str, Any]]:
     """Every supernode with its member count."""
-    return run_read(driver, Q.LIST_SUPERNODES, database=database, what="listing supernodes")
+    return read_rows(driver, Q.LIST_SUPERNODES, database=database, what="listing supernodes")
 
 
 def show(driver: neo4j.Driver, name: str, *, database: str | None = None) -> dict[str, Any]:
     """One supernode: definition and members."""
     name = validate_name(name)
-    rows = run_read(driver, Q.SHOW_SUPERNODE, {"name": name}, database=database, what="supernode")
+    rows = read_rows(driver, Q.SHOW_SUPERNODE, {"name": name}, database=database, what="supernode")
     if not rows:
         raise InputError(f"no supernode named {name!r}")
     return rows[0]
@@ -211,4 +256,4 @@ def delete(driver: neo4j.Driver, name: str, *, database: str | None = None) -> b
         rec = tx.run(Q.DELETE_SUPERNODE, name=name).single()
         return int(rec["deleted"]) if rec is not None else 0
 
-    return bool(_write(driver, database, f"deleting supernode {name!r}", work))
+    return bool(write_tx(driver, work, database=database, what=f"deleting supernode {name!r}"))

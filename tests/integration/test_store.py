@@ -604,8 +604,8 @@ def test_malformed_inputs_are_refused_and_change_nothing(db: neo4j.Driver, tmp_p
 
 
 def test_logit_lens_and_labels_are_stored(db: neo4j.Driver) -> None:
-    from atlas.annotate.apply import label_features, store_logit_lens
-    from atlas.annotate.lens import logit_lens
+    from atlas.circuits.lens import logit_lens
+    from atlas.store.labels import label_features, store_logit_lens
 
     graphs = [small(s) for s in range(90, 93)]
     for g in graphs:

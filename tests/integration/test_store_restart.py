@@ -22,7 +22,7 @@ from typing import Any
 import neo4j
 import pytest
 
-from atlas.cli.store import IMPORT_DRIVER_RETRY_S
+from atlas.cli.transfer import IMPORT_DRIVER_RETRY_S
 from atlas.graph import Graph, NodeKind
 from atlas.services import _proc
 from atlas.store import queries as Q
@@ -202,6 +202,8 @@ def test_import_survives_neo4j_restart(server: Server, tmp_path: Path) -> None:
             r"^warning: .*: Neo4j unreachable, retrying in \d+ s \(.*\)$", stderr, re.M
         )
         assert retries, stderr
+        # ... and the driver's own retry and connection warnings stay off stderr
+        assert not re.search(r"^WARNING neo4j|will be retried", stderr, re.M), stderr
         summary = re.search(
             r"(\d+) prompt\(s\) ingested \(\d+ edges\), (\d+) already stored", stdout
         )

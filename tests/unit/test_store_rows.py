@@ -7,8 +7,8 @@ from collections import defaultdict
 import pytest
 import torch
 
-from atlas.annotate.labels import short_label
-from atlas.annotate.lens import logit_lens
+from atlas.circuits.labels import short_label
+from atlas.circuits.lens import logit_lens
 from atlas.errors import CypherRefused, InputError
 from atlas.graph import NodeKind
 from atlas.store import queries as Q
@@ -131,3 +131,81 @@ def test_short_label() -> None:
     )
     assert label == "on: Texas, capital → says: Austin, Dallas, Houston"
     assert len(short_label(["x" * 200], None) or "") <= 80
+
+
+def _eval_cypher_arithmetic(expr: str, env: dict[str, int]) -> int:
+    """Evaluate an integer Cypher expression of ``+``, ``*``, ``%``, literals and ``x.prop``
+    (same meaning as in Python for non-negative integers)."""
+    import ast
+
+    def ev(node: ast.AST) -> int:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            return env[f"{node.value.id}.{node.attr}"]
+        if isinstance(node, ast.BinOp):
+            a, b = ev(node.left), ev(node.right)
+            ops = {ast.Add: a + b, ast.Mult: a * b, ast.Mod: a % b if b else 0}
+            return ops[type(node.op)]
+        raise AssertionError(f"unexpected Cypher in the pair key: {ast.dump(node)}")
+
+    return ev(ast.parse(expr, mode="eval"))
+
+
+def test_cypher_pair_key_equals_python_pair_key() -> None:
+    from atlas.store.ingest import agg_pair_key
+
+    expr = Q.pair_key_expr("fa", "fb")
+    assert expr in Q.DELETE_PROMPT_AGG
+    for sl, si, dl, di in [
+        (0, 0, 0, 0),
+        (3, 1024, 5, 7),
+        (127, 2**20 - 1, 1, 2),
+        (128, 2**20 + 5, 300, 9),
+    ]:
+        env = {"fa.layer": sl, "fa.index": si, "fb.layer": dl, "fb.index": di}
+        assert _eval_cypher_arithmetic(expr, env) == agg_pair_key(sl, si, dl, di)
+
+
+def test_regex_cost_rules() -> None:
+    from atlas.store.cypher import regex_risk
+
+    for safe in [
+        "early .*",
+        r"\s*Austin",
+        r"(?i).*\b(hands?|fingers?)\b.*",
+        r"\d{4}-\d{2}-\d{2}",
+        r"[a-z]+ [(+*)]",
+        r"\Q(a+)+\E.*",
+        r"\p{Alpha}+",
+        r"(?<year>\d{4}) .*",
+        r"(cat|dog) .*",
+    ]:
+        assert regex_risk(safe) is None, safe
+    for costly in [
+        "(a+)+b",
+        "(a*)*b",
+        "(a|aa)+b",
+        "(a?){30}a{30}",
+        "(.*){7}x",
+        ".*.*.*.*x",
+        "((ab)+c)+",
+        "x" * 201,
+    ]:
+        assert regex_risk(costly) is not None, costly
+
+
+def test_server_commands_are_refused_by_text() -> None:
+    for text in [
+        "TERMINATE TRANSACTIONS 'neo4j-transaction-1'",
+        "SHOW TRANSACTIONS",
+        "show settings yield name",
+        "USE system SHOW USERS",
+        "CALL dbms.listConfig()",
+        "MATCH (n) WHERE n.label =~ '(a+)+' RETURN n",
+        "MATCH (n) WHERE n.label =~ n.other RETURN n",
+    ]:
+        with pytest.raises(CypherRefused):
+            check_read_only(None, text)  # type: ignore[arg-type]

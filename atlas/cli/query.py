@@ -1,0 +1,224 @@
+"""``atlas query ...`` (named questions across every stored prompt) and ``atlas cypher`` (raw
+read-only Cypher over the graph)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from atlas.cli import get_settings
+from atlas.cli._common import (
+    FORMAT,
+    atlas_driver,
+    database,
+    emit_json,
+    output,
+    print_table,
+    timeout,
+)
+
+
+@click.group()
+def query() -> None:
+    """Named questions across every stored prompt."""
+
+
+@query.command()
+@click.option(
+    "--from", "source", required=True, help="supernode:NAME | feature:L/I | token:TEXT | logit:TEXT"
+)
+@click.option(
+    "--to", "target", required=True, help="supernode:NAME | feature:L/I | token:TEXT | logit:TEXT"
+)
+@click.option("--max-hops", type=int, default=4, show_default=True)
+@click.option("--min-weight", type=float, default=0.0, show_default=True)
+@click.option("--limit", type=int, default=20, show_default=True)
+@FORMAT
+def paths(source: str, target: str, max_hops: int, min_weight: float, limit: int, fmt: str) -> None:
+    """Directed paths within one prompt, across every prompt, from one endpoint to another."""
+    from atlas.store import read
+
+    with atlas_driver() as driver:
+        result = read.paths(
+            driver,
+            source,
+            target,
+            max_hops=max_hops,
+            min_weight=min_weight,
+            limit=limit,
+            cap=get_settings().cypher_row_cap,
+            database=database(),
+            timeout_s=timeout(),
+        )
+    if fmt == "json":
+        emit_json(result)
+        return
+    by_prompt: dict[str, list[dict[str, Any]]] = {}
+    for p in result["paths"]:
+        by_prompt.setdefault(p["prompt"], []).append(p)
+    rows = []
+    for prompt, ps in by_prompt.items():
+        for i, p in enumerate(ps):
+            rows.append(
+                {
+                    "prompt": prompt[:12] if i == 0 else "",
+                    "path": " → ".join(p["nodes"]),
+                    "weights": p["weights"],
+                    "score": p["score"],
+                }
+            )
+    print_table(rows, ["prompt", "path", "weights", "score"], f"paths {source} → {target}")
+    agg = [
+        {
+            "route": " → ".join(a["route"]),
+            **{k: a[k] for k in ("n_prompts", "n_paths", "sum_score")},
+        }
+        for a in result["aggregate"][:limit]
+    ]
+    print_table(agg, ["route", "n_prompts", "n_paths", "sum_score"], "summed across prompts")
+    if result["truncated"]:
+        click.echo("(more paths than the row cap: results are partial)", err=True)
+
+
+@query.command()
+@click.argument("spec")
+@click.option("--limit", type=int, default=20, show_default=True)
+@FORMAT
+def active(spec: str, limit: int, fmt: str) -> None:
+    """Prompts where a feature (feature:L/I) or supernode (supernode:NAME) is active."""
+    from atlas.store import read
+
+    with atlas_driver() as driver:
+        rows = read.active_prompts(
+            driver, spec, limit=limit, database=database(), timeout_s=timeout()
+        )
+    output(
+        rows,
+        fmt,
+        ["prompt", "text", "max_activation", "best_influence", "n_instances", "positions"],
+        f"prompts where {spec} is active",
+    )
+
+
+@query.command()
+@click.argument("logit")
+@click.option("--limit", type=int, default=20, show_default=True)
+@FORMAT
+def contributors(logit: str, limit: int, fmt: str) -> None:
+    """Top direct contributors to a logit (logit:TEXT) summed across prompts."""
+    from atlas.store import read
+
+    with atlas_driver() as driver:
+        rows = read.top_contributors(
+            driver, logit, limit=limit, database=database(), timeout_s=timeout()
+        )
+    output(
+        rows,
+        fmt,
+        ["name", "kind", "n_prompts", "sum_w", "sum_abs", "max_w"],
+        f"top contributors to {logit}",
+    )
+
+
+@query.command()
+@click.argument("spec")
+@click.option("--limit", type=int, default=20, show_default=True)
+@FORMAT
+def neighbours(spec: str, limit: int, fmt: str) -> None:
+    """Aggregated neighbours of a feature (feature:L/I) or supernode (supernode:NAME)."""
+    from atlas.store import read
+
+    with atlas_driver() as driver:
+        rows = read.neighbours(driver, spec, limit=limit, database=database(), timeout_s=timeout())
+    cols = ["direction", "neighbour", "label", "n_prompts", "sum_w", "mean_w", "max_w", "min_w"]
+    output(rows, fmt, cols, f"aggregated neighbours of {spec}")
+
+
+@query.command("supernode-graph")
+@click.argument("prompt_id")
+@FORMAT
+def supernode_graph(prompt_id: str, fmt: str) -> None:
+    """One prompt collapsed to its supernodes (plus token and logit nodes)."""
+    from atlas.store import read
+
+    with atlas_driver() as driver:
+        rows = read.prompt_supernode_graph(
+            driver, prompt_id, database=database(), timeout_s=timeout()
+        )
+    output(rows, fmt, ["source", "target", "weight", "n_edges"], f"supernode graph of {prompt_id}")
+
+
+@query.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--limit", type=int, default=20, show_default=True)
+@FORMAT
+def compare(a: str, b: str, limit: int, fmt: str) -> None:
+    """Two prompts side by side: shared and exclusive features, shared feature edges."""
+    from atlas.store import read
+
+    with atlas_driver() as driver:
+        result = read.compare_prompts(
+            driver, a, b, limit=limit, database=database(), timeout_s=timeout()
+        )
+    if fmt == "json":
+        emit_json(result)
+        return
+    cols = ["feature", "act_a", "act_b"]
+    print_table(result["shared_features"][:limit], cols, "features in both")
+    print_table(result["only_a"][:limit], cols, f"only in {result['a'][:12]}")
+    print_table(result["only_b"][:limit], cols, f"only in {result['b'][:12]}")
+    print_table(
+        result["shared_edges"][:limit], ["source", "target", "w_a", "w_b"], "shared feature edges"
+    )
+
+
+@query.command()
+@click.option("--limit", type=int, default=20, show_default=True)
+@FORMAT
+def prompts(limit: int, fmt: str) -> None:
+    """The most recently ingested prompts."""
+    from atlas.store import read
+
+    with atlas_driver() as driver:
+        rows = read.list_prompts(driver, limit=limit, database=database(), timeout_s=timeout())
+    output(
+        rows,
+        fmt,
+        ["id", "text", "n_nodes", "n_edges", "replacement_score", "completeness_score"],
+        "prompts",
+    )
+
+
+@click.command()
+@click.argument("text")
+@click.option("--param", "params", multiple=True, help="name=value (JSON values are parsed).")
+@FORMAT
+def cypher(text: str, params: tuple[str, ...], fmt: str) -> None:
+    """Run read-only Cypher over the graph.
+
+    Refused with one line: writes, LOAD CSV, server commands (SHOW ..., TERMINATE ...), USE,
+    procedures other than db.labels / db.relationshipTypes / db.propertyKeys / db.schema.*, and
+    =~ patterns whose cost the server cannot bound. Results stop at CYPHER_ROW_CAP rows and
+    CYPHER_RESULT_MB megabytes.
+    """
+    from atlas.store.cypher import parse_params, run_cypher
+
+    settings = get_settings()
+    with atlas_driver() as driver:
+        res = run_cypher(
+            driver,
+            text,
+            parse_params(list(params)),
+            database=database(),
+            timeout_s=settings.query_timeout_s,
+            row_cap=settings.cypher_row_cap,
+            max_bytes=int(settings.cypher_result_mb * 2**20),
+        )
+    if fmt == "json":
+        emit_json({"keys": res.keys, "rows": res.rows, "truncated": res.truncated})
+    else:
+        print_table(res.rows, res.keys, None)
+        if res.truncated:
+            click.echo(f"(truncated at {settings.cypher_row_cap} rows)", err=True)
