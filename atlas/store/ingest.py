@@ -23,7 +23,6 @@ features.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -37,23 +36,14 @@ import neo4j.exceptions
 
 from atlas.errors import ConfigError, InputError, ServiceUnavailable, StoreBusy, StoreError
 from atlas.graph import Graph, NodeKind
+from atlas.interchange import read_json
 from atlas.store import queries as Q
 
 log = logging.getLogger(__name__)
 
-KIND_NAMES = {
-    NodeKind.FEATURE: "feature",
-    NodeKind.ERROR: "error",
-    NodeKind.TOKEN: "token",
-    NodeKind.LOGIT: "logit",
-}
+KIND_NAMES = {kind: kind.text for kind in NodeKind}
 #: node kind -> its second label (a fixed map: labels are never built from user input)
-NODE_LABELS = {
-    "feature": "FeatureNode",
-    "error": "ErrorNode",
-    "token": "TokenNode",
-    "logit": "LogitNode",
-}
+NODE_LABELS = {kind.text: kind.label for kind in NodeKind}
 
 
 def feature_ref(tset: str, layer: int, index: int) -> str:
@@ -519,21 +509,7 @@ def load_graph_file(path: str | Path) -> Graph:
     """Read a graph from an artifact (``.safetensors``) or an interchange JSON file (``.json``)."""
     path = Path(path)
     if path.suffix == ".json":
-        try:
-            from atlas.interchange import graph_from_json
-        except ImportError as exc:
-            raise ConfigError("interchange JSON support (atlas.interchange) is missing") from exc
-        if not path.is_file():
-            raise InputError(f"no such file: {path}")
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"cannot read {path}: {exc}") from exc
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
-        graph: Graph = graph_from_json(doc)
-        _attach_logit_texts(graph, doc)
-        return graph
+        return read_json(path)
     if path.suffix == ".safetensors":
         return Graph.load(path)
     raise InputError(f"{path}: expected a .safetensors artifact or a .json interchange graph")

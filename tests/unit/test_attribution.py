@@ -21,8 +21,8 @@ from atlas.attribution.pruning import _edge_threshold
 from atlas.errors import AttributionError, InputError
 from atlas.graph import Graph, NodeKind
 from atlas.models import load_model
+from atlas.testing.tiny import BOS_ID, build_tiny_model, build_tiny_transcoders
 from atlas.transcoders import load_transcoders
-from tests.tiny import BOS_ID, build_tiny_model, build_tiny_transcoders
 
 PROMPT = "The cat sat on the mat"
 

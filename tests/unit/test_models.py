@@ -11,7 +11,7 @@ import torch
 from atlas.errors import ConfigError, InputError, ModelLoadError
 from atlas.models import SUPPORTED_FAMILIES, frozen, load_model
 from atlas.models.freezing import FROZEN_ATTN
-from tests.tiny import BOS_ID, FAMILIES, build_tiny_model
+from atlas.testing.tiny import BOS_ID, FAMILIES, build_tiny_model
 
 
 @pytest.fixture(scope="module")

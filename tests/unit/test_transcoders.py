@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from atlas.errors import TranscoderError
 from atlas.models import load_model
+from atlas.testing.tiny import build_tiny_model, build_tiny_transcoders
 from atlas.transcoders import load_transcoders
-from tests.tiny import build_tiny_model, build_tiny_transcoders
 
 
 @pytest.fixture(scope="module")
