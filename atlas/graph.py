@@ -21,8 +21,18 @@ Node ids (interchange JSON, also the per-prompt node key in Neo4j):
     token    ``E_{token_id}_{pos}``
     logit    ``{n_layers + 1}_{token_id}_{pos}``   (pos = last position)
 
+Node kinds (:class:`NodeKind`) are one table: code, Neo4j text and label, interchange
+``feature_type`` and id format; the store's and the interchange's maps derive from it. Graphs are
+built from columns by :meth:`Graph.from_columns` (the engine's result, the JSON importer, the
+store's export and the synthetic generator all use it).
+
 Artifact format: one ``.safetensors`` file whose tensors are the columns below and whose header
-metadata holds ``{"atlas.graph": <GraphMetadata JSON>}``. No pickle anywhere.
+metadata holds ``{"atlas.graph": <GraphMetadata JSON>}``. No pickle anywhere. :meth:`Graph.load`
+is the one reader (``atlas import`` and the ingest workers): it refuses, with one line naming the
+file, every artifact that breaks this contract (:meth:`Graph.validate`) before anything is stored.
+
+The module imports torch only inside the functions that need it, so the settings and metadata
+models (and the kind table) load in processes that never touch a tensor.
 """
 
 from __future__ import annotations
@@ -36,12 +46,14 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeAlias
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from atlas.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 ARTIFACT_FORMAT_VERSION = 1
 _META_KEY = "atlas.graph"
@@ -243,34 +255,36 @@ class Graph:
     _node_ids: list[str] | None = field(default=None, repr=False, compare=False)
 
     _NODE_COLUMNS = (
-        ("kind", torch.int8),
-        ("layer", torch.int32),
-        ("pos", torch.int32),
-        ("feature", torch.int64),
-        ("token_id", torch.int64),
-        ("activation", torch.float32),
-        ("influence", torch.float32),
-        ("logit_prob", torch.float32),
+        ("kind", "int8"),
+        ("layer", "int32"),
+        ("pos", "int32"),
+        ("feature", "int64"),
+        ("token_id", "int64"),
+        ("activation", "float32"),
+        ("influence", "float32"),
+        ("logit_prob", "float32"),
     )
     _EDGE_COLUMNS = (
-        ("edge_target", torch.int64),
-        ("edge_source", torch.int64),
-        ("edge_weight", torch.float32),
+        ("edge_target", "int64"),
+        ("edge_source", "int64"),
+        ("edge_weight", "float32"),
     )
 
     def __post_init__(self) -> None:
+        import torch
+
         n = self.kind.shape[0]
         for name, dtype in self._NODE_COLUMNS:
             col = getattr(self, name)
             if col.shape != (n,):
                 raise InputError(f"graph column {name!r} has shape {tuple(col.shape)}, want ({n},)")
-            setattr(self, name, col.to(dtype).contiguous())
+            setattr(self, name, col.to(getattr(torch, dtype)).contiguous())
         m = self.edge_target.shape[0]
         for name, dtype in self._EDGE_COLUMNS:
             col = getattr(self, name)
             if col.shape != (m,):
                 raise InputError(f"graph column {name!r} has shape {tuple(col.shape)}, want ({m},)")
-            setattr(self, name, col.to(dtype).contiguous())
+            setattr(self, name, col.to(getattr(torch, dtype)).contiguous())
         self.input_ids = self.input_ids.to(torch.int64).contiguous()
         ends = torch.cat([self.edge_target, self.edge_source])
         if m and (int(ends.max()) >= n or int(ends.min()) < 0):
@@ -294,22 +308,24 @@ class Graph:
         ``edges`` holds ``target``, ``source`` and ``weight``. Edges come out in the canonical
         order, sorted by ``(target, source)``.
         """
+        import torch
+
         unknown = sorted(set(nodes) - {name for name, _ in cls._NODE_COLUMNS})
         if unknown:
             raise InputError(f"unknown graph node column {unknown[0]!r}")
-        kind = _column(nodes["kind"], torch.int8)
+        kind = _column(nodes["kind"], "int8")
         n = int(kind.shape[0])
         cols: dict[str, torch.Tensor] = {}
         for name, dtype in cls._NODE_COLUMNS:
             if name in nodes:
                 cols[name] = _column(nodes[name], dtype)
             elif name in _NODE_DEFAULTS:
-                cols[name] = torch.full((n,), _NODE_DEFAULTS[name], dtype=dtype)
+                cols[name] = torch.full((n,), _NODE_DEFAULTS[name], dtype=getattr(torch, dtype))
             else:
                 raise InputError(f"graph node column {name!r} is required")
-        target = _column(edges["target"], torch.int64)
-        source = _column(edges["source"], torch.int64)
-        weight = _column(edges["weight"], torch.float32)
+        target = _column(edges["target"], "int64")
+        source = _column(edges["source"], "int64")
+        weight = _column(edges["weight"], "float32")
         if target.shape == source.shape and target.numel():
             order = torch.argsort(target * max(n, 1) + source, stable=True)
             target, source = target[order], source[order]
@@ -317,7 +333,7 @@ class Graph:
                 weight = weight[order]
         return cls(
             metadata=metadata,
-            input_ids=_column(input_ids, torch.int64),
+            input_ids=_column(input_ids, "int64"),
             kind=cols["kind"],
             layer=cols["layer"],
             pos=cols["pos"],
@@ -366,6 +382,8 @@ class Graph:
 
     def dense_adjacency(self) -> torch.Tensor:
         """The ``(n_nodes, n_nodes)`` adjacency, rows = targets, columns = sources."""
+        import torch
+
         adj = torch.zeros(self.n_nodes, self.n_nodes, dtype=torch.float32)
         adj[self.edge_target, self.edge_source] = self.edge_weight
         return adj
@@ -427,6 +445,8 @@ class Graph:
         The artifact path is trusted by nothing: ingestion writes what it reads, so every check
         the interchange JSON importer makes holds here too, before anything is stored.
         """
+        import torch
+
         n_layers = self.n_layers
         n_pos = len(self.metadata.tokens)
         if n_layers < 1:
@@ -470,7 +490,7 @@ def node_id(
     )
 
 
-ColumnLike = torch.Tensor | Sequence[int] | Sequence[float]
+ColumnLike: TypeAlias = "torch.Tensor | Sequence[int] | Sequence[float]"
 """A column as :meth:`Graph.from_columns` accepts it."""
 
 #: Node columns some kinds leave unset, and their value there.
@@ -483,10 +503,12 @@ _NODE_DEFAULTS: dict[str, float] = {
 }
 
 
-def _column(values: ColumnLike, dtype: torch.dtype) -> torch.Tensor:
+def _column(values: ColumnLike, dtype: str) -> torch.Tensor:
+    import torch
+
     if isinstance(values, torch.Tensor):
-        return values.detach().cpu().to(dtype)
-    return torch.tensor(list(values), dtype=dtype)
+        return values.detach().cpu().to(getattr(torch, dtype))
+    return torch.tensor(list(values), dtype=getattr(torch, dtype))
 
 
 def _check_layers(graph: Graph, kind: NodeKind, low: int, high: int) -> None:

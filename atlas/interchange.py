@@ -41,6 +41,10 @@ schema allows extra keys, and foreign files simply lack it.
 Supernodes (``qParams.supernodes``) and labels (``clerp``) come back in
 ``graph.metadata.extra["supernodes"]`` (``[[label, node_id, ...], ...]`` with the project's ids)
 and ``graph.metadata.extra["labels"]`` (``{node_id: label}``).
+
+Files: this module is the only graph-JSON reader and writer. :func:`read_json` reads a file
+(one-line :class:`~atlas.errors.InputError` for an unreadable or malformed one);
+:func:`write_json` / :func:`write_document` write atomically and refuse NaN.
 """
 
 from __future__ import annotations
@@ -722,14 +726,21 @@ def read_json(path: str | Path) -> Graph:
 
 
 def write_json(graph: Graph, path: str | Path, **kwargs: Any) -> Path:
-    """Write :func:`graph_to_json` output to ``path`` atomically (compact UTF-8, no NaN).
+    """Write :func:`graph_to_json` output to ``path`` (see :func:`write_document`).
 
-    ``kwargs`` go to :func:`graph_to_json`. A temporary file in the same directory is renamed
-    over ``path``, so a reader never sees half a file. Returns the path.
+    ``kwargs`` go to :func:`graph_to_json`. Returns the path.
+    """
+    return write_document(graph_to_json(graph, **kwargs), path)
+
+
+def write_document(doc: dict[str, Any], path: str | Path) -> Path:
+    """Write an interchange JSON object atomically: compact UTF-8, NaN refused.
+
+    A temporary file in the same directory is renamed over ``path``, so a reader never sees
+    half a file. Returns the path.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = graph_to_json(graph, **kwargs)
     text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
     try:
