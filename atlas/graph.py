@@ -286,9 +286,10 @@ class Graph:
                 raise InputError(f"graph column {name!r} has shape {tuple(col.shape)}, want ({m},)")
             setattr(self, name, col.to(getattr(torch, dtype)).contiguous())
         self.input_ids = self.input_ids.to(torch.int64).contiguous()
-        ends = torch.cat([self.edge_target, self.edge_source])
-        if m and (int(ends.max()) >= n or int(ends.min()) < 0):
-            raise InputError("graph edge refers to a node index out of range")
+        for ends in (self.edge_target, self.edge_source) if m else ():
+            low, high = torch.aminmax(ends)
+            if int(low) < 0 or int(high) >= n:
+                raise InputError("graph edge refers to a node index out of range")
         if m and not bool(torch.isfinite(self.edge_weight).all()):
             raise InputError("graph has non-finite (NaN or inf) edge weights")
 
@@ -326,8 +327,9 @@ class Graph:
         target = _column(edges["target"], "int64")
         source = _column(edges["source"], "int64")
         weight = _column(edges["weight"], "float32")
-        if target.shape == source.shape and target.numel():
-            order = torch.argsort(target * max(n, 1) + source, stable=True)
+        key = target * max(n, 1) + source if target.shape == source.shape else None
+        if key is not None and key.numel() > 1 and not bool((key[1:] >= key[:-1]).all()):
+            order = torch.argsort(key, stable=True)
             target, source = target[order], source[order]
             if weight.shape == order.shape:
                 weight = weight[order]

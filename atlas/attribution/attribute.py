@@ -1,10 +1,12 @@
 """``attribute()``: the attribution graph of one prompt (circuit-tracer's semantics, our code).
 
-Phases: (0) tokenize, one real forward pass, active features / errors / token vectors;
-(1) logit targets; (2) one frozen forward pass on ``batch`` copies; (3) logit rows; (4) feature
-rows, all features in (layer, pos, feature) order, or with ``max_feature_nodes`` the most
-influential ones, re-ranked every ``update_interval`` batches from the rows computed so far;
-(5) packaging into the dense reference layout (:class:`AttributionResult`).
+Phases: (0) model inputs, one real forward pass, active features / errors / token vectors;
+(1) logit targets; (2) one frozen forward pass (batch 1; each backward carries ``batch``
+cotangents); (3) logit rows; (4) feature rows: all features in (layer, pos, feature) order
+(:func:`_full_rows`), or with ``max_feature_nodes`` the most influential ones, re-ranked every
+``update_interval`` batches from the rows computed so far (:func:`_ranked_rows`); (5) packaging
+into the dense reference layout (:class:`AttributionResult`). Phase times are logged at debug
+level and kept in ``AttributionResult.stats``.
 """
 
 from __future__ import annotations
