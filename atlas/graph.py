@@ -21,8 +21,18 @@ Node ids (interchange JSON, also the per-prompt node key in Neo4j):
     token    ``E_{token_id}_{pos}``
     logit    ``{n_layers + 1}_{token_id}_{pos}``   (pos = last position)
 
+Node kinds (:class:`NodeKind`) are one table: code, Neo4j text and label, interchange
+``feature_type`` and id format; the store's and the interchange's maps derive from it. Graphs are
+built from columns by :meth:`Graph.from_columns` (the engine's result, the JSON importer, the
+store's export and the synthetic generator all use it).
+
 Artifact format: one ``.safetensors`` file whose tensors are the columns below and whose header
-metadata holds ``{"atlas.graph": <GraphMetadata JSON>}``. No pickle anywhere.
+metadata holds ``{"atlas.graph": <GraphMetadata JSON>}``. No pickle anywhere. :meth:`Graph.load`
+is the one reader (``atlas import`` and the ingest workers): it refuses, with one line naming the
+file, every artifact that breaks this contract (:meth:`Graph.validate`) before anything is stored.
+
+The module imports torch only inside the functions that need it, so the settings and metadata
+models (and the kind table) load in processes that never touch a tensor.
 """
 
 from __future__ import annotations
@@ -30,26 +40,71 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import math
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self, TypeAlias
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from atlas.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 ARTIFACT_FORMAT_VERSION = 1
 _META_KEY = "atlas.graph"
 
 
 class NodeKind(enum.IntEnum):
-    FEATURE = 0
-    ERROR = 1
-    TOKEN = 2
-    LOGIT = 3
+    """The kinds of graph node, with everything that names a kind outside this module.
+
+    Each member is one row ``(code, text, label, feature_type, id_format)``:
+
+    code          the ``int8`` stored in the artifact's ``kind`` column
+    text          the ``kind`` property of a stored node (Neo4j) and the word in queries
+    label         the second Neo4j label of a stored node
+    feature_type  the interchange JSON ``feature_type`` written for it
+    id_format     its node id (:func:`node_id`); fields ``layer``, ``feature``, ``pos``,
+                  ``token_id`` and ``logit_layer`` (``n_layers + 1``)
+
+    The store's and the interchange's maps are derived from these rows, so a new kind (an image
+    token, say) is one row here plus whatever the new kind computes.
+    """
+
+    text: str
+    label: str
+    feature_type: str
+    id_format: str
+
+    # The defaults only let ``NodeKind(code)`` type-check: after class creation, calling the enum
+    # looks a member up by its code and never reaches this method.
+    def __new__(
+        cls, code: int, text: str = "", label: str = "", feature_type: str = "", id_format: str = ""
+    ) -> Self:
+        member = int.__new__(cls, code)
+        member._value_ = code
+        member.text = text
+        member.label = label
+        member.feature_type = feature_type
+        member.id_format = id_format
+        return member
+
+    FEATURE = (0, "feature", "FeatureNode", "cross layer transcoder", "{layer}_{feature}_{pos}")
+    ERROR = (1, "error", "ErrorNode", "mlp reconstruction error", "{layer}_-1_{pos}")
+    TOKEN = (2, "token", "TokenNode", "embedding", "E_{token_id}_{pos}")
+    LOGIT = (3, "logit", "LogitNode", "logit", "{logit_layer}_{token_id}_{pos}")
+
+    @classmethod
+    def from_text(cls, text: str) -> NodeKind:
+        """The kind whose :attr:`text` is ``text`` (:class:`InputError` for an unknown one)."""
+        for kind in cls:
+            if kind.text == text:
+                return kind
+        raise InputError(f"unknown node kind {text!r}")
 
 
 class ModelInfo(BaseModel):
@@ -85,18 +140,50 @@ class TranscoderInfo(BaseModel):
 
 
 class AttributionSettings(BaseModel):
-    """The knobs that change a graph (part of the prompt's content hash)."""
+    """The knobs that change a graph: the single definition of their names and defaults.
+
+    ``attribute()``, ``AttributionResult.to_graph()``, the CLI options and the job specs all read
+    their defaults from here. The whole object is part of the prompt's content hash, so adding a
+    field changes every prompt id.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     max_n_logits: int = 10
+    """At most this many logit targets."""
     desired_logit_prob: float = 0.95
+    """Logit targets: the smallest top-probability prefix whose mass reaches this."""
     max_feature_nodes: int | None = None
+    """Keep only the most influential features as graph rows (``None``: every active one)."""
     explicit_logit_tokens: list[int] | None = None
+    """Use these token ids as logit targets instead of the top-probability ones."""
     node_threshold: float = 0.8
+    """Pruning: keep feature and error nodes up to this share of cumulative influence."""
     edge_threshold: float = 0.98
+    """Pruning: keep edges up to this share of cumulative edge score."""
     pruned: bool = True
+    """Whether the graph was pruned (``False``: every node and non-zero edge)."""
     dtype: str = "float32"
+    """The model's dtype when the graph was computed."""
+
+    @classmethod
+    def merged(cls, base: AttributionSettings | None = None, **knobs: Any) -> AttributionSettings:
+        """``base`` (default: the defaults above) with every knob that is not ``None`` replaced.
+
+        The engine's keyword arguments are shorthands for these fields; ``None`` means "not
+        given", so a default lives only in this class.
+        """
+        start = base if base is not None else cls()
+        given = {k: v for k, v in knobs.items() if v is not None}
+        unknown = sorted(set(given) - set(cls.model_fields))
+        if unknown:
+            raise InputError(f"unknown attribution setting {unknown[0]!r}")
+        try:
+            return cls.model_validate({**start.model_dump(), **given})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            raise InputError(f"attribution setting {where}: {first['msg']}") from exc
 
 
 class GraphMetadata(BaseModel):
@@ -168,39 +255,99 @@ class Graph:
     _node_ids: list[str] | None = field(default=None, repr=False, compare=False)
 
     _NODE_COLUMNS = (
-        ("kind", torch.int8),
-        ("layer", torch.int32),
-        ("pos", torch.int32),
-        ("feature", torch.int64),
-        ("token_id", torch.int64),
-        ("activation", torch.float32),
-        ("influence", torch.float32),
-        ("logit_prob", torch.float32),
+        ("kind", "int8"),
+        ("layer", "int32"),
+        ("pos", "int32"),
+        ("feature", "int64"),
+        ("token_id", "int64"),
+        ("activation", "float32"),
+        ("influence", "float32"),
+        ("logit_prob", "float32"),
     )
     _EDGE_COLUMNS = (
-        ("edge_target", torch.int64),
-        ("edge_source", torch.int64),
-        ("edge_weight", torch.float32),
+        ("edge_target", "int64"),
+        ("edge_source", "int64"),
+        ("edge_weight", "float32"),
     )
 
     def __post_init__(self) -> None:
+        import torch
+
         n = self.kind.shape[0]
         for name, dtype in self._NODE_COLUMNS:
             col = getattr(self, name)
             if col.shape != (n,):
                 raise InputError(f"graph column {name!r} has shape {tuple(col.shape)}, want ({n},)")
-            setattr(self, name, col.to(dtype).contiguous())
+            setattr(self, name, col.to(getattr(torch, dtype)).contiguous())
         m = self.edge_target.shape[0]
         for name, dtype in self._EDGE_COLUMNS:
             col = getattr(self, name)
             if col.shape != (m,):
                 raise InputError(f"graph column {name!r} has shape {tuple(col.shape)}, want ({m},)")
-            setattr(self, name, col.to(dtype).contiguous())
+            setattr(self, name, col.to(getattr(torch, dtype)).contiguous())
         self.input_ids = self.input_ids.to(torch.int64).contiguous()
-        if m and (int(self.edge_target.max()) >= n or int(self.edge_source.max()) >= n):
-            raise InputError("graph edge refers to a node index out of range")
+        for ends in (self.edge_target, self.edge_source) if m else ():
+            low, high = torch.aminmax(ends)
+            if int(low) < 0 or int(high) >= n:
+                raise InputError("graph edge refers to a node index out of range")
         if m and not bool(torch.isfinite(self.edge_weight).all()):
             raise InputError("graph has non-finite (NaN or inf) edge weights")
+
+    @classmethod
+    def from_columns(
+        cls,
+        metadata: GraphMetadata,
+        input_ids: ColumnLike,
+        nodes: Mapping[str, ColumnLike],
+        edges: Mapping[str, ColumnLike],
+    ) -> Graph:
+        """The one way to build a graph from columns (tensors or plain sequences).
+
+        ``nodes`` holds the node columns by name (``kind`` as :class:`NodeKind` codes); the
+        columns that only some kinds use may be left out: ``feature`` and ``token_id`` default
+        to -1, ``activation`` and ``logit_prob`` to 0, ``influence`` to NaN (not computed).
+        ``edges`` holds ``target``, ``source`` and ``weight``. Edges come out in the canonical
+        order, sorted by ``(target, source)``.
+        """
+        import torch
+
+        unknown = sorted(set(nodes) - {name for name, _ in cls._NODE_COLUMNS})
+        if unknown:
+            raise InputError(f"unknown graph node column {unknown[0]!r}")
+        kind = _column(nodes["kind"], "int8")
+        n = int(kind.shape[0])
+        cols: dict[str, torch.Tensor] = {}
+        for name, dtype in cls._NODE_COLUMNS:
+            if name in nodes:
+                cols[name] = _column(nodes[name], dtype)
+            elif name in _NODE_DEFAULTS:
+                cols[name] = torch.full((n,), _NODE_DEFAULTS[name], dtype=getattr(torch, dtype))
+            else:
+                raise InputError(f"graph node column {name!r} is required")
+        target = _column(edges["target"], "int64")
+        source = _column(edges["source"], "int64")
+        weight = _column(edges["weight"], "float32")
+        key = target * max(n, 1) + source if target.shape == source.shape else None
+        if key is not None and key.numel() > 1 and not bool((key[1:] >= key[:-1]).all()):
+            order = torch.argsort(key, stable=True)
+            target, source = target[order], source[order]
+            if weight.shape == order.shape:
+                weight = weight[order]
+        return cls(
+            metadata=metadata,
+            input_ids=_column(input_ids, "int64"),
+            kind=cols["kind"],
+            layer=cols["layer"],
+            pos=cols["pos"],
+            feature=cols["feature"],
+            token_id=cols["token_id"],
+            activation=cols["activation"],
+            influence=cols["influence"],
+            logit_prob=cols["logit_prob"],
+            edge_target=target,
+            edge_source=source,
+            edge_weight=weight,
+        )
 
     # ------------------------------------------------------------------ accessors
     @property
@@ -237,6 +384,8 @@ class Graph:
 
     def dense_adjacency(self) -> torch.Tensor:
         """The ``(n_nodes, n_nodes)`` adjacency, rows = targets, columns = sources."""
+        import torch
+
         adj = torch.zeros(self.n_nodes, self.n_nodes, dtype=torch.float32)
         adj[self.edge_target, self.edge_source] = self.edge_weight
         return adj
@@ -281,25 +430,117 @@ class Graph:
         if _META_KEY not in meta:
             raise InputError(f"{path} is a safetensors file but not a Circuit Atlas graph")
         try:
-            metadata = GraphMetadata.model_validate_json(meta[_META_KEY])
-            return cls(metadata=metadata, **tensors)
-        except InputError:
-            raise
-        except Exception as exc:
+            metadata = _artifact_metadata(meta[_META_KEY])
+            names = {"input_ids"} | {n for n, _ in cls._NODE_COLUMNS + cls._EDGE_COLUMNS}
+            if set(tensors) != names:
+                odd = sorted(set(tensors) ^ names)
+                raise InputError(f"wrong tensor set (missing or unexpected: {', '.join(odd)})")
+            graph = cls(metadata=metadata, **tensors)
+            graph.validate()
+        except InputError as exc:
             raise InputError(f"{path}: malformed graph artifact: {exc}") from exc
+        return graph
+
+    def validate(self) -> None:
+        """Refuse a graph whose columns contradict the layout contract (module docstring).
+
+        The artifact path is trusted by nothing: ingestion writes what it reads, so every check
+        the interchange JSON importer makes holds here too, before anything is stored.
+        """
+        import torch
+
+        n_layers = self.n_layers
+        n_pos = len(self.metadata.tokens)
+        if n_layers < 1:
+            raise InputError(f"metadata says {n_layers} layers")
+        if int(self.input_ids.shape[0]) != n_pos:
+            raise InputError(f"{int(self.input_ids.shape[0])} input ids for {n_pos} prompt tokens")
+        known = torch.tensor([int(k) for k in NodeKind], dtype=torch.int8)
+        bad = ~torch.isin(self.kind, known)
+        if bool(bad.any()):
+            raise InputError(f"unknown node kind {int(self.kind[bad][0])}")
+        if self.n_nodes and (int(self.pos.min()) < 0 or int(self.pos.max()) >= n_pos):
+            raise InputError(f"a node position lies outside the {n_pos} prompt tokens")
+        _check_layers(self, NodeKind.FEATURE, 0, n_layers - 1)
+        _check_layers(self, NodeKind.ERROR, 0, n_layers - 1)
+        _check_layers(self, NodeKind.TOKEN, -1, -1)
+        _check_layers(self, NodeKind.LOGIT, n_layers, n_layers)
+        feats = self.kind == NodeKind.FEATURE
+        if bool((self.feature[feats] < 0).any()):
+            raise InputError("a feature node has a negative feature index")
+        if not bool(torch.isfinite(self.activation[feats]).all()):
+            raise InputError("a feature node has a non-finite activation")
+        vocab_nodes = (self.kind == NodeKind.TOKEN) | (self.kind == NodeKind.LOGIT)
+        if bool((self.token_id[vocab_nodes] < 0).any()):
+            raise InputError("a token or logit node has no vocabulary id")
+        identity = torch.stack(
+            [self.kind.long(), self.layer.long(), self.pos.long(), self.feature, self.token_id]
+        )
+        if self.n_nodes and torch.unique(identity, dim=1).shape[1] != self.n_nodes:
+            raise InputError("two nodes have the same identity")
+        pairs = self.edge_target * self.n_nodes + self.edge_source
+        if int(torch.unique(pairs).numel()) != self.n_edges:
+            raise InputError("duplicated edges (same target and source)")
 
 
 def node_id(
     kind: NodeKind, layer: int, pos: int, feature: int, token_id: int, n_layers: int
 ) -> str:
-    """The interchange-JSON id of one node."""
-    if kind == NodeKind.FEATURE:
-        return f"{layer}_{feature}_{pos}"
-    if kind == NodeKind.ERROR:
-        return f"{layer}_-1_{pos}"
-    if kind == NodeKind.TOKEN:
-        return f"E_{token_id}_{pos}"
-    return f"{n_layers + 1}_{token_id}_{pos}"
+    """The interchange-JSON id of one node (its kind's :attr:`NodeKind.id_format`)."""
+    return kind.id_format.format(
+        layer=layer, feature=feature, pos=pos, token_id=token_id, logit_layer=n_layers + 1
+    )
+
+
+ColumnLike: TypeAlias = "torch.Tensor | Sequence[int] | Sequence[float]"
+"""A column as :meth:`Graph.from_columns` accepts it."""
+
+#: Node columns some kinds leave unset, and their value there.
+_NODE_DEFAULTS: dict[str, float] = {
+    "feature": -1,
+    "token_id": -1,
+    "activation": 0.0,
+    "logit_prob": 0.0,
+    "influence": math.nan,
+}
+
+
+def _column(values: ColumnLike, dtype: str) -> torch.Tensor:
+    import torch
+
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().to(getattr(torch, dtype))
+    return torch.tensor(list(values), dtype=getattr(torch, dtype))
+
+
+def _check_layers(graph: Graph, kind: NodeKind, low: int, high: int) -> None:
+    layers = graph.layer[graph.kind == kind]
+    if layers.numel() and (int(layers.min()) < low or int(layers.max()) > high):
+        bad = int(layers[(layers < low) | (layers > high)][0])
+        want = f"{low}" if low == high else f"{low}..{high}"
+        raise InputError(
+            f"a {kind.text} node at layer {bad} (want {want} for {graph.n_layers} layers)"
+        )
+
+
+def _artifact_metadata(text: str) -> GraphMetadata:
+    """The artifact's metadata, refusing a format version this code does not read."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"metadata is not JSON: {exc.msg}") from exc
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if version != ARTIFACT_FORMAT_VERSION:
+        raise InputError(
+            f"unsupported artifact format version {version!r} "
+            f"(this version reads {ARTIFACT_FORMAT_VERSION})"
+        )
+    try:
+        return GraphMetadata.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise InputError(f"metadata {where}: {first['msg']}") from exc
 
 
 def artifact_path(artifact_dir: str | Path, prompt_id: str) -> Path:

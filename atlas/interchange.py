@@ -41,6 +41,10 @@ schema allows extra keys, and foreign files simply lack it.
 Supernodes (``qParams.supernodes``) and labels (``clerp``) come back in
 ``graph.metadata.extra["supernodes"]`` (``[[label, node_id, ...], ...]`` with the project's ids)
 and ``graph.metadata.extra["labels"]`` (``{node_id: label}``).
+
+Files: this module is the only graph-JSON reader and writer. :func:`read_json` reads a file
+(one-line :class:`~atlas.errors.InputError` for an unreadable or malformed one);
+:func:`write_json` / :func:`write_document` write atomically and refuse NaN.
 """
 
 from __future__ import annotations
@@ -49,13 +53,13 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import Any, NamedTuple
 
 from atlas.errors import InputError
 from atlas.graph import (
@@ -73,10 +77,10 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 """``metadata.schema_version`` written by :func:`graph_to_json` (Cantor-paired ``feature``)."""
 
-FEATURE_TYPE_FEATURE = "cross layer transcoder"
-FEATURE_TYPE_ERROR = "mlp reconstruction error"
-FEATURE_TYPE_TOKEN = "embedding"
-FEATURE_TYPE_LOGIT = "logit"
+FEATURE_TYPE_FEATURE = NodeKind.FEATURE.feature_type
+FEATURE_TYPE_ERROR = NodeKind.ERROR.feature_type
+FEATURE_TYPE_TOKEN = NodeKind.TOKEN.feature_type
+FEATURE_TYPE_LOGIT = NodeKind.LOGIT.feature_type
 
 #: feature_type strings read as transcoder features (the frontend draws all of them the same way).
 _FEATURE_TYPES = {FEATURE_TYPE_FEATURE, "transcoder", "per layer transcoder", "plt", "clt"}
@@ -103,6 +107,53 @@ def cantor_unpair(z: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------- export
 def _float_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
+
+
+class _NodeRow(NamedTuple):
+    """One node's columns, as the per-kind field writers below read them."""
+
+    layer: int
+    pos: int
+    feature: int
+    token_id: int
+    activation: float
+    logit_prob: float
+    n_layers: int
+
+
+def _feature_fields(r: _NodeRow) -> dict[str, Any]:
+    return {
+        "feature": cantor_pair(r.layer, r.feature),
+        "layer": str(r.layer),
+        "jsNodeId": f"{r.layer}_{r.feature}-0",
+        "activation": float(r.activation),
+    }
+
+
+def _error_fields(r: _NodeRow) -> dict[str, Any]:
+    return {"feature": -1, "layer": str(r.layer), "jsNodeId": f"{r.layer}_-1_{r.pos}-0"}
+
+
+def _token_fields(r: _NodeRow) -> dict[str, Any]:
+    return {"feature": int(r.pos), "layer": "E", "jsNodeId": f"E_{r.token_id}-{r.pos}"}
+
+
+def _logit_fields(r: _NodeRow) -> dict[str, Any]:
+    return {
+        "feature": int(r.token_id),
+        "layer": str(r.n_layers + 1),
+        "token_prob": float(r.logit_prob),
+        "jsNodeId": f"L_{r.token_id}-{r.pos}",
+    }
+
+
+#: The frontend's kind-specific node fields (``feature_type`` comes from :class:`NodeKind`).
+_KIND_FIELDS: dict[NodeKind, Callable[[_NodeRow], dict[str, Any]]] = {
+    NodeKind.FEATURE: _feature_fields,
+    NodeKind.ERROR: _error_fields,
+    NodeKind.TOKEN: _token_fields,
+    NodeKind.LOGIT: _logit_fields,
+}
 
 
 def _normalise_supernodes(
@@ -171,7 +222,6 @@ def graph_to_json(
             return token_decoder(tid)
         return text_of_id.get(tid, f"#{tid}")
 
-    n_layers = graph.n_layers
     first_logit = True
     nodes: list[dict[str, Any]] = []
     cols = zip(
@@ -187,12 +237,13 @@ def graph_to_json(
         strict=True,
     )
     for nid, kind, layer, pos, feat, tid, act, infl, prob in cols:
+        node_kind = NodeKind(kind)
         node: dict[str, Any] = {
             "node_id": nid,
             "feature": None,
             "layer": "",
             "ctx_idx": int(pos),
-            "feature_type": "",
+            "feature_type": node_kind.feature_type,
             "token_prob": 0.0,
             "is_target_logit": False,
             "run_idx": 0,
@@ -202,37 +253,10 @@ def graph_to_json(
             "influence": _float_or_none(infl),
             "activation": None,
         }
-        if kind == NodeKind.FEATURE:
-            node.update(
-                feature=cantor_pair(layer, feat),
-                layer=str(layer),
-                feature_type=FEATURE_TYPE_FEATURE,
-                jsNodeId=f"{layer}_{feat}-0",
-                activation=float(act),
-            )
-        elif kind == NodeKind.ERROR:
-            node.update(
-                feature=-1,
-                layer=str(layer),
-                feature_type=FEATURE_TYPE_ERROR,
-                jsNodeId=f"{layer}_-1_{pos}-0",
-            )
-        elif kind == NodeKind.TOKEN:
-            node.update(
-                feature=int(pos),
-                layer="E",
-                feature_type=FEATURE_TYPE_TOKEN,
-                jsNodeId=f"E_{tid}-{pos}",
-            )
-        else:
-            node.update(
-                feature=int(tid),
-                layer=str(n_layers + 1),
-                feature_type=FEATURE_TYPE_LOGIT,
-                token_prob=float(prob),
-                is_target_logit=first_logit,
-                jsNodeId=f"L_{tid}-{pos}",
-            )
+        row = _NodeRow(layer, pos, feat, tid, act, prob, graph.n_layers)
+        node.update(_KIND_FIELDS[node_kind](row))
+        if node_kind == NodeKind.LOGIT:
+            node["is_target_logit"] = first_logit
             if not node["clerp"]:
                 node["clerp"] = f'Output "{decode(int(tid))}" (p={prob:.3f})'
             first_logit = False
@@ -313,18 +337,23 @@ class _Node:
         return (3, self.file_order, 0, 0)
 
 
+def read_document(path: str | Path) -> Any:
+    """The parsed JSON of a graph file; :class:`InputError` (one line) when it cannot be read."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise InputError(f"cannot read graph JSON {path}: {reason}") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
+
+
 def _load(data: dict[str, Any] | str | Path) -> dict[str, Any]:
     if isinstance(data, (str, Path)):
-        path = Path(data)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise InputError(f"cannot read graph JSON {path}: {exc.strerror or exc}") from exc
-        try:
-            loaded = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
-        data = loaded
+        data = read_document(data)
     if not isinstance(data, dict):
         raise InputError(f"graph JSON must be an object, got {type(data).__name__}")
     for key, typ in (("metadata", dict), ("nodes", list), ("links", list)):
@@ -568,23 +597,16 @@ def graph_from_json(data: dict[str, Any] | str | Path) -> Graph:
 
     metadata = _metadata(md, qp, nodes, n_layers, atlas_block)
 
-    order = sorted(range(len(tgt)), key=lambda i: (tgt[i], src[i]))
-    graph = Graph(
-        metadata=metadata,
-        input_ids=torch.tensor(input_ids, dtype=torch.int64),
-        kind=torch.tensor([int(nd.kind) for nd in nodes], dtype=torch.int8),
-        layer=torch.tensor([nd.layer for nd in nodes], dtype=torch.int32),
-        pos=torch.tensor([nd.pos for nd in nodes], dtype=torch.int32),
-        feature=torch.tensor([nd.feature for nd in nodes], dtype=torch.int64),
-        token_id=torch.tensor([nd.token_id for nd in nodes], dtype=torch.int64),
-        activation=torch.tensor([nd.activation for nd in nodes], dtype=torch.float32),
-        influence=torch.tensor([nd.influence for nd in nodes], dtype=torch.float32),
-        logit_prob=torch.tensor([nd.logit_prob for nd in nodes], dtype=torch.float32),
-        edge_target=torch.tensor([tgt[i] for i in order], dtype=torch.int64),
-        edge_source=torch.tensor([src[i] for i in order], dtype=torch.int64),
-        edge_weight=torch.tensor([weights[i] for i in order], dtype=torch.float32),
+    columns = ("kind", "layer", "pos", "feature", "token_id", "activation", "influence")
+    return Graph.from_columns(
+        metadata,
+        input_ids,
+        {
+            **{name: [getattr(nd, name) for nd in nodes] for name in columns},
+            "logit_prob": [nd.logit_prob for nd in nodes],
+        },
+        {"target": tgt, "source": src, "weight": weights},
     )
-    return graph
 
 
 def _our_id(nd: _Node, n_layers: int) -> str:
@@ -688,10 +710,67 @@ def _metadata(
     )
 
 
+# --------------------------------------------------------------------------------------- files
+def read_json(path: str | Path) -> Graph:
+    """Read an interchange JSON graph file: the one reader behind every command that takes one.
+
+    Beyond :func:`graph_from_json`, it keeps the logit tokens' texts from their labels
+    (``Output "text" (p=...)``, as :func:`graph_to_json` writes them) in
+    ``metadata.extra["logit_tokens"]``, so that a logit whose token is not in the prompt can
+    still be found by its text once stored.
+    """
+    doc = read_document(path)
+    graph = graph_from_json(doc)
+    _keep_logit_texts(graph, doc)
+    return graph
+
+
 def write_json(graph: Graph, path: str | Path, **kwargs: Any) -> Path:
-    """Write :func:`graph_to_json` output to ``path`` (compact, UTF-8); return the path."""
+    """Write :func:`graph_to_json` output to ``path`` (see :func:`write_document`).
+
+    ``kwargs`` go to :func:`graph_to_json`. Returns the path.
+    """
+    return write_document(graph_to_json(graph, **kwargs), path)
+
+
+def write_document(doc: dict[str, Any], path: str | Path) -> Path:
+    """Write an interchange JSON object atomically: compact UTF-8, NaN refused.
+
+    A temporary file in the same directory is renamed over ``path``, so a reader never sees
+    half a file. Returns the path.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = graph_to_json(graph, **kwargs)
-    path.write_text(json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False))
+    text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path
+
+
+_OUTPUT_LABEL = re.compile(r'^Output "(.*)" \(p=[^)]*\)$', re.DOTALL)
+
+
+def _keep_logit_texts(graph: Graph, doc: Any) -> None:
+    if graph.metadata.extra.get("logit_tokens") or not isinstance(doc, dict):
+        return
+    texts: dict[int, str] = {}
+    for raw in doc.get("nodes") or []:
+        if not isinstance(raw, dict) or raw.get("feature_type") != FEATURE_TYPE_LOGIT:
+            continue
+        m = _OUTPUT_LABEL.match(str(raw.get("clerp") or ""))
+        tid = raw.get("feature")
+        if m and isinstance(tid, int):
+            texts[tid] = m.group(1)
+    logits = [
+        int(t)
+        for k, t in zip(graph.kind.tolist(), graph.token_id.tolist(), strict=True)
+        if k == NodeKind.LOGIT
+    ]
+    if texts and all(t in texts for t in logits):
+        graph.metadata.extra["logit_tokens"] = [texts[t] for t in logits]

@@ -21,7 +21,7 @@ Usage::
     .venv/bin/python bench/attribution.py --device cuda --shape gemma2-2b --lengths 64 512
     .venv/bin/python bench/attribution.py --skip-ct              # ours only (no ct venv)
 
-Models are built once under ``bench/out/models/<shape>`` (gitignored) with tests/tiny.py.
+Models are built once under ``bench/out/models/<shape>`` (gitignored) with atlas.testing.tiny.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     "small": {
         "model": {"n_layers": 8, "d_model": 256, "n_heads": 4, "d_mlp": 1024, "vocab_size": 2048},
         "d_transcoder": 4096,
-        # tests/tiny.py's calibration target; gives ~32 active features per token on the bench
+        # atlas.testing.tiny's calibration target; gives ~32 active features per token on the bench
         # prompts (8.8k features at 33 tokens, as in REFERENCE.md's measurements)
         "target_l0": 20,
     },
@@ -90,11 +90,12 @@ def sample_rows(features: Any, n_nodes: int, n_logits: int, stride: int = 64) ->
 # ----------------------------------------------------------------------------- building inputs
 def build_inputs(shape: str, variant: str) -> tuple[Path, Path]:
     """Model dir and transcoder dir for (shape, variant), built once and cached."""
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(BENCH))
-    from make_golden import _portable_model_dir, _portable_transcoder_dir  # type: ignore[import-not-found]
-
-    from tests.tiny import build_tiny_model, build_tiny_transcoders
+    from atlas.testing.tiny import (
+        build_tiny_model,
+        build_tiny_transcoders,
+        portable_model_dir,
+        portable_transcoder_dir,
+    )
 
     spec = SHAPES[shape]
     base = OUT / "models" / shape
@@ -102,7 +103,7 @@ def build_inputs(shape: str, variant: str) -> tuple[Path, Path]:
     if not (model_dir / "config.json").exists():
         print(f"[bench] building {shape} model in {model_dir} ...", flush=True)
         build_tiny_model("gemma2", model_dir, seed=0, **spec["model"])
-        _portable_model_dir(model_dir)
+        portable_model_dir(model_dir)
     tc_dir = base / f"transcoders-{variant}"
     if not (tc_dir / "config.yaml").exists():
         print(f"[bench] building {variant} transcoders in {tc_dir} ...", flush=True)
@@ -114,7 +115,7 @@ def build_inputs(shape: str, variant: str) -> tuple[Path, Path]:
             target_l0=spec["target_l0"],
             seed=0,
         )
-        _portable_transcoder_dir(tc_dir, f"bench-{shape}-{variant}")
+        portable_transcoder_dir(tc_dir, f"bench-{shape}-{variant}")
     return model_dir, tc_dir
 
 
@@ -258,7 +259,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--_ours", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._ours:
-        sys.path.insert(0, str(ROOT))
         return run_ours(args._ours)
 
     run_ct = not args.skip_ct

@@ -1,7 +1,7 @@
 """Build the golden files in tests/golden/ from circuit-tracer 0.5.0 (the reference).
 
 Runs with OUR venv (``.venv/bin/python bench/make_golden.py``): it builds tiny local models and
-transcoders with ``tests/tiny.py`` into ``tests/golden/<case>/{model,transcoders}`` and then runs
+transcoders with ``atlas.testing.tiny`` into ``tests/golden/<case>/{model,transcoders}`` and then runs
 ``bench/.venv-ct/bin/python bench/ct_golden_worker.py`` (circuit-tracer's own venv, created by
 ``bench/ct_env.sh``) which writes, per prompt, ``<slug>.safetensors`` (dense adjacency, features,
 logits, pruning masks, scores) and ``<slug>.json`` (circuit-tracer's JSON export).
@@ -26,10 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 GOLDEN = ROOT / "tests" / "golden"
 CT_PYTHON = ROOT / "bench" / ".venv-ct" / "bin" / "python"
@@ -107,41 +104,24 @@ CASES: dict[str, dict[str, Any]] = {
 DEFAULTS = {"batch_size": 64, "update_interval": 4, "max_feature_nodes": None}
 
 
-def _portable_model_dir(model_dir: Path) -> None:
-    """Make the saved tokenizer loadable by transformers 4.57 (circuit-tracer's pin) as well.
-
-    transformers 5 writes ``"tokenizer_class": "TokenizersBackend"``, which 4.x does not know;
-    ``PreTrainedTokenizerFast`` loads the same ``tokenizer.json`` in both.
-    """
-    cfg_path = model_dir / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("tokenizer_class") == "TokenizersBackend":
-        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
-
-
-def _portable_transcoder_dir(tc_dir: Path, case: str) -> None:
-    """Drop absolute paths from config.yaml (layer files are found next to it)."""
-    cfg_path = tc_dir / "config.yaml"
-    cfg = yaml.safe_load(cfg_path.read_text())
-    cfg.pop("transcoders", None)
-    cfg["model_name"] = case
-    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-
-
 def build_case(case: str, spec: dict[str, Any], device: str = "cpu") -> Path:
     """Build model + transcoders for one case and run circuit-tracer on its prompts."""
-    from tests.tiny import build_tiny_model, build_tiny_transcoders
+    from atlas.testing.tiny import (
+        build_tiny_model,
+        build_tiny_transcoders,
+        portable_model_dir,
+        portable_transcoder_dir,
+    )
 
     case_dir = GOLDEN / case
     if case_dir.exists():
         shutil.rmtree(case_dir)
     model_dir = build_tiny_model(spec["family"], case_dir / "model", seed=0, **spec["model"])
-    _portable_model_dir(model_dir)
+    portable_model_dir(model_dir)
     tc_dir = build_tiny_transcoders(
         model_dir, case_dir / "transcoders", seed=0, **spec["transcoders"]
     )
-    _portable_transcoder_dir(tc_dir, case)
+    portable_transcoder_dir(tc_dir, case)
     prompts = [{**DEFAULTS, **p} for p in spec["prompts"]]
     (case_dir / "case.json").write_text(
         json.dumps(

@@ -1,17 +1,21 @@
 """``attribute()``: the attribution graph of one prompt (circuit-tracer's semantics, our code).
 
-Phases: (0) tokenize, one real forward pass, active features / errors / token vectors;
-(1) logit targets; (2) one frozen forward pass on ``batch`` copies; (3) logit rows; (4) feature
-rows, all features in (layer, pos, feature) order, or with ``max_feature_nodes`` the most
-influential ones, re-ranked every ``update_interval`` batches from the rows computed so far;
-(5) packaging into the dense reference layout (:class:`AttributionResult`).
+Phases: (0) model inputs, one real forward pass, active features / errors / token vectors;
+(1) logit targets; (2) one frozen forward pass (batch 1; each backward carries ``batch``
+cotangents); (3) logit rows; (4) feature rows: all features in (layer, pos, feature) order
+(:func:`_full_rows`), or with ``max_feature_nodes`` the most influential ones, re-ranked every
+``update_interval`` batches from the rows computed so far (:func:`_ranked_rows`); (5) packaging
+into the dense reference layout (:class:`AttributionResult`). Phase times are logged at debug
+level and kept in ``AttributionResult.stats``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +29,7 @@ from atlas.attribution.pruning import DEFAULT_BLOCK_ROWS
 from atlas.attribution.result import AttributionResult
 from atlas.errors import AttributionError, InputError, OutOfMemory
 from atlas.graph import AttributionSettings
+from atlas.models.inputs import ModelInputs
 from atlas.models.loading import LoadedModel
 from atlas.transcoders.loading import TranscoderSet
 
@@ -85,13 +90,66 @@ def _batch_cap(
     return max(1, min(batch_size, room // per_example))
 
 
+@dataclass
+class _Plan:
+    """Everything the row computation needs, fixed before the first backward pass."""
+
+    model: LoadedModel
+    transcoders: TranscoderSet
+    pre: Precomputed
+    logit_ids: torch.Tensor
+    logit_probs: torch.Tensor
+    logit_vecs: torch.Tensor
+    n_select: int
+    batch: int
+    update_interval: int
+    progress: ProgressFn | None
+    done: int = 0
+
+    @property
+    def n_active(self) -> int:
+        return int(self.pre.active.shape[0])
+
+    @property
+    def n_logits(self) -> int:
+        return int(self.logit_ids.shape[0])
+
+    @property
+    def n_pos(self) -> int:
+        return self.pre.inputs.n_pos
+
+    @property
+    def n_cols(self) -> int:
+        """Source columns: features, errors, tokens (logits are never sources)."""
+        return self.n_active + (self.model.n_layers + 1) * self.n_pos
+
+    @property
+    def n_nodes(self) -> int:
+        return self.n_select + (self.model.n_layers + 1) * self.n_pos + self.n_logits
+
+    def tick(self, n: int) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress(self.done, self.n_logits + self.n_select)
+
+
+@contextlib.contextmanager
+def _phase(name: str, stats: dict[str, float]) -> Iterator[None]:
+    """Time one phase of the computation: logged at debug level and kept in ``stats``."""
+    t0 = time.perf_counter()
+    yield
+    stats[f"{name}_s"] = elapsed = time.perf_counter() - t0
+    log.debug("%s: %.2f s", name, elapsed)
+
+
 def attribute(
-    prompt: str | torch.Tensor | list[int],
+    prompt: str | torch.Tensor | list[int] | ModelInputs,
     model: LoadedModel,
     transcoders: TranscoderSet,
     *,
-    max_n_logits: int = 10,
-    desired_logit_prob: float = 0.95,
+    settings: AttributionSettings | None = None,
+    max_n_logits: int | None = None,
+    desired_logit_prob: float | None = None,
     max_feature_nodes: int | None = None,
     batch_size: int = 64,
     explicit_logit_tokens: list[int] | None = None,
@@ -102,11 +160,25 @@ def attribute(
 ) -> AttributionResult:
     """Compute the attribution graph of ``prompt`` (see :class:`AttributionResult` for layout).
 
+    The knobs that change the graph come from ``settings`` (default:
+    :class:`~atlas.graph.AttributionSettings`'s defaults); ``max_n_logits``,
+    ``desired_logit_prob``, ``max_feature_nodes`` and ``explicit_logit_tokens`` replace the
+    field of the same name when given (``None``: not given). The result records the settings,
+    thresholds included, so :meth:`AttributionResult.to_graph` prunes with them by default.
+
     ``batch_size`` targets share one backward pass; ``memory_limit_bytes`` caps it so that the
     estimated peak (adjacency + frozen activations) stays below the limit. ``max_seq_len``
     (default: the model's maximum positions) bounds the prompt length. Device and dtype are the
     model's (see :func:`atlas.models.load_model`); transcoders must match them.
     """
+    knobs = AttributionSettings.merged(
+        settings,
+        max_n_logits=max_n_logits,
+        desired_logit_prob=desired_logit_prob,
+        max_feature_nodes=max_feature_nodes,
+        explicit_logit_tokens=explicit_logit_tokens,
+        dtype=str(model.dtype).removeprefix("torch."),
+    )
     # Denormal floats (tiny attention probabilities times gradients) slow CPU matmuls ~5x;
     # flushing them to zero changes nothing at the precision graphs are stored in.
     flush_was_set = model.device.type == "cpu" and torch.set_flush_denormal(True)
@@ -115,11 +187,8 @@ def attribute(
             prompt,
             model,
             transcoders,
-            max_n_logits=max_n_logits,
-            desired_logit_prob=desired_logit_prob,
-            max_feature_nodes=max_feature_nodes,
+            knobs,
             batch_size=batch_size,
-            explicit_logit_tokens=explicit_logit_tokens,
             max_seq_len=max_seq_len,
             progress=progress,
             memory_limit_bytes=memory_limit_bytes,
@@ -130,154 +199,94 @@ def attribute(
             torch.set_flush_denormal(False)
 
 
-def _attribute(
-    prompt: str | torch.Tensor | list[int],
+def _model_inputs(
+    prompt: str | torch.Tensor | list[int] | ModelInputs,
     model: LoadedModel,
     transcoders: TranscoderSet,
+    max_seq_len: int | None,
+) -> ModelInputs:
+    """The prompt as model inputs, refused early when it cannot be attributed."""
+    if transcoders.n_layers != model.n_layers or transcoders.d_model != model.d_model:
+        raise InputError("transcoders do not match the model (layers or d_model)")
+    inputs = model.inputs(prompt)
+    limit = max_seq_len or model.max_positions
+    if limit is not None and inputs.n_pos > limit:
+        raise InputError(f"prompt has {inputs.n_pos} tokens, more than the limit of {limit}")
+    return inputs
+
+
+def _attribute(
+    prompt: str | torch.Tensor | list[int] | ModelInputs,
+    model: LoadedModel,
+    transcoders: TranscoderSet,
+    knobs: AttributionSettings,
     *,
-    max_n_logits: int,
-    desired_logit_prob: float,
-    max_feature_nodes: int | None,
     batch_size: int,
-    explicit_logit_tokens: list[int] | None,
     max_seq_len: int | None,
     progress: ProgressFn | None,
     memory_limit_bytes: int | None,
     update_interval: int,
 ) -> AttributionResult:
     t0 = time.perf_counter()
+    stats: dict[str, float] = {}
     if batch_size < 1:
         raise InputError("batch_size must be at least 1")
+    max_feature_nodes = knobs.max_feature_nodes
     if max_feature_nodes is not None and max_feature_nodes < 0:
         raise InputError("max_feature_nodes must be non-negative")
-    if transcoders.n_layers != model.n_layers or transcoders.d_model != model.d_model:
-        raise InputError("transcoders do not match the model (layers or d_model)")
-    input_ids = model.to_input_ids(prompt)
-    limit = max_seq_len or model.max_positions
-    if limit is not None and input_ids.shape[0] > limit:
-        raise InputError(f"prompt has {input_ids.shape[0]} tokens, more than the limit of {limit}")
-    n_layers, n_pos = model.n_layers, int(input_ids.shape[0])
+    inputs = _model_inputs(prompt, model, transcoders, max_seq_len)
 
-    pre: Precomputed = precompute(model, transcoders, input_ids)
+    with _phase("precompute", stats):
+        pre: Precomputed = precompute(model, transcoders, inputs)
     n_active = int(pre.active.shape[0])
     unembed = model.adapter.unembed_weight(model.hf).detach()
     logit_ids, logit_probs, logit_vecs = select_logits(
         pre.logits,
         unembed,
-        max_n_logits=max_n_logits,
-        desired_logit_prob=desired_logit_prob,
-        explicit=explicit_logit_tokens,
+        max_n_logits=knobs.max_n_logits,
+        desired_logit_prob=knobs.desired_logit_prob,
+        explicit=knobs.explicit_logit_tokens,
     )
-    k = int(logit_ids.shape[0])
     n_select = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
-    n_nonfeat = (n_layers + 1) * n_pos
-    n_nodes = n_select + n_nonfeat + k
-    batch = _batch_cap(model, n_pos, n_nodes, batch_size, memory_limit_bytes)
+    n_nodes = n_select + (model.n_layers + 1) * inputs.n_pos + int(logit_ids.shape[0])
+    batch = _batch_cap(model, inputs.n_pos, n_nodes, batch_size, memory_limit_bytes)
+    plan = _Plan(
+        model,
+        transcoders,
+        pre,
+        logit_ids,
+        logit_probs,
+        logit_vecs,
+        n_select,
+        batch,
+        update_interval,
+        progress,
+    )
     log.info(
         "%d tokens, %d active features, %d selected, %d logits, batch %d",
-        n_pos,
+        inputs.n_pos,
         n_active,
         n_select,
-        k,
+        plan.n_logits,
         batch,
     )
-    dev = model.device
-    total_rows = k + n_select
-    done = 0
     t_setup = time.perf_counter() - t0
-
-    def tick(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(done, total_rows)
-
-    feat_layers = pre.active[:, 0].cpu()
-    feat_pos = pre.active[:, 1].cpu()
-    w_enc_rows = _encoder_rows(transcoders, pre.active)
-    blocks = build_blocks(model, transcoders, pre)
-    full = n_select == n_active
-    n_cols = n_active + n_nonfeat
-    visited = torch.zeros(n_active, dtype=torch.bool)
     try:
-        if full:
-            # rows go straight into the final adjacency: no second N x N buffer
-            adjacency = torch.zeros(n_nodes, n_nodes, dtype=torch.float32, device=dev)
-            # every target as (layer, pos, vector, destination row); logits at the last position
-            t_layer = torch.cat([feat_layers, torch.full((k,), n_layers)])
-            t_pos = torch.cat([feat_pos, torch.full((k,), n_pos - 1)])
-            t_dest = torch.arange(n_active + k)
-            t_dest[n_active:] = n_nodes - k + torch.arange(k)
-            t_vec = torch.cat([w_enc_rows, logit_vecs.to(w_enc_rows.dtype)])
-            for prefix, order in _position_buckets(t_pos, t_layer, batch):
-                with ReplacementContext(
-                    model, transcoders, pre, batch=batch, prefix=prefix, blocks=blocks
-                ) as ctx:
-                    for s in range(0, order.shape[0], batch):
-                        idx = order[s : s + batch]
-                        rows = ctx.rows(t_layer[idx], t_pos[idx], t_vec[idx])
-                        adjacency[t_dest[idx].to(dev), :n_cols] = rows
-                        tick(int(idx.shape[0]))
-            visited[:] = True
+        if n_select == n_active:
+            with _phase("feature_rows", stats):
+                adjacency = _full_rows(plan)
+            selected = torch.arange(n_active)
         else:
-            work = torch.zeros(k + n_select, n_cols, dtype=torch.float32, device=dev)
-            row_node = torch.zeros(k + n_select, dtype=torch.long)
-            with ReplacementContext(model, transcoders, pre, batch=batch, blocks=blocks) as ctx:
-                for i in range(0, k, batch):
-                    j = min(i + batch, k)
-                    work[i:j] = ctx.rows(
-                        torch.full((j - i,), n_layers),
-                        torch.full((j - i,), n_pos - 1),
-                        logit_vecs[i:j],
-                    )
-                    row_node[i:j] = n_cols + torch.arange(i, j)
-                    tick(j - i)
-                n_visited, st = 0, k
-                while n_visited < n_select:
-                    infl = _partial_influence(work[:st], logit_probs, row_node[:st], n_cols + k)
-                    rank = torch.argsort(infl[:n_active].cpu(), descending=True)
-                    queue = min(update_interval * batch, n_select - n_visited)
-                    pending = rank[~visited[rank]][:queue]
-                    # same set of rows, shallower backward passes: visit by layer
-                    pending = pending[torch.argsort(feat_layers[pending], stable=True)]
-                    for s in range(0, pending.shape[0], batch):
-                        idx = pending[s : s + batch]
-                        rows = ctx.rows(feat_layers[idx], feat_pos[idx], w_enc_rows[idx])
-                        work[st : st + idx.shape[0]] = rows
-                        row_node[st : st + idx.shape[0]] = idx
-                        st += idx.shape[0]
-                        visited[idx] = True
-                        n_visited += int(idx.shape[0])
-                        tick(int(idx.shape[0]))
+            with _phase("ranked_rows", stats):
+                adjacency, selected = _ranked_rows(plan)
     except torch.OutOfMemoryError as exc:
         raise OutOfMemory(f"out of memory during attribution: {exc}") from exc
 
-    selected = torch.nonzero(visited).flatten()
-    if not full:
-        adjacency = torch.zeros(n_nodes, n_nodes, dtype=torch.float32, device=dev)
-        col_read = torch.cat([selected, torch.arange(n_active, n_cols)]).to(dev)
-        # feature rows: row of node r sits at work position where row_node == r
-        where = torch.full((n_active,), -1, dtype=torch.long)
-        feat_rows = torch.arange(k, k + n_select)
-        where[row_node[k : k + n_select]] = feat_rows
-        src_rows = where[selected].to(dev)
-        for i in range(0, n_select, DEFAULT_BLOCK_ROWS):
-            blk = src_rows[i : i + DEFAULT_BLOCK_ROWS]
-            adjacency[i : i + blk.shape[0], : col_read.shape[0]] = work[blk][:, col_read]
-        adjacency[n_nodes - k :, : col_read.shape[0]] = work[:k][:, col_read]
-        del work
-
     tok = model.tokenizer
+    input_ids = inputs.input_ids
     tokens = [tok.decode([int(t)]) for t in input_ids.tolist()]
     prompt_text = prompt if isinstance(prompt, str) else tok.decode(input_ids.tolist())
-    settings = AttributionSettings(
-        max_n_logits=max_n_logits,
-        desired_logit_prob=desired_logit_prob,
-        max_feature_nodes=max_feature_nodes,
-        explicit_logit_tokens=explicit_logit_tokens,
-        dtype=str(model.dtype).removeprefix("torch."),
-    )
-    elapsed = time.perf_counter() - t0
+    stats.update(setup_s=t_setup, batch=float(batch), n_active=float(n_active))
     return AttributionResult(
         prompt=prompt_text,
         tokens=tokens,
@@ -290,10 +299,106 @@ def _attribute(
         adjacency=adjacency,
         model=model.info,
         transcoders=transcoders.info,
-        settings=settings,
-        elapsed_s=elapsed,
-        stats={"setup_s": t_setup, "batch": float(batch), "n_active": float(n_active)},
+        settings=knobs,
+        elapsed_s=time.perf_counter() - t0,
+        stats=stats,
     )
+
+
+def _full_rows(plan: _Plan) -> torch.Tensor:
+    """Every feature and logit row, written straight into the final ``(N, N)`` adjacency.
+
+    No second N x N buffer: each target knows its destination row. Targets are bucketed by the
+    prefix of positions they depend on, so each bucket's frozen pass is as short as it can be.
+    """
+    pre, k, n_layers = plan.pre, plan.n_logits, plan.model.n_layers
+    n_active, n_nodes, n_pos = plan.n_active, plan.n_nodes, plan.n_pos
+    dev = plan.model.device
+    adjacency = torch.zeros(n_nodes, n_nodes, dtype=torch.float32, device=dev)
+    w_enc_rows = _encoder_rows(plan.transcoders, pre.active)
+    blocks = build_blocks(plan.model, plan.transcoders, pre)
+    # every target as (layer, pos, vector, destination row); logits at the last position
+    t_layer = torch.cat([pre.active[:, 0].cpu(), torch.full((k,), n_layers)])
+    t_pos = torch.cat([pre.active[:, 1].cpu(), torch.full((k,), n_pos - 1)])
+    t_dest = torch.arange(n_active + k)
+    t_dest[n_active:] = n_nodes - k + torch.arange(k)
+    t_vec = torch.cat([w_enc_rows, plan.logit_vecs.to(w_enc_rows.dtype)])
+    for prefix, order in _position_buckets(t_pos, t_layer, plan.batch, pre.inputs):
+        with ReplacementContext(
+            plan.model, plan.transcoders, pre, batch=plan.batch, prefix=prefix, blocks=blocks
+        ) as ctx:
+            for s in range(0, order.shape[0], plan.batch):
+                idx = order[s : s + plan.batch]
+                rows = ctx.rows(t_layer[idx], t_pos[idx], t_vec[idx])
+                adjacency[t_dest[idx].to(dev), : plan.n_cols] = rows
+                plan.tick(int(idx.shape[0]))
+    return adjacency
+
+
+def _ranked_rows(plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(adjacency, selected)`` with only the ``n_select`` most influential features as rows.
+
+    Logit rows first; then features in order of their influence estimated from the rows so
+    far, re-ranked every ``update_interval`` batches (the reference's ranking).
+    """
+    pre, k, n_layers = plan.pre, plan.n_logits, plan.model.n_layers
+    n_active, n_select, n_cols, batch = plan.n_active, plan.n_select, plan.n_cols, plan.batch
+    dev = plan.model.device
+    feat_layers = pre.active[:, 0].cpu()
+    feat_pos = pre.active[:, 1].cpu()
+    w_enc_rows = _encoder_rows(plan.transcoders, pre.active)
+    work = torch.zeros(k + n_select, n_cols, dtype=torch.float32, device=dev)
+    row_node = torch.zeros(k + n_select, dtype=torch.long)
+    visited = torch.zeros(n_active, dtype=torch.bool)
+    with ReplacementContext(plan.model, plan.transcoders, pre, batch=batch) as ctx:
+        for i in range(0, k, batch):
+            j = min(i + batch, k)
+            work[i:j] = ctx.rows(
+                torch.full((j - i,), n_layers),
+                torch.full((j - i,), plan.n_pos - 1),
+                plan.logit_vecs[i:j],
+            )
+            row_node[i:j] = n_cols + torch.arange(i, j)
+            plan.tick(j - i)
+        n_visited, st = 0, k
+        while n_visited < n_select:
+            infl = _partial_influence(work[:st], plan.logit_probs, row_node[:st], n_cols + k)
+            rank = torch.argsort(infl[:n_active].cpu(), descending=True)
+            queue = min(plan.update_interval * batch, n_select - n_visited)
+            pending = rank[~visited[rank]][:queue]
+            # same set of rows, shallower backward passes: visit by layer
+            pending = pending[torch.argsort(feat_layers[pending], stable=True)]
+            for s in range(0, pending.shape[0], batch):
+                idx = pending[s : s + batch]
+                rows = ctx.rows(feat_layers[idx], feat_pos[idx], w_enc_rows[idx])
+                work[st : st + idx.shape[0]] = rows
+                row_node[st : st + idx.shape[0]] = idx
+                st += idx.shape[0]
+                visited[idx] = True
+                n_visited += int(idx.shape[0])
+                plan.tick(int(idx.shape[0]))
+    selected = torch.nonzero(visited).flatten()
+    return _gather_ranked(plan, work, row_node, selected), selected
+
+
+def _gather_ranked(
+    plan: _Plan, work: torch.Tensor, row_node: torch.Tensor, selected: torch.Tensor
+) -> torch.Tensor:
+    """The ``(N, N)`` adjacency from the ranked rows: selected features in node order, their
+    columns kept, unselected features' columns dropped."""
+    k, n_select, n_nodes = plan.n_logits, plan.n_select, plan.n_nodes
+    dev = plan.model.device
+    adjacency = torch.zeros(n_nodes, n_nodes, dtype=torch.float32, device=dev)
+    col_read = torch.cat([selected, torch.arange(plan.n_active, plan.n_cols)]).to(dev)
+    # feature rows: row of node r sits at work position where row_node == r
+    where = torch.full((plan.n_active,), -1, dtype=torch.long)
+    where[row_node[k : k + n_select]] = torch.arange(k, k + n_select)
+    src_rows = where[selected].to(dev)
+    for i in range(0, n_select, DEFAULT_BLOCK_ROWS):
+        blk = src_rows[i : i + DEFAULT_BLOCK_ROWS]
+        adjacency[i : i + blk.shape[0], : col_read.shape[0]] = work[blk][:, col_read]
+    adjacency[n_nodes - k :, : col_read.shape[0]] = work[:k][:, col_read]
+    return adjacency
 
 
 def _encoder_rows(tset: TranscoderSet, active: torch.Tensor) -> torch.Tensor:
@@ -308,12 +413,17 @@ def _encoder_rows(tset: TranscoderSet, active: torch.Tensor) -> torch.Tensor:
 
 
 def _position_buckets(
-    pos: torch.Tensor, layer: torch.Tensor, batch: int, min_batches: int = 12
+    pos: torch.Tensor,
+    layer: torch.Tensor,
+    batch: int,
+    inputs: ModelInputs,
+    min_batches: int = 12,
 ) -> list[tuple[int, torch.Tensor]]:
-    """Targets grouped into causal-prefix buckets: ``[(prefix_len, target indices), ...]``.
+    """Targets grouped into prefix buckets: ``[(prefix_len, target indices), ...]``.
 
-    A target at position ``p`` only needs positions ``<= p``, so each bucket runs on the
-    shortest prefix covering it. Buckets are consecutive position ranges holding at least
+    A target at position ``p`` only needs the first ``inputs.prefix_for(p)`` positions (``<= p``
+    under causal attention), so each bucket runs on the shortest prefix covering it. Buckets are
+    consecutive position ranges holding at least
     ``min_batches`` batches (fewer frozen forward passes); inside, targets are ordered by
     (layer, position) so a batch's backward stops at the lowest possible layer.
     """
@@ -330,7 +440,7 @@ def _position_buckets(
             end += 1
         idx = order[start:end]
         sub = torch.argsort(layer[idx] * 1_000_003 + pos[idx], stable=True)
-        buckets.append((last + 1, idx[sub]))
+        buckets.append((inputs.prefix_for(last), idx[sub]))
         start = end
     return buckets
 

@@ -4,25 +4,26 @@
 the MLP's residual contribution; from them it derives the active features, their activations,
 the error vectors and the token vectors.
 
-:class:`ReplacementContext` then runs the *frozen* model once on ``batch`` copies of the prompt:
-attention patterns and norm scales detached (:func:`atlas.models.frozen`), every MLP output
-replaced by ``skip + detach(mlp_out - skip)`` plus a zero "delta" leaf per layer, and a zero
-delta leaf on the embedding output. The residual stream is then linear in the deltas, and the
-gradient of a target with respect to a delta is the target's direct-effect read-out at that
-layer. :meth:`ReplacementContext.rows` injects one target per batch element (an encoder row at
-a feature's layer/position, or a demeaned unembedding row at the last position) and contracts the
-gradients with the source vectors:
+:class:`ReplacementContext` then runs the *frozen* model once (batch 1): attention patterns and
+norm scales detached (:func:`atlas.models.frozen`), every MLP output replaced by
+``skip + detach(mlp_out - skip)`` plus a zero "delta" leaf per layer, and a zero delta leaf where
+the embedding nodes enter the residual stream (:func:`atlas.models.embedding_point`). The
+residual stream is then linear in the deltas, and the gradient of a target with respect to a
+delta is the target's direct-effect read-out at that layer. :meth:`ReplacementContext.rows`
+injects one target per cotangent of a batched backward (an encoder row at a feature's
+layer/position, or a demeaned unembedding row at the last position) and contracts the gradients
+with the source vectors:
 
 * feature sources per layer, grouped by position into a padded ``(n_pos, c_max, d_model)`` block,
   contracted with one batched matmul over positions (no gather of ``batch x n_active x d_model``),
-  restricted to positions ``<=`` the deepest target position of the batch;
+  restricted to the positions the batch's targets depend on (:meth:`ModelInputs.prefix_for`:
+  up to the last target position under causal attention);
 * autograd only traverses the layers below the deepest target layer of the batch;
 * error and token sources: one ``einsum`` each.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ import torch
 
 from atlas.errors import AttributionError, OutOfMemory
 from atlas.models.freezing import frozen
+from atlas.models.hooks import embedding_point, layer_hooks
+from atlas.models.inputs import ModelInputs
 from atlas.models.loading import LoadedModel
 from atlas.transcoders.loading import TranscoderSet
 
@@ -42,8 +45,8 @@ log = logging.getLogger(__name__)
 class Precomputed:
     """Everything the real forward pass yields (shapes with ``P = n_pos``, ``D = d_model``).
 
-    input_ids       (P,)              int64
-    token_vectors   (P, D)            embedding output as the residual stream sees it
+    inputs          ModelInputs       what the model was run on (ids, images, attention switch)
+    token_vectors   (P, D)            embedding nodes' vectors as the residual stream sees them
     mlp_in          (L, P, D)         transcoder inputs
     mlp_out         (L, P, D)         MLP residual contributions
     errors          (L, P, D)         mlp_out - reconstruction (zeroed at the ignored positions)
@@ -52,7 +55,7 @@ class Precomputed:
     values          (F,)              activations of the active features
     """
 
-    input_ids: torch.Tensor
+    inputs: ModelInputs
     token_vectors: torch.Tensor
     mlp_in: torch.Tensor
     mlp_out: torch.Tensor
@@ -61,25 +64,15 @@ class Precomputed:
     active: torch.Tensor
     values: torch.Tensor
 
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.inputs.input_ids
+
 
 def zero_positions(model: LoadedModel) -> int:
     """How many leading positions have their features and errors zeroed (gemma-3-it: 4)."""
     name = model.info.name.lower()
     return 4 if ("gemma-3" in name and name.rstrip("/").endswith("-it")) else 1
-
-
-def _hook_points(model: LoadedModel, tset: TranscoderSet) -> list[tuple[Any, str, Any, Any]]:
-    """Per layer: ``(input module, "input"|"output", output module, to_input)`` where
-    ``to_input`` maps the captured value to the transcoder input."""
-    adapter = model.adapter
-    hook = tset.feature_input_hook
-    points = []
-    for layer in adapter.layers(model.hf):
-        in_mod, where = adapter.feature_input_module(layer, hook)
-        out_mod = adapter.feature_output_module(layer, tset.feature_output_hook)
-        to_input = functools.partial(adapter.feature_input_value, layer, hook)
-        points.append((in_mod, where, out_mod, to_input))
-    return points
 
 
 def _forward_kwargs(hf: Any) -> dict[str, Any]:
@@ -88,31 +81,26 @@ def _forward_kwargs(hf: Any) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def precompute(model: LoadedModel, tset: TranscoderSet, input_ids: torch.Tensor) -> Precomputed:
+def precompute(model: LoadedModel, tset: TranscoderSet, inputs: ModelInputs) -> Precomputed:
     """Run the real model once and derive features, errors and token vectors."""
-    hf, adapter = model.hf, model.adapter
+    hf = model.hf
     n_layers = model.n_layers
     store: dict[Any, torch.Tensor] = {}
     handles = []
 
     def save(key: Any, transform: Any = None) -> Any:
-        def hook(_m: Any, args: Any, out: Any = None) -> None:
-            val = out if out is not None else args[0]
-            val = (val[0] if isinstance(val, tuple) else val)[0].detach()
+        def keep(value: torch.Tensor) -> None:
+            val = value[0].detach()
             store[key] = transform(val) if transform is not None else val
 
-        return hook
+        return keep
 
-    handles.append(adapter.embed(hf).register_forward_hook(save("emb")))
-    for layer, (in_mod, where, out_mod, to_input) in enumerate(_hook_points(model, tset)):
-        if where == "output":
-            handles.append(in_mod.register_forward_hook(save(("in", layer), to_input)))
-        else:
-            handles.append(in_mod.register_forward_pre_hook(save(("in", layer), to_input)))
-        handles.append(out_mod.register_forward_hook(save(("out", layer))))
-    ids = input_ids.to(model.device)[None]
+    handles.append(embedding_point(model).capture(save("emb")))
+    for layer, hooks in enumerate(layer_hooks(model, tset)):
+        handles.append(hooks.feature_input.capture(save(("in", layer), hooks.to_input)))
+        handles.append(hooks.feature_output.capture(save(("out", layer))))
     try:
-        out = hf(input_ids=ids, use_cache=False, **_forward_kwargs(hf))
+        out = hf(**inputs.forward_kwargs(model.device), use_cache=False, **_forward_kwargs(hf))
     except torch.OutOfMemoryError as exc:
         raise OutOfMemory(f"out of memory in the forward pass: {exc}") from exc
     finally:
@@ -139,7 +127,7 @@ def precompute(model: LoadedModel, tset: TranscoderSet, input_ids: torch.Tensor)
         )
         values_list.append(a[nz[:, 0], nz[:, 1]])
     return Precomputed(
-        input_ids=input_ids.cpu(),
+        inputs=inputs.cpu(),
         token_vectors=store["emb"],
         mlp_in=mlp_in,
         mlp_out=mlp_out,
@@ -193,23 +181,23 @@ def build_blocks(
     return blocks
 
 
-#: Run one batch-1 frozen forward and batch the backward over cotangents (vmap) instead of
-#: running the forward on ``batch`` identical copies.
-BATCHED_GRADS = True
-
-
 def _zeros_like_input(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Stand-in MLP forward in the frozen pass: its output is replaced by the clean value."""
     return torch.zeros_like(x)
 
 
 class ReplacementContext:
-    """Frozen forward pass on ``batch`` copies of the prompt, kept for many backward passes.
+    """One frozen forward pass of the prompt, kept for many batched backward passes.
 
-    Use as a context manager (it holds the frozen model state)::
+    The forward runs once (batch 1); each backward carries up to ``batch`` cotangents at once
+    (``is_grads_batched``), one per target. Use as a context manager (it holds the frozen model
+    state)::
 
         with ReplacementContext(model, tset, pre, batch=64) as ctx:
             rows = ctx.rows(layers, positions, vectors)   # (b, n_feat + L*P + P)
+
+    ``prefix`` runs only the first positions; every target must depend on no later position
+    (see :meth:`ModelInputs.prefix_for`).
     """
 
     def __init__(
@@ -226,20 +214,18 @@ class ReplacementContext:
         self.n_layers = model.n_layers
         self.n_pos = int(pre.input_ids.shape[0])
         self.prefix = prefix or self.n_pos
-        """Positions this context runs (a causal prefix: targets must lie before it)."""
+        """Positions this context runs (targets must depend on none after it)."""
         self.n_feat = int(pre.active.shape[0])
         self.n_cols = self.n_feat + (self.n_layers + 1) * self.n_pos
         self.blocks = blocks if blocks is not None else build_blocks(model, tset, pre)
         self._frozen: Any = None
         self.final: torch.Tensor | None = None
-        self.batched_grads = BATCHED_GRADS
 
     # ------------------------------------------------------------------ frozen forward
     def __enter__(self) -> ReplacementContext:
         model, tset = self.model, self.tset
         hf, adapter = model.hf, model.adapter
-        # with batched cotangents the forward runs once (batch 1); otherwise on batch copies
-        b = 1 if self.batched_grads else self.batch
+        b = 1  # one forward; the batch lives in the cotangents
         p, d = self.prefix, model.d_model
         dev, dt = model.device, model.dtype
         self.delta_emb = torch.zeros(b, p, d, device=dev, dtype=dt, requires_grad=True)
@@ -251,33 +237,29 @@ class ReplacementContext:
         self._patched_mlps: list[Any] = []
         handles: list[Any] = []
 
-        def emb_hook(_m: Any, _a: Any, out: torch.Tensor) -> torch.Tensor:
-            return out + self.delta_emb
+        def add_delta_emb(value: torch.Tensor) -> torch.Tensor:
+            return value + self.delta_emb
 
-        handles.append(adapter.embed(hf).register_forward_hook(emb_hook))
-        for layer, (in_mod, where, out_mod, to_input) in enumerate(_hook_points(model, tset)):
+        handles.append(embedding_point(model).replace(add_delta_emb))
+        for layer, hooks in enumerate(layer_hooks(model, tset)):
 
-            def in_hook(
-                _m: Any, args: Any, out: Any = None, layer: int = layer, to_input: Any = to_input
+            def keep_input(
+                value: torch.Tensor, layer: int = layer, to_input: Any = hooks.to_input
             ) -> None:
-                val = out if out is not None else args[0]
-                self.targets_in[layer] = to_input(val[0] if isinstance(val, tuple) else val)
+                self.targets_in[layer] = to_input(value)
 
-            def out_hook(_m: Any, _a: Any, out: torch.Tensor, layer: int = layer) -> torch.Tensor:
+            def pin_output(value: torch.Tensor, layer: int = layer) -> torch.Tensor:
                 # the MLP output is pinned to its clean value (the MLP itself is not even run)
-                new = self.pre.mlp_out[layer, :p].to(out.dtype) + self.deltas[layer]
+                new = self.pre.mlp_out[layer, :p].to(value.dtype) + self.deltas[layer]
                 if tset.has_skip:
                     x = self.targets_in[layer]
                     assert x is not None
-                    s = tset.skip(layer, x).to(out.dtype)
+                    s = tset.skip(layer, x).to(value.dtype)
                     new = new + (s - s.detach())
                 return new
 
-            if where == "output":
-                handles.append(in_mod.register_forward_hook(in_hook))
-            else:
-                handles.append(in_mod.register_forward_pre_hook(in_hook))
-            handles.append(out_mod.register_forward_hook(out_hook))
+            handles.append(hooks.feature_input.capture(keep_input))
+            handles.append(hooks.feature_output.replace(pin_output))
 
         for block in adapter.layers(hf):
             mlp = getattr(block, adapter.mlp_attr)
@@ -286,9 +268,9 @@ class ReplacementContext:
         self._frozen = frozen(model)
         self._frozen.__enter__()
         try:
-            ids = self.pre.input_ids[:p].to(dev)[None].expand(b, -1)
+            kwargs = self.pre.inputs.forward_kwargs(dev, p)
             with torch.enable_grad():
-                out = adapter.base(hf)(input_ids=ids, use_cache=False)
+                out = adapter.base(hf)(**kwargs, use_cache=False)
             self.final = out.last_hidden_state
         except torch.OutOfMemoryError as exc:
             self.__exit__(None, None, None)
@@ -337,12 +319,8 @@ class ReplacementContext:
             tensor = self.final if lay == n_layers else self.targets_in[lay]
             assert tensor is not None
             pos_sel = [positions_l[i] for i in sel]
-            if self.batched_grads:  # one cotangent per target over the batch-1 graph
-                g = tensor.new_zeros((n, *tensor.shape))
-                g[sel, 0, pos_sel] = vectors[sel].to(g.dtype)
-            else:
-                g = torch.zeros_like(tensor)
-                g[sel, pos_sel] = vectors[sel].to(g.dtype)
+            g = tensor.new_zeros((n, *tensor.shape))  # one cotangent per target
+            g[sel, 0, pos_sel] = vectors[sel].to(g.dtype)
             outputs.append(tensor)
             grads_out.append(g)
         top = max(layers_l)
@@ -353,11 +331,10 @@ class ReplacementContext:
             grads_out,
             retain_graph=True,
             allow_unused=True,
-            is_grads_batched=self.batched_grads,
+            is_grads_batched=True,
         )
-        if self.batched_grads:
-            grads = tuple(None if g is None else g[:, 0] for g in grads)
-        p_max = max(positions_l) + 1
+        grads = tuple(None if g is None else g[:, 0] for g in grads)
+        p_max = self.pre.inputs.prefix_for(max(positions_l))
         out = torch.zeros(n, self.n_cols, dtype=torch.float32, device=self.model.device)
         g_emb = grads[0]
         if g_emb is not None:

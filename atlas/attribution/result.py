@@ -82,10 +82,6 @@ class AttributionResult:
     def n_nodes(self) -> int:
         return int(self.adjacency.shape[0])
 
-    def dense(self) -> torch.Tensor:
-        """The ``(N, N)`` adjacency (already dense)."""
-        return self.adjacency
-
     def logit_weights(self) -> torch.Tensor:
         w = torch.zeros(self.n_nodes, dtype=torch.float32, device=self.adjacency.device)
         w[self.n_nodes - self.n_logits :] = self.logit_probabilities.float().to(w.device)
@@ -134,81 +130,86 @@ class AttributionResult:
         }
 
     def to_graph(
-        self, prune: bool = True, node_threshold: float = 0.8, edge_threshold: float = 0.98
+        self,
+        prune: bool | None = None,
+        node_threshold: float | None = None,
+        edge_threshold: float | None = None,
+        *,
+        settings: AttributionSettings | None = None,
     ) -> Graph:
         """Convert to a :class:`Graph` (influence column filled).
 
-        ``prune=True`` keeps the pruned nodes and edges (see :mod:`atlas.attribution.pruning`);
-        ``prune=False`` keeps every node and every non-zero edge.
+        Pruning follows ``settings`` (default: the settings the result was computed with, see
+        :attr:`settings`); ``prune``, ``node_threshold`` and ``edge_threshold`` replace the
+        fields ``pruned``, ``node_threshold`` and ``edge_threshold`` when given. Pruned: the
+        nodes and edges :mod:`atlas.attribution.pruning` keeps; unpruned: every node and every
+        non-zero edge.
         """
-        do_prune = prune
-        adj = self.adjacency
+        knobs = AttributionSettings.merged(
+            settings if settings is not None else self.settings,
+            pruned=prune,
+            node_threshold=node_threshold,
+            edge_threshold=edge_threshold,
+        )
         res = prune_fn(
-            adj,
+            self.adjacency,
             self.logit_weights(),
             self.n_pos,
             self.n_logits,
             self.n_features,
-            node_threshold=node_threshold,
-            edge_threshold=edge_threshold,
+            node_threshold=knobs.node_threshold,
+            edge_threshold=knobs.edge_threshold,
         )
         cols = self.node_columns()
         cols["influence"] = res.cumulative_scores.float().cpu()
-        if do_prune:
+        if knobs.pruned:
             keep = res.node_mask.cpu()
-            new_index = torch.full((self.n_nodes,), -1, dtype=torch.long)
-            new_index[keep] = torch.arange(int(keep.sum()))
-            et, es = res.edge_index[0].cpu(), res.edge_index[1].cpu()
-            weights = adj[res.edge_index[0], res.edge_index[1]].float().cpu()
-            nz = weights != 0
-            et, es, weights = new_index[et[nz]], new_index[es[nz]], weights[nz]
-            order = torch.argsort(et * self.n_nodes + es)
-            et, es, weights = et[order], es[order], weights[order]
+            edges = self._pruned_edges(res.edge_index, keep)
             cols = {name: col[keep] for name, col in cols.items()}
         else:
-            et_l, es_l, w_l = [], [], []
-            for i in range(0, self.n_nodes, 1024):
-                blk = adj[i : i + 1024]
-                t, s_ = torch.nonzero(blk, as_tuple=True)
-                et_l.append((t + i).cpu())
-                es_l.append(s_.cpu())
-                w_l.append(blk[t, s_].float().cpu())
-            et, es, weights = torch.cat(et_l), torch.cat(es_l), torch.cat(w_l)
+            edges = self._all_edges()
         replacement, completeness = self.scores()
-        settings = self.settings.model_copy(
-            update={
-                "node_threshold": node_threshold,
-                "edge_threshold": edge_threshold,
-                "pruned": do_prune,
-            }
-        )
         meta = GraphMetadata(
             prompt=self.prompt,
             tokens=self.tokens,
             model=self.model,
             transcoders=self.transcoders,
-            settings=settings,
+            settings=self.settings.model_copy(
+                update={
+                    "node_threshold": knobs.node_threshold,
+                    "edge_threshold": knobs.edge_threshold,
+                    "pruned": knobs.pruned,
+                }
+            ),
             replacement_score=replacement,
             completeness_score=completeness,
             code_version=atlas.__version__,
             elapsed_s=self.elapsed_s,
             created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         )
-        return Graph(
-            metadata=meta,
-            input_ids=self.input_ids.cpu(),
-            edge_target=et,
-            edge_source=es,
-            edge_weight=weights,
-            kind=cols["kind"],
-            layer=cols["layer"],
-            pos=cols["pos"],
-            feature=cols["feature"],
-            token_id=cols["token_id"],
-            activation=cols["activation"],
-            influence=cols["influence"],
-            logit_prob=cols["logit_prob"],
-        )
+        return Graph.from_columns(meta, self.input_ids, cols, edges)
+
+    def _pruned_edges(
+        self, edge_index: torch.Tensor, keep: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The kept edges' columns, renumbered to the kept nodes (zero weights dropped)."""
+        new_index = torch.full((self.n_nodes,), -1, dtype=torch.long)
+        new_index[keep] = torch.arange(int(keep.sum()))
+        et, es = edge_index[0].cpu(), edge_index[1].cpu()
+        weights = self.adjacency[edge_index[0], edge_index[1]].float().cpu()
+        nz = weights != 0
+        return {"target": new_index[et[nz]], "source": new_index[es[nz]], "weight": weights[nz]}
+
+    def _all_edges(self, block: int = 1024) -> dict[str, torch.Tensor]:
+        """Every non-zero entry of the adjacency, read in row blocks (no dense copy)."""
+        et_l, es_l, w_l = [], [], []
+        for i in range(0, self.n_nodes, block):
+            blk = self.adjacency[i : i + block]
+            t, s_ = torch.nonzero(blk, as_tuple=True)
+            et_l.append((t + i).cpu())
+            es_l.append(s_.cpu())
+            w_l.append(blk[t, s_].float().cpu())
+        return {"target": torch.cat(et_l), "source": torch.cat(es_l), "weight": torch.cat(w_l)}
 
 
 __all__ = ["AttributionResult"]

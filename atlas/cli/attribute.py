@@ -2,28 +2,54 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from atlas.cli import get_settings
+from atlas.graph import AttributionSettings
+
+if TYPE_CHECKING:
+    import torch
+
+    from atlas.settings import AtlasSettings
 
 _DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _default(name: str) -> Any:
+    """An option's default: the one definition in :class:`AttributionSettings`."""
+    return AttributionSettings.model_fields[name].default
+
+
+def _device_and_dtype(
+    settings: AtlasSettings, device: str | None, dtype: str | None
+) -> tuple[str, torch.dtype]:
+    """The device and torch dtype to load on: the options, else the settings."""
+    import torch
+
+    dev = device or settings.resolved_device()
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    return dev, getattr(torch, dtype or settings.dtype)
 
 
 @click.command("attribute")
 @click.option("--model", "model_ref", required=True, help="Local HF model directory or hub id.")
 @click.option("--transcoders", "tc_ref", required=True, help="Transcoder directory (config.yaml).")
 @click.option("--prompt", required=True, help="Prompt text.")
-@click.option("--max-feature-nodes", type=int, default=None, help="Cap on feature nodes.")
-@click.option("--max-n-logits", type=int, default=10, show_default=True)
-@click.option("--desired-logit-prob", type=float, default=0.95, show_default=True)
+@click.option(
+    "--max-feature-nodes", type=int, default=_default("max_feature_nodes"), help="Cap on features."
+)
+@click.option("--max-n-logits", type=int, default=_default("max_n_logits"), show_default=True)
+@click.option(
+    "--desired-logit-prob", type=float, default=_default("desired_logit_prob"), show_default=True
+)
 @click.option("--batch-size", type=int, default=None, help="Targets per backward pass.")
-@click.option("--node-threshold", type=float, default=0.8, show_default=True)
-@click.option("--edge-threshold", type=float, default=0.98, show_default=True)
+@click.option("--node-threshold", type=float, default=_default("node_threshold"), show_default=True)
+@click.option("--edge-threshold", type=float, default=_default("edge_threshold"), show_default=True)
 @click.option("--no-prune", is_flag=True, help="Keep every node and non-zero edge.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: settings).")
 @click.option("--dtype", type=click.Choice(_DTYPES), default=None, help="Default: settings.")
@@ -50,18 +76,23 @@ def attribute(
     out_dir: Path,
 ) -> None:
     """Compute the attribution graph of PROMPT and write DIR/<prompt_id>.safetensors (+ .json)."""
-    import torch
     from tqdm import tqdm
 
     from atlas.attribution import attribute as run_attribution
+    from atlas.interchange import write_json
     from atlas.models import load_model
     from atlas.transcoders import load_transcoders
 
     settings = get_settings()
-    dev = device or settings.resolved_device()
-    if device == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = getattr(torch, dtype or settings.dtype)
+    knobs = AttributionSettings.merged(
+        max_feature_nodes=max_feature_nodes,
+        max_n_logits=max_n_logits,
+        desired_logit_prob=desired_logit_prob,
+        node_threshold=node_threshold,
+        edge_threshold=edge_threshold,
+        pruned=not no_prune,
+    )
+    dev, torch_dtype = _device_and_dtype(settings, device, dtype)
     t0 = time.perf_counter()
     model = load_model(model_ref, device=dev, dtype=torch_dtype, revision=revision)
     tset = load_transcoders(tc_ref, model, device=dev, dtype=torch_dtype)
@@ -82,9 +113,7 @@ def attribute(
             prompt,
             model,
             tset,
-            max_n_logits=max_n_logits,
-            desired_logit_prob=desired_logit_prob,
-            max_feature_nodes=max_feature_nodes,
+            settings=knobs,
             batch_size=batch_size or settings.batch_size,
             progress=progress,
             memory_limit_bytes=memory_limit_mb * 2**20 if memory_limit_mb else None,
@@ -92,24 +121,17 @@ def attribute(
     finally:
         if bar is not None:
             bar.close()
-    graph = result.to_graph(
-        prune=not no_prune, node_threshold=node_threshold, edge_threshold=edge_threshold
-    )
+    graph = result.to_graph()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = graph.save(out_dir / f"{graph.prompt_id}.safetensors")
-    json_note = ""
-    try:
-        from atlas.interchange import graph_to_json
-    except ImportError:
-        graph_to_json = None  # type: ignore[assignment]
-    if graph_to_json is not None:
-        data = graph_to_json(graph, token_decoder=lambda t: model.tokenizer.decode([t]))
-        json_path = out_dir / f"{graph.prompt_id}.json"
-        json_path.write_text(json.dumps(data))
-        json_note = f" json={json_path.name}"
+    json_path = write_json(
+        graph,
+        out_dir / f"{graph.prompt_id}.json",
+        token_decoder=lambda t: model.tokenizer.decode([t]),
+    )
     meta = graph.metadata
     click.echo(
         f"{path} nodes={graph.n_nodes} edges={graph.n_edges} "
         f"replacement={meta.replacement_score:.3f} completeness={meta.completeness_score:.3f} "
-        f"seconds={time.perf_counter() - t0:.1f}{json_note}"
+        f"seconds={time.perf_counter() - t0:.1f} json={json_path.name}"
     )

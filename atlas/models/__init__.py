@@ -3,21 +3,33 @@
 Public API::
 
     load_model(name_or_path, *, device="cpu", dtype=torch.float32, revision=None) -> LoadedModel
+    LoadedModel.inputs(prompt) -> ModelInputs (ids with a leading special token, ...)
     LoadedModel.to_input_ids(prompt) -> 1-D ids with a leading special token
     frozen(loaded)      context manager: attention patterns and norm scales detached
+    replayed(loaded, PatternReplay())   clean attention patterns and norm scales replayed
+    layer_hooks(loaded, tset), embedding_point(loaded), HookPoint: where values are read
     SUPPORTED_FAMILIES
 """
 
 from atlas.models.adapters import ADAPTERS, SUPPORTED_FAMILIES, FamilyAdapter, adapter_for_config
-from atlas.models.freezing import frozen
+from atlas.models.freezing import PatternReplay, frozen, replayed
+from atlas.models.hooks import HookPoint, LayerHooks, embedding_point, layer_hooks
+from atlas.models.inputs import ModelInputs
 from atlas.models.loading import LoadedModel, load_model
 
 __all__ = [
     "ADAPTERS",
     "SUPPORTED_FAMILIES",
     "FamilyAdapter",
+    "HookPoint",
+    "LayerHooks",
     "LoadedModel",
+    "ModelInputs",
+    "PatternReplay",
     "adapter_for_config",
+    "embedding_point",
     "frozen",
+    "layer_hooks",
     "load_model",
+    "replayed",
 ]

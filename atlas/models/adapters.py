@@ -3,8 +3,8 @@
 An adapter answers, for one Hugging Face architecture, the handful of questions the attribution
 engine asks: where the decoder layers are, which module's output is the MLP input (after the
 pre-MLP norm), which module's output is the MLP's contribution to the residual stream (Gemma:
-after the post-feed-forward norm), where the embedding, final norm and unembedding live, which
-norm style the family uses (so norm scales can be frozen) and the final-logit softcap.
+after the post-feed-forward norm), where the embedding nodes' vectors enter the residual stream,
+where the unembedding lives and which norm style the family uses (so norm scales can be frozen).
 
 Transcoder hook names follow circuit-tracer's (TransformerLens) convention:
 
@@ -24,6 +24,8 @@ from torch import Tensor, nn
 from atlas.errors import ConfigError, TranscoderError
 
 NormStyle = Literal["gemma_rms", "rms", "layernorm"]
+Where = Literal["input", "output"]
+"""Which side of a module a hook point reads: its first input or its output."""
 
 INPUT_HOOKS_NORM_OUT = ("ln2.hook_normalized", "mlp.hook_in")
 INPUT_HOOKS_NORM_IN = ("hook_resid_mid",)
@@ -44,8 +46,6 @@ class FamilyAdapter:
     """Attribute of the base model holding the decoder layers."""
     embed_attr: str
     """Attribute of the base model holding the token embedding."""
-    final_norm_attr: str
-    """Attribute of the base model holding the final norm."""
     mlp_in_norm_attr: str
     """Attribute of a layer: the norm whose output is the MLP input."""
     mlp_attr: str
@@ -71,18 +71,19 @@ class FamilyAdapter:
         assert isinstance(mod, nn.Module)
         return mod
 
-    def final_norm(self, hf: nn.Module) -> nn.Module:
-        mod = getattr(self.base(hf), self.final_norm_attr)
-        assert isinstance(mod, nn.Module)
-        return mod
+    def residual_input_point(self, hf: nn.Module) -> tuple[nn.Module, Where]:
+        """``(module, "input"|"output")`` where the embedding nodes' vectors are read and perturbed.
+
+        For text models this is the embedding module's output (the residual stream's first
+        value, already scaled where the family scales it). A vision-language adapter points at
+        the first decoder layer's input instead, where the image rows have replaced the
+        placeholder tokens' embeddings.
+        """
+        return self.embed(hf), "output"
 
     def unembed_weight(self, hf: Any) -> Any:
         """``(vocab, d_model)`` unembedding matrix."""
         return hf.get_output_embeddings().weight
-
-    def logit_softcap(self, config: Any) -> float | None:
-        cap = getattr(config, "final_logit_softcapping", None)
-        return float(cap) if cap else None
 
     def norm_modules(self, hf: nn.Module) -> list[nn.Module]:
         """Every norm in the base model whose scale must be frozen."""
@@ -93,7 +94,7 @@ class FamilyAdapter:
                 out.append(mod)
         return out
 
-    def feature_input_module(self, layer: nn.Module, hook: str) -> tuple[nn.Module, str]:
+    def feature_input_module(self, layer: nn.Module, hook: str) -> tuple[nn.Module, Where]:
         """``(module, "input"|"output")`` where a transcoder with ``hook`` reads its input."""
         norm = getattr(layer, self.mlp_in_norm_attr)
         if hook in INPUT_HOOKS_NORM_OUT:
@@ -146,7 +147,6 @@ def _llama_like(family: str, model_types: tuple[str, ...]) -> FamilyAdapter:
         base_attr="model",
         layers_attr="layers",
         embed_attr="embed_tokens",
-        final_norm_attr="norm",
         mlp_in_norm_attr="post_attention_layernorm",
         mlp_attr="mlp",
         mlp_out_attr="mlp",
@@ -163,7 +163,6 @@ def _gemma(family: str, model_types: tuple[str, ...]) -> FamilyAdapter:
         base_attr="model",
         layers_attr="layers",
         embed_attr="embed_tokens",
-        final_norm_attr="norm",
         mlp_in_norm_attr="pre_feedforward_layernorm",
         mlp_attr="mlp",
         mlp_out_attr="post_feedforward_layernorm",
@@ -185,7 +184,6 @@ ADAPTERS: dict[str, FamilyAdapter] = {
         base_attr="transformer",
         layers_attr="h",
         embed_attr="wte",
-        final_norm_attr="ln_f",
         mlp_in_norm_attr="ln_2",
         mlp_attr="mlp",
         mlp_out_attr="mlp",

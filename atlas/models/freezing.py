@@ -10,14 +10,23 @@ Inside :func:`frozen`, the model computes exactly the same values as normally, b
 * all parameters stop requiring grad, so autograd only follows the residual stream.
 
 MLP outputs are frozen by the attribution engine's own hooks (they depend on the transcoders).
+
+:func:`replayed` is the other way to hold the same quantities fixed: a clean run *records* the
+attention patterns and norm scales, later runs *replay* them as constants (values, not just
+gradients, stay at the clean run's). The perturbation oracle checks the engine against it, and
+interventions (circuit-tracer's semantics: act on the real model with the clean patterns) need
+exactly this.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import types
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -26,7 +35,9 @@ if TYPE_CHECKING:
     from atlas.models.loading import LoadedModel
 
 FROZEN_ATTN = "atlas_frozen"
+REPLAY_ATTN = "atlas_replay"
 _registered = False
+_replay_registered = False
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -141,3 +152,109 @@ def frozen(model: LoadedModel) -> Iterator[None]:
         for p, flag in grad_flags:
             p.requires_grad_(flag)
         hf.set_attn_implementation(previous_impl)
+
+
+# ---------------------------------------------------------------------- clean-pattern replay
+@dataclass
+class PatternReplay:
+    """Attention patterns and norm scales of a clean run, recorded once and then replayed.
+
+    ``mode`` is ``"record"`` (compute and keep them) or ``"replay"`` (use the kept ones).
+    Patterns are keyed by layer index, scales by norm module.
+    """
+
+    mode: Literal["record", "replay"] = "record"
+    patterns: dict[int, torch.Tensor] = field(default_factory=dict)
+    scales: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def record(self) -> None:
+        """Forget what was kept; the next run records afresh."""
+        self.mode = "record"
+        self.patterns, self.scales = {}, {}
+
+    def replay(self) -> None:
+        """Later runs use the recorded patterns and scales as constants."""
+        self.mode = "replay"
+
+
+_ACTIVE_REPLAY: contextvars.ContextVar[PatternReplay] = contextvars.ContextVar("atlas_replay")
+
+
+def replay_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention that records its pattern, or replays the recorded one (see above)."""
+    state = _ACTIVE_REPLAY.get()
+    n_rep = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(n_rep, dim=1)
+    value = value.repeat_interleave(n_rep, dim=1)
+    layer = int(module.layer_idx)  # type: ignore[arg-type]
+    if state.mode == "record":
+        scores = query @ key.transpose(2, 3) * (scaling or query.shape[-1] ** -0.5)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        if attention_mask is not None:
+            scores = scores + attention_mask[..., : key.shape[-2]]
+        state.patterns[layer] = torch.softmax(scores, dim=-1)
+    pattern = state.patterns[layer]
+    return (pattern @ value).transpose(1, 2).contiguous(), pattern
+
+
+def _replay_norm(state: PatternReplay, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    self: Any = norm  # a norm module of any family (weight, optional bias, eps)
+    is_ln = isinstance(norm, nn.LayerNorm)
+    if is_ln:
+        x = x - x.mean(-1, keepdim=True)
+    if state.mode == "record":
+        eps = getattr(self, "variance_epsilon", None) or getattr(self, "eps", None) or 1e-6
+        state.scales[id(self)] = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    y = x * state.scales[id(self)]
+    if is_ln:
+        return y * self.weight + self.bias
+    if "Gemma" in type(self).__name__:
+        return y * (1.0 + self.weight)
+    return y * self.weight
+
+
+def register_replay_attention() -> None:
+    """Register :func:`replay_attention` (and the eager mask) with transformers, once."""
+    global _replay_registered
+    if _replay_registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(REPLAY_ATTN, replay_attention)
+    AttentionMaskInterface.register(REPLAY_ATTN, eager_mask)
+    _replay_registered = True
+
+
+@contextlib.contextmanager
+def replayed(model: LoadedModel, state: PatternReplay) -> Iterator[PatternReplay]:
+    """Run the model with attention patterns and norm scales recorded into / replayed from
+    ``state`` (see :class:`PatternReplay`); everything is restored on exit."""
+    register_replay_attention()
+    hf = model.hf
+    previous_impl = hf.config._attn_implementation
+    patched: list[nn.Module] = []
+    token = _ACTIVE_REPLAY.set(state)
+    try:
+        hf.set_attn_implementation(REPLAY_ATTN)
+        for mod in model.adapter.norm_modules(hf):
+            mod.forward = types.MethodType(functools.partial(_replay_norm, state), mod)
+            patched.append(mod)
+        yield state
+    finally:
+        for mod in patched:
+            with contextlib.suppress(AttributeError):
+                del mod.forward
+        hf.set_attn_implementation(previous_impl)
+        _ACTIVE_REPLAY.reset(token)

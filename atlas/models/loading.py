@@ -13,6 +13,7 @@ import torch
 from atlas.errors import AtlasError, ConfigError, InputError, ModelLoadError
 from atlas.graph import ModelInfo
 from atlas.models.adapters import FamilyAdapter, adapter_for_config
+from atlas.models.inputs import ModelInputs
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,12 @@ class LoadedModel:
         tok = self.tokenizer
         ids = [tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, *tok.all_special_ids]
         return [int(i) for i in ids if i is not None]
+
+    def inputs(self, prompt: str | torch.Tensor | list[int] | ModelInputs) -> ModelInputs:
+        """The model's inputs for ``prompt`` (text models: token ids, causal attention)."""
+        if isinstance(prompt, ModelInputs):
+            return prompt
+        return ModelInputs(input_ids=self.to_input_ids(prompt))
 
     def to_input_ids(self, prompt: str | torch.Tensor | list[int]) -> torch.Tensor:
         """1-D token ids with a special token first (prepended unless already present)."""

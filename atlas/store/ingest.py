@@ -22,10 +22,8 @@ creates or deletes an ``AGG`` needs the locks of both of its features.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +33,7 @@ import neo4j
 
 from atlas.errors import ConfigError, InputError, StoreError
 from atlas.graph import Graph, NodeKind
+from atlas.interchange import read_json
 from atlas.store import queries as Q
 from atlas.store.connection import translate_neo4j_error, write_tx
 from atlas.store.read import normalise_token_text
@@ -44,19 +43,9 @@ __all__ = ["translate_neo4j_error"]
 
 log = logging.getLogger(__name__)
 
-KIND_NAMES = {
-    NodeKind.FEATURE: "feature",
-    NodeKind.ERROR: "error",
-    NodeKind.TOKEN: "token",
-    NodeKind.LOGIT: "logit",
-}
+KIND_NAMES = {kind: kind.text for kind in NodeKind}
 #: node kind -> its second label (a fixed map: labels are never built from user input)
-NODE_LABELS = {
-    "feature": "FeatureNode",
-    "error": "ErrorNode",
-    "token": "TokenNode",
-    "logit": "LogitNode",
-}
+NODE_LABELS = {kind.text: kind.label for kind in NodeKind}
 
 
 def feature_ref(tset: str, layer: int, index: int) -> str:
@@ -531,47 +520,10 @@ def load_graph_file(path: str | Path) -> Graph:
     """Read a graph from an artifact (``.safetensors``) or an interchange JSON file (``.json``)."""
     path = Path(path)
     if path.suffix == ".json":
-        from atlas.interchange import graph_from_json
-
-        if not path.is_file():
-            raise InputError(f"no such file: {path}")
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"cannot read {path}: {exc}") from exc
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
-        graph: Graph = graph_from_json(doc)
-        _attach_logit_texts(graph, doc)
-        return graph
+        return read_json(path)
     if path.suffix == ".safetensors":
         return Graph.load(path)
     raise InputError(f"{path}: expected a .safetensors artifact or a .json interchange graph")
-
-
-_OUTPUT_LABEL = re.compile(r'^Output "(.*)" \(p=[^)]*\)$', re.DOTALL)
-
-
-def _attach_logit_texts(graph: Graph, doc: Any) -> None:
-    """Keep the logit tokens' text from the JSON labels (``Output "text" (p=...)``), so that
-    ``logit:TEXT`` finds logits whose token is not in the prompt."""
-    if graph.metadata.extra.get("logit_tokens") or not isinstance(doc, dict):
-        return
-    texts: dict[int, str] = {}
-    for raw in doc.get("nodes") or []:
-        if not isinstance(raw, dict) or raw.get("feature_type") != "logit":
-            continue
-        m = _OUTPUT_LABEL.match(str(raw.get("clerp") or ""))
-        tid = raw.get("feature")
-        if m and isinstance(tid, int):
-            texts[tid] = m.group(1)
-    logits = [
-        int(t)
-        for k, t in zip(graph.kind.tolist(), graph.token_id.tolist(), strict=True)
-        if k == NodeKind.LOGIT
-    ]
-    if texts and all(t in texts for t in logits):
-        graph.metadata.extra["logit_tokens"] = [texts[t] for t in logits]
 
 
 def ingest_path(

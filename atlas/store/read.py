@@ -412,12 +412,7 @@ def export_graph(
     return graph, labels
 
 
-_NODE_KINDS = {
-    "feature": NodeKind.FEATURE,
-    "error": NodeKind.ERROR,
-    "token": NodeKind.TOKEN,
-    "logit": NodeKind.LOGIT,
-}
+_NODE_KINDS = {kind.text: kind for kind in NodeKind}
 
 
 def _export(reader: _Reader, prompt: str) -> tuple[Graph, dict[str, str], dict[int, str]]:
@@ -441,20 +436,20 @@ def _export(reader: _Reader, prompt: str) -> tuple[Graph, dict[str, str], dict[i
 
     edges.sort(key=lambda e: (e["target"], e["source"]))
     input_ids = head[0]["input_ids"]
-    graph = Graph(
-        metadata=meta,
-        input_ids=torch.tensor(input_ids or [], dtype=torch.int64),
-        kind=torch.tensor([int(_NODE_KINDS[n["kind"]]) for n in nodes], dtype=torch.int8),
-        layer=col("layer", torch.int32),
-        pos=col("pos", torch.int32),
-        feature=col("feature", torch.int64),
-        token_id=col("token_id", torch.int64),
-        activation=col("activation", torch.float32),
-        influence=col("influence", torch.float32),
-        logit_prob=col("logit_prob", torch.float32),
-        edge_target=torch.tensor([e["target"] for e in edges], dtype=torch.int64),
-        edge_source=torch.tensor([e["source"] for e in edges], dtype=torch.int64),
-        edge_weight=torch.tensor([e["weight"] for e in edges], dtype=torch.float32),
+    graph = Graph.from_columns(
+        meta,
+        input_ids or [],
+        {
+            "kind": [int(_NODE_KINDS[n["kind"]]) for n in nodes],
+            "layer": col("layer", torch.int32),
+            "pos": col("pos", torch.int32),
+            "feature": col("feature", torch.int64),
+            "token_id": col("token_id", torch.int64),
+            "activation": col("activation", torch.float32),
+            "influence": col("influence", torch.float32),
+            "logit_prob": col("logit_prob", torch.float32),
+        },
+        {key: [e[key] for e in edges] for key in ("target", "source", "weight")},
     )
     labels = {n["id"]: n["label"] for n in nodes if n["label"]}
     token_texts = {

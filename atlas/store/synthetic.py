@@ -143,18 +143,18 @@ def synthetic_graph(
         completeness_score=0.8,
         extra={"logit_tokens": [word(t) for t in logit_ids]},
     )
-    return Graph(
-        metadata=meta,
-        input_ids=input_ids,
-        kind=k,
-        layer=lay_t,
-        pos=torch.tensor(pos_l),
-        feature=torch.tensor(feature),
-        token_id=torch.tensor(token_id),
-        activation=activation,
-        influence=influence,
-        logit_prob=logit_prob,
-        edge_target=keys // n,
-        edge_source=keys % n,
-        edge_weight=weight,
+    return Graph.from_columns(
+        meta,
+        input_ids,
+        {
+            "kind": k,
+            "layer": lay_t,
+            "pos": pos_l,
+            "feature": feature,
+            "token_id": token_id,
+            "activation": activation,
+            "influence": influence,
+            "logit_prob": logit_prob,
+        },
+        {"target": keys // n, "source": keys % n, "weight": weight},
     )

@@ -4,7 +4,9 @@ Formats (all described by a circuit-tracer style ``config.yaml``):
 
 * ``model_kind: transcoder_set`` -- one file per layer, listed under ``transcoders`` (absolute,
   relative to the config, or ``hf://repo/path[@revision]``) or found as ``layer_{i}.safetensors``
-  next to the config. A layer file is one of
+  next to the config. A listed file that does not exist is replaced by a file of the same name
+  next to the config only with a warning naming both (a directory moved after its config was
+  written); without one, loading stops. A layer file is one of
 
   - circuit-tracer safetensors: ``W_enc (d_tc, d_model)``, ``W_dec (d_tc, d_model)``,
     ``b_enc (d_tc)``, ``b_dec (d_model)``, optional ``activation_function.threshold`` (JumpReLU;
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -162,7 +165,14 @@ def _read_npz(path: Path) -> dict[str, torch.Tensor]:
         raise TranscoderError(f"corrupted or unreadable transcoder file {path}: {exc}") from exc
 
 
-def _resolve(entry: str, base: Path) -> Path:
+def _resolve(entry: str, cfg_path: Path) -> Path:
+    """The file a ``transcoders:`` entry names (absolute, relative to the config, or hf://).
+
+    A directory copied or moved after its config was written still lists the old paths; when
+    such a file is gone but one of the same name lies next to the config, that one is used and
+    a warning names both, so a substitution is never silent.
+    """
+    base = cfg_path.parent
     if entry.startswith("hf://"):
         rest = entry[len("hf://") :]
         rest, _, rev = rest.partition("@")
@@ -181,8 +191,15 @@ def _resolve(entry: str, base: Path) -> Path:
     path = Path(entry).expanduser()
     if not path.is_absolute():
         path = base / path
-    if not path.exists() and (base / path.name).exists():
-        path = base / path.name  # the directory moved since config.yaml was written
+    beside = base / path.name
+    if not path.exists() and beside != path and beside.exists():
+        log.warning(
+            "%s lists %s, which does not exist; using %s next to the config instead",
+            cfg_path,
+            path,
+            beside,
+        )
+        path = beside
     return path
 
 
@@ -259,6 +276,14 @@ def _load_config(path: Path) -> tuple[Path, dict[str, Any]]:
     return cfg_path, config
 
 
+@dataclass(frozen=True)
+class _Expected:
+    """What the model says the transcoders must look like (``None``: not known)."""
+
+    n_layers: int | None
+    d_model: int | None
+
+
 def load_transcoders(
     path: str | Path,
     model: LoadedModel | None = None,
@@ -274,162 +299,209 @@ def load_transcoders(
     or hooks the model family does not support.
     """
     cfg_path, config = _load_config(Path(path))
-    base = cfg_path.parent
     kind = config["model_kind"]
-    in_hook, out_hook = str(config["feature_input_hook"]), str(config["feature_output_hook"])
-    expected_layers = n_layers if n_layers is not None else (model.n_layers if model else None)
-    d_model_expected = model.d_model if model else None
-    h = hashlib.sha256()
-    _file_hash(h, cfg_path)
-    files: list[Path] = []
-
-    if kind == "transcoder_set":
-        if "transcoders" in config:
-            entries = config["transcoders"]
-            if not isinstance(entries, list) or not entries:
-                raise TranscoderError(f"{cfg_path}: 'transcoders' must be a non-empty list")
-            files = [_resolve(str(e), base) for e in entries]
-        else:
-            count = expected_layers
-            if count is None:
-                count = len(list(base.glob("layer_*.safetensors")))
-            files = [base / f"layer_{i}.safetensors" for i in range(count)]
-        if expected_layers is not None and len(files) != expected_layers:
-            raise TranscoderError(
-                f"{cfg_path}: {len(files)} transcoder layers for a {expected_layers}-layer model"
-            )
-        if not files:
-            raise TranscoderError(f"{cfg_path}: no transcoder layers found")
-        layers = []
-        for i, f in enumerate(files):
-            if not f.exists():
-                raise TranscoderError(f"missing transcoder file for layer {i}: {f}")
-            layers.append(_one_layer(f))
-        d_tc, d_model = layers[0]["W_enc"].shape  # type: ignore[union-attr]
-        if d_model_expected is not None and d_model != d_model_expected:
-            raise TranscoderError(
-                f"transcoders have d_model {d_model}, the model has {d_model_expected}"
-            )
-        has_thr = layers[0]["threshold"] is not None
-        has_skip = layers[0]["W_skip"] is not None
-        for f, lay in zip(files, layers, strict=True):
-            _check("W_enc", lay["W_enc"], (d_tc, d_model), f)
-            _check("W_dec", lay["W_dec"], (d_tc, d_model), f)
-            _check("b_enc", lay["b_enc"], (d_tc,), f)
-            _check("b_dec", lay["b_dec"], (d_model,), f)
-            _check("threshold", lay["threshold"], (d_tc,), f)
-            _check("W_skip", lay["W_skip"], (d_model, d_model), f)
-            if (lay["threshold"] is not None) != has_thr or (lay["W_skip"] is not None) != has_skip:
-                raise TranscoderError(f"{f.name}: layers disagree on threshold/W_skip presence")
-        activation: Activation = "jumprelu" if has_thr else "relu"
-        k = config.get("k")
-        if k is None and layers[0]["k"] is not None:
-            k = int(layers[0]["k"])
-        if config.get("activation") == "topk" or (k is not None and not has_thr):
-            if k is None or int(k) <= 0:
-                raise TranscoderError(f"{cfg_path}: TopK transcoders need a positive 'k'")
-            activation = "topk"
-
-        def cast(t: torch.Tensor | None) -> torch.Tensor:
-            assert t is not None
-            return t.to(device=device, dtype=dtype).contiguous()
-
-        tset = TranscoderSet(
-            kind="transcoder_set",
-            activation=activation,
-            w_enc=[cast(lay["W_enc"]) for lay in layers],
-            b_enc=[cast(lay["b_enc"]) for lay in layers],
-            w_dec=[cast(lay["W_dec"]) for lay in layers],
-            b_dec=[cast(lay["b_dec"]) for lay in layers],
-            threshold=[cast(lay["threshold"]) for lay in layers] if has_thr else None,
-            w_skip=[cast(lay["W_skip"]) for lay in layers] if has_skip else None,
-            k=int(k) if activation == "topk" and k is not None else None,
-            feature_input_hook=in_hook,
-            feature_output_hook=out_hook,
-            info=TranscoderInfo(name="", kind="", content_hash="", d_transcoder=0),
-        )
-    elif kind == "cross_layer_transcoder":
-        count = expected_layers
-        if count is None:
-            count = len(list(base.glob("W_enc_*.safetensors")))
-        if count == 0:
-            raise TranscoderError(f"{cfg_path}: no W_enc_*.safetensors files found")
-        w_enc, b_enc, b_dec, thr, w_dec = [], [], [], [], []
-        for i in range(count):
-            enc_f, dec_f = base / f"W_enc_{i}.safetensors", base / f"W_dec_{i}.safetensors"
-            for f in (enc_f, dec_f):
-                if not f.is_file():
-                    raise TranscoderError(f"missing cross-layer transcoder file for layer {i}: {f}")
-            enc, dec = _read_safetensors(enc_f), _read_safetensors(dec_f)
-            for key in (f"W_enc_{i}", f"b_enc_{i}", f"b_dec_{i}"):
-                if key not in enc:
-                    raise TranscoderError(f"{enc_f.name} lacks {key}")
-            if f"W_dec_{i}" not in dec:
-                raise TranscoderError(f"{dec_f.name} lacks W_dec_{i}")
-            files += [enc_f, dec_f]
-            w_enc.append(enc[f"W_enc_{i}"])
-            b_enc.append(enc[f"b_enc_{i}"])
-            b_dec.append(enc[f"b_dec_{i}"])
-            thr.append(enc.get(f"threshold_{i}"))
-            w_dec.append(dec[f"W_dec_{i}"])
-        d_tc, d_model = w_enc[0].shape
-        if d_model_expected is not None and d_model != d_model_expected:
-            raise TranscoderError(
-                f"transcoders have d_model {d_model}, the model has {d_model_expected}"
-            )
-        has_thr = thr[0] is not None
-        for i in range(count):
-            f = base / f"W_enc_{i}.safetensors"
-            _check(f"W_enc_{i}", w_enc[i], (d_tc, d_model), f)
-            _check(f"b_enc_{i}", b_enc[i], (d_tc,), f)
-            _check(f"b_dec_{i}", b_dec[i], (d_model,), f)
-            t_i = thr[i]
-            _check(f"threshold_{i}", t_i.reshape(-1) if t_i is not None else None, (d_tc,), f)
-            if (thr[i] is not None) != has_thr:
-                raise TranscoderError(f"{f.name}: layers disagree on threshold presence")
-            _check(
-                f"W_dec_{i}",
-                w_dec[i],
-                (d_tc, count - i, d_model),
-                base / f"W_dec_{i}.safetensors",
-            )
-        tset = TranscoderSet(
-            kind="cross_layer_transcoder",
-            activation="jumprelu" if has_thr else "relu",
-            w_enc=[t.to(device=device, dtype=dtype).contiguous() for t in w_enc],
-            b_enc=[t.to(device=device, dtype=dtype) for t in b_enc],
-            w_dec=[t.to(device=device, dtype=dtype).contiguous() for t in w_dec],
-            b_dec=[t.to(device=device, dtype=dtype) for t in b_dec],
-            threshold=[t.reshape(-1).to(device=device, dtype=dtype) for t in thr if t is not None]
-            if has_thr
-            else None,
-            feature_input_hook=in_hook,
-            feature_output_hook=out_hook,
-            info=TranscoderInfo(name="", kind="", content_hash="", d_transcoder=0),
-        )
-    else:
+    expected = _Expected(
+        n_layers if n_layers is not None else (model.n_layers if model else None),
+        model.d_model if model else None,
+    )
+    loader = _LOADERS.get(kind)
+    if loader is None:
         raise TranscoderError(f"{cfg_path}: unknown model_kind {kind!r}")
-
-    if expected_layers is not None and tset.n_layers != expected_layers:
+    tset = loader(cfg_path, config, expected, device, dtype)
+    if expected.n_layers is not None and tset.n_layers != expected.n_layers:
         raise TranscoderError(
-            f"transcoders cover {tset.n_layers} layers, the model has {expected_layers}"
+            f"transcoders cover {tset.n_layers} layers, the model has {expected.n_layers}"
         )
     if model is not None:
         layer0 = model.adapter.layers(model.hf)[0]
-        model.adapter.feature_input_module(layer0, in_hook)
-        model.adapter.feature_output_module(layer0, out_hook)
-    for f in files:
+        model.adapter.feature_input_module(layer0, tset.feature_input_hook)
+        model.adapter.feature_output_module(layer0, tset.feature_output_hook)
+    h = hashlib.sha256()
+    for f in [cfg_path, *tset.files]:
         _file_hash(h, f)
-    tset.files = files
     tset.info = TranscoderInfo(
         name=str(path),
         kind=kind,
         content_hash="sha256:" + h.hexdigest()[:32],
         d_transcoder=tset.d_transcoder,
-        feature_input_hook=in_hook,
-        feature_output_hook=out_hook,
+        feature_input_hook=tset.feature_input_hook,
+        feature_output_hook=tset.feature_output_hook,
     )
     log.info(
         "loaded %s: %d layers x %d features (%s)", path, tset.n_layers, tset.d_transcoder, kind
     )
     return tset
+
+
+def _check_d_model(d_model: int, expected: _Expected) -> None:
+    if expected.d_model is not None and d_model != expected.d_model:
+        raise TranscoderError(
+            f"transcoders have d_model {d_model}, the model has {expected.d_model}"
+        )
+
+
+def _per_layer_files(cfg_path: Path, config: dict[str, Any], expected: _Expected) -> list[Path]:
+    """The layer files of a ``transcoder_set``: listed in the config, else ``layer_{i}``."""
+    base = cfg_path.parent
+    if "transcoders" in config:
+        entries = config["transcoders"]
+        if not isinstance(entries, list) or not entries:
+            raise TranscoderError(f"{cfg_path}: 'transcoders' must be a non-empty list")
+        files = [_resolve(str(e), cfg_path) for e in entries]
+    else:
+        count = expected.n_layers
+        if count is None:
+            count = len(list(base.glob("layer_*.safetensors")))
+        files = [base / f"layer_{i}.safetensors" for i in range(count)]
+    if expected.n_layers is not None and len(files) != expected.n_layers:
+        raise TranscoderError(
+            f"{cfg_path}: {len(files)} transcoder layers for a {expected.n_layers}-layer model"
+        )
+    if not files:
+        raise TranscoderError(f"{cfg_path}: no transcoder layers found")
+    return files
+
+
+def _load_per_layer(
+    cfg_path: Path,
+    config: dict[str, Any],
+    expected: _Expected,
+    device: str | torch.device,
+    dtype: torch.dtype,
+) -> TranscoderSet:
+    """``model_kind: transcoder_set``: one transcoder per layer, in any per-layer format."""
+    files = _per_layer_files(cfg_path, config, expected)
+    layers = []
+    for i, f in enumerate(files):
+        if not f.exists():
+            raise TranscoderError(f"missing transcoder file for layer {i}: {f}")
+        layers.append(_one_layer(f))
+    d_tc, d_model = layers[0]["W_enc"].shape  # type: ignore[union-attr]
+    _check_d_model(d_model, expected)
+    has_thr = layers[0]["threshold"] is not None
+    has_skip = layers[0]["W_skip"] is not None
+    for f, lay in zip(files, layers, strict=True):
+        _check("W_enc", lay["W_enc"], (d_tc, d_model), f)
+        _check("W_dec", lay["W_dec"], (d_tc, d_model), f)
+        _check("b_enc", lay["b_enc"], (d_tc,), f)
+        _check("b_dec", lay["b_dec"], (d_model,), f)
+        _check("threshold", lay["threshold"], (d_tc,), f)
+        _check("W_skip", lay["W_skip"], (d_model, d_model), f)
+        if (lay["threshold"] is not None) != has_thr or (lay["W_skip"] is not None) != has_skip:
+            raise TranscoderError(f"{f.name}: layers disagree on threshold/W_skip presence")
+    activation, k = _per_layer_activation(cfg_path, config, layers[0], has_thr)
+
+    def cast(t: torch.Tensor | None) -> torch.Tensor:
+        assert t is not None
+        return t.to(device=device, dtype=dtype).contiguous()
+
+    return TranscoderSet(
+        kind="transcoder_set",
+        activation=activation,
+        w_enc=[cast(lay["W_enc"]) for lay in layers],
+        b_enc=[cast(lay["b_enc"]) for lay in layers],
+        w_dec=[cast(lay["W_dec"]) for lay in layers],
+        b_dec=[cast(lay["b_dec"]) for lay in layers],
+        threshold=[cast(lay["threshold"]) for lay in layers] if has_thr else None,
+        w_skip=[cast(lay["W_skip"]) for lay in layers] if has_skip else None,
+        k=k,
+        feature_input_hook=str(config["feature_input_hook"]),
+        feature_output_hook=str(config["feature_output_hook"]),
+        info=_PENDING_INFO,
+        files=files,
+    )
+
+
+def _per_layer_activation(
+    cfg_path: Path, config: dict[str, Any], first: dict[str, torch.Tensor | None], has_thr: bool
+) -> tuple[Activation, int | None]:
+    """``(activation, k)``: JumpReLU with thresholds, TopK with a ``k``, else ReLU."""
+    activation: Activation = "jumprelu" if has_thr else "relu"
+    k = config.get("k")
+    if k is None and first["k"] is not None:
+        k = int(first["k"])
+    if config.get("activation") == "topk" or (k is not None and not has_thr):
+        if k is None or int(k) <= 0:
+            raise TranscoderError(f"{cfg_path}: TopK transcoders need a positive 'k'")
+        return "topk", int(k)
+    return activation, None
+
+
+def _load_clt(
+    cfg_path: Path,
+    config: dict[str, Any],
+    expected: _Expected,
+    device: str | torch.device,
+    dtype: torch.dtype,
+) -> TranscoderSet:
+    """``model_kind: cross_layer_transcoder``: ``W_enc_{i}`` / ``W_dec_{i}`` files per layer."""
+    base = cfg_path.parent
+    count = expected.n_layers
+    if count is None:
+        count = len(list(base.glob("W_enc_*.safetensors")))
+    if count == 0:
+        raise TranscoderError(f"{cfg_path}: no W_enc_*.safetensors files found")
+    files: list[Path] = []
+    w_enc, b_enc, b_dec, thr, w_dec = [], [], [], [], []
+    for i in range(count):
+        enc_f, dec_f = base / f"W_enc_{i}.safetensors", base / f"W_dec_{i}.safetensors"
+        for f in (enc_f, dec_f):
+            if not f.is_file():
+                raise TranscoderError(f"missing cross-layer transcoder file for layer {i}: {f}")
+        enc, dec = _read_safetensors(enc_f), _read_safetensors(dec_f)
+        for key in (f"W_enc_{i}", f"b_enc_{i}", f"b_dec_{i}"):
+            if key not in enc:
+                raise TranscoderError(f"{enc_f.name} lacks {key}")
+        if f"W_dec_{i}" not in dec:
+            raise TranscoderError(f"{dec_f.name} lacks W_dec_{i}")
+        files += [enc_f, dec_f]
+        w_enc.append(enc[f"W_enc_{i}"])
+        b_enc.append(enc[f"b_enc_{i}"])
+        b_dec.append(enc[f"b_dec_{i}"])
+        thr.append(enc.get(f"threshold_{i}"))
+        w_dec.append(dec[f"W_dec_{i}"])
+    d_tc, d_model = w_enc[0].shape
+    _check_d_model(d_model, expected)
+    has_thr = thr[0] is not None
+    for i in range(count):
+        f = base / f"W_enc_{i}.safetensors"
+        _check(f"W_enc_{i}", w_enc[i], (d_tc, d_model), f)
+        _check(f"b_enc_{i}", b_enc[i], (d_tc,), f)
+        _check(f"b_dec_{i}", b_dec[i], (d_model,), f)
+        t_i = thr[i]
+        _check(f"threshold_{i}", t_i.reshape(-1) if t_i is not None else None, (d_tc,), f)
+        if (thr[i] is not None) != has_thr:
+            raise TranscoderError(f"{f.name}: layers disagree on threshold presence")
+        _check(
+            f"W_dec_{i}",
+            w_dec[i],
+            (d_tc, count - i, d_model),
+            base / f"W_dec_{i}.safetensors",
+        )
+    return TranscoderSet(
+        kind="cross_layer_transcoder",
+        activation="jumprelu" if has_thr else "relu",
+        w_enc=[t.to(device=device, dtype=dtype).contiguous() for t in w_enc],
+        b_enc=[t.to(device=device, dtype=dtype) for t in b_enc],
+        w_dec=[t.to(device=device, dtype=dtype).contiguous() for t in w_dec],
+        b_dec=[t.to(device=device, dtype=dtype) for t in b_dec],
+        threshold=[t.reshape(-1).to(device=device, dtype=dtype) for t in thr if t is not None]
+        if has_thr
+        else None,
+        feature_input_hook=str(config["feature_input_hook"]),
+        feature_output_hook=str(config["feature_output_hook"]),
+        info=_PENDING_INFO,
+        files=files,
+    )
+
+
+#: Placeholder provenance until :func:`load_transcoders` has hashed the files.
+_PENDING_INFO = TranscoderInfo(name="", kind="", content_hash="", d_transcoder=0)
+
+_Loader = Callable[
+    [Path, dict[str, Any], _Expected, "str | torch.device", torch.dtype], TranscoderSet
+]
+_LOADERS: dict[str, _Loader] = {
+    "transcoder_set": _load_per_layer,
+    "cross_layer_transcoder": _load_clt,
+}

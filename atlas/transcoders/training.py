@@ -46,6 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from atlas.errors import ConfigError, InputError, TranscoderError
+from atlas.models.adapters import Where
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class LayerReport:
 # ----------------------------------------------------------------------------- model access
 def locate_mlp_hooks(
     model: nn.Module, input_hook: str | None = None, output_hook: str | None = None
-) -> tuple[list[tuple[nn.Module, str]], list[nn.Module], str, str]:
+) -> tuple[list[tuple[nn.Module, Where]], list[nn.Module], str, str]:
     """Where to read each layer's transcoder input and output, via the family adapter.
 
     Returns ``(inputs, outputs, input_hook, output_hook)``: ``inputs[l]`` is ``(module,

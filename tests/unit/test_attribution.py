@@ -19,10 +19,10 @@ from atlas.attribution import (
 )
 from atlas.attribution.pruning import _edge_threshold
 from atlas.errors import AttributionError, InputError
-from atlas.graph import Graph, NodeKind
-from atlas.models import load_model
+from atlas.graph import AttributionSettings, Graph, NodeKind
+from atlas.models import ModelInputs, load_model
+from atlas.testing.tiny import BOS_ID, build_tiny_model, build_tiny_transcoders
 from atlas.transcoders import load_transcoders
-from tests.tiny import BOS_ID, build_tiny_model, build_tiny_transcoders
 
 PROMPT = "The cat sat on the mat"
 
@@ -338,6 +338,33 @@ def test_progress_reports_every_row(tiny) -> None:
     seen: list[tuple[int, int]] = []
     r = attribute(PROMPT, model, tset, batch_size=32, progress=lambda d, t: seen.append((d, t)))
     assert seen[-1] == (r.n_features + r.n_logits, r.n_features + r.n_logits)
+
+
+def test_settings_object_equals_keywords(result: AttributionResult, tiny) -> None:
+    """``settings=`` and the keyword shorthands are one definition: same graph, same record."""
+    _, _, model, tset = tiny
+    knobs = AttributionSettings(max_n_logits=3, node_threshold=0.7)
+    by_object = attribute(PROMPT, model, tset, settings=knobs, batch_size=16)
+    by_keyword = attribute(PROMPT, model, tset, max_n_logits=3, batch_size=16)
+    assert by_object.n_logits == by_keyword.n_logits <= 3
+    torch.testing.assert_close(by_object.adjacency, by_keyword.adjacency)
+    assert by_object.settings.node_threshold == 0.7
+    assert by_object.to_graph().metadata.settings.node_threshold == 0.7
+    assert by_object.to_graph(node_threshold=0.5).metadata.settings.node_threshold == 0.5
+    assert result.settings == AttributionSettings()  # the defaults live in one place
+    with pytest.raises(InputError, match="max_n_logits"):
+        attribute(PROMPT, model, tset, max_n_logits="many")  # type: ignore[arg-type]
+
+
+def test_prefix_shortcut_switched_off_gives_the_same_graph(result: AttributionResult, tiny) -> None:
+    """With the whole prompt declared bidirectional no causal shortcut is taken; on a causal
+    model the graph must not change (the shortcuts are exact, and the switch is honoured)."""
+    _, _, model, tset = tiny
+    ids = result.input_ids
+    inputs = ModelInputs(ids, bidirectional_prefix=int(ids.shape[0]))
+    assert inputs.prefix_for(0) == inputs.n_pos
+    whole = attribute(inputs, model, tset, batch_size=16)
+    torch.testing.assert_close(whole.adjacency, result.adjacency, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------- CLI

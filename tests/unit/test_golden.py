@@ -21,6 +21,10 @@ from typing import Any
 import pytest
 import torch
 
+from atlas.attribution import attribute
+from atlas.models import load_model
+from atlas.transcoders import load_transcoders
+
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 
 RTOL = 1e-4
@@ -36,43 +40,13 @@ def _cases() -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-#: Known disagreements with the reference, marked xfail (not strict: they XPASS once fixed).
-KNOWN_ISSUES: dict[str, str] = {}
-
-
-def _params() -> list[Any]:
-    out = []
-    for case, prompt in _cases():
-        family = json.loads((GOLDEN / case / "case.json").read_text())["family"]
-        marks = []
-        if family in KNOWN_ISSUES:
-            marks.append(pytest.mark.xfail(reason=KNOWN_ISSUES[family], strict=False))
-        out.append(pytest.param(case, prompt, id=f"{case}/{prompt['slug']}", marks=marks))
-    return out
-
-
-CASES = _params()
-
-
-def _engine() -> Any:
-    attribution = pytest.importorskip("atlas.attribution")
-    models = pytest.importorskip("atlas.models")
-    transcoders = pytest.importorskip("atlas.transcoders")
-    for mod, name in (
-        (attribution, "attribute"),
-        (models, "load_model"),
-        (transcoders, "load_transcoders"),
-    ):
-        if not hasattr(mod, name):
-            pytest.skip(f"{mod.__name__}.{name} not built yet")
-    return attribution, models, transcoders
+CASES = [pytest.param(case, prompt, id=f"{case}/{prompt['slug']}") for case, prompt in _cases()]
 
 
 @functools.cache
 def _loaded(case: str) -> tuple[Any, Any]:
-    _, models, transcoders = _engine()
-    model = models.load_model(GOLDEN / case / "model", device="cpu", dtype=torch.float32)
-    tcs = transcoders.load_transcoders(GOLDEN / case / "transcoders", model)
+    model = load_model(GOLDEN / case / "model", device="cpu", dtype=torch.float32)
+    tcs = load_transcoders(GOLDEN / case / "transcoders", model)
     return model, tcs
 
 
@@ -88,11 +62,10 @@ def _reference(case: str, slug: str) -> tuple[dict[str, torch.Tensor], dict[str,
 
 @functools.cache
 def _ours(case: str, slug: str) -> Any:
-    attribution, _, _ = _engine()
     model, tcs = _loaded(case)
     _, meta = _reference(case, slug)
     s = meta["settings"]
-    return attribution.attribute(
+    return attribute(
         meta["prompt"],
         model,
         tcs,
@@ -280,7 +253,8 @@ def test_interchange_json_matches_circuit_tracer_export(case: str, prompt: dict[
     for k in ol.keys() & rl.keys():
         assert ol[k] == pytest.approx(rl[k], rel=RTOL, abs=1e-6)
     # our export passes Neuronpedia's upload schema and is a lossless round trip of our graph
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema
+
     jsonschema.validate(ours, json.loads((GOLDEN / "neuronpedia-graph-schema.json").read_text()))
     back = graph_from_json(json.loads(json.dumps(ours, allow_nan=False)))
     assert back.n_nodes == g.n_nodes and back.n_edges == g.n_edges

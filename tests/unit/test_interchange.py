@@ -218,7 +218,8 @@ def test_export_node_fields_follow_the_format() -> None:
 
 
 def test_export_validates_against_neuronpedia_schema() -> None:
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema
+
     schema = json.loads(SCHEMA.read_text())
     g = make_graph(1)
     doc = graph_to_json(g, slug="schema", supernodes=[["group", g.node_ids()[0], g.node_ids()[1]]])
@@ -227,7 +228,8 @@ def test_export_validates_against_neuronpedia_schema() -> None:
 
 def test_schema_rejects_what_it_should() -> None:
     """The committed schema is a real check: a node without clerp fails it."""
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema
+
     schema = json.loads(SCHEMA.read_text())
     doc = graph_to_json(make_graph(1), slug="bad")
     del doc["nodes"][0]["clerp"]

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from atlas.errors import ConfigError, InputError, ModelLoadError
-from atlas.models import SUPPORTED_FAMILIES, frozen, load_model
+from atlas.models import SUPPORTED_FAMILIES, HookPoint, PatternReplay, frozen, load_model, replayed
 from atlas.models.freezing import FROZEN_ATTN
-from tests.tiny import BOS_ID, FAMILIES, build_tiny_model
+from atlas.testing.tiny import BOS_ID, FAMILIES, build_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +103,48 @@ def test_frozen_keeps_values_and_restores(model_dirs: dict[str, Path], family: s
     with torch.no_grad():
         after = base(input_ids=ids).last_hidden_state
     torch.testing.assert_close(after, before)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt2"])
+def test_replay_records_then_holds_the_clean_patterns(
+    model_dirs: dict[str, Path], family: str
+) -> None:
+    """Replayed patterns and scales are constants: a changed input leaves them as recorded."""
+    m = load_model(model_dirs[family], dtype=torch.float64)
+    ids = m.to_input_ids("The cat sat")[None]
+    base = m.adapter.base(m.hf)
+    impl = m.hf.config._attn_implementation
+    with torch.no_grad():
+        clean = base(input_ids=ids).last_hidden_state
+        state = PatternReplay()
+        with replayed(m, state):
+            recorded = base(input_ids=ids).last_hidden_state
+            patterns = {k: v.clone() for k, v in state.patterns.items()}
+            state.replay()
+            other = ids.clone()
+            other[0, -1] = other[0, 1]
+            base(input_ids=other)
+        assert m.hf.config._attn_implementation == impl
+        assert all("forward" not in vars(mod) for mod in m.adapter.norm_modules(m.hf))
+    # Gemma's own norms compute in float32, the replay in float64: equal to float32 precision
+    torch.testing.assert_close(recorded, clean, atol=1e-5, rtol=1e-5)
+    assert patterns and all(torch.equal(state.patterns[k], v) for k, v in patterns.items())
+
+
+def test_hook_points_capture_and_replace_inputs_and_outputs() -> None:
+    layer = torch.nn.Linear(3, 2, bias=False)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    layer = layer.double()
+    seen: list[torch.Tensor] = []
+    handles = [
+        HookPoint(layer, "input").capture(seen.append),
+        HookPoint(layer, "input").replace(lambda v: 2 * v),
+        HookPoint(layer, "output").capture(seen.append),
+        HookPoint(layer, "output").replace(lambda v: v + 1),
+    ]
+    out = layer(x)
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(seen[0], x)
+    torch.testing.assert_close(seen[1], layer(2 * x))
+    torch.testing.assert_close(out, layer(2 * x) + 1)

@@ -3,7 +3,8 @@ every target by exactly its adjacency entry.
 
 The check model here is built independently of the engine's mechanism: instead of detaching
 (which only changes gradients), it *replays* the clean run's attention patterns and norm scales
-as constants and pins every MLP output to its clean value (+ the live skip term), in float64.
+as constants (:func:`atlas.models.freezing.replayed`) and pins every MLP output to its clean
+value (+ the live skip term), in float64.
 Sources are perturbed by adding their full vector (the model is linear, so eps = 1 is exact):
 a feature's ``a * W_dec[f]`` (= doubling its activation; a CLT feature writes into every later
 layer), an error vector, a token's embedding output.
@@ -11,89 +12,30 @@ layer), an error vector, a token's embedding output.
 
 from __future__ import annotations
 
-import types
 from pathlib import Path
-from typing import Any, ClassVar
 
 import pytest
 import torch
 import yaml
-from torch import nn
 
 from atlas.attribution import AttributionResult, attribute
-from atlas.attribution.context import _hook_points, precompute
-from atlas.models import LoadedModel, load_model
+from atlas.attribution.context import precompute
+from atlas.models import LoadedModel, ModelInputs, load_model
+from atlas.models.freezing import PatternReplay, replayed
+from atlas.models.hooks import embedding_point, layer_hooks
+from atlas.testing.tiny import build_tiny_model, build_tiny_transcoders
 from atlas.transcoders import TranscoderSet, load_transcoders
-from tests.tiny import build_tiny_model, build_tiny_transcoders
 
 PROMPT = "The cat sat on the mat"
-_CHECK_ATTN = "atlas_test_replay"
-
-
-class _Replay:
-    """Record/replay state shared by the patched attention and norms."""
-
-    mode = "record"
-    patterns: ClassVar[dict[int, torch.Tensor]] = {}
-    scales: ClassVar[dict[int, torch.Tensor]] = {}
-
-
-def _replay_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    softcap: float | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    n_rep = query.shape[1] // key.shape[1]
-    key = key.repeat_interleave(n_rep, dim=1)
-    value = value.repeat_interleave(n_rep, dim=1)
-    layer = int(module.layer_idx)  # type: ignore[arg-type]
-    if _Replay.mode == "record":
-        scores = query @ key.transpose(2, 3) * (scaling or query.shape[-1] ** -0.5)
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
-        if attention_mask is not None:
-            scores = scores + attention_mask[..., : key.shape[-2]]
-        _Replay.patterns[layer] = torch.softmax(scores, dim=-1)
-    pattern = _Replay.patterns[layer]
-    return (pattern @ value).transpose(1, 2).contiguous(), pattern
-
-
-def _replay_norm(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    is_ln = isinstance(self, nn.LayerNorm)
-    if is_ln:
-        x = x - x.mean(-1, keepdim=True)
-    if _Replay.mode == "record":
-        eps = getattr(self, "variance_epsilon", None) or getattr(self, "eps", 1e-6)
-        _Replay.scales[id(self)] = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    y = x * _Replay.scales[id(self)]
-    if is_ln:
-        return y * self.weight + self.bias
-    if "Gemma" in type(self).__name__:
-        return y * (1.0 + self.weight)
-    return y * self.weight
 
 
 class CheckModel:
     """Frozen replacement model with additive perturbation points, in float64."""
 
     def __init__(self, model_dir: Path, tc_dir: Path) -> None:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, eager_mask
-
-        AttentionInterface.register(_CHECK_ATTN, _replay_attention)
-        AttentionMaskInterface.register(_CHECK_ATTN, eager_mask)
         self.model: LoadedModel = load_model(model_dir, dtype=torch.float64)
         self.tset: TranscoderSet = load_transcoders(tc_dir, self.model, dtype=torch.float64)
-        hf = self.model.hf
-        hf.set_attn_implementation(_CHECK_ATTN)
-        for mod in self.model.adapter.norm_modules(hf):
-            mod.forward = types.MethodType(_replay_norm, mod)  # type: ignore[method-assign]
+        self.replay = PatternReplay()
 
     def run(
         self,
@@ -110,21 +52,19 @@ class CheckModel:
         outs: dict[int, torch.Tensor] = {}
         handles = []
 
-        def emb_hook(_m: Any, _a: Any, out: torch.Tensor) -> torch.Tensor:
-            return out + add_emb if add_emb is not None else out
+        def emb_hook(value: torch.Tensor) -> torch.Tensor:
+            return value + add_emb if add_emb is not None else value
 
-        handles.append(adapter.embed(hf).register_forward_hook(emb_hook))
-        for layer, (in_mod, where, out_mod, to_input) in enumerate(_hook_points(model, tset)):
+        handles.append(embedding_point(model).replace(emb_hook))
+        for layer, hooks in enumerate(layer_hooks(model, tset)):
 
-            def in_hook(
-                _m: Any, args: Any, out: Any = None, layer: int = layer, to_input: Any = to_input
-            ) -> None:
-                ins[layer] = to_input((out if out is not None else args[0])[0])
+            def in_hook(value: torch.Tensor, layer: int = layer, to_input=hooks.to_input) -> None:
+                ins[layer] = to_input(value[0])
 
-            def out_hook(_m: Any, _a: Any, out: torch.Tensor, layer: int = layer) -> torch.Tensor:
+            def out_hook(value: torch.Tensor, layer: int = layer) -> torch.Tensor:
                 if mlp_clean is None:
-                    outs[layer] = out[0]
-                    return out
+                    outs[layer] = value[0]
+                    return value
                 new = mlp_clean[layer].clone()
                 if tset.has_skip:
                     assert in_clean is not None
@@ -134,13 +74,10 @@ class CheckModel:
                 outs[layer] = new
                 return new[None]
 
-            if where == "output":
-                handles.append(in_mod.register_forward_hook(in_hook))
-            else:
-                handles.append(in_mod.register_forward_pre_hook(in_hook))
-            handles.append(out_mod.register_forward_hook(out_hook))
+            handles.append(hooks.feature_input.capture(in_hook))
+            handles.append(hooks.feature_output.replace(out_hook))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), replayed(model, self.replay):
                 final = adapter.base(hf)(input_ids=ids[None], use_cache=False).last_hidden_state
         finally:
             for h in handles:
@@ -167,17 +104,16 @@ def _check_graph(
 ) -> None:
     check = CheckModel(model_dir, tc_dir)
     ids = res.input_ids
-    _Replay.mode = "record"
-    _Replay.patterns, _Replay.scales = {}, {}
+    check.replay.record()
     in_clean, mlp_clean, _ = check.run(ids, None, None)
-    _Replay.mode = "replay"
+    check.replay.replay()
     try:
         ins0, _, final0 = check.run(ids, mlp_clean, in_clean)
         # sanity: with nothing added, the replayed model reproduces the clean run
         for a, b in zip(ins0, in_clean, strict=True):
             torch.testing.assert_close(a, b)
         base = _targets(check, res, ins0, final0)
-        pre = precompute(check.model, check.tset, ids)
+        pre = precompute(check.model, check.tset, ModelInputs(ids))
         n_feat, n_pos, n_layers = res.n_features, res.n_pos, res.n_layers
         adj = res.adjacency.double()
         rows = torch.cat(
@@ -243,7 +179,7 @@ def _check_graph(
             if kind != "error":
                 assert float(delta.abs().max()) > 0 or float(expected.abs().max()) == 0
     finally:
-        _Replay.mode = "record"
+        check.replay.record()
 
 
 CASES = [

@@ -11,6 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from atlas.testing.tiny import build_tiny_model
 from atlas.transcoders.training import (
     TranscoderTrainConfig,
     TranscoderTrainer,
@@ -19,7 +20,6 @@ from atlas.transcoders.training import (
     evaluate_transcoders,
     locate_mlp_hooks,
 )
-from tests.tiny import build_tiny_model
 
 WORDS = [
     "the",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -13,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from atlas.errors import TranscoderError
 from atlas.models import load_model
+from atlas.testing.tiny import build_tiny_model, build_tiny_transcoders
 from atlas.transcoders import load_transcoders
-from tests.tiny import build_tiny_model, build_tiny_transcoders
 
 
 @pytest.fixture(scope="module")
@@ -256,3 +257,26 @@ def test_bad_config_values(tc_root: Path, model, tmp_path: Path) -> None:
     (d / "config.yaml").write_text("model_kind: [unclosed")
     with pytest.raises(TranscoderError, match="YAML"):
         load_transcoders(d, model)
+
+
+def test_listed_file_gone_uses_the_one_beside_the_config_and_says_so(
+    tc_root: Path, model, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A config listing files that moved away: the same-named files next to it are used, and a
+    warning names the listed path and the file used (never a silent substitution)."""
+    moved = _copy(tc_root / "jumprelu", tmp_path / "moved")
+    gone = tmp_path / "gone"
+    cfg = yaml.safe_load((moved / "config.yaml").read_text())
+    cfg["transcoders"] = [str(gone / f"layer_{i}.safetensors") for i in range(2)]
+    (moved / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with caplog.at_level(logging.WARNING, logger="atlas.transcoders.loading"):
+        t = load_transcoders(moved, model)
+    assert t.files == [moved / f"layer_{i}.safetensors" for i in range(2)]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 2, warned
+    for i, message in enumerate(warned):
+        assert str(gone / f"layer_{i}.safetensors") in message
+        assert str(moved / f"layer_{i}.safetensors") in message
+    (moved / "layer_1.safetensors").unlink()
+    with pytest.raises(TranscoderError, match=f"layer 1: {gone / 'layer_1.safetensors'}"):
+        load_transcoders(moved, model)
