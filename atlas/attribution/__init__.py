@@ -2,7 +2,8 @@
 
 Public API::
 
-    attribute(prompt, model, transcoders, *, max_n_logits=10, desired_logit_prob=0.95,
+    attribute(prompt, model, transcoders, *, image=None, rollout=True, max_n_logits=10,
+              desired_logit_prob=0.95,
               max_feature_nodes=None, batch_size=64, explicit_logit_tokens=None,
               max_seq_len=None, progress=None, memory_limit_bytes=None) -> AttributionResult
     AttributionResult.to_graph(prune=True, node_threshold=0.8, edge_threshold=0.98) -> Graph
@@ -20,10 +21,11 @@ from atlas.attribution.pruning import (
     graph_scores,
     prune,
 )
-from atlas.attribution.result import AttributionResult
+from atlas.attribution.result import AttributionResult, ImageAttribution
 
 __all__ = [
     "AttributionResult",
+    "ImageAttribution",
     "Precomputed",
     "PruneResult",
     "ReplacementContext",
