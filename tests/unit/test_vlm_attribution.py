@@ -31,7 +31,7 @@ from atlas.attribution import AttributionResult, attribute
 from atlas.attribution.context import precompute
 from atlas.attribution.rollout import RolloutParams, attention_rollout
 from atlas.errors import InputError
-from atlas.models import LoadedModel, ModelInputs, load_model
+from atlas.models import LoadedModel, ModelInputs, image_rollout, load_model
 from atlas.models.adapters import VisionLanguageAdapter
 from atlas.models.freezing import PatternReplay, replayed
 from atlas.models.hooks import embedding_point, layer_hooks
@@ -255,8 +255,21 @@ def _sources(res: AttributionResult, image_pos: set[int]) -> list[tuple[str, int
 def test_perturbation_at_image_and_text_positions(
     cases: dict[str, Case], results: dict[str, AttributionResult], kind: str
 ) -> None:
-    res = results[kind]
-    check = CheckModel(cases[kind])
+    _check_perturbation(cases[kind], results[kind])
+
+
+def test_perturbation_with_max_feature_nodes(cases: dict[str, Case]) -> None:
+    """The ranked path (one context over the whole prompt) on an image prompt."""
+    case = cases["gemma3"]
+    model = load_model(case.vlm_dir)
+    tset = load_transcoders(case.tc_dir, model)
+    res = attribute(PROMPT, model, tset, image=case.image, max_feature_nodes=60, rollout=False)
+    assert res.n_features == 60
+    _check_perturbation(case, res)
+
+
+def _check_perturbation(case: Case, res: AttributionResult) -> None:
+    check = CheckModel(case)
     assert torch.equal(check.inputs.input_ids, res.input_ids)
     assert res.image is not None
     image_pos = set(res.image.positions.tolist())
@@ -393,6 +406,31 @@ def test_rollout_equals_the_towers_attentions(
     assert got.layers == direct.layers and got.grid == direct.grid
     assert got.maps.shape == (16, direct.grid, direct.grid) and got.maps.dtype == torch.float32
     torch.testing.assert_close(got.maps, direct.maps, rtol=1e-6, atol=1e-7)
+
+
+def test_rollout_settings_and_block_four(tmp_path: Path, cases: dict[str, Case]) -> None:
+    """Real Gemma-3's pooling (4 x 4 patches per soft token) and non-default parameters."""
+    model = load_model(save_tiny_vlm(tmp_path / "g4", "gemma3", mm_tokens_per_image=4))
+    inputs = model.inputs(PROMPT, cases["gemma3"].image)
+    assert inputs.n_image_tokens == 4 and inputs.image_grid is not None
+    assert inputs.image_grid.tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    params = RolloutParams(last_k=2, head_fraction=0.5)
+    got = image_rollout(model, inputs, params)
+    with torch.no_grad():
+        tower = model.hf.model.vision_tower
+        attentions = tower(pixel_values=inputs.pixel_values, output_attentions=True).attentions
+    direct = attention_rollout(attentions, tokens_per_image=4, params=params)
+    assert got.block == 4 and got.layers == (3, 4) and got.heads_kept == 2
+    torch.testing.assert_close(got.maps, direct.maps, rtol=1e-6, atol=1e-7)
+
+
+def test_rollout_switches_the_tower_to_eager(cases: dict[str, Case]) -> None:
+    model = load_model(cases["gemma3"].vlm_dir)
+    inputs = model.inputs(PROMPT, cases["gemma3"].image)
+    eager = image_rollout(model, inputs)
+    model.hf.set_attn_implementation("sdpa")
+    torch.testing.assert_close(image_rollout(model, inputs).maps, eager.maps, rtol=0, atol=0)
+    assert model.hf.model.vision_tower.config._attn_implementation == "sdpa"
 
 
 def test_rollout_optional(cases: dict[str, Case]) -> None:
