@@ -163,7 +163,10 @@ def text_inputs(model: LoadedModel, text: str) -> ModelInputs:
         raise InputError(
             f"the prompt has an image placeholder ({adapter.image_placeholder}) but no image"
         )
-    return ModelInputs(input_ids=model.to_input_ids(text))
+    ids = model.to_input_ids(text)
+    if bool((ids == int(model.hf.config.image_token_id)).any()):
+        raise InputError("the prompt has image tokens but no image")
+    return ModelInputs(input_ids=ids)
 
 
 def image_settings(model: LoadedModel) -> dict[str, Any]:

@@ -477,6 +477,10 @@ def test_more_placeholders_than_images(cases: dict[str, Case], kind: str) -> Non
     with pytest.raises(InputError) as exc:
         attribute(f"{placeholder} how many", model, tset)
     assert "no image" in _one_line(exc)
+    soft = model.tokenizer.convert_ids_to_tokens(int(model.hf.config.image_token_id))
+    with pytest.raises(InputError) as exc:  # the image soft token typed into the text
+        attribute(f"how many {soft}", model, tset)
+    assert "no image" in _one_line(exc)
 
 
 def test_prompt_too_long_with_its_image_tokens(cases: dict[str, Case]) -> None:
