@@ -2,10 +2,11 @@
 
 Public API::
 
-    attribute(prompt | ModelInputs, model, transcoders, *, settings=None, max_n_logits=None,
-              desired_logit_prob=None, max_feature_nodes=None, batch_size=64,
-              explicit_logit_tokens=None, max_seq_len=None, progress=None,
-              memory_limit_bytes=None, update_interval=4) -> AttributionResult
+    attribute(prompt | ModelInputs, model, transcoders, *, image=None, rollout=True,
+              settings=None, max_n_logits=None, desired_logit_prob=None,
+              max_feature_nodes=None, batch_size=64, explicit_logit_tokens=None,
+              max_seq_len=None, progress=None, memory_limit_bytes=None,
+              update_interval=4) -> AttributionResult
     AttributionResult.to_graph(prune=None, node_threshold=None, edge_threshold=None, *,
                                settings=None) -> Graph
     AttributionResult.scores() -> (replacement, completeness)
@@ -25,10 +26,11 @@ from atlas.attribution.pruning import (
     graph_scores,
     prune,
 )
-from atlas.attribution.result import AttributionResult
+from atlas.attribution.result import AttributionResult, ImageAttribution
 
 __all__ = [
     "AttributionResult",
+    "ImageAttribution",
     "Precomputed",
     "PruneResult",
     "ReplacementContext",

@@ -1,12 +1,13 @@
 """``attribute()``: the attribution graph of one prompt (circuit-tracer's semantics, our code).
 
-Phases: (0) model inputs, one real forward pass, active features / errors / token vectors;
-(1) logit targets; (2) one frozen forward pass (batch 1; each backward carries ``batch``
-cotangents); (3) logit rows; (4) feature rows: all features in (layer, pos, feature) order
-(:func:`_full_rows`), or with ``max_feature_nodes`` the most influential ones, re-ranked every
-``update_interval`` batches from the rows computed so far (:func:`_ranked_rows`); (5) packaging
-into the dense reference layout (:class:`AttributionResult`). Phase times are logged at debug
-level and kept in ``AttributionResult.stats``.
+Phases: (0) model inputs (an image prompt: the processor), one real forward pass, active
+features / errors / token vectors, and an image's attention rollout; (1) logit targets; (2) one
+frozen forward pass (batch 1; each backward carries ``batch`` cotangents); (3) logit rows; (4)
+feature rows: all features in (layer, pos, feature) order (:func:`_full_rows`), or with
+``max_feature_nodes`` the most influential ones, re-ranked every ``update_interval`` batches from
+the rows computed so far (:func:`_ranked_rows`); (5) packaging into the dense reference layout
+(:class:`AttributionResult`). Phase times are logged at debug level and kept in
+``AttributionResult.stats``.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from atlas.attribution.context import (
     precompute,
 )
 from atlas.attribution.pruning import DEFAULT_BLOCK_ROWS
-from atlas.attribution.result import AttributionResult
+from atlas.attribution.result import AttributionResult, ImageAttribution
+from atlas.attribution.rollout import RolloutParams
 from atlas.errors import AttributionError, InputError, OutOfMemory
 from atlas.graph import AttributionSettings
 from atlas.models.inputs import ModelInputs
 from atlas.models.loading import LoadedModel
+from atlas.models.vision import ImageSource, image_rollout, image_settings
 from atlas.transcoders.loading import TranscoderSet
 
 log = logging.getLogger(__name__)
@@ -74,7 +77,7 @@ def _batch_cap(
     """Largest batch that keeps the estimated peak under ``memory_limit`` bytes."""
     if memory_limit is None:
         return batch_size
-    cfg = model.hf.config
+    cfg = model.text_config
     d = model.d_model
     d_mlp = int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d)
     heads = int(getattr(cfg, "num_attention_heads", None) or cfg.n_head)
@@ -147,6 +150,8 @@ def attribute(
     model: LoadedModel,
     transcoders: TranscoderSet,
     *,
+    image: ImageSource | None = None,
+    rollout: RolloutParams | bool = True,
     settings: AttributionSettings | None = None,
     max_n_logits: int | None = None,
     desired_logit_prob: float | None = None,
@@ -168,8 +173,18 @@ def attribute(
 
     ``batch_size`` targets share one backward pass; ``memory_limit_bytes`` caps it so that the
     estimated peak (adjacency + frozen activations) stays below the limit. ``max_seq_len``
-    (default: the model's maximum positions) bounds the prompt length. Device and dtype are the
-    model's (see :func:`atlas.models.load_model`); transcoders must match them.
+    (default: the model's maximum positions) bounds the prompt length, image tokens included.
+    Device and dtype are the model's (see :func:`atlas.models.load_model`); transcoders must
+    match them.
+
+    ``image`` (a path, the file's bytes or a :class:`~atlas.images.LoadedImage`; vision-language
+    models only) joins the prompt as the processor places it (the prompt's own placeholder, else
+    before the text). Its soft tokens are positions like any other: an embedding node each (the
+    projector's output row, read at the first layer's input), features and error nodes; on
+    Gemma-3 the image block's bidirectional attention is frozen too. The result's
+    :attr:`~AttributionResult.image` then holds the image's provenance, positions and grid, and,
+    unless ``rollout`` is ``False``, the attention-rollout maps of its soft tokens (``rollout``:
+    ``True`` for the paper's settings, or :class:`RolloutParams`).
     """
     knobs = AttributionSettings.merged(
         settings,
@@ -188,6 +203,8 @@ def attribute(
             model,
             transcoders,
             knobs,
+            image=image,
+            rollout=rollout,
             batch_size=batch_size,
             max_seq_len=max_seq_len,
             progress=progress,
@@ -204,15 +221,38 @@ def _model_inputs(
     model: LoadedModel,
     transcoders: TranscoderSet,
     max_seq_len: int | None,
+    image: ImageSource | None = None,
 ) -> ModelInputs:
     """The prompt as model inputs, refused early when it cannot be attributed."""
     if transcoders.n_layers != model.n_layers or transcoders.d_model != model.d_model:
         raise InputError("transcoders do not match the model (layers or d_model)")
-    inputs = model.inputs(prompt)
+    inputs = model.inputs(prompt, image)
     limit = max_seq_len or model.max_positions
     if limit is not None and inputs.n_pos > limit:
-        raise InputError(f"prompt has {inputs.n_pos} tokens, more than the limit of {limit}")
+        n_image = inputs.n_image_tokens
+        with_image = f" ({n_image} of them image tokens)" if n_image else ""
+        raise InputError(
+            f"prompt has {inputs.n_pos} tokens{with_image}, more than the limit of {limit}"
+        )
     return inputs
+
+
+def _image_part(
+    model: LoadedModel, inputs: ModelInputs, rollout: RolloutParams | bool
+) -> ImageAttribution | None:
+    """The image's provenance, positions, grid and (optionally) rollout maps."""
+    if inputs.image_positions is None or inputs.image_grid is None:
+        return None
+    maps = None
+    if rollout is not False:
+        maps = image_rollout(model, inputs, None if rollout is True else rollout)
+    return ImageAttribution(
+        info=inputs.image,
+        positions=inputs.image_positions.cpu(),
+        grid=inputs.image_grid.cpu(),
+        settings=image_settings(model),
+        rollout=maps,
+    )
 
 
 def _attribute(
@@ -221,6 +261,8 @@ def _attribute(
     transcoders: TranscoderSet,
     knobs: AttributionSettings,
     *,
+    image: ImageSource | None,
+    rollout: RolloutParams | bool,
     batch_size: int,
     max_seq_len: int | None,
     progress: ProgressFn | None,
@@ -234,10 +276,14 @@ def _attribute(
     max_feature_nodes = knobs.max_feature_nodes
     if max_feature_nodes is not None and max_feature_nodes < 0:
         raise InputError("max_feature_nodes must be non-negative")
-    inputs = _model_inputs(prompt, model, transcoders, max_seq_len)
+    inputs = _model_inputs(prompt, model, transcoders, max_seq_len, image)
 
     with _phase("precompute", stats):
         pre: Precomputed = precompute(model, transcoders, inputs)
+    image_part = None
+    if inputs.n_image_tokens:
+        with _phase("rollout", stats):
+            image_part = _image_part(model, inputs, rollout)
     n_active = int(pre.active.shape[0])
     unembed = model.adapter.unembed_weight(model.hf).detach()
     logit_ids, logit_probs, logit_vecs = select_logits(
@@ -302,6 +348,7 @@ def _attribute(
         settings=knobs,
         elapsed_s=time.perf_counter() - t0,
         stats=stats,
+        image=image_part,
     )
 
 

@@ -69,8 +69,16 @@ class Precomputed:
         return self.inputs.input_ids
 
 
-def zero_positions(model: LoadedModel) -> int:
-    """How many leading positions have their features and errors zeroed (gemma-3-it: 4)."""
+def zero_positions(model: LoadedModel, inputs: ModelInputs | None = None) -> int:
+    """How many leading positions have their features and errors zeroed (gemma-3-it: 4).
+
+    circuit-tracer zeroes positions 0-3 of text gemma-3-it; the VLM paper's code zeroes only
+    position 0 (BOS) of an image prompt (position 3 is already the first image soft token), and
+    so does an image prompt here. A text prompt follows the text rule on any model, so a
+    vision-language model without an image gives its language model's text graph.
+    """
+    if inputs is not None and inputs.n_image_tokens:
+        return 1
     name = model.info.name.lower()
     return 4 if ("gemma-3" in name and name.rstrip("/").endswith("-it")) else 1
 
@@ -109,7 +117,7 @@ def precompute(model: LoadedModel, tset: TranscoderSet, inputs: ModelInputs) -> 
     logits = out.logits[0, -1].float()
     mlp_in = torch.stack([store[("in", i)] for i in range(n_layers)])
     mlp_out = torch.stack([store[("out", i)] for i in range(n_layers)])
-    n_zero = zero_positions(model)
+    n_zero = zero_positions(model, inputs)
 
     acts = []
     for layer in range(n_layers):
@@ -270,8 +278,7 @@ class ReplacementContext:
         try:
             kwargs = self.pre.inputs.forward_kwargs(dev, p)
             with torch.enable_grad():
-                out = adapter.base(hf)(**kwargs, use_cache=False)
-            self.final = out.last_hidden_state
+                self.final = adapter.final_hidden(hf, kwargs)
         except torch.OutOfMemoryError as exc:
             self.__exit__(None, None, None)
             raise OutOfMemory(

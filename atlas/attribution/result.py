@@ -10,6 +10,7 @@ import torch
 import atlas
 from atlas.attribution.pruning import graph_scores
 from atlas.attribution.pruning import prune as prune_fn
+from atlas.attribution.rollout import Rollout
 from atlas.graph import (
     AttributionSettings,
     Graph,
@@ -18,6 +19,40 @@ from atlas.graph import (
     NodeKind,
     TranscoderInfo,
 )
+from atlas.images import ImageInfo
+
+
+@dataclass
+class ImageAttribution:
+    """The image of an image + text prompt, as an artifact must keep it (``T`` soft tokens).
+
+    Its soft tokens are ordinary positions of the graph: token node ``n_features + n_errors +
+    positions[k]`` is image token ``k``'s embedding node (its vector: the projector's output
+    row), and features and errors at those positions are nodes like any other.
+
+    info        ImageInfo | None   sha256 of the file bytes (the content address), width, height,
+                                   format (``None`` only for inputs built without a file)
+    positions   (T,) int64         sequence position of each soft token, ascending
+    grid        (T, 2) int64       ``(row, col)`` of each soft token on the pooled grid
+                                   (row-major; LLaVA: the patch grid itself)
+    settings    dict               JSON-ready processor settings (image processor class, size,
+                                   resample, rescale, mean/std, pan-and-scan, tokens per image,
+                                   placeholder)
+    rollout     Rollout | None     attention-rollout maps, ``rollout.maps`` float32
+                                   ``[T, grid, grid]`` (unclipped; map ``k`` for soft token ``k``)
+                                   with their parameters in ``rollout.metadata()``; ``None``
+                                   when not asked for
+    """
+
+    info: ImageInfo | None
+    positions: torch.Tensor
+    grid: torch.Tensor
+    settings: dict[str, object]
+    rollout: Rollout | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.positions.shape[0])
 
 
 @dataclass
@@ -39,6 +74,9 @@ class AttributionResult:
                                           logits]``; ``adjacency[t, s]`` = raw direct effect of
                                           ``s`` on ``t``'s pre-activation (feature) or demeaned
                                           logit. Error, token rows are zero; logit columns zero.
+    image                ImageAttribution | None   an image prompt's image: provenance,
+                                          soft-token positions and grid, rollout maps (see
+                                          :class:`ImageAttribution`); ``None`` for text
     """
 
     prompt: str
@@ -55,6 +93,7 @@ class AttributionResult:
     settings: AttributionSettings
     elapsed_s: float
     stats: dict[str, float] = field(default_factory=dict)
+    image: ImageAttribution | None = None
 
     # ------------------------------------------------------------------ layout
     @property
@@ -212,4 +251,4 @@ class AttributionResult:
         return {"target": torch.cat(et_l), "source": torch.cat(es_l), "weight": torch.cat(w_l)}
 
 
-__all__ = ["AttributionResult"]
+__all__ = ["AttributionResult", "ImageAttribution"]

@@ -10,6 +10,13 @@ Inside :func:`frozen`, the model computes exactly the same values as normally, b
 * all parameters stop requiring grad, so autograd only follows the residual stream.
 
 MLP outputs are frozen by the attribution engine's own hooks (they depend on the transcoders).
+Only the attributed base model is touched (a vision-language model's language model: its
+attention, masks and norms); a vision tower and projector run as they are, their outputs are
+the image rows that enter as embedding-node sources.
+
+With Gemma-3's ``token_type_ids`` the mask (built by transformers for the registered attention
+name) is causal plus bidirectional within each image block, and that pattern is what is frozen
+and replayed: edges from later to earlier image positions follow.
 
 :func:`replayed` is the other way to hold the same quantities fixed: a clean run *records* the
 attention patterns and norm scales, later runs *replay* them as constants (values, not just
@@ -127,17 +134,28 @@ def _frozen_norm_forward(mod: nn.Module, style: str) -> Any:
     return _frozen_rms
 
 
+def _attention_owner(model: LoadedModel) -> Any:
+    """The model whose attention is swapped: the base model the adapter attributes.
+
+    For a text model it shares the wrapper's config, so this is the whole model; for a
+    vision-language model it is the language model only (masks included, since the multimodal
+    base builds them from the text config): the vision tower keeps its eager attention.
+    """
+    return model.adapter.base(model.hf)
+
+
 @contextlib.contextmanager
 def frozen(model: LoadedModel) -> Iterator[None]:
     """Run the model with frozen attention patterns and norm scales (see the module docstring)."""
     register_frozen_attention()
     hf = model.hf
     adapter = model.adapter
-    previous_impl = hf.config._attn_implementation
+    owner = _attention_owner(model)
+    previous_impl = owner.config._attn_implementation
     grad_flags = [(p, p.requires_grad) for p in hf.parameters()]
     patched: list[nn.Module] = []
     try:
-        hf.set_attn_implementation(FROZEN_ATTN)
+        owner.set_attn_implementation(FROZEN_ATTN)
         for p, _ in grad_flags:
             p.requires_grad_(False)
         for mod in adapter.norm_modules(hf):
@@ -151,7 +169,7 @@ def frozen(model: LoadedModel) -> Iterator[None]:
                 del mod.forward
         for p, flag in grad_flags:
             p.requires_grad_(flag)
-        hf.set_attn_implementation(previous_impl)
+        owner.set_attn_implementation(previous_impl)
 
 
 # ---------------------------------------------------------------------- clean-pattern replay
@@ -243,11 +261,12 @@ def replayed(model: LoadedModel, state: PatternReplay) -> Iterator[PatternReplay
     ``state`` (see :class:`PatternReplay`); everything is restored on exit."""
     register_replay_attention()
     hf = model.hf
-    previous_impl = hf.config._attn_implementation
+    owner = _attention_owner(model)
+    previous_impl = owner.config._attn_implementation
     patched: list[nn.Module] = []
     token = _ACTIVE_REPLAY.set(state)
     try:
-        hf.set_attn_implementation(REPLAY_ATTN)
+        owner.set_attn_implementation(REPLAY_ATTN)
         for mod in model.adapter.norm_modules(hf):
             mod.forward = types.MethodType(functools.partial(_replay_norm, state), mod)
             patched.append(mod)
@@ -256,5 +275,5 @@ def replayed(model: LoadedModel, state: PatternReplay) -> Iterator[PatternReplay
         for mod in patched:
             with contextlib.suppress(AttributeError):
                 del mod.forward
-        hf.set_attn_implementation(previous_impl)
+        owner.set_attn_implementation(previous_impl)
         _ACTIVE_REPLAY.reset(token)

@@ -10,6 +10,8 @@ from typing import NamedTuple
 
 import torch
 
+from atlas.images import ImageInfo
+
 
 class ModelInputs(NamedTuple):
     """One prompt, as the model takes it (``P`` positions, batch of one).
@@ -22,19 +24,34 @@ class ModelInputs(NamedTuple):
                                           bidirectional)
     bidirectional_prefix  int             positions before this may attend to each other in both
                                           directions; from it on attention is causal (0: text)
+    image_positions       (T,) int64      positions of the image soft tokens, or ``None``
+    image_grid            (T, 2) int64    their ``(row, col)`` on the pooled grid (row-major, the
+                                          projector's pooling order), or ``None``
+    image                 ImageInfo       the image's sha256, size and format, or ``None``
 
     ``bidirectional_prefix`` is the switch behind the engine's causal-prefix shortcuts: a target
-    at position ``p`` depends on the first :meth:`prefix_for` ``(p)`` positions only.
+    at position ``p`` depends on the first :meth:`prefix_for` ``(p)`` positions only. With an
+    image it is the end of the image block: on Gemma-3 the block attends to itself in both
+    directions, so a target inside it depends on later image positions; on LLaVA (causal) it only
+    keeps every forward from cutting the image (the model checks the count of image tokens), which
+    costs compute, never exactness.
     """
 
     input_ids: torch.Tensor
     pixel_values: torch.Tensor | None = None
     token_type_ids: torch.Tensor | None = None
     bidirectional_prefix: int = 0
+    image_positions: torch.Tensor | None = None
+    image_grid: torch.Tensor | None = None
+    image: ImageInfo | None = None
 
     @property
     def n_pos(self) -> int:
         return int(self.input_ids.shape[0])
+
+    @property
+    def n_image_tokens(self) -> int:
+        return 0 if self.image_positions is None else int(self.image_positions.shape[0])
 
     def prefix_for(self, pos: int) -> int:
         """How many leading positions a target at ``pos`` depends on.
@@ -65,9 +82,14 @@ class ModelInputs(NamedTuple):
 
     def cpu(self) -> ModelInputs:
         """The same inputs with every tensor on the CPU (for results and artifacts)."""
-        return ModelInputs(
-            self.input_ids.cpu(),
-            None if self.pixel_values is None else self.pixel_values.cpu(),
-            None if self.token_type_ids is None else self.token_type_ids.cpu(),
-            self.bidirectional_prefix,
+
+        def cpu(value: torch.Tensor | None) -> torch.Tensor | None:
+            return None if value is None else value.cpu()
+
+        return self._replace(
+            input_ids=self.input_ids.cpu(),
+            pixel_values=cpu(self.pixel_values),
+            token_type_ids=cpu(self.token_type_ids),
+            image_positions=cpu(self.image_positions),
+            image_grid=cpu(self.image_grid),
         )

@@ -1,4 +1,12 @@
-"""Loading a model (local Hugging Face directory or hub id) together with its family adapter."""
+"""Loading a model (local Hugging Face directory or hub id) together with its family adapter.
+
+Text models load through ``AutoModelForCausalLM`` + ``AutoTokenizer``; vision-language models
+(Gemma-3, LLaVA: see :func:`atlas.models.adapters.vision_adapter`) through
+``AutoModelForImageTextToText`` + ``AutoProcessor``, with the processor kept on the
+:class:`LoadedModel` (its tokenizer is the model's tokenizer). Every module runs eager attention:
+the engine swaps the language model's attention for its frozen variant, and the rollout needs the
+vision tower's attention weights.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +14,17 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from atlas.errors import AtlasError, ConfigError, InputError, ModelLoadError
 from atlas.graph import ModelInfo
-from atlas.models.adapters import FamilyAdapter, adapter_for_config
+from atlas.models.adapters import FamilyAdapter, VisionLanguageAdapter, adapter_for_config
 from atlas.models.inputs import ModelInputs
+
+if TYPE_CHECKING:
+    from atlas.models.vision import ImageSource
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +36,13 @@ class LoadedModel:
     """A model ready for attribution.
 
     Attributes:
-        hf: the transformers causal LM (eval mode).
+        hf: the transformers causal LM, or the image-text-to-text model (eval mode).
         tokenizer: its tokenizer.
         adapter: where things are in this family.
-        info: provenance (name, family, revision, sizes) recorded on every graph.
+        info: provenance (name, family, revision, sizes of the language model) recorded on
+            every graph.
         device, dtype: where and how the weights live.
+        processor: the vision-language model's processor (``None`` for a text model).
     """
 
     hf: Any
@@ -38,6 +51,17 @@ class LoadedModel:
     info: ModelInfo
     device: torch.device
     dtype: torch.dtype
+    processor: Any = None
+
+    @property
+    def is_vision(self) -> bool:
+        """Whether the model takes images (a vision-language adapter and its processor)."""
+        return isinstance(self.adapter, VisionLanguageAdapter) and self.processor is not None
+
+    @property
+    def text_config(self) -> Any:
+        """The language model's config (the model's own config for a text model)."""
+        return self.hf.config.get_text_config()
 
     @property
     def n_layers(self) -> int:
@@ -49,7 +73,7 @@ class LoadedModel:
 
     @property
     def max_positions(self) -> int | None:
-        cfg = self.hf.config
+        cfg = self.text_config
         for key in ("max_position_embeddings", "n_positions"):
             val = getattr(cfg, key, None)
             if val:
@@ -62,10 +86,31 @@ class LoadedModel:
         ids = [tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, *tok.all_special_ids]
         return [int(i) for i in ids if i is not None]
 
-    def inputs(self, prompt: str | torch.Tensor | list[int] | ModelInputs) -> ModelInputs:
-        """The model's inputs for ``prompt`` (text models: token ids, causal attention)."""
+    def inputs(
+        self,
+        prompt: str | torch.Tensor | list[int] | ModelInputs,
+        image: ImageSource | None = None,
+    ) -> ModelInputs:
+        """The model's inputs for ``prompt`` and optionally ``image`` (a path, bytes or a
+        :class:`~atlas.images.LoadedImage`).
+
+        Text: token ids, causal attention. With an image (vision-language models only): the
+        processor's ids, pixels and image positions (:func:`atlas.models.vision.image_inputs`).
+        A vision-language model without an image gets exactly the text inputs.
+        """
+        from atlas.models import vision
+
+        if image is not None:
+            if not isinstance(prompt, str):
+                raise InputError(
+                    f"{vision.image_label(image)}: an image needs a text prompt, "
+                    f"not {type(prompt).__name__}"
+                )
+            return vision.image_inputs(self, prompt, image)
         if isinstance(prompt, ModelInputs):
             return prompt
+        if self.is_vision and isinstance(prompt, str):
+            return vision.text_inputs(self, prompt)
         return ModelInputs(input_ids=self.to_input_ids(prompt))
 
     def to_input_ids(self, prompt: str | torch.Tensor | list[int]) -> torch.Tensor:
@@ -118,12 +163,13 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     revision: str | None = None,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer from a local directory or a hub id.
+    """Load a causal LM and its tokenizer, or a vision-language model and its processor, from a
+    local directory or a hub id.
 
     Raises :class:`ModelLoadError` when the model cannot be read and :class:`ConfigError` for an
     architecture outside the supported families.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
 
     name = str(name_or_path)
     local = Path(name).expanduser()
@@ -137,21 +183,18 @@ def load_model(
         raise ModelLoadError(f"cannot read model config for {name!r}: {exc}") from exc
     adapter = adapter_for_config(config)
     try:
-        hf = AutoModelForCausalLM.from_pretrained(
-            source, revision=revision, dtype=dtype, attn_implementation="eager"
-        )
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        hf, tokenizer, processor = _load_hf(source, revision, dtype, adapter)
     except AtlasError:
         raise
     except Exception as exc:
         raise ModelLoadError(f"cannot load model {name!r}: {exc}") from exc
     try:
         dev = torch.device(device)
-        hf = hf.to(dev).eval()  # type: ignore[arg-type]
+        hf = hf.to(dev).eval()
     except (RuntimeError, AssertionError) as exc:
         raise ConfigError(f"cannot move model to device {device!r}: {exc}") from exc
     rev = _content_hash(local) if is_local else (revision or getattr(config, "_commit_hash", None))
-    cfg = hf.config
+    cfg = hf.config.get_text_config()
     n_layers = int(getattr(cfg, "num_hidden_layers", None) or cfg.n_layer)
     d_model = int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
     info = ModelInfo(
@@ -164,5 +207,34 @@ def load_model(
     )
     log.info("loaded %s (%s, %d layers, d_model %d)", name, adapter.family, n_layers, d_model)
     return LoadedModel(
-        hf=hf, tokenizer=tokenizer, adapter=adapter, info=info, device=dev, dtype=dtype
+        hf=hf,
+        tokenizer=tokenizer,
+        adapter=adapter,
+        info=info,
+        device=dev,
+        dtype=dtype,
+        processor=processor,
     )
+
+
+def _load_hf(
+    source: str, revision: str | None, dtype: torch.dtype, adapter: FamilyAdapter
+) -> tuple[Any, Any, Any]:
+    """``(model, tokenizer, processor or None)`` through the Auto classes of the model's kind."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        AutoTokenizer,
+    )
+
+    if isinstance(adapter, VisionLanguageAdapter):
+        hf = AutoModelForImageTextToText.from_pretrained(
+            source, revision=revision, dtype=dtype, attn_implementation="eager"
+        )
+        processor = AutoProcessor.from_pretrained(source, revision=revision)
+        return hf, processor.tokenizer, processor
+    hf = AutoModelForCausalLM.from_pretrained(
+        source, revision=revision, dtype=dtype, attn_implementation="eager"
+    )
+    return hf, AutoTokenizer.from_pretrained(source, revision=revision), None

@@ -376,3 +376,25 @@ def _generic_tokenizer_class(out_dir: Path) -> None:
     cfg = json.loads(path.read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     path.write_text(json.dumps(cfg, indent=2))
+
+
+def save_language_model(vlm_dir: Path, out_dir: Path) -> Path:
+    """Save the language model of the VLM in ``vlm_dir`` alone, as a text causal LM directory
+    with the same weights and tokenizer (Gemma-3 -> ``Gemma3ForCausalLM``, LLaVA's Llama ->
+    ``LlamaForCausalLM``, ...): the text twin that a prompt without an image must match, and the
+    model tiny transcoders for the VLM are calibrated on (:func:`atlas.testing.tiny.
+    build_tiny_transcoders`)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+
+    vlm = AutoModelForImageTextToText.from_pretrained(str(vlm_dir), dtype=torch.float32)
+    text_config = vlm.config.get_text_config()
+    lm = AutoModelForCausalLM.from_config(text_config).to(torch.float32).eval()
+    with torch.no_grad():
+        lm.model.load_state_dict(vlm.model.language_model.state_dict())
+        lm.lm_head.weight.copy_(vlm.lm_head.weight)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lm.save_pretrained(str(out_dir), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(vlm_dir)).save_pretrained(str(out_dir))
+    _generic_tokenizer_class(out_dir)
+    return out_dir
