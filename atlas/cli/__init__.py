@@ -91,4 +91,5 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
+    if isinstance(code, int) and code != 0:
+        sys.exit(code)

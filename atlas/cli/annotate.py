@@ -26,14 +26,12 @@ def annotate(model_dir: str | None, tc_dir: str | None, top_k: int) -> None:
         raise InputError("--model and --transcoders go together")
     with atlas_driver() as driver:
         if model_dir is not None and tc_dir is not None:
-            import torch
-
             from atlas.circuits.lens import logit_lens_for
             from atlas.models.loading import load_model
             from atlas.transcoders.loading import load_transcoders
 
             settings = get_settings()
-            device, dtype = settings.resolved_device(), getattr(torch, settings.dtype)
+            device, dtype = settings.resolved_device(), settings.torch_dtype()
             model = load_model(model_dir, device=device, dtype=dtype)
             tcs = load_transcoders(tc_dir, model, device=device, dtype=dtype)
             n = store_lens(driver, logit_lens_for(model, tcs), k=top_k, database=database())

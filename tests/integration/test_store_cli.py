@@ -162,3 +162,25 @@ def test_cli_refusals_are_one_line(
     with pytest.raises(SystemExit):
         main(["import", str(bad)])
     assert "error: " in capsys.readouterr().err
+
+
+def test_multi_file_import_goes_past_refused_files_and_says_what_it_stored(
+    db: neo4j.Driver, neo4j_settings: Any, tmp_path: Path, monkeypatch: Any, capsys: Any
+) -> None:
+    """A refused file among several: the good ones are stored, and the one error line names the
+    refused file and what was ingested (a bad file does not hide the others' fate)."""
+    monkeypatch.setenv("NEO4J_URI", neo4j_settings.neo4j_uri)
+    monkeypatch.setenv("NEO4J_DATABASE", neo4j_settings.neo4j_database)
+    monkeypatch.setenv("ATLAS_HOME", str(tmp_path))
+    good_a = small(40).save(tmp_path / "a.safetensors")
+    good_b = small(41).save(tmp_path / "c.safetensors")
+    bad = tmp_path / "b.json"
+    bad.write_text('{"nodes": []}')
+    with pytest.raises(SystemExit) as exc:
+        main(["import", str(good_a), str(bad), str(good_b)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exc.value.code == 1
+    assert len(lines) == 1 and lines[0].startswith(f"error: {bad}: "), lines
+    assert "2 prompt(s) ingested" in lines[0], lines
+    with db.session(database=neo4j_settings.neo4j_database) as s:
+        assert s.run("MATCH (p:Prompt) RETURN count(p) AS n").single()["n"] == 2
