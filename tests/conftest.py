@@ -6,7 +6,8 @@ Where each service comes from, in order:
   testcontainers ``neo4j:5.26-community`` container when a Docker engine answers within a second;
   else the local launcher (``atlas.services.neo4j_local``) on a free port with a temporary home.
   A server named by ``NEO4J_URI`` is only wiped when ``ATLAS_TEST_ALLOW_WIPE=1``; otherwise the
-  tests that need a clean database are skipped.
+  tests that need a clean database fail loudly (deselect them with ``-m "not neo4j"``), so a
+  ``.env`` pointing at a shared server never reports success over suites that did not run.
 * Redis: ``REDIS_URL``; else a testcontainers Redis; else ``redis-server`` on a free port.
 
 Fixtures (session-scoped unless noted):
@@ -21,6 +22,8 @@ Fixtures (session-scoped unless noted):
     celery_app        ``make_celery(service_settings)``
     start_worker      factory: start_worker(app_module="workers.tasks", queues=...) -> Worker
     celery_worker     a real ``celery worker`` subprocess for ``workers.tasks`` on both queues
+
+Every test starts with ``random``, numpy and torch seeded (``_seeded``, autouse).
 
 Tests that use the Neo4j fixtures get the ``neo4j`` marker and those that use Redis get ``redis``
 automatically, so ``pytest -m "not neo4j"`` deselects them.
@@ -62,6 +65,24 @@ _NEO4J_FIXTURES = {
     "neo4j_settings",
 }
 _REDIS_FIXTURES = {"redis_url", "service_settings", "celery_app", "start_worker", "celery_worker"}
+
+
+#: The seed every test starts from (``random``, numpy and torch, CPU and CUDA).
+TEST_SEED = 0
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Seed the global generators before each test, so a test that draws from them (rather than
+    from an explicit generator) is reproducible and independent of the order tests run in."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(TEST_SEED)
+    np.random.seed(TEST_SEED)
+    torch.manual_seed(TEST_SEED)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -219,8 +240,10 @@ def wipe_database(driver: Any, database: str = "neo4j") -> None:
 def clean_neo4j(neo4j_driver: Any, neo4j_target: Neo4jTarget) -> Any:
     """The session driver, with the database emptied before the test."""
     if not neo4j_target.allow_wipe:
-        pytest.skip(
-            "NEO4J_URI points at a server these tests may not wipe (ATLAS_TEST_ALLOW_WIPE=1)"
+        pytest.fail(
+            "NEO4J_URI points at a server these tests may not wipe: set ATLAS_TEST_ALLOW_WIPE=1, "
+            'unset NEO4J_URI, or deselect them with -m "not neo4j"',
+            pytrace=False,
         )
     wipe_database(neo4j_driver)
     return neo4j_driver

@@ -12,14 +12,11 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _toy_or_skip() -> None:
-    from atlas.errors import ConfigError
+def _toy_world_present() -> None:
+    """The toy world ships with the package: its absence fails the test (a packaging fault)."""
     from atlas.toy import toy_paths
 
-    try:
-        toy_paths()
-    except ConfigError as exc:
-        pytest.skip(f"no toy world: {exc}")
+    toy_paths()
 
 
 def test_demo_prompts_are_many_unique_and_hand_heavy() -> None:
@@ -43,7 +40,7 @@ def test_demo_prompts_are_many_unique_and_hand_heavy() -> None:
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_stops_what_it_started(tmp_path: Path) -> None:
-    _toy_or_skip()
+    _toy_world_present()
     home = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "REDIS_"))}
     out = subprocess.run(
