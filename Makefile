@@ -3,7 +3,7 @@
 
 help:
 	@echo "make test   set-up + ruff format --check + ruff check + mypy + pytest (what CI runs)"
-	@echo "make demo   set-up + atlas demo (or the services placeholder)"
+	@echo "make demo   set-up + atlas demo (toy prompts through the workers into Neo4j, then the answers)"
 	@echo "make smoke  set-up + services check (Neo4j + schema, Redis, a task through a worker)"
 	@echo "make setup  only the idempotent set-up (.venv, Redis, Java, Maven, launcher build)"
 
