@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def _world(tiny: bool, tmp: Path) -> tuple[str, str, list[str], str]:
@@ -57,7 +56,7 @@ def _world(tiny: bool, tmp: Path) -> tuple[str, str, list[str], str]:
             return str(paths.model_dir), str(paths.transcoder_dir), demo_prompts(400), "toy"
         except Exception as exc:  # no toy world: fall back to the tiny model
             print(f"(no toy world: {exc}; using the tiny test model)")
-    from tests.tiny import build_tiny_model, build_tiny_transcoders
+    from atlas.testing.tiny import build_tiny_model, build_tiny_transcoders
 
     model = build_tiny_model("llama", tmp / "tiny-model")
     tcs = build_tiny_transcoders(model, tmp / "tiny-tc")

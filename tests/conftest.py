@@ -47,14 +47,13 @@ from typing import Any
 import pytest
 
 from atlas.services import _proc
+from tests import REPO_ROOT
+from tests.servers import TEST_JVM_OPTIONS, launcher_build_root, settings_env
 
 logger = logging.getLogger("tests.conftest")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 NEO4J_IMAGE = "neo4j:5.26-community"
 REDIS_IMAGE = "redis:7-alpine"
-#: C1-only JIT: test servers live minutes, and this halves their start on a busy 2-core machine.
-TEST_JVM_OPTIONS = ("-XX:TieredStopAtLevel=1",)
 
 _NEO4J_FIXTURES = {
     "neo4j_target",
@@ -110,13 +109,6 @@ def docker_available(timeout_s: float = 1.0) -> bool:
             client.close()
     except Exception:  # docker.errors.DockerException, connection errors, missing package
         return False
-
-
-def _launcher_build_root() -> Path:
-    """The shared launcher build cache (so each test session does not rebuild with Maven)."""
-    from atlas.settings import AtlasSettings
-
-    return AtlasSettings(_env_file=None).atlas_home / "launcher"  # type: ignore[call-arg]
 
 
 @dataclass(frozen=True)
@@ -176,7 +168,7 @@ def neo4j_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Neo4jTarg
         port=_proc.free_port(),
         heap="768m",
         pagecache="256m",
-        build_root=_launcher_build_root(),
+        build_root=launcher_build_root(),
         die_with_parent=True,
         jvm_options=TEST_JVM_OPTIONS,
     )
@@ -332,18 +324,6 @@ class Worker:
             self.proc.wait()
 
 
-def _settings_env(settings: Any) -> dict[str, str]:
-    env = {
-        "ATLAS_HOME": str(settings.atlas_home),
-        "REDIS_URL": settings.redis_url or "",
-    }
-    if settings.neo4j_uri:
-        env["NEO4J_URI"] = settings.neo4j_uri
-        env["NEO4J_USER"] = settings.neo4j_user
-        env["NEO4J_PASSWORD"] = settings.neo4j_password.get_secret_value()
-    return env
-
-
 def _wait_worker_ready(worker: Worker, app: Any, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -397,7 +377,7 @@ def start_worker(
         hostname = f"atlas-test-{uuid.uuid4().hex[:8]}@localhost"
         log = logs / f"{hostname.split('@')[0]}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "CELERY_"))}
-        env.update(_settings_env(settings))
+        env.update(settings_env(settings))
         env.update(extra_env or {})
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p

@@ -40,7 +40,7 @@ def test_golden_adjacency_on_cuda(case: str) -> None:
     from atlas.attribution import attribute
     from atlas.models import load_model
     from atlas.transcoders import load_transcoders
-    from tests.unit import test_golden as golden
+    from tests.unit.attribution import test_golden as golden
 
     prompt = next(p for c, p in golden._cases() if c == case and p.get("max_feature_nodes") is None)
     model = load_model(golden.GOLDEN / case / "model", device="cuda", dtype=torch.float32)
@@ -71,7 +71,7 @@ def test_perturbation_on_cuda(tmp_path: Path, family: str, kind: str) -> None:
     from atlas.models import load_model
     from atlas.testing.tiny import build_tiny_model, build_tiny_transcoders
     from atlas.transcoders import load_transcoders
-    from tests.unit.test_perturbation import PROMPT, _check_graph
+    from tests.unit.attribution.test_perturbation import PROMPT, _check_graph
 
     model_dir = build_tiny_model(family, tmp_path / "m", n_layers=3, n_kv_heads=2)
     tc_dir = build_tiny_transcoders(model_dir, tmp_path / "t", kind=kind, d_transcoder=128)

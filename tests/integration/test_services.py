@@ -17,7 +17,8 @@ from atlas.services import _proc, neo4j_local, redis_local
 from atlas.settings import AtlasSettings
 from atlas.store import schema
 from atlas.store.connection import open_driver
-from tests.conftest import TEST_JVM_OPTIONS, _launcher_build_root
+from tests import REPO_ROOT
+from tests.servers import TEST_JVM_OPTIONS, launcher_build_root
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -98,7 +99,7 @@ def test_launcher_lifecycle_persistence_and_faults(tmp_path: Path) -> None:
         "port": port,
         "heap": "512m",
         "pagecache": "128m",
-        "build_root": _launcher_build_root(),
+        "build_root": launcher_build_root(),
         "die_with_parent": True,
         "jvm_options": TEST_JVM_OPTIONS,
         "auth": True,
@@ -148,7 +149,7 @@ def test_launcher_lifecycle_persistence_and_faults(tmp_path: Path) -> None:
 
     # restart through the CLI (local mode: no NEO4J_URI), on the same store; the launcher build
     # under ATLAS_HOME is the shared one, so Maven does not run again
-    (tmp_path / "launcher").symlink_to(_launcher_build_root(), target_is_directory=True)
+    (tmp_path / "launcher").symlink_to(launcher_build_root(), target_is_directory=True)
     env = {
         "ATLAS_HOME": str(tmp_path),
         "NEO4J_BOLT_PORT": str(port),
@@ -319,7 +320,7 @@ def _atlas(args: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
         text=True,
         timeout=120,
         check=False,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=REPO_ROOT,
     )
     return out.returncode, out.stderr.strip().splitlines()
 

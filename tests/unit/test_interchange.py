@@ -31,8 +31,8 @@ from atlas.interchange import (
     graph_to_json,
     write_json,
 )
+from tests import GOLDEN
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 SCHEMA = GOLDEN / "neuronpedia-graph-schema.json"
 
 

@@ -9,8 +9,9 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from atlas.settings import AtlasSettings
+from tests import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO_ROOT
 FIELDS = sorted(AtlasSettings.model_fields)
 
 

@@ -25,10 +25,11 @@ from atlas.store.cypher import ResultTooLarge, run_cypher
 from atlas.store.ingest import ingest_graph
 from atlas.store.schema import apply_schema
 from atlas.store.synthetic import synthetic_graph
+from tests import REPO_ROOT
 
 pytestmark = pytest.mark.timeout(600)
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = REPO_ROOT
 
 
 @pytest.fixture()

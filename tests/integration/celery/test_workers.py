@@ -22,8 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from atlas.errors import AttributionError, InputError, ServiceUnavailable
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests import REPO_ROOT
 
 #: A prompt long enough that attribution takes a noticeable time on the tiny model (and short
 #: enough that a solo-pool worker busy with it still answers the fixture's ping in time).
@@ -34,7 +33,7 @@ SLOW_PROMPT = "The quick brown fox jumps over the lazy dog."
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """(model dir, transcoder dir) of a tiny seeded Llama (character-level tokenizer)."""
-    from tests.tiny import build_tiny_model, build_tiny_transcoders
+    from atlas.testing.tiny import build_tiny_model, build_tiny_transcoders
 
     root = tmp_path_factory.mktemp("tiny-world")
     model = build_tiny_model("llama", root / "model", seed=0)

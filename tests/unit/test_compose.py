@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -11,9 +10,10 @@ import pytest
 import yaml
 
 from atlas.settings import AtlasSettings
+from tests import REPO_ROOT
 from workers.app import ATTRIBUTE_QUEUE, INGEST_QUEUE
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO_ROOT
 WORKERS = ("worker-gpu", "worker-ingest")
 #: services that run our image and so read AtlasSettings from the environment
 ATLAS_SERVICES = (*WORKERS, "schema-init", "cli")

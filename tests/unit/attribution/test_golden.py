@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,8 +23,7 @@ import torch
 from atlas.attribution import attribute
 from atlas.models import load_model
 from atlas.transcoders import load_transcoders
-
-GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+from tests import GOLDEN
 
 RTOL = 1e-4
 ATOL_FRAC = 1e-6  # absolute tolerance, as a fraction of the largest |entry| of the matrix

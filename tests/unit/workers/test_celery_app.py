@@ -7,11 +7,10 @@ import os
 import subprocess
 import sys
 from fnmatch import fnmatch
-from pathlib import Path
 
 from atlas.settings import AtlasSettings
+from tests import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PIPELINE_TASKS = {"atlas.attribute", "atlas.ingest", "atlas.annotate", "atlas.ping"}
 
 

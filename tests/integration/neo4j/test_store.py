@@ -26,10 +26,11 @@ from atlas.store.cypher import run_cypher
 from atlas.store.ingest import feature_ref, graph_rows, ingest_graph, ingest_path, ingest_rows
 from atlas.store.schema import apply_schema
 from atlas.store.synthetic import synthetic_graph, word
+from tests import REPO_ROOT
 
 pytestmark = pytest.mark.timeout(600)
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = REPO_ROOT
 
 
 def small(seed: int, **kw: Any) -> Graph:

@@ -27,7 +27,8 @@ from atlas.graph import Graph, NodeKind
 from atlas.services import _proc
 from atlas.store import queries as Q
 from atlas.store.synthetic import synthetic_graph
-from tests.conftest import REPO_ROOT, TEST_JVM_OPTIONS, _launcher_build_root, _settings_env
+from tests import REPO_ROOT
+from tests.servers import TEST_JVM_OPTIONS, launcher_build_root, settings_env
 
 pytestmark = [pytest.mark.neo4j, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -88,7 +89,7 @@ class Server:
             port=self.port,
             heap=HEAP,
             pagecache=PAGECACHE,
-            build_root=_launcher_build_root(),
+            build_root=launcher_build_root(),
             die_with_parent=True,
             jvm_options=TEST_JVM_OPTIONS,
         )
@@ -150,7 +151,7 @@ def test_import_survives_neo4j_restart(server: Server, tmp_path: Path) -> None:
         redis_url=None,
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "INGEST_"))}
-    env.update(_settings_env(settings))
+    env.update(settings_env(settings))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     out_log, err_log = tmp_path / "import.out", tmp_path / "import.err"
     # small UNWIND batches: each prompt is several statements, so the restart can hit one mid-way
