@@ -54,10 +54,12 @@ def attribute(
     from tqdm import tqdm
 
     from atlas.attribution import attribute as run_attribution
+    from atlas.engine import check_prompt
     from atlas.models import load_model
     from atlas.transcoders import load_transcoders
 
     settings = get_settings()
+    check_prompt(prompt, model_ref)  # before the weights load (seconds to minutes)
     dev = device or settings.resolved_device()
     if device == "auto":
         dev = "cuda" if torch.cuda.is_available() else "cpu"
