@@ -127,7 +127,7 @@ def check_prompt(prompt: str, model_ref: str) -> None:
     if view is None:
         return
     tokenizer, limit = view
-    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"])
     if not ids:
         raise InputError("prompt is empty: the tokenizer gives no tokens for it")
     special = {int(i) for i in tokenizer.all_special_ids}
