@@ -162,11 +162,6 @@ def is_broker_fault(exc: BaseException) -> bool:
     return False
 
 
-#: How a send to a broker that fails is retried: briefly (a blip), never for long, so that a
-#: Redis that went away is reported in seconds, not after a flood of retries.
-SEND_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5}
-
-
 def send_attribute(
     settings: AtlasSettings,
     payloads: Sequence[AttributePayload],
@@ -195,7 +190,6 @@ def send_attribute(
                     queue=ATTRIBUTE_QUEUE,
                     producer=producer,
                     ignore_result=True,
-                    retry_policy=SEND_RETRY_POLICY,
                 )
                 for p in chunk.items:
                     if on_sent is not None:
