@@ -15,12 +15,13 @@ Nothing here imports Celery, click or Neo4j, and torch is imported only when an 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from atlas.errors import AttributionError, InputError, OutOfMemory
 from atlas.retry import classify
@@ -98,6 +99,41 @@ def load_engine(model_ref: str, tc_ref: str, settings: AtlasSettings) -> Engine:
         transcoder_info=transcoders.info,
         load_s=time.perf_counter() - t0,
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_and_limit(model_ref: str) -> tuple[Any, int | None] | None:
+    """The tokenizer and position limit of a model, without its weights (None when they
+    cannot be read: the model's own load then says why, in its words)."""
+    try:
+        from transformers import AutoConfig, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_ref)
+        config = AutoConfig.from_pretrained(model_ref)
+    except Exception as exc:
+        log.debug("no tokenizer for %s before loading: %s", model_ref, exc)
+        return None
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return tokenizer, int(limit) if limit else None
+
+
+def check_prompt(prompt: str, model_ref: str) -> None:
+    """Refuse a prompt the model cannot take BEFORE its weights load (seconds to minutes): empty,
+    no tokens, or more tokens (with the BOS the engine prepends) than the model's positions.
+    Only the tokenizer and config are read, and kept for the next prompt."""
+    if not prompt.strip():
+        raise InputError("prompt is empty")
+    view = _tokenizer_and_limit(model_ref)
+    if view is None:
+        return
+    tokenizer, limit = view
+    ids = list(tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"])
+    if not ids:
+        raise InputError("prompt is empty: the tokenizer gives no tokens for it")
+    special = {int(i) for i in tokenizer.all_special_ids}
+    n_tokens = len(ids) + (0 if int(ids[0]) in special else 1)
+    if limit is not None and n_tokens > limit:
+        raise InputError(f"prompt has {n_tokens} tokens, more than the limit of {limit}")
 
 
 def resolve_refs(

@@ -7,10 +7,12 @@ or from a ``.env`` file in the working directory.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -19,6 +21,35 @@ if TYPE_CHECKING:
 
 def _default_home() -> Path:
     return Path.home() / ".circuit-atlas"
+
+
+#: ``scheme://userinfo@`` anywhere in a text (a URL with credentials in a message or a log line).
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^\s/@]*)@")
+
+
+def redact_url(url: str | None) -> str:
+    """``url`` as it may be shown: its user info (user and password) replaced by ``***``.
+
+    REDIS_URL and NEO4J_URI may carry a password (``redis://:secret@host:6379/0``); every message
+    and log line that names a service shows it through this, so a secret never reaches a terminal
+    or a log file. A URL without user info is returned unchanged.
+    """
+    if not url:
+        return ""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return redact_urls(url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"***@{host}"))
+
+
+def redact_urls(text: str) -> str:
+    """Every URL in ``text`` with its user info replaced by ``***`` (for whole messages: an
+    error from a library may quote the URL it was given)."""
+    return _USERINFO.sub(lambda m: f"{m.group('scheme')}***@", text)
 
 
 class AtlasSettings(BaseSettings):
@@ -96,6 +127,37 @@ class AtlasSettings(BaseSettings):
 
     ingest_max_edges: int | None = None
     """Keep at most this many edges per prompt (largest ``|weight|`` first); None: all."""
+
+    heartbeat_interval_s: float = Field(default=30.0, gt=0)
+    """How often a worker (or an inline batch) refreshes the heartbeat on the job items it
+    holds, and how often each worker's reaper looks for items whose holder is gone."""
+
+    stale_after_s: float = Field(default=150.0, gt=0)
+    """A held job item whose heartbeat is older than this is taken as lost (its worker or inline
+    batch died): workers and ``--wait`` send it again, ``atlas jobs status`` shows it as stale and
+    ``atlas jobs retry`` sends it. Several heartbeat intervals, so a busy holder is never taken
+    for a dead one."""
+
+    atlas_test_pause_dir: Path | None = None
+    """Tests only: while ``{dir}/pause`` exists, an attribute step that has claimed its chunk
+    writes ``{dir}/held-{pid}`` and waits, so a test can kill a worker at a known point."""
+
+    @model_validator(mode="after")
+    def _stale_after_beats(self) -> AtlasSettings:
+        """A threshold under two heartbeats would take live holders for dead ones."""
+        if self.stale_after_s < 2 * self.heartbeat_interval_s:
+            raise ValueError("stale_after_s must be at least twice heartbeat_interval_s")
+        return self
+
+    @property
+    def shown_redis_url(self) -> str:
+        """``redis_url`` as messages show it (no password)."""
+        return redact_url(self.redis_url)
+
+    @property
+    def shown_neo4j_uri(self) -> str:
+        """The Neo4j URI as messages show it (no password)."""
+        return redact_url(self.resolved_neo4j_uri)
 
     @property
     def resolved_artifact_dir(self) -> Path:

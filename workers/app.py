@@ -37,9 +37,11 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 from kombu import Exchange, Queue
 
-from atlas.errors import ConfigError, ServiceUnavailable
+from atlas.errors import AuthError, ConfigError, ServiceUnavailable
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from atlas.pipeline.payloads import AttributePayload
     from atlas.settings import AtlasSettings
 
@@ -160,11 +162,18 @@ def is_broker_fault(exc: BaseException) -> bool:
     return False
 
 
-def send_attribute(settings: AtlasSettings, payloads: Sequence[AttributePayload]) -> None:
-    """Publish attribute messages (JSON), ``settings.chunk_size`` specs per message.
+def send_attribute(
+    settings: AtlasSettings,
+    payloads: Sequence[AttributePayload],
+    *,
+    on_sent: Callable[[AttributePayload], None] | None = None,
+) -> None:
+    """Publish attribute messages (JSON), ``settings.chunk_size`` specs per message;
+    ``on_sent`` is called for each payload once its message is with the broker.
 
-    Redis down -> ServiceUnavailable, one line (checked first, so it is said at once and not
-    after the client's retries); any other error is raised as it is.
+    Redis down -> ServiceUnavailable, a refused password -> AuthError, one line without the
+    password (checked first, so it is said at once and not after the client's retries); any
+    other error is raised as it is.
     """
     from atlas.pipeline.payloads import chunked
 
@@ -182,12 +191,29 @@ def send_attribute(settings: AtlasSettings, payloads: Sequence[AttributePayload]
                     producer=producer,
                     ignore_result=True,
                 )
+                for p in chunk.items:
+                    if on_sent is not None:
+                        on_sent(p)
     except Exception as exc:
-        if not is_broker_fault(exc):
+        error = broker_error(settings, exc)
+        if error is exc:
             raise
-        raise ServiceUnavailable(
-            f"Redis at {settings.redis_url} is not reachable: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise error from exc
+
+
+def broker_error(settings: AtlasSettings, exc: BaseException) -> BaseException:
+    """The one-line error for a failed send (the URL without its password), or ``exc`` itself
+    when the broker is not at fault."""
+    from atlas.services.redis_local import is_auth_refusal
+    from atlas.settings import redact_urls
+
+    if not is_broker_fault(exc):
+        return exc
+    shown = settings.shown_redis_url
+    if is_auth_refusal(exc):
+        return AuthError(f"Redis at {shown} refused the password")
+    detail = redact_urls(" ".join(f"{type(exc).__name__}: {exc}".split()))[:300]
+    return ServiceUnavailable(f"Redis at {shown} is not reachable: {detail}")
 
 
 def ping(
@@ -204,7 +230,10 @@ def ping(
             f"no worker answered the ping task within {timeout_s:.0f} s"
         ) from exc
     except OSError as exc:
-        raise ServiceUnavailable(f"Redis at {app.conf.broker_url} is not reachable: {exc}") from exc
+        from atlas.settings import redact_url
+
+        shown = redact_url(str(app.conf.broker_url))
+        raise ServiceUnavailable(f"Redis at {shown} is not reachable: {exc}") from exc
     return answer
 
 

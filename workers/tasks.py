@@ -12,6 +12,15 @@ schedule; anything else is a permanent failure, recorded on the job item with it
 never retried. Tasks are idempotent (see :mod:`atlas.pipeline.steps`), because delivery is
 at-least-once (acks_late, prefetch 1, a visibility timeout above the longest task: workers/app.py).
 
+Lost workers (:mod:`atlas.pipeline.liveness`): each attribute and ingest task holds its job items
+with a heartbeat while it runs, and every worker runs a reaper thread (started when the worker is
+ready, in its main process) that sends again the items whose holder stopped beating. A worker
+killed as a whole, pool and all, so loses its chunk for ``stale_after_s``, not for the broker's
+visibility timeout.
+
+Logging (:func:`_quiet_logging`): the driver's and the broker client's retry chatter stays below
+the worker's log level unless it is ``debug``, and URLs are shown without their passwords.
+
 Per-process resources (the Neo4j driver, the engine cache) are created lazily by the first task in
 the process that runs it, never at import and never in a parent that forks; the pipeline's
 modules (and torch with them) are imported by the first task too.
@@ -25,7 +34,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Retry
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import (
+    after_setup_logger,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 
 from atlas.errors import ServiceUnavailable
 from atlas.retry import TASK_BACKOFF, classify
@@ -96,6 +111,60 @@ def _drop_driver_on_outage() -> None:
             _driver = None
 
 
+_reaper: Any = None
+
+
+@worker_ready.connect
+def _start_reaper(sender: Any = None, **_: Any) -> None:
+    """Every worker looks for lost items at start-up and every heartbeat interval."""
+    global _reaper
+    app = getattr(sender, "app", None)
+    settings = getattr(app, "atlas_settings", None)
+    if settings is None or _reaper is not None:
+        return
+    from atlas.pipeline.liveness import Reaper
+    from atlas.store.connection import open_driver
+    from workers.app import send_attribute
+
+    _reaper = Reaper(
+        settings,
+        connect=lambda: open_driver(settings),
+        send=lambda payloads: send_attribute(settings, payloads),
+    ).start()
+
+
+@worker_shutdown.connect
+def _stop_reaper(**_: Any) -> None:
+    global _reaper
+    if _reaper is not None:
+        _reaper.stop()
+        _reaper = None
+
+
+@after_setup_logger.connect
+def _quiet_logging(logger: Any = None, loglevel: Any = None, **_: Any) -> None:
+    """The worker's log: no driver or broker retry floods, no passwords in URLs."""
+    from atlas.logs import quiet_service_loggers, redact_handlers
+
+    quiet_service_loggers(debug=loglevel is not None and int(loglevel) <= logging.DEBUG)
+    redact_handlers(logger or logging.getLogger())
+
+
+def _holder() -> str:
+    from atlas.pipeline.liveness import holder_id
+
+    return holder_id()
+
+
+def _heartbeat(settings: AtlasSettings, holder: str) -> Any:
+    """Keeps the items this task holds alive while it runs."""
+    from atlas.pipeline.liveness import heartbeat
+    from atlas.store.jobs import JobStore
+
+    store = JobStore(get_driver(settings), settings.neo4j_database)
+    return heartbeat(store, holder, settings)
+
+
 def _settings(task: Any) -> AtlasSettings:
     settings: AtlasSettings = task.app.atlas_settings
     return settings
@@ -163,7 +232,10 @@ def _ingest_sender(app: Celery) -> Callable[[IngestChunk], None]:
         except Exception as exc:
             if not is_broker_fault(exc):
                 raise
-            raise ServiceUnavailable(f"could not send the ingest message: {exc}") from exc
+            from atlas.settings import redact_urls
+
+            detail = redact_urls(" ".join(str(exc).split()))[:300]
+            raise ServiceUnavailable(f"could not send the ingest message: {detail}") from exc
 
     return send
 
@@ -203,14 +275,19 @@ def attribute(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     from atlas.pipeline.steps import attribute_chunk_step
 
     settings = _settings(self)
-    return _run_chunk(
-        self,
-        payload,
-        "attribute",
-        lambda chunk: attribute_chunk_step(
-            chunk, settings, driver=get_driver(settings), on_ingest=_ingest_sender(self.app)
-        ),
-    )
+    holder = _holder()
+
+    def step(chunk: Any) -> list[StepResult]:
+        with _heartbeat(settings, holder):
+            return attribute_chunk_step(
+                chunk,
+                settings,
+                driver=get_driver(settings),
+                on_ingest=_ingest_sender(self.app),
+                holder=holder,
+            )
+
+    return _run_chunk(self, payload, "attribute", step)
 
 
 def ingest(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
@@ -219,12 +296,13 @@ def ingest(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     from atlas.pipeline.steps import ingest_chunk_step
 
     settings = _settings(self)
-    return _run_chunk(
-        self,
-        payload,
-        "ingest",
-        lambda chunk: ingest_chunk_step(chunk, settings, driver=get_driver(settings)),
-    )
+    holder = _holder()
+
+    def step(chunk: Any) -> list[StepResult]:
+        with _heartbeat(settings, holder):
+            return ingest_chunk_step(chunk, settings, driver=get_driver(settings), holder=holder)
+
+    return _run_chunk(self, payload, "ingest", step)
 
 
 def annotate(self: Any, payload: dict[str, Any]) -> dict[str, Any]:

@@ -53,8 +53,12 @@ class _LazyGroup(click.Group):
 @click.pass_context
 def cli(ctx: click.Context, verbose: int) -> None:
     """Circuit Atlas: attribution graphs for many prompts, queried across prompts in Neo4j."""
+    from atlas.logs import quiet_service_loggers, redact_handlers
+
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    quiet_service_loggers(debug=verbose >= 2)
+    redact_handlers()
     ctx.ensure_object(dict)
 
 
@@ -65,8 +69,32 @@ def get_settings(ctx: click.Context | None = None) -> Any:
     ctx = ctx or click.get_current_context()
     obj = ctx.find_root().ensure_object(dict)
     if "settings" not in obj:
-        obj["settings"] = AtlasSettings()
+        obj["settings"] = _build_settings(AtlasSettings)
     return obj["settings"]
+
+
+def _build_settings(factory: Any) -> Any:
+    """The settings from the environment; a bad value is one line naming its variable."""
+    from pydantic import ValidationError
+
+    from atlas.errors import ConfigError
+
+    try:
+        return factory()
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = ".".join(str(x) for x in err.get("loc", ())).upper() or "settings"
+            msg = " ".join(str(err["msg"]).removeprefix("Value error, ").split())
+            problems.append(f"{name}: {msg}")
+        raise ConfigError("bad settings: " + "; ".join(problems)) from exc
+
+
+def _shown(exc: BaseException) -> str:
+    """An error as the user sees it: one line, URLs without their passwords."""
+    from atlas.settings import redact_urls
+
+    return redact_urls(" ".join(str(exc).split())) or type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except AtlasError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {_shown(exc)}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

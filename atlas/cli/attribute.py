@@ -79,11 +79,13 @@ def attribute(
     from tqdm import tqdm
 
     from atlas.attribution import attribute as run_attribution
+    from atlas.engine import check_prompt
     from atlas.interchange import write_json
     from atlas.models import load_model
     from atlas.transcoders import load_transcoders
 
     settings = get_settings()
+    check_prompt(prompt, model_ref)  # before the weights load (seconds to minutes)
     knobs = AttributionSettings.merged(
         max_feature_nodes=max_feature_nodes,
         max_n_logits=max_n_logits,

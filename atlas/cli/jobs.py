@@ -3,8 +3,10 @@ over the service in :mod:`atlas.pipeline.submit`.
 
 With a broker configured (``REDIS_URL``) prompts go to the ``attribute`` queue and workers do the
 rest; without one, the same step code runs inline in this process. Either way a job record is
-kept in Neo4j (:mod:`atlas.store.jobs`) and the job id is printed on stdout. A job with failed
-prompts exits 1 once its outcome is known (inline, or with ``--wait``).
+kept in Neo4j (:mod:`atlas.store.jobs`) and the job id is printed on stdout as soon as the job is
+recorded, before anything runs (so a batch that is killed can still be found, retried and
+reported). A job with failed prompts exits 1 once its outcome is known (inline, or with
+``--wait``); so does a batch run with ``--skip-bad-lines`` that had bad lines.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ class JobProgress:
     (with ``bar``, for work this process waits on) a rich bar of done / failed / remaining, rate
     and ETA."""
 
-    def __init__(self, *, announce: bool = True, bar: bool = True) -> None:
+    def __init__(self, *, announce: bool = True, bar: bool = True, print_id: bool = False) -> None:
         self.announce = announce
+        self.print_id = print_id
         self.bar = bar
         self.seen = False
         self.progress: Any = None
@@ -56,6 +59,8 @@ class JobProgress:
             )
 
     def _first(self, s: JobSummary) -> None:
+        if self.print_id:
+            click.echo(s.job_id)  # stdout, flushed: the id is known before anything runs
         if self.announce:
             click.echo(
                 f"job {s.job_id}: {s.n_items} prompts, {s.done} already in the atlas, "
@@ -118,13 +123,20 @@ def _fmt_s(seconds: float) -> str:
 
 
 def _finish(
-    settings: AtlasSettings, driver: Any, job_id: str, wait: bool, timeout_s: float | None
+    settings: AtlasSettings,
+    driver: Any,
+    job_id: str,
+    wait: bool,
+    timeout_s: float | None,
+    *,
+    print_id: bool = True,
 ) -> None:
-    """Print the job id (stdout); once the outcome is known, report it and exit 1 if some
-    prompts failed."""
+    """Print the job id (stdout) unless it was already; once the outcome is known, report it
+    and exit 1 if some prompts failed."""
     from atlas.pipeline.submit import job_store, outcome
 
-    click.echo(job_id)
+    if print_id:
+        click.echo(job_id)
     with JobProgress(announce=False) as view:
         summary = outcome(settings, driver, job_id, wait=wait, timeout_s=timeout_s, progress=view)
     if summary is None:
@@ -151,11 +163,11 @@ def _submit_and_finish(
 
     driver = open_atlas_driver(settings)
     try:
-        with JobProgress(bar=not settings.redis_url) as view:
+        with JobProgress(bar=not settings.redis_url, print_id=True) as view:
             job_id, _ = submit(
                 settings, specs, source=source, driver=driver, force=force, progress=view
             )
-        _finish(settings, driver, job_id, wait, timeout_s)
+        _finish(settings, driver, job_id, wait, timeout_s, print_id=False)
     finally:
         driver.close()
 
@@ -222,21 +234,45 @@ def enqueue(
 @click.command()
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--force", is_flag=True, help="Recompute even what is already in the atlas.")
+@click.option(
+    "--skip-bad-lines",
+    is_flag=True,
+    help="Run the good lines and record the bad ones as failed items (exit 1). "
+    "Default: refuse the file, running nothing.",
+)
 @_wait_option
 @_timeout_option
-def batch(file: Path, force: bool, wait: bool, timeout_s: float | None) -> None:
+def batch(
+    file: Path, force: bool, skip_bad_lines: bool, wait: bool, timeout_s: float | None
+) -> None:
     """Attribute every prompt spec of FILE.jsonl (one JSON object per line). Prints the job id.
 
     A line is {"prompt": "...", "model": ..., "transcoders": ..., "max_n_logits": ...} (only
-    "prompt" is required) or a bare JSON string. Re-running a file skips what is done.
+    "prompt" is required) or a bare JSON string. Re-running a file skips what is done. Every bad
+    line is reported (number and reason); the file is refused unless --skip-bad-lines.
     """
-    from atlas.pipeline.submit import parse_batch_file
+    from atlas.errors import InputError
+    from atlas.pipeline.submit import read_batch_file
 
     settings = get_settings()
-    specs = parse_batch_file(file)
+    parsed = read_batch_file(file)
+    n_bad, n_all = len(parsed.bad), len(parsed.entries)
+    hint = "nothing was run (--skip-bad-lines runs the good ones)"
+    if n_bad == 1 and not skip_bad_lines:
+        raise InputError(f"{parsed.bad[0].reason}; {hint}")
+    for bad in parsed.bad:
+        click.echo(f"error: {bad.reason}", err=True)
+    if n_bad and not skip_bad_lines:
+        raise InputError(f"{file}: {n_bad} of {n_all} lines are bad; {hint}")
+    if n_bad and not parsed.specs:
+        raise InputError(f"{file}: all {n_all} lines are bad; nothing to run")
+    if n_bad:
+        click.echo(f"{file}: {n_bad} of {n_all} lines are bad: recorded as failed", err=True)
     _submit_and_finish(
-        settings, specs, source=str(file), force=force, wait=wait, timeout_s=timeout_s
+        settings, parsed.entries, source=str(file), force=force, wait=wait, timeout_s=timeout_s
     )
+    if n_bad:
+        raise click.exceptions.Exit(1)
 
 
 @click.group()
@@ -309,6 +345,8 @@ def jobs_status(
         else:
             summary = store.summary(job_id)
         items = store.items(job_id, None if show_items else ["failed"])
+        if not show_items and summary.stale:
+            items = [i for i in store.items(job_id) if i.state == "failed" or i.stale]
     finally:
         driver.close()
     if fmt == "json":
@@ -316,15 +354,19 @@ def jobs_status(
         out["items"] = [i.model_dump(mode="json") for i in items]
         click.echo(json.dumps(out, indent=2))
         return
+    stale = ""
+    if summary.stale:
+        stale = f" ({summary.stale} stale: their worker is gone; `atlas jobs retry {job_id}`)"
     click.echo(
         f"job {job_id} ({summary.mode}, {summary.source}): {summary.done} done, "
         f"{summary.failed} failed, {summary.running} running, {summary.queued} queued, "
-        f"{summary.remaining} remaining of {summary.n_items}"
+        f"{summary.remaining} remaining of {summary.n_items}{stale}"
     )
     for it in items:
-        text = str(it.spec.get("prompt", ""))
+        text = str(it.spec.get("prompt", it.spec.get("text", "")))
         text = text if len(text) <= 60 else text[:57] + "..."
-        line = f"  {it.idx:5d} {it.state:<11} {it.prompt_id or '-':<32} {text!r}"
+        state = "stale" if it.stale else it.state
+        line = f"  {it.idx:5d} {state:<11} {it.prompt_id or '-':<32} {text!r}"
         if it.reason:
             line += f"  reason: {it.reason}"
         click.echo(line)
@@ -336,12 +378,17 @@ def jobs_status(
     "--stale-after",
     type=float,
     default=None,
-    help="Also re-send active items untouched for this many seconds.",
+    help="Also re-send active items untouched for this many seconds "
+    "(stale items, whose worker stopped beating, are always re-sent).",
 )
 @_wait_option
 @_timeout_option
 def jobs_retry(job_id: str, stale_after: float | None, wait: bool, timeout_s: float | None) -> None:
-    """Send the failed items of JOB_ID again (and stale ones with --stale-after)."""
+    """Send the failed and stale items of JOB_ID again (and untouched ones with --stale-after).
+
+    Stale items are held by a worker or an inline batch that stopped beating (killed); workers
+    re-send those of Celery jobs by themselves, an inline batch's wait for this command.
+    """
     from atlas.pipeline.submit import resend, retry_items
 
     settings = get_settings()

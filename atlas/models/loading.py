@@ -156,6 +156,12 @@ def _content_hash(model_dir: Path) -> str:
     return "sha256:" + h.hexdigest()[:32]
 
 
+def _names_a_path(name: str) -> bool:
+    """Whether ``name`` can only be a directory, not a hub id (``org/name``): absolute, relative
+    to ``.`` or ``~``, or with more than one ``/``."""
+    return name.startswith(("/", "./", "../", "~", ".")) or name.count("/") > 1
+
+
 def load_model(
     name_or_path: str | Path,
     *,
@@ -174,6 +180,8 @@ def load_model(
     name = str(name_or_path)
     local = Path(name).expanduser()
     is_local = local.exists()
+    if not is_local and _names_a_path(name):
+        raise ModelLoadError(f"model directory {local} does not exist")
     if is_local and not (local / "config.json").is_file():
         raise ModelLoadError(f"{local} has no config.json: not a Hugging Face model directory")
     source = str(local) if is_local else name

@@ -48,6 +48,8 @@ REQUEST_FIELDS = tuple(n for n in AttributionSettings.model_fields if n not in W
 
 
 def _check_bounds(attribution: AttributionSettings) -> AttributionSettings:
+    """Every knob out of its bounds, named in one message (``name: why; name: why``)."""
+    problems = []
     for name, (low, low_ok, high) in REQUEST_BOUNDS.items():
         value = getattr(attribution, name)
         if value is None:
@@ -55,9 +57,11 @@ def _check_bounds(attribution: AttributionSettings) -> AttributionSettings:
         if value < low or (value == low and not low_ok) or value > high:
             lowest = f"at least {low:g}" if low_ok else f"above {low:g}"
             upper = "" if high == float("inf") else f" and at most {high:g}"
-            raise ValueError(f"{name}: must be {lowest}{upper}")
-    for name in WORKER_FIELDS & attribution.model_fields_set:
-        raise ValueError(f"{name}: set by the worker, not by a request")
+            problems.append(f"{name}: must be {lowest}{upper}")
+    for name in sorted(WORKER_FIELDS & attribution.model_fields_set):
+        problems.append(f"{name}: set by the worker, not by a request")
+    if problems:
+        raise ValueError("; ".join(problems))
     return attribution
 
 
@@ -132,16 +136,21 @@ class PromptSpec(BaseModel):
         return hashlib.sha256(blob).hexdigest()[:32]
 
 
-def spec_error(exc: ValidationError) -> str:
-    """One line for a refused spec, naming the field as a batch-file line would give it."""
-    err = exc.errors()[0]
+def _field_error(err: Any) -> str:
+    """``field: why`` for one pydantic error, the field named as a batch-file line gives it."""
     loc = [str(x) for x in err.get("loc", ())]
-    msg = str(err["msg"]).removeprefix("Value error, ")
+    msg = " ".join(str(err["msg"]).removeprefix("Value error, ").split())
     if loc[:1] == ["attribution"]:
         loc = loc[1:]
     if not loc and ":" in msg:  # a bound checked on the whole object names its own field
         return msg
     return f"{'.'.join(loc) or 'line'}: {msg}"
+
+
+def spec_error(exc: ValidationError) -> str:
+    """One line for a refused spec: every bad field (``field: why``), joined by ``; `` (pydantic's
+    own message spans several lines per field)."""
+    return "; ".join(_field_error(err) for err in exc.errors())
 
 
 def parse_spec(obj: Any, where: str = "") -> PromptSpec:

@@ -7,9 +7,11 @@ faithful stand-in for the distributed one. Nothing here imports Celery or click.
 Steps, each idempotent (at-least-once delivery may run any of them twice):
 
 ``attribute_chunk_step`` (``attribute_step`` for one spec)
-    prompt spec -> prompt id (computed from the spec, the model revision and the transcoder content
-    hash BEFORE the model runs) -> skip if the prompt is already in the atlas (unless forced) ->
-    reuse the content-addressed artifact if it exists -> else attribution -> artifact.
+    prompt spec -> the prompt checked against the tokenizer (before any weights load) -> prompt id
+    (computed from the spec, the model revision and the transcoder content hash BEFORE the model
+    runs) -> skip if the prompt is already in the atlas (unless forced) -> reuse the
+    content-addressed artifact if it loads (a corrupt one is moved aside and recomputed) -> else
+    attribution -> artifact.
 ``ingest_chunk_step``
     artifacts -> Neo4j in one transaction (the store's idempotent ingestion), each job item marked
     done inside it.
@@ -18,6 +20,10 @@ Steps, each idempotent (at-least-once delivery may run any of them twice):
 
 Models and transcoders come from an :class:`atlas.engine.EngineCache` (the process's
 :data:`atlas.engine.PROCESS_ENGINES` unless one is passed), filled lazily by the first task.
+
+The process that runs a step is the holder of its job items (``holder``, see
+:mod:`atlas.pipeline.liveness`): the attribute step's claim records it, an attribute step that
+hands its artifacts to the ingest queue releases them, and the ingest step takes them.
 
 Errors are sorted by :func:`atlas.retry.classify`: transient faults (Neo4j/Redis unavailable) are retried
 with backoff by the caller, permanent ones (bad prompt, missing model, out of memory at batch size
@@ -28,13 +34,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from atlas.engine import PROCESS_ENGINES, Engine, EngineCache, attribute_with_halving, resolve_refs
-from atlas.errors import AtlasError, ServiceUnavailable
+from atlas.engine import (
+    PROCESS_ENGINES,
+    Engine,
+    EngineCache,
+    attribute_with_halving,
+    check_prompt,
+    resolve_refs,
+)
+from atlas.errors import AtlasError, InputError, ServiceUnavailable
+from atlas.pipeline.liveness import pause_for_tests
 from atlas.pipeline.payloads import (
     AnnotatePayload,
     AttributeChunk,
@@ -92,11 +106,12 @@ def attribute_step(
     driver: Any,
     engines: EngineCache | None = None,
     on_ingest: Callable[[IngestChunk], None] | None = None,
+    holder: str | None = None,
 ) -> StepResult:
     """:func:`attribute_chunk_step` for one spec."""
     chunk = AttributeChunk(items=[payload])
     return attribute_chunk_step(
-        chunk, settings, driver=driver, engines=engines, on_ingest=on_ingest
+        chunk, settings, driver=driver, engines=engines, on_ingest=on_ingest, holder=holder
     )[0]
 
 
@@ -117,6 +132,7 @@ def attribute_chunk_step(
     driver: Any,
     engines: EngineCache | None = None,
     on_ingest: Callable[[IngestChunk], None] | None = None,
+    holder: str | None = None,
 ) -> list[StepResult]:
     """Attribute a chunk of prompt specs (idempotent) and hand their artifacts to ingestion.
 
@@ -128,6 +144,9 @@ def attribute_chunk_step(
     is recorded on its job item and the rest of the chunk goes on. A transient fault (Neo4j or
     Redis unavailable) raises, so that the caller retries the whole chunk, which is safe: done
     prompts are skipped and computed artifacts reused.
+
+    ``holder`` (this process, :func:`atlas.pipeline.liveness.holder_id`) is recorded on the
+    claimed items; the caller keeps them alive with a heartbeat while this runs.
     """
     results: list[StepResult | None] = [None] * len(chunk.items)
 
@@ -144,7 +163,8 @@ def attribute_chunk_step(
             prepared.append(_prepare(i, p, settings, engines or PROCESS_ENGINES))
         except Exception as exc:
             fail(i, p, exc)
-    present = _claim(prepared, settings, driver=driver)
+    present = _claim(prepared, settings, driver=driver, holder=holder)
+    pause_for_tests(settings)
 
     ingests: list[IngestPayload] = []
     sent: list[int] = []  # chunk index of each ingest payload
@@ -157,7 +177,7 @@ def attribute_chunk_step(
             )
             continue
         outcome: Literal["computed", "cached"] = "cached"
-        if spec.force or not x.path.is_file():
+        if spec.force or not _reusable_artifact(x, settings):
             outcome = "computed"
             try:
                 graph = attribute_with_halving(
@@ -180,6 +200,8 @@ def attribute_chunk_step(
 
     if ingests:
         _hand_off(ingests, sent, results, settings, driver=driver, on_ingest=on_ingest)
+        if on_ingest is not None and holder is not None:
+            _release(ingests, settings, driver=driver, holder=holder)
     return [r if r is not None else StepResult(outcome="failed", reason="not run") for r in results]
 
 
@@ -194,6 +216,7 @@ def _prepare(
         timings["queue_s"] = max(0.0, timings["started_at"] - payload.enqueued_at)
     t0 = time.perf_counter()
     model_ref, tc_ref = resolve_refs(payload.spec.model, payload.spec.transcoders, settings)
+    check_prompt(payload.spec.prompt, model_ref)
     engine = engines.get(model_ref, tc_ref, settings)
     timings["load_s"] = time.perf_counter() - t0
     pid = prompt_id_for(payload.spec, engine, settings)
@@ -201,16 +224,85 @@ def _prepare(
     return _Prepared(index, payload, engine, pid, path, timings)
 
 
-def _claim(prepared: list[_Prepared], settings: AtlasSettings, *, driver: Any) -> list[bool]:
-    """One round trip for the chunk: which prompts are in the atlas, and the others' start."""
+def _claim(
+    prepared: list[_Prepared], settings: AtlasSettings, *, driver: Any, holder: str | None
+) -> list[bool]:
+    """One round trip for the chunk: which prompts are in the atlas, and the others' start
+    (held by ``holder``)."""
     t_rec = time.perf_counter()
     present = _jobs(driver, settings).start_many(
-        [(x.payload.job_id, x.payload.item, x.prompt_id, x.payload.spec.force) for x in prepared]
+        [(x.payload.job_id, x.payload.item, x.prompt_id, x.payload.spec.force) for x in prepared],
+        holder=holder,
     )
     records_s = (time.perf_counter() - t_rec) / max(1, len(prepared))
     for x in prepared:
         x.timings["records_s"] = records_s
     return present
+
+
+def _by_job(payloads: Sequence[IngestPayload]) -> dict[str, list[int]]:
+    """Item indexes of the payloads that belong to a job, per job."""
+    out: dict[str, list[int]] = {}
+    for p in payloads:
+        if p.job_id is not None and p.item is not None:
+            out.setdefault(p.job_id, []).append(p.item)
+    return out
+
+
+def _release(
+    ingests: Sequence[IngestPayload], settings: AtlasSettings, *, driver: Any, holder: str
+) -> None:
+    """The items are on the ingest queue now: this process no longer holds them (so a backlog
+    there is not taken for a lost worker). Best effort: an item left held goes stale and is
+    re-sent, which is safe."""
+    try:
+        for job_id, idxs in _by_job(ingests).items():
+            _jobs(driver, settings).release(job_id, idxs, holder)
+    except Exception as exc:
+        log.warning("could not release the items handed to ingestion: %s", classify(exc)[1])
+
+
+def _hold(chunk: IngestChunk, settings: AtlasSettings, *, driver: Any, holder: str | None) -> None:
+    """An ingest step takes its items (its heartbeat keeps them alive while it writes)."""
+    if holder is None:
+        return
+    for job_id, idxs in _by_job(chunk.items).items():
+        _jobs(driver, settings).hold(job_id, idxs, holder)
+
+
+def quarantine(path: Path, settings: AtlasSettings) -> Path | None:
+    """Move an unusable artifact out of the artifact store's way (into ``quarantine/`` there, so
+    it can still be looked at); None if it could not be moved (then it is overwritten)."""
+    target = settings.resolved_artifact_dir / "quarantine" / f"{path.name}.{int(time.time())}"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.replace(target)
+    except OSError as exc:
+        log.debug("could not move %s aside: %s", path, exc)
+        return None
+    return target
+
+
+def _reusable_artifact(x: _Prepared, settings: AtlasSettings) -> bool:
+    """Whether the prompt's cached artifact can be reused: it exists, loads, and is this
+    prompt's graph. A corrupt one (truncated, garbled, another prompt's) is moved aside with one
+    warning, so that the prompt is recomputed instead of failing on every run."""
+    from atlas.graph import Graph
+
+    if not x.path.is_file():
+        return False
+    try:
+        graph = Graph.load(x.path)
+    except InputError as exc:
+        problem = " ".join(str(exc).split())[:300]
+    else:
+        if graph.prompt_id == x.prompt_id:
+            return True
+        problem = f"it holds prompt {graph.prompt_id}"
+    moved = quarantine(x.path, settings)
+    where = f"moved to {moved}" if moved else "overwriting it"
+    log.warning("cached artifact %s is unusable (%s): %s, recomputing", x.path, problem, where)
+    return False
 
 
 def _save(graph: Graph, x: _Prepared) -> None:
@@ -260,14 +352,13 @@ def _load_for_ingest(
     payload: IngestPayload, settings: AtlasSettings, *, driver: Any
 ) -> tuple[PromptRows, dict[str, float]]:
     """An artifact's ingestion rows and its timings so far (a forced prompt is removed first)."""
-    from atlas.graph import Graph
     from atlas.store.ingest import graph_rows
 
     timings = dict(payload.timings)
     if payload.enqueued_at is not None:
         timings["ingest_queue_s"] = max(0.0, time.time() - payload.enqueued_at)
     t0 = time.perf_counter()
-    graph = Graph.load(payload.artifact)
+    graph = _load_artifact(payload, settings)
     rows = graph_rows(
         graph, min_abs_weight=settings.ingest_min_abs_weight, max_edges=settings.ingest_max_edges
     )
@@ -275,6 +366,24 @@ def _load_for_ingest(
     if payload.force:
         _delete_prompt(driver, payload.prompt_id, settings)
     return rows, timings
+
+
+def _load_artifact(payload: IngestPayload, settings: AtlasSettings) -> Graph:
+    """The artifact to ingest. One that cannot be read is moved aside (when it is in the
+    artifact store), so that a retry of the item recomputes it rather than failing again."""
+    from atlas.graph import Graph
+
+    try:
+        return Graph.load(payload.artifact)
+    except InputError as exc:
+        path = Path(payload.artifact)
+        store = settings.resolved_artifact_dir.resolve()
+        if path.is_file() and path.resolve().is_relative_to(store):
+            moved = quarantine(path, settings)
+            if moved is not None:
+                note = f"moved to {moved}; `atlas jobs retry` recomputes it"
+                raise InputError(f"{' '.join(str(exc).split())[:300]} ({note})") from exc
+        raise
 
 
 def _mark_done_hook(
@@ -351,14 +460,16 @@ def _store_one(
 
 
 def ingest_chunk_step(
-    chunk: IngestChunk, settings: AtlasSettings, *, driver: Any
+    chunk: IngestChunk, settings: AtlasSettings, *, driver: Any, holder: str | None = None
 ) -> list[StepResult]:
     """Ingest the artifacts of a chunk in ONE transaction (each marks its job item done in it).
 
     A permanent failure is isolated: an artifact that cannot be read fails alone, and if the
     store refuses the joint transaction the prompts are written one by one, so only the bad one
     fails. A transient fault raises (the caller retries the chunk: ingestion is idempotent).
+    ``holder`` takes the chunk's items first (the caller beats for them while this runs).
     """
+    _hold(chunk, settings, driver=driver, holder=holder)
 
     def fail(p: IngestPayload, exc: BaseException) -> StepResult:
         transient, reason = classify(exc)
@@ -450,6 +561,7 @@ def run_inline(
     *,
     driver: Any,
     engines: EngineCache | None = None,
+    holder: str | None = None,
 ) -> StepResult:
     """Attribute + ingest one spec in this process (the embedded default, no broker).
 
@@ -458,7 +570,9 @@ def run_inline(
     """
     try:
         return retry_transient(
-            lambda: attribute_step(payload, settings, driver=driver, engines=engines),
+            lambda: attribute_step(
+                payload, settings, driver=driver, engines=engines, holder=holder
+            ),
             what=f"prompt {payload.spec.prompt[:40]!r}",
             service="Neo4j",  # inline mode has no broker
             warn=log.warning,

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from atlas.errors import ConfigError, ServiceUnavailable
+from atlas.errors import AuthError, ConfigError, ServiceUnavailable
 from atlas.services import _proc
 from atlas.services._proc import (
     free_port,
@@ -78,24 +78,46 @@ def ping(url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
-def check_reachable(url: str, timeout_s: float = 3.0) -> None:
-    """Raise :class:`ServiceUnavailable` with a one-line message unless Redis at ``url`` answers."""
+def is_auth_refusal(exc: BaseException) -> bool:
+    """Whether a Redis error (or what caused it) is Redis refusing our password, not being down:
+    permanent, so it is said at once instead of retried."""
     import redis
 
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, redis.AuthenticationError | redis.exceptions.AuthorizationError):
+            return True
+        if isinstance(seen, redis.ResponseError) and str(seen).startswith(
+            ("NOAUTH", "WRONGPASS", "NOPERM")
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def check_reachable(url: str, timeout_s: float = 3.0) -> None:
+    """Raise a one-line error unless Redis at ``url`` answers PING: :class:`AuthError` when it
+    refuses the password, :class:`ServiceUnavailable` when it does not answer. The URL is shown
+    without its password."""
+    import redis
+
+    from atlas.settings import redact_url
+
+    shown = redact_url(url)
     try:
         client = redis.Redis.from_url(
             url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
         )
     except ValueError as exc:
-        raise ConfigError(f"bad Redis URL {url!r}: {one_line(exc)}") from exc
+        raise ConfigError(f"bad Redis URL {shown!r}: {one_line(exc)}") from exc
     try:
         client.ping()
-    except redis.AuthenticationError as exc:
-        raise ServiceUnavailable(
-            f"Redis at {url} refused the credentials: {one_line(exc)}"
-        ) from exc
     except (redis.RedisError, OSError) as exc:
-        raise ServiceUnavailable(f"Redis at {url} is not reachable: {one_line(exc)}") from exc
+        if is_auth_refusal(exc):
+            raise AuthError(f"Redis at {shown} refused the password") from exc
+        raise ServiceUnavailable(f"Redis at {shown} is not reachable: {one_line(exc)}") from exc
     finally:
         client.close()
 
@@ -106,11 +128,13 @@ def start(
     *,
     timeout_s: float = 30.0,
     die_with_parent: bool = False,
+    password: str | None = None,
 ) -> RedisServer:
     """Start redis-server on 127.0.0.1 (``port`` or a free one) with data and AOF in ``directory``.
 
     Returns the running server; if one already runs from this directory, returns that one.
     ``die_with_parent=True`` (tests) makes the server exit when the calling process dies.
+    ``password`` makes it require one (``requirepass``; the URL returned carries it).
     """
     directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
@@ -136,6 +160,8 @@ def start(
         "--protected-mode", "yes",
         "--logfile", str(log),
     ]  # fmt: skip
+    if password:
+        command += ["--requirepass", password]
     proc = subprocess.Popen(
         command,
         cwd=directory,
@@ -146,7 +172,8 @@ def start(
         preexec_fn=_proc.die_with_parent() if die_with_parent else None,
     )
     write_pid_file(_pid_file(directory), {"pid": proc.pid, "port": port})
-    url = f"redis://127.0.0.1:{port}/0"
+    userinfo = f":{password}@" if password else ""
+    url = f"redis://{userinfo}127.0.0.1:{port}/0"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         code = proc.poll()
@@ -155,13 +182,15 @@ def start(
             tail = one_line(log_tail(log, 3))
             raise ConfigError(f"redis-server exited with code {code}: {tail}")
         if ping(url, timeout_s=1.0):
-            logger.info("redis-server up at %s (pid %d)", url, proc.pid)
+            logger.info("redis-server up on 127.0.0.1:%d (pid %d)", port, proc.pid)
             return RedisServer(url=url, port=port, pid=proc.pid, directory=directory)
         time.sleep(0.1)
     proc.kill()
     proc.wait()
     _pid_file(directory).unlink(missing_ok=True)
-    raise ServiceUnavailable(f"redis-server did not answer on {url} within {timeout_s:.0f} s")
+    raise ServiceUnavailable(
+        f"redis-server did not answer on 127.0.0.1:{port} within {timeout_s:.0f} s"
+    )
 
 
 def stop(directory: Path, *, timeout_s: float = 30.0) -> bool:

@@ -20,6 +20,14 @@ one statement with the "already in the atlas?" check (:meth:`JobStore.start_many
 attribute chunk), and ``done`` is
 written in the ingestion's own transaction (:meth:`JobStore.mark_tx`), so an item is done exactly
 when its prompt is complete in the atlas.
+
+Holders and heartbeats: the process working on an item (a worker's pool process, an inline
+batch) is its holder (``worker``), and refreshes ``heartbeat_at`` while it works (see
+:mod:`atlas.pipeline.liveness`). An active item whose holder's heartbeat is older than
+``stale_after_s`` is *stale*: its holder died (SIGKILL, a lost machine). Stale items of Celery jobs
+are sent again by every worker's reaper and by ``--wait``; ``atlas jobs status`` counts them and
+``atlas jobs retry`` sends them. Items on the ingest queue have no holder until an ingest worker
+takes them, so a backlog is never taken for a loss.
 """
 
 from __future__ import annotations
@@ -58,6 +66,12 @@ class JobItem(BaseModel):
     attempts: int = 0
     timings: dict[str, float] = Field(default_factory=dict)
     updated_at: float | None = None
+    worker: str | None = None
+    """The process holding the item (``host:pid``, ``inline:host:pid``), if any."""
+    heartbeat_at: float | None = None
+    """When its holder last said it was alive."""
+    stale: bool = False
+    """Held by a holder whose heartbeat stopped (see the module docstring)."""
 
 
 class JobSummary(BaseModel):
@@ -74,6 +88,8 @@ class JobSummary(BaseModel):
     failed: int = 0
     queued: int = 0
     running: int = 0
+    stale: int = 0
+    """Active items whose holder is gone (counted in ``queued`` / ``running`` too)."""
 
     @property
     def remaining(self) -> int:
@@ -82,6 +98,15 @@ class JobSummary(BaseModel):
     @property
     def finished(self) -> bool:
         return self.remaining == 0
+
+
+#: Outcome of an item that was never a prompt spec (a bad line of a batch file): it cannot be
+#: retried, only fixed in the file.
+INVALID = "invalid"
+
+
+def _keys(job_id: str, idxs: Iterable[int]) -> list[str]:
+    return [f"{job_id}/{i}" for i in idxs]
 
 
 def new_job_id() -> str:
@@ -136,20 +161,29 @@ def _mark_params(
     }
 
 
+JOB_SCHEMA_FILES = ("0006_jobs.cypher", "0007_job_holders.cypher")
+
+
 def job_schema_file(schema_dir: Path | None = None) -> Path:
     """``schema/0006_jobs.cypher``: the job records' constraints and indexes."""
+    return job_schema_files(schema_dir)[0]
+
+
+def job_schema_files(schema_dir: Path | None = None) -> list[Path]:
+    """The job records' schema files: records (0006) and their holders (0007)."""
     from atlas.store.schema import default_schema_dir
 
-    return (schema_dir or default_schema_dir()) / "0006_jobs.cypher"
+    return [(schema_dir or default_schema_dir()) / name for name in JOB_SCHEMA_FILES]
 
 
 def ensure_job_schema(driver: Any, database: str) -> None:
     """Create the job constraints and indexes (idempotent): the statements of the job schema
-    file, for commands that read job records without applying the whole schema."""
+    files, for commands that read job records without applying the whole schema."""
     from atlas.store.schema import split_statements
 
-    for statement in split_statements(job_schema_file().read_text()):
-        _run(driver, database, statement)
+    for path in job_schema_files():
+        for statement in split_statements(path.read_text()):
+            _run(driver, database, statement)
 
 
 def prompts_present(driver: Any, database: str, prompt_ids: Sequence[str]) -> set[str]:
@@ -162,11 +196,13 @@ def prompts_present(driver: Any, database: str, prompt_ids: Sequence[str]) -> se
 
 class JobStore:
     """Reads and writes job records through a Neo4j driver (passed in, never global) in one
-    database (the atlas's: ``settings.neo4j_database``)."""
+    database (the atlas's: ``settings.neo4j_database``). ``stale_after_s`` (the setting) makes
+    summaries and items say which active items have lost their holder."""
 
-    def __init__(self, driver: Any, database: str) -> None:
+    def __init__(self, driver: Any, database: str, stale_after_s: float | None = None) -> None:
         self.driver = driver
         self.database = database
+        self.stale_after_s = stale_after_s
 
     def _run(self, query: str, **params: Any) -> list[dict[str, Any]]:
         return _run(self.driver, self.database, query, **params)
@@ -181,9 +217,12 @@ class JobStore:
         source: str,
         mode: str,
         already_done: dict[int, str] | None = None,
+        failed: dict[int, str] | None = None,
     ) -> None:
-        """Record a job and its items; items in ``already_done`` (idx -> prompt id) start done."""
+        """Record a job and its items; items in ``already_done`` (idx -> prompt id) start done,
+        items in ``failed`` (idx -> reason: a bad line of a batch file) start failed."""
         already_done = already_done or {}
+        failed = failed or {}
         now = time.time()
         self._run(
             q.JOB_CREATE,
@@ -196,15 +235,17 @@ class JobStore:
         rows = []
         for idx, (spec, sid) in enumerate(zip(specs, spec_ids, strict=True)):
             done = already_done.get(idx)
+            reason = failed.get(idx)
+            state = "done" if done else "failed" if reason else "queued"
             rows.append(
                 {
                     "idx": idx,
                     "spec": json.dumps(spec, sort_keys=True),
                     "spec_id": sid,
-                    "state": "done" if done else "queued",
+                    "state": state,
                     "prompt_id": done,
-                    "outcome": "present" if done else None,
-                    "reason": None,
+                    "outcome": "present" if done else INVALID if reason else None,
+                    "reason": reason,
                 }
             )
         for start in range(0, len(rows), 5000):
@@ -248,10 +289,15 @@ class JobStore:
         params = _mark_params(job_id, item, state, prompt_id, outcome, None, timings, False)
         tx.run(q.JOB_MARK_ITEM, **params).consume()
 
-    def start_many(self, items: Sequence[tuple[str | None, int | None, str, bool]]) -> list[bool]:
+    def start_many(
+        self,
+        items: Sequence[tuple[str | None, int | None, str, bool]],
+        holder: str | None = None,
+    ) -> list[bool]:
         """For each ``(job id, item, prompt id, force)``: whether the prompt is complete in the
-        atlas. Records the items' start in the same statement: ``attributing``, or ``done`` with
-        outcome ``present`` when there is nothing to do (one round trip for a whole chunk)."""
+        atlas. Records the items' start in the same statement: ``attributing`` held by
+        ``holder``, or ``done`` with outcome ``present`` when there is nothing to do (one round
+        trip for a whole chunk)."""
         if not items:
             return []
         rows = [
@@ -263,8 +309,55 @@ class JobStore:
             }
             for n, (job_id, item, prompt_id, force) in enumerate(items)
         ]
-        out = self._run(q.JOB_START_ITEMS, rows=rows, now=time.time())
+        out = self._run(q.JOB_CLAIM_ITEMS, rows=rows, now=time.time(), holder=holder)
         return [bool(r["present"]) for r in sorted(out, key=lambda r: r["n"])]
+
+    # ------------------------------------------------------------------ holders
+    def hold(self, job_id: str, idxs: Iterable[int], holder: str) -> None:
+        """``holder`` takes these active items (and beats for them from now on)."""
+        self._run(q.JOB_HOLD_ITEMS, keys=_keys(job_id, idxs), holder=holder, now=time.time())
+
+    def release(self, job_id: str, idxs: Iterable[int], holder: str) -> None:
+        """``holder`` hands these items on (to the ingest queue): they are held by nobody."""
+        self._run(q.JOB_RELEASE_ITEMS, keys=_keys(job_id, idxs), holder=holder)
+
+    def beat(self, holder: str) -> int:
+        """The heartbeat of every active item ``holder`` holds; returns how many."""
+        rows = self._run(q.JOB_HEARTBEAT, holder=holder, now=time.time())
+        return int(rows[0]["n"]) if rows else 0
+
+    def stale_held(self, job_id: str, stale_s: float | None = None) -> list[int]:
+        """Indexes of the job's active items whose holder's heartbeat is older than ``stale_s``
+        (default: this store's ``stale_after_s``; none without either)."""
+        stale_s = self.stale_after_s if stale_s is None else stale_s
+        if stale_s is None:
+            return []
+        rows = self._run(q.JOB_STALE_HELD, job_id=job_id, before=time.time() - stale_s)
+        return [int(r["idx"]) for r in rows]
+
+    def reap(
+        self, holder: str, stale_s: float, *, job_id: str | None = None, limit: int = 1000
+    ) -> list[tuple[str, int, dict[str, Any]]]:
+        """Take over the stale items of Celery jobs (all, or ``job_id``'s) for ``holder``, who
+        sends them again: ``(job id, idx, spec)`` of each. Two reapers never take the same item;
+        one that dies before sending leaves them stale again (see ``JOB_REAP_STALE``)."""
+        rows = self._run(
+            q.JOB_REAP_STALE,
+            holder=holder,
+            before=time.time() - stale_s,
+            now=time.time(),
+            job_id=job_id,
+            limit=limit,
+        )
+        return [(r["job_id"], int(r["idx"]), json.loads(r["spec"] or "{}")) for r in rows]
+
+    def requeue(self, job_id: str, idxs: Iterable[int]) -> None:
+        """Items about to be sent again: ``queued``, held by nobody (``done`` stays done)."""
+        self._run(q.JOB_REQUEUE_ITEMS, keys=_keys(job_id, idxs), now=time.time())
+
+    def fail_many(self, job_id: str, idxs: Iterable[int], reason: str) -> None:
+        """Mark items failed with one reason (a send that did not reach the broker)."""
+        self._run(q.JOB_FAIL_ITEMS, keys=_keys(job_id, idxs), reason=reason, now=time.time())
 
     # ------------------------------------------------------------------ reads
     def summary(self, job_id: str) -> JobSummary:
@@ -284,6 +377,7 @@ class JobStore:
             failed=counts.get("failed", 0),
             queued=counts.get("queued", 0),
             running=counts.get("attributing", 0),
+            stale=len(self.stale_held(job_id)),
         )
 
     def items(self, job_id: str, states: Iterable[str] | None = None) -> list[JobItem]:
@@ -293,12 +387,18 @@ class JobStore:
             job_id=job_id,
             states=list(states) if states is not None else None,
         )
+        holders = {r["idx"]: r for r in self._run(q.JOB_HOLDERS, job_id=job_id)}
+        stale = set(self.stale_held(job_id))
         out = []
         for r in rows:
             r = dict(r)
             r["spec"] = json.loads(r["spec"]) if r["spec"] else {}
             r["timings"] = json.loads(r["timings"]) if r["timings"] else {}
             r["attempts"] = r["attempts"] or 0
+            held = holders.get(r["idx"], {})
+            r["worker"] = held.get("worker")
+            r["heartbeat_at"] = held.get("heartbeat_at")
+            r["stale"] = r["idx"] in stale
             out.append(JobItem.model_validate(r))
         return out
 

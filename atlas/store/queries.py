@@ -59,29 +59,6 @@ SET i.state = $state,
     i.timings = CASE WHEN was_done THEN i.timings ELSE coalesce($timings, i.timings) END
 """
 
-# First statement of an attribute chunk (one round trip for all its specs): for each row
-# {key, prompt_id, force}, is the prompt already in the atlas, and the item's state: 'done' with
-# outcome 'present' when it is (unless forced), else 'attributing'. A finished item is never moved
-# back. ``row.key`` may be null (no job). Rows come back in input order (``row.n``).
-JOB_START_ITEMS = """
-UNWIND $rows AS row
-OPTIONAL MATCH (p:Prompt {id: row.prompt_id})
-WITH row, coalesce(p.complete, false) AS present
-CALL (row, present) {
-  OPTIONAL MATCH (i:JobItem {key: row.key})
-  WITH i WHERE i IS NOT NULL AND i.state <> 'done'
-  WITH i, present AND NOT row.force AS skip
-  SET i.attempts = coalesce(i.attempts, 0) + 1,
-      i.updated_at = $now,
-      i.state = CASE WHEN skip THEN 'done' ELSE 'attributing' END,
-      i.prompt_id = row.prompt_id,
-      i.outcome = CASE WHEN skip THEN 'present' ELSE i.outcome END,
-      i.reason = NULL
-}
-RETURN row.n AS n, present
-ORDER BY n
-"""
-
 JOB_GET = """
 MATCH (j:Job {id: $job_id})
 RETURN j.id AS id, j.created_at AS created_at, j.source AS source, j.n_items AS n_items,
@@ -670,3 +647,114 @@ MATCH (f:Feature {fid: r.fid})
 SET f.label = r.label, f.top_act_tokens = r.tokens, f.top_act_values = r.values,
     f.top_act_prompts = r.prompts
 """
+
+
+# =========================================================================== jobs: holders
+# Job items held by a live process (atlas.store.jobs, atlas.pipeline.liveness). A worker or an
+# inline batch that takes an item writes its id to ``i.worker`` and refreshes ``i.heartbeat_at``
+# every HEARTBEAT_INTERVAL_S while it works; an active item whose holder's heartbeat is older than
+# STALE_AFTER_S was lost with its holder (a SIGKILLed worker, a killed inline batch) and is sent
+# again. An item handed to the ingest queue has no holder until an ingest worker takes it, so a
+# backlog on that queue is never taken for a loss. Indexes: schema/0007_job_holders.cypher.
+
+# First statement of an attribute chunk (one round trip for all its specs): for each row
+# {key, prompt_id, force}, is the prompt already in the atlas, and the item's state: 'done' with
+# outcome 'present' when it is (unless forced), else 'attributing', held by ``$holder``. A
+# finished item is never moved back. ``row.key`` may be null (no job). Rows come back in input
+# order (``row.n``).
+JOB_CLAIM_ITEMS = """
+UNWIND $rows AS row
+OPTIONAL MATCH (p:Prompt {id: row.prompt_id})
+WITH row, coalesce(p.complete, false) AS present
+CALL (row, present) {
+  OPTIONAL MATCH (i:JobItem {key: row.key})
+  WITH i WHERE i IS NOT NULL AND i.state <> 'done'
+  WITH i, present AND NOT row.force AS skip
+  SET i.attempts = coalesce(i.attempts, 0) + 1,
+      i.updated_at = $now,
+      i.state = CASE WHEN skip THEN 'done' ELSE 'attributing' END,
+      i.prompt_id = row.prompt_id,
+      i.outcome = CASE WHEN skip THEN 'present' ELSE i.outcome END,
+      i.reason = NULL,
+      i.worker = $holder,
+      i.heartbeat_at = $now
+}
+RETURN row.n AS n, present
+ORDER BY n
+"""
+
+# $keys: items a process takes (an ingest worker, an inline batch): held by $holder from now.
+JOB_HOLD_ITEMS = """
+UNWIND $keys AS key
+MATCH (i:JobItem {key: key})
+WHERE i.state IN ['queued', 'attributing']
+SET i.worker = $holder, i.heartbeat_at = $now
+"""
+
+# $keys: items a process hands on (to the ingest queue): no longer held by $holder.
+JOB_RELEASE_ITEMS = """
+UNWIND $keys AS key
+MATCH (i:JobItem {key: key})
+WHERE i.worker = $holder
+SET i.worker = NULL
+"""
+
+# The heartbeat: every active item $holder holds is alive now.
+JOB_HEARTBEAT = """
+MATCH (i:JobItem {worker: $holder})
+WHERE i.state IN ['queued', 'attributing']
+SET i.heartbeat_at = $now
+RETURN count(i) AS n
+"""
+
+# Active items of one job whose holder's heartbeat stopped before $before.
+JOB_STALE_HELD = """
+MATCH (i:JobItem {job_id: $job_id})
+WHERE i.state IN ['queued', 'attributing'] AND i.worker IS NOT NULL AND i.heartbeat_at < $before
+RETURN i.idx AS idx, i.worker AS worker, i.heartbeat_at AS heartbeat_at
+ORDER BY i.idx
+"""
+
+# Takes over lost items of Celery jobs (all jobs, or $job_id's) for $holder, who re-sends them:
+# 'queued', held by $holder with a fresh heartbeat, so that a re-send that fails is found again
+# later. The first SET takes each item's write lock and the condition is read again under it,
+# so two reapers never both take the same item.
+JOB_REAP_STALE = """
+MATCH (i:JobItem)
+WHERE i.state IN ['queued', 'attributing'] AND i.heartbeat_at < $before
+  AND i.worker IS NOT NULL AND ($job_id IS NULL OR i.job_id = $job_id)
+MATCH (j:Job {id: i.job_id})
+WHERE j.mode = 'celery'
+WITH i LIMIT $limit
+SET i.reaping = $holder
+WITH i
+WHERE i.state IN ['queued', 'attributing'] AND i.heartbeat_at < $before AND i.worker IS NOT NULL
+SET i.state = 'queued', i.worker = $holder, i.heartbeat_at = $now, i.updated_at = $now
+REMOVE i.reaping
+RETURN i.job_id AS job_id, i.idx AS idx, i.spec AS spec
+ORDER BY job_id, idx
+"""
+
+# Items about to be sent again (``atlas jobs retry``, a reaper): queued, held by nobody.
+JOB_REQUEUE_ITEMS = """
+UNWIND $keys AS key
+MATCH (i:JobItem {key: key})
+WHERE i.state <> 'done'
+SET i.state = 'queued', i.worker = NULL, i.reason = NULL, i.updated_at = $now
+"""
+
+# Items of a job that failed for good together ($keys), with one reason (a send that failed).
+JOB_FAIL_ITEMS = """
+UNWIND $keys AS key
+MATCH (i:JobItem {key: key})
+WHERE i.state <> 'done'
+SET i.state = 'failed', i.reason = $reason, i.worker = NULL, i.updated_at = $now
+"""
+
+# The holder and heartbeat of a job's items (``atlas jobs status --items``).
+JOB_HOLDERS = """
+MATCH (i:JobItem {job_id: $job_id})
+WHERE i.worker IS NOT NULL
+RETURN i.idx AS idx, i.worker AS worker, i.heartbeat_at AS heartbeat_at
+"""
+# =========================================================================== end of jobs: holders

@@ -376,6 +376,7 @@ def own_redis(tmp_path: Path) -> Any:
 
 
 def test_worker_killed_mid_task_is_redelivered_exactly_once(
+    tmp_path: Path,
     clean_neo4j: Any,
     neo4j_settings: Any,
     own_redis: Any,
@@ -391,18 +392,23 @@ def test_worker_killed_mid_task_is_redelivered_exactly_once(
     settings = neo4j_settings.model_copy(
         update={"redis_url": own_redis.url, "celery_visibility_timeout_s": visibility}
     )
-    env = {"CELERY_VISIBILITY_TIMEOUT_S": str(visibility)}
+    pause = tmp_path / "pause-dir"
+    pause.mkdir()
+    (pause / "pause").touch()  # the first worker stops right after claiming its chunk
+    env = {"CELERY_VISIBILITY_TIMEOUT_S": str(visibility), "ATLAS_TEST_PAUSE_DIR": str(pause)}
     first = start_worker(settings=settings, extra_env=env)
     specs = _specs(tiny_world, [SLOW_PROMPT, "hello there", "one more"])
     job, _ = submit(settings, specs, source="test", driver=driver)
     store = JobStore(driver, settings.neo4j_database)
-    deadline = time.monotonic() + 120
-    while store.items(job)[0].state != "attributing":
+    deadline = time.monotonic() + 180
+    while not list(pause.glob("held-*")):
         assert time.monotonic() < deadline, first.log_text()[-3000:]
-        time.sleep(0.05)
+        assert first.proc.poll() is None, first.log_text()[-3000:]
+        time.sleep(0.1)
     first.proc.send_signal(signal.SIGKILL)  # mid-task: no ack, no clean-up
     first.proc.wait(timeout=30)
     assert store.items(job)[0].state == "attributing"
+    (pause / "pause").unlink()  # the next worker runs through
 
     second = start_worker(settings=settings, extra_env=env)
     summary = _wait_job(settings, driver, job, timeout_s=240)
