@@ -26,7 +26,7 @@ def start() -> None:
 
     settings = get_settings()
     if not settings.uses_local_neo4j:
-        click.echo(f"NEO4J_URI is set ({settings.neo4j_uri}): nothing to start")
+        click.echo(f"NEO4J_URI is set ({settings.shown_neo4j_uri}): nothing to start")
         return
     try:
         uri = neo4j_local.start(settings, progress=_progress)
@@ -44,7 +44,7 @@ def stop() -> None:
 
     settings = get_settings()
     if not settings.uses_local_neo4j:
-        click.echo(f"NEO4J_URI is set ({settings.neo4j_uri}): nothing to stop")
+        click.echo(f"NEO4J_URI is set ({settings.shown_neo4j_uri}): nothing to stop")
         return
     if neo4j_local.stop(settings):
         click.echo("local Neo4j stopped")
@@ -66,7 +66,7 @@ def status() -> None:
         return
     with atlas_driver(start_local=False) as driver:
         info = driver.get_server_info()
-    click.echo(f"Neo4j at {settings.neo4j_uri} answers (server {info.agent})")
+    click.echo(f"Neo4j at {settings.shown_neo4j_uri} answers (server {info.agent})")
 
 
 @db.command()
@@ -120,4 +120,4 @@ def wipe(yes: bool) -> None:
         run_autocommit(
             driver, queries.WIPE_DATABASE, database=settings.neo4j_database, what="wiping"
         )
-    click.echo(f"wiped {settings.resolved_neo4j_uri}")
+    click.echo(f"wiped {settings.shown_neo4j_uri}")

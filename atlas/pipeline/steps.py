@@ -520,22 +520,13 @@ def annotate_step(
     """Label features: the logit lens of one transcoder set's stored features (decoder rows
     through the unembedding), then top activating tokens and a short label for every feature
     (the store's annotation code)."""
-    from atlas.annotate.apply import label_features, store_logit_lens
+    from atlas.circuits.lens import logit_lens_for
+    from atlas.store.labels import label_features, store_lens
 
     model_ref, tc_ref = resolve_refs(payload.model, payload.transcoders, settings)
     engine = (engines or PROCESS_ENGINES).get(model_ref, tc_ref, settings)
-    model, tcs = engine.model, engine.transcoders
-    w_u = model.hf.get_output_embeddings().weight.detach().T
-    tok = model.tokenizer
-    n_lens = store_logit_lens(
-        driver,
-        engine.transcoder_info.content_hash,
-        [w.detach() for w in tcs.w_dec],
-        w_u,
-        lambda t: str(tok.decode([t])),
-        k=top_k,
-        database=settings.neo4j_database,
-    )
+    lens = logit_lens_for(engine.model, engine.transcoders)
+    n_lens = store_lens(driver, lens, k=top_k, database=settings.neo4j_database)
     n_labels = label_features(driver, top_k=top_k, database=settings.neo4j_database)
     return {"logit_lens": n_lens, "labelled": n_labels}
 

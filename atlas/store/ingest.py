@@ -35,11 +35,8 @@ from atlas.errors import ConfigError, InputError, StoreError
 from atlas.graph import Graph, NodeKind
 from atlas.interchange import read_json
 from atlas.store import queries as Q
-from atlas.store.connection import translate_neo4j_error, write_tx
+from atlas.store.connection import write_tx
 from atlas.store.read import normalise_token_text
-
-# re-export for callers not yet moved (atlas.pipeline, tests/unit/test_import_retry.py)
-__all__ = ["translate_neo4j_error"]
 
 log = logging.getLogger(__name__)
 

@@ -132,7 +132,7 @@ def _run(driver: Any, database: str, query: str, **params: Any) -> list[dict[str
 
 def _translated(exc: Exception, what: str) -> Exception:
     """The store's translation, squeezed to one line (server messages can span several)."""
-    from atlas.store.ingest import translate_neo4j_error
+    from atlas.store.connection import translate_neo4j_error
 
     error = translate_neo4j_error(exc, what)
     error.args = (" ".join(str(error).split()),)

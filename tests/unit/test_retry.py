@@ -9,7 +9,7 @@ import redis.exceptions
 
 from atlas.errors import InputError, ServiceUnavailable, StoreError
 from atlas.retry import INLINE_BACKOFF, TASK_BACKOFF, Backoff, retry_transient
-from atlas.store.ingest import translate_neo4j_error
+from atlas.store.connection import translate_neo4j_error
 
 
 class Flaky:

@@ -33,8 +33,8 @@ import pytest
 
 from atlas.errors import AuthError, InputError, ServiceUnavailable
 from atlas.services import _proc
+from tests import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(sys.executable).with_name("atlas")
 #: Settings a test's processes get so that a lost holder is noticed in seconds.
 FAST_LIVENESS = {"HEARTBEAT_INTERVAL_S": "0.5", "STALE_AFTER_S": "3"}
@@ -44,7 +44,7 @@ FAST_LIVENESS = {"HEARTBEAT_INTERVAL_S": "0.5", "STALE_AFTER_S": "3"}
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """(model dir, transcoder dir) of a tiny seeded Llama (character-level tokenizer)."""
-    from tests.tiny import build_tiny_model, build_tiny_transcoders
+    from atlas.testing.tiny import build_tiny_model, build_tiny_transcoders
 
     root = tmp_path_factory.mktemp("tiny-world")
     model = build_tiny_model("llama", root / "model", seed=0)
