@@ -42,7 +42,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -344,6 +344,39 @@ def _settings_env(settings: Any) -> dict[str, str]:
     return env
 
 
+def subprocess_env(
+    settings: Any, drop: tuple[str, ...], extra: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The environment of a child process: this one's without the variables starting with
+    ``drop``, plus the settings' ATLAS_HOME, REDIS_URL and NEO4J_*, then ``extra``, with the
+    repository first on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env.update(_settings_env(settings))
+    env.update(extra or {})
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def spawn(
+    argv: list[str],
+    *,
+    cwd: Path,
+    env: dict[str, str],
+    stdout: IO[bytes],
+    stderr: IO[bytes] | int = subprocess.STDOUT,
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` with no stdin, as a child that dies with the test process."""
+    return subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+        preexec_fn=_proc.die_with_parent(),
+    )
+
+
 def _wait_worker_ready(worker: Worker, app: Any, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -396,27 +429,14 @@ def start_worker(
             )
         hostname = f"atlas-test-{uuid.uuid4().hex[:8]}@localhost"
         log = logs / f"{hostname.split('@')[0]}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "CELERY_"))}
-        env.update(_settings_env(settings))
-        env.update(extra_env or {})
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-        )
+        env = subprocess_env(settings, drop=("NEO4J_", "CELERY_"), extra=extra_env)
         argv = [
             sys.executable, "-m", "celery", "-A", app_module, "worker",
             "-Q", queues, "-c", "1", "-P", pool, "--prefetch-multiplier", "1",
             "-n", hostname, "-l", "info", "--without-gossip", "--without-mingle",
         ]  # fmt: skip
         with log.open("wb") as handle:
-            proc = subprocess.Popen(
-                argv,
-                cwd=REPO_ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_proc.die_with_parent(),
-            )
+            proc = spawn(argv, cwd=REPO_ROOT, env=env, stdout=handle)
         worker = Worker(proc=proc, hostname=hostname, log=log, env=env)
         started.append(worker)
         _wait_worker_ready(worker, make_celery(settings), timeout_s)
