@@ -32,6 +32,24 @@ GOLDEN = ROOT / "tests" / "golden"
 CT_PYTHON = ROOT / "bench" / ".venv-ct" / "bin" / "python"
 WORKER = ROOT / "bench" / "ct_golden_worker.py"
 
+#: a small model with grouped-query attention (two KV heads)
+GQA_MODEL = {
+    "n_layers": 2,
+    "d_model": 64,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "d_mlp": 128,
+    "vocab_size": 128,
+}
+#: influence-ordered feature selection: max_feature_nodes < n_active
+CAT_MAXNODES = {
+    "slug": "cat_maxnodes",
+    "prompt": "The cat sat",
+    "max_feature_nodes": 40,
+    "batch_size": 8,
+    "update_interval": 2,
+}
+
 #: case name -> model builder args, transcoder builder args, prompts (slug, text, extra settings)
 CASES: dict[str, dict[str, Any]] = {
     "gemma2_jumprelu": {
@@ -41,14 +59,7 @@ CASES: dict[str, dict[str, Any]] = {
         "prompts": [
             {"slug": "hello_world", "prompt": "hello world"},
             {"slug": "sum", "prompt": "1 + 2 = 3"},
-            # influence-ordered feature selection: max_feature_nodes < n_active
-            {
-                "slug": "cat_maxnodes",
-                "prompt": "The cat sat",
-                "max_feature_nodes": 40,
-                "batch_size": 8,
-                "update_interval": 2,
-            },
+            CAT_MAXNODES,
         ],
     },
     "gemma2_clt": {
@@ -62,14 +73,7 @@ CASES: dict[str, dict[str, Any]] = {
     },
     "qwen3_gqa_relu": {
         "family": "qwen3",
-        "model": {
-            "n_layers": 2,
-            "d_model": 64,
-            "n_heads": 4,
-            "n_kv_heads": 2,
-            "d_mlp": 128,
-            "vocab_size": 128,
-        },
+        "model": GQA_MODEL,
         "transcoders": {"kind": "relu", "d_transcoder": 128, "target_l0": 8},
         "prompts": [
             {"slug": "hello_world", "prompt": "hello world"},
@@ -78,25 +82,12 @@ CASES: dict[str, dict[str, Any]] = {
     },
     "llama_gqa_jumprelu_skip": {
         "family": "llama",
-        "model": {
-            "n_layers": 2,
-            "d_model": 64,
-            "n_heads": 4,
-            "n_kv_heads": 2,
-            "d_mlp": 128,
-            "vocab_size": 128,
-        },
+        "model": GQA_MODEL,
         "transcoders": {"kind": "jumprelu", "d_transcoder": 128, "target_l0": 8, "skip": True},
         "prompts": [
             {"slug": "hello_world", "prompt": "hello world"},
             {"slug": "sum", "prompt": "2 + 3 = 5"},
-            {
-                "slug": "cat_maxnodes",
-                "prompt": "The cat sat",
-                "max_feature_nodes": 40,
-                "batch_size": 8,
-                "update_interval": 2,
-            },
+            CAT_MAXNODES,
         ],
     },
 }

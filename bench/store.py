@@ -431,55 +431,29 @@ def run_queries(driver: neo4j.Driver, args: argparse.Namespace) -> dict[str, Any
     define_s = (time.perf_counter() - t0) / 3
 
     hops, mw = args.max_hops, args.min_weight
+
+    def paths(source: str, target: str, min_weight: float = mw) -> Any:
+        return read.paths(driver, source, target, max_hops=hops, min_weight=min_weight, limit=20)
+
+    def logit() -> str:
+        return f"logit:{rng.choice(words)}"
+
+    def supernode() -> str:
+        return f"supernode:bench-{rng.randrange(3)}"
+
     cases: dict[str, Callable[[], Any]] = {
-        "paths feature->logit": lambda: read.paths(
-            driver,
-            rng.choice(low_layer),
-            f"logit:{rng.choice(words)}",
-            max_hops=hops,
-            min_weight=mw,
-            limit=20,
-        ),
-        "paths token->logit": lambda: read.paths(
-            driver,
-            f"token:{rng.choice(words)}",
-            f"logit:{rng.choice(words)}",
-            max_hops=hops,
-            min_weight=mw,
-            limit=20,
-        ),
-        "paths supernode->logit": lambda: read.paths(
-            driver,
-            f"supernode:bench-{rng.randrange(3)}",
-            f"logit:{rng.choice(words)}",
-            max_hops=hops,
-            min_weight=mw,
-            limit=20,
-        ),
-        "paths feature->logit |w|>=0.3": lambda: read.paths(
-            driver,
-            rng.choice(low_layer),
-            f"logit:{rng.choice(words)}",
-            max_hops=hops,
-            min_weight=0.3,
-            limit=20,
-        ),
-        "paths feature->feature": lambda: read.paths(
-            driver, rng.choice(low_layer), rng.choice(mid), max_hops=hops, min_weight=mw, limit=20
-        ),
+        "paths feature->logit": lambda: paths(rng.choice(low_layer), logit()),
+        "paths token->logit": lambda: paths(f"token:{rng.choice(words)}", logit()),
+        "paths supernode->logit": lambda: paths(supernode(), logit()),
+        "paths feature->logit |w|>=0.3": lambda: paths(rng.choice(low_layer), logit(), 0.3),
+        "paths feature->feature": lambda: paths(rng.choice(low_layer), rng.choice(mid)),
         "active prompts (feature)": lambda: read.active_prompts(driver, rng.choice(mid), limit=50),
-        "active prompts (supernode)": lambda: read.active_prompts(
-            driver, f"supernode:bench-{rng.randrange(3)}", limit=50
-        ),
-        "top contributors to a logit": lambda: read.top_contributors(
-            driver, f"logit:{rng.choice(words)}", limit=20
-        ),
+        "active prompts (supernode)": lambda: read.active_prompts(driver, supernode(), limit=50),
+        "top contributors to a logit": lambda: read.top_contributors(driver, logit(), limit=20),
         "feature neighbours (aggregate)": lambda: read.neighbours(
             driver, rng.choice(popular), limit=20
         ),
-        "supernode neighbours (aggregate)": lambda: read.neighbours(
-            driver, f"supernode:bench-{rng.randrange(3)}"
-        ),
+        "supernode neighbours (aggregate)": lambda: read.neighbours(driver, supernode()),
         "prompt supernode graph": lambda: read.prompt_supernode_graph(driver, rng.choice(prompts)),
         "compare two prompts": lambda: read.compare_prompts(
             driver, rng.choice(prompts), rng.choice(prompts)

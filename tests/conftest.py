@@ -48,7 +48,7 @@ import pytest
 
 from atlas.services import _proc
 from tests import REPO_ROOT
-from tests.servers import TEST_JVM_OPTIONS, launcher_build_root, settings_env
+from tests.servers import TEST_JVM_OPTIONS, launcher_build_root, spawn, subprocess_env
 
 logger = logging.getLogger("tests.conftest")
 
@@ -376,27 +376,14 @@ def start_worker(
             )
         hostname = f"atlas-test-{uuid.uuid4().hex[:8]}@localhost"
         log = logs / f"{hostname.split('@')[0]}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "CELERY_"))}
-        env.update(settings_env(settings))
-        env.update(extra_env or {})
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-        )
+        env = subprocess_env(settings, drop=("NEO4J_", "CELERY_"), extra=extra_env)
         argv = [
             sys.executable, "-m", "celery", "-A", app_module, "worker",
             "-Q", queues, "-c", "1", "-P", pool, "--prefetch-multiplier", "1",
             "-n", hostname, "-l", "info", "--without-gossip", "--without-mingle",
         ]  # fmt: skip
         with log.open("wb") as handle:
-            proc = subprocess.Popen(
-                argv,
-                cwd=REPO_ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_proc.die_with_parent(),
-            )
+            proc = spawn(argv, cwd=REPO_ROOT, env=env, stdout=handle)
         worker = Worker(proc=proc, hostname=hostname, log=log, env=env)
         started.append(worker)
         _wait_worker_ready(worker, make_celery(settings), timeout_s)

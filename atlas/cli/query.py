@@ -3,7 +3,8 @@ read-only Cypher over the graph)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -18,10 +19,19 @@ from atlas.cli._common import (
     timeout,
 )
 
+T = TypeVar("T")
+
 
 @click.group()
 def query() -> None:
     """Named questions across every stored prompt."""
+
+
+def _ask(question: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``question(driver, *args, **kwargs)`` (an :mod:`atlas.store.read` function) on the
+    configured atlas, with its database and query timeout."""
+    with atlas_driver() as driver:
+        return question(driver, *args, database=database(), timeout_s=timeout(), **kwargs)
 
 
 @query.command()
@@ -39,18 +49,15 @@ def paths(source: str, target: str, max_hops: int, min_weight: float, limit: int
     """Directed paths within one prompt, across every prompt, from one endpoint to another."""
     from atlas.store import read
 
-    with atlas_driver() as driver:
-        result = read.paths(
-            driver,
-            source,
-            target,
-            max_hops=max_hops,
-            min_weight=min_weight,
-            limit=limit,
-            cap=get_settings().cypher_row_cap,
-            database=database(),
-            timeout_s=timeout(),
-        )
+    result = _ask(
+        read.paths,
+        source,
+        target,
+        max_hops=max_hops,
+        min_weight=min_weight,
+        limit=limit,
+        cap=get_settings().cypher_row_cap,
+    )
     if fmt == "json":
         emit_json(result)
         return
@@ -89,10 +96,7 @@ def active(spec: str, limit: int, fmt: str) -> None:
     """Prompts where a feature (feature:L/I) or supernode (supernode:NAME) is active."""
     from atlas.store import read
 
-    with atlas_driver() as driver:
-        rows = read.active_prompts(
-            driver, spec, limit=limit, database=database(), timeout_s=timeout()
-        )
+    rows = _ask(read.active_prompts, spec, limit=limit)
     output(
         rows,
         fmt,
@@ -109,10 +113,7 @@ def contributors(logit: str, limit: int, fmt: str) -> None:
     """Top direct contributors to a logit (logit:TEXT) summed across prompts."""
     from atlas.store import read
 
-    with atlas_driver() as driver:
-        rows = read.top_contributors(
-            driver, logit, limit=limit, database=database(), timeout_s=timeout()
-        )
+    rows = _ask(read.top_contributors, logit, limit=limit)
     output(
         rows,
         fmt,
@@ -129,8 +130,7 @@ def neighbours(spec: str, limit: int, fmt: str) -> None:
     """Aggregated neighbours of a feature (feature:L/I) or supernode (supernode:NAME)."""
     from atlas.store import read
 
-    with atlas_driver() as driver:
-        rows = read.neighbours(driver, spec, limit=limit, database=database(), timeout_s=timeout())
+    rows = _ask(read.neighbours, spec, limit=limit)
     cols = ["direction", "neighbour", "label", "n_prompts", "sum_w", "mean_w", "max_w", "min_w"]
     output(rows, fmt, cols, f"aggregated neighbours of {spec}")
 
@@ -142,10 +142,7 @@ def supernode_graph(prompt_id: str, fmt: str) -> None:
     """One prompt collapsed to its supernodes (plus token and logit nodes)."""
     from atlas.store import read
 
-    with atlas_driver() as driver:
-        rows = read.prompt_supernode_graph(
-            driver, prompt_id, database=database(), timeout_s=timeout()
-        )
+    rows = _ask(read.prompt_supernode_graph, prompt_id)
     output(rows, fmt, ["source", "target", "weight", "n_edges"], f"supernode graph of {prompt_id}")
 
 
@@ -158,10 +155,7 @@ def compare(a: str, b: str, limit: int, fmt: str) -> None:
     """Two prompts side by side: shared and exclusive features, shared feature edges."""
     from atlas.store import read
 
-    with atlas_driver() as driver:
-        result = read.compare_prompts(
-            driver, a, b, limit=limit, database=database(), timeout_s=timeout()
-        )
+    result = _ask(read.compare_prompts, a, b, limit=limit)
     if fmt == "json":
         emit_json(result)
         return
@@ -181,8 +175,7 @@ def prompts(limit: int, fmt: str) -> None:
     """The most recently ingested prompts."""
     from atlas.store import read
 
-    with atlas_driver() as driver:
-        rows = read.list_prompts(driver, limit=limit, database=database(), timeout_s=timeout())
+    rows = _ask(read.list_prompts, limit=limit)
     output(
         rows,
         fmt,

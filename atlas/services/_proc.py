@@ -75,6 +75,19 @@ def wait_for_exit(pid: int, timeout_s: float) -> bool:
     return not pid_alive(pid)
 
 
+def terminate(pid: int, timeout_s: float, kill_wait_s: float) -> bool:
+    """SIGTERM ``pid`` and wait up to ``timeout_s`` for it to exit, else SIGKILL it and wait up to
+    ``kill_wait_s``; True when it exited on SIGTERM."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    if wait_for_exit(pid, timeout_s):
+        return True
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    wait_for_exit(pid, kill_wait_s)
+    return False
+
+
 def read_pid_file(path: Path) -> dict[str, Any] | None:
     """The JSON record in a pid file, or None when absent or unreadable."""
     try:

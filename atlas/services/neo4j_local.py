@@ -18,13 +18,11 @@ Public API: :func:`start`, :func:`stop`, :func:`status`, :func:`build_launcher`.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -42,7 +40,6 @@ from atlas.services._proc import (
     pid_cmdline,
     port_in_use,
     read_pid_file,
-    wait_for_exit,
     write_pid_file,
 )
 
@@ -497,16 +494,11 @@ def stop(
             return False
         pid = int(record["pid"])
         logger.info("stopping local Neo4j (pid %d)", pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        clean = wait_for_exit(pid, timeout_s)
+        clean = _proc.terminate(pid, timeout_s, kill_wait_s=10.0)
         if not clean:
             logger.warning(
-                "local Neo4j (pid %d) ignored SIGTERM for %.0f s: killing", pid, timeout_s
+                "local Neo4j (pid %d) ignored SIGTERM for %.0f s: killed", pid, timeout_s
             )
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            wait_for_exit(pid, 10.0)
         spec.pid_file.unlink(missing_ok=True)
         if record.get("cds_dump"):
             _publish_cds_archive(Path(record["cds_dump"]), keep=clean)

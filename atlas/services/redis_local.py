@@ -6,11 +6,8 @@ process can stop it. Installing Redis is the set-up script's job (``dev/setup.sh
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -26,7 +23,6 @@ from atlas.services._proc import (
     pid_cmdline,
     port_in_use,
     read_pid_file,
-    wait_for_exit,
     write_pid_file,
 )
 
@@ -198,10 +194,6 @@ def stop(directory: Path, *, timeout_s: float = 30.0) -> bool:
     server = running(Path(directory).resolve())
     if server is None:
         return False
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(server.pid, signal.SIGTERM)
-    if not wait_for_exit(server.pid, timeout_s):
-        os.kill(server.pid, signal.SIGKILL)
-        wait_for_exit(server.pid, 5.0)
+    _proc.terminate(server.pid, timeout_s, kill_wait_s=5.0)
     _pid_file(server.directory).unlink(missing_ok=True)
     return True

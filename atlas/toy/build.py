@@ -19,11 +19,15 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from atlas.errors import ConfigError, ModelLoadError
+
+if TYPE_CHECKING:
+    from atlas.toy.train_model import ModelTrainConfig
+    from atlas.transcoders.training import TranscoderTrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -58,26 +62,79 @@ class ToyPaths:
         )
 
 
+def _toy_model_config() -> ModelTrainConfig:
+    from atlas.toy.train_model import ModelTrainConfig
+
+    return ModelTrainConfig(steps=1000, seq_len=40, batch_size=24, lr=4e-3)
+
+
+def _toy_transcoder_config() -> TranscoderTrainConfig:
+    from atlas.transcoders.training import TranscoderTrainConfig
+
+    return TranscoderTrainConfig(d_transcoder=512, chunks=40, passes=2, resample_dead_until=0.8)
+
+
+#: manifest ``build_config`` key -> (sub-config, field) of the settings a toy build records
+RECORDED: dict[str, tuple[str, str]] = {
+    "model_steps": ("model", "steps"),
+    "model_seq_len": ("model", "seq_len"),
+    "model_batch": ("model", "batch_size"),
+    "model_lr": ("model", "lr"),
+    "d_transcoder": ("transcoders", "d_transcoder"),
+    "target_l0": ("transcoders", "target_l0"),
+    "tc_chunks": ("transcoders", "chunks"),
+    "tc_batch_tokens": ("transcoders", "batch_tokens"),
+    "tc_passes": ("transcoders", "passes"),
+    "tc_resample_dead_until": ("transcoders", "resample_dead_until"),
+    "tc_skip": ("transcoders", "skip"),
+}
+
+
 @dataclass
 class ToyBuildConfig:
-    """Everything that shapes a toy build (recorded in the manifest)."""
+    """Everything that shapes a toy build (recorded in the manifest, see :meth:`record`).
+
+    ``seed`` and ``threads`` are the whole build's: they replace the sub-configs' own.
+    """
 
     seed: int = 0
-    model_steps: int = 1000
-    model_seq_len: int = 40
-    model_batch: int = 24
-    model_lr: float = 4e-3
-    d_transcoder: int = 512
-    target_l0: float = 16.0
-    tc_chunks: int = 40
+    model: ModelTrainConfig = field(default_factory=_toy_model_config)
+    transcoders: TranscoderTrainConfig = field(default_factory=_toy_transcoder_config)
     tc_docs_per_chunk: int = 96
-    tc_batch_tokens: int = 1024
-    tc_passes: int = 2
-    tc_resample_dead_until: float = 0.8
-    tc_skip: bool = False
     eval_docs: int = 256
     threads: int = 1
     """torch threads for the whole build (1: fastest on a shared 2-core machine, deterministic)."""
+
+    def model_config(self) -> ModelTrainConfig:
+        """The toy model's training settings, with the build's seed and threads."""
+        return replace(self.model, seed=self.seed, threads=self.threads)
+
+    def transcoder_config(self) -> TranscoderTrainConfig:
+        """The transcoders' training settings, with the build's seed and threads."""
+        return replace(self.transcoders, seed=self.seed, threads=self.threads)
+
+    def record(self) -> dict[str, Any]:
+        """The manifest's ``build_config``: the build's own settings and the sub-configs' ones
+        named in :data:`RECORDED`, under flat keys; any other sub-config setting that differs
+        from the toy default is added as ``"<sub-config>.<field>"``."""
+        out: dict[str, Any] = {
+            "seed": self.seed,
+            "tc_docs_per_chunk": self.tc_docs_per_chunk,
+            "eval_docs": self.eval_docs,
+            "threads": self.threads,
+        }
+        for key, (sub, name) in RECORDED.items():
+            out[key] = getattr(getattr(self, sub), name)
+        default = replace(ToyBuildConfig(), seed=self.seed, threads=self.threads)
+        subs: list[tuple[str, Any, Any]] = [
+            ("model", self.model_config(), default.model_config()),
+            ("transcoders", self.transcoder_config(), default.transcoder_config()),
+        ]
+        for sub, mine, base in subs:
+            for name, value in asdict(mine).items():
+                if (sub, name) not in RECORDED.values() and value != getattr(base, name):
+                    out[f"{sub}.{name}"] = value
+        return out
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -140,8 +197,8 @@ def build_toy(
 
     ``seed`` overrides ``config.seed``. Overwrites ``model/``, ``transcoders/`` and ``manifest.json`` under ``out_dir``.
     """
-    from atlas.toy.train_model import ModelTrainConfig, deterministic_torch, train_and_save
-    from atlas.transcoders.training import TranscoderTrainConfig, train_transcoders
+    from atlas.toy.train_model import deterministic_torch, train_and_save
+    from atlas.transcoders.training import train_transcoders
 
     cfg = replace(config or ToyBuildConfig(), seed=seed)
     paths = ToyPaths.at(Path(out_dir))
@@ -152,29 +209,12 @@ def build_toy(
     paths.manifest.unlink(missing_ok=True)
 
     t0 = time.perf_counter()
-    mcfg = ModelTrainConfig(
-        seed=cfg.seed,
-        steps=cfg.model_steps,
-        seq_len=cfg.model_seq_len,
-        batch_size=cfg.model_batch,
-        lr=cfg.model_lr,
-        threads=cfg.threads,
-    )
+    mcfg = cfg.model_config()
     logger.info("training the toy model (%d steps)", mcfg.steps)
     model, tokenizer, corpus, metrics = train_and_save(paths.model_dir, mcfg, progress=progress)
     t_model = time.perf_counter() - t0
 
-    tcfg = TranscoderTrainConfig(
-        d_transcoder=cfg.d_transcoder,
-        target_l0=cfg.target_l0,
-        chunks=cfg.tc_chunks,
-        batch_tokens=cfg.tc_batch_tokens,
-        passes=cfg.tc_passes,
-        skip=cfg.tc_skip,
-        resample_dead_until=cfg.tc_resample_dead_until,
-        seed=cfg.seed,
-        threads=cfg.threads,
-    )
+    tcfg = cfg.transcoder_config()
     logger.info("training transcoders (%d chunks)", tcfg.chunks)
     with deterministic_torch(cfg.seed, cfg.threads):
         reports = train_transcoders(
@@ -194,7 +234,7 @@ def build_toy(
         "seed": cfg.seed,
         "command": f"atlas toy build --seed {cfg.seed} --out <DIR>",
         "python_api": f"atlas.toy.build.build_toy(out_dir, seed={cfg.seed})",
-        "build_config": asdict(cfg),
+        "build_config": cfg.record(),
         "versions": _versions(),
         "files": file_hashes(paths.root),
         "metrics": {

@@ -9,7 +9,6 @@ node, edge and aggregate counts of the graphs (recomputed here independently of 
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -27,8 +26,7 @@ from atlas.graph import Graph, NodeKind
 from atlas.services import _proc
 from atlas.store import queries as Q
 from atlas.store.synthetic import synthetic_graph
-from tests import REPO_ROOT
-from tests.servers import TEST_JVM_OPTIONS, launcher_build_root, settings_env
+from tests.servers import TEST_JVM_OPTIONS, launcher_build_root, spawn, subprocess_env
 
 pytestmark = [pytest.mark.neo4j, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -150,9 +148,7 @@ def test_import_survives_neo4j_restart(server: Server, tmp_path: Path) -> None:
         neo4j_password=SecretStr(""),
         redis_url=None,
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "INGEST_"))}
-    env.update(settings_env(settings))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    env = subprocess_env(settings, drop=("NEO4J_", "INGEST_"))
     out_log, err_log = tmp_path / "import.out", tmp_path / "import.err"
     # small UNWIND batches: each prompt is several statements, so the restart can hit one mid-way
     argv = [sys.executable, "-m", "atlas", "import", str(gdir), "--batch-size", "100"]
@@ -160,15 +156,7 @@ def test_import_survives_neo4j_restart(server: Server, tmp_path: Path) -> None:
     driver = neo4j.GraphDatabase.driver(server.uri, auth=None)
     try:
         with out_log.open("wb") as out, err_log.open("wb") as err:
-            proc = subprocess.Popen(
-                argv,
-                cwd=tmp_path,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                preexec_fn=_proc.die_with_parent(),
-            )
+            proc = spawn(argv, cwd=tmp_path, env=env, stdout=out, stderr=err)
         try:
             deadline = time.monotonic() + 180
             stored_before = 0

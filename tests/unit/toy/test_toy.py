@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -178,17 +179,29 @@ def test_shipped_transcoders_have_circuit_tracer_layout() -> None:
         assert {"W_enc", "W_dec", "b_enc", "b_dec", "activation_function.threshold"} <= set(t)
 
 
+def test_default_build_config_is_recorded_as_the_shipped_one() -> None:
+    from atlas.toy.build import ToyBuildConfig
+
+    shipped = json.loads((ASSETS_DIR / "manifest.json").read_text())["build_config"]
+    record = ToyBuildConfig().record()
+    assert json.dumps(record, indent=2, sort_keys=True) == json.dumps(
+        shipped, indent=2, sort_keys=True
+    )
+    cfg = ToyBuildConfig(seed=5, threads=2)
+    assert (cfg.model_config().seed, cfg.model_config().threads) == (5, 2)
+    assert (cfg.transcoder_config().seed, cfg.transcoder_config().threads) == (5, 2)
+    other = replace(cfg, model=replace(cfg.model, n_layers=2, steps=7))
+    assert other.record() == {**cfg.record(), "model_steps": 7, "model.n_layers": 2}
+
+
 def test_build_is_deterministic(tmp_path: Path) -> None:
     from atlas.toy.build import ToyBuildConfig, build_toy
 
+    toy = ToyBuildConfig()
     cfg = ToyBuildConfig(
-        model_steps=4,
-        model_seq_len=16,
-        model_batch=4,
-        d_transcoder=32,
-        tc_chunks=2,
+        model=replace(toy.model, steps=4, seq_len=16, batch_size=4),
+        transcoders=replace(toy.transcoders, d_transcoder=32, chunks=2, batch_tokens=64),
         tc_docs_per_chunk=8,
-        tc_batch_tokens=64,
         eval_docs=4,
     )
     a = build_toy(tmp_path / "a", seed=3, progress=False, config=cfg)
