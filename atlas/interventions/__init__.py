@@ -20,8 +20,10 @@ Public API::
           generate=0) -> SteeringResult
     alpha_sweep(model, inputs, vector, alphas, *, span, tokens) -> list[dict]
     decoder_cosines(vector, tset, layer) -> (d_tc,) cosines
-    direct_effect(result, changes) -> (N,)       graph_influence(adjacency) -> (N, N)
-    logit_influence(result) -> (N,)              measured_effect(model, result, run)
+    graph_view(AttributionResult | Graph) -> GraphView   (what predictions read)
+    direct_effect(graph, changes) -> (N,)        graph_influence(adjacency) -> (N, N)
+    logit_influence(graph) -> (N,)               measured_effect(model, graph, run)
+    target_rows(graph) -> node indices measured_effect reads
     activation_fractions(run, features)          supernode_fraction(acts, clean, members)
     faithfulness(model, tset, inputs, result, *, n_sources=10, span=2) -> FaithfulnessReport
 """
@@ -51,12 +53,14 @@ from atlas.interventions.patching import (
 )
 from atlas.interventions.predict import (
     FaithfulnessReport,
+    GraphView,
     activation_fractions,
     demeaned_logits,
     direct_effect,
     faithfulness,
     feature_nodes,
     graph_influence,
+    graph_view,
     logit_influence,
     measured_effect,
     pearson,
@@ -78,6 +82,7 @@ __all__ = [
     "DonorActivations",
     "FaithfulnessReport",
     "FeatureEdit",
+    "GraphView",
     "Intervention",
     "InterventionResult",
     "SteeringResult",
@@ -98,6 +103,7 @@ __all__ = [
     "feature_nodes",
     "generate",
     "graph_influence",
+    "graph_view",
     "logit_influence",
     "measured_effect",
     "open_ended",

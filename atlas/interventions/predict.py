@@ -18,8 +18,9 @@ unembedding's input, before any softcap: the quantity the graph's logit rows att
 
 :func:`faithfulness` is Anthropic's validation: ablate each top-influence feature in turn under
 constrained patching over ``[layer, layer + 2]`` with frozen attention, then the Spearman
-correlation between ``B[t, s]`` and the measured ``|delta a_t| / a_t`` over downstream active
-feature nodes, and the Pearson correlation of ``log`` logit influence against ``log`` ablation KL.
+correlation between ``B[t, s]`` and the measured ``|delta a_t| / a_t`` over the active feature
+nodes the source can reach (a later layer, and a position that sees the source's: causal, or
+inside the same bidirectional image block), and the Pearson correlation of ``log`` logit influence against ``log`` ablation KL.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch import Tensor
 from atlas.attribution.pruning import compute_influence, row_sums
 from atlas.attribution.result import AttributionResult
 from atlas.errors import InputError
+from atlas.graph import Graph, NodeKind
 from atlas.interventions.core import (
     FeatureEdit,
     InterventionResult,
@@ -47,30 +49,101 @@ Change = tuple[int, int, int, float]
 """``(layer, pos, feature, delta a)``: a feature node's change of activation."""
 
 
-def feature_nodes(result: AttributionResult) -> dict[tuple[int, int, int], int]:
-    """``(layer, pos, feature)`` -> its node index (= adjacency column) in the graph."""
-    feats = result.active_features[result.selected_features].tolist()
-    return {(lay, p, f): i for i, (lay, p, f) in enumerate(feats)}
+@dataclass(frozen=True)
+class GraphView:
+    """What predictions read from a graph, from an :class:`AttributionResult` or a (possibly
+    pruned) :class:`atlas.graph.Graph` (``N`` nodes, ``F`` feature nodes, ``k`` logits).
+
+    adjacency      (N, N) float32  rows = targets, columns = sources
+    feature_index  (F,) int64      node index of each feature node
+    features       (F, 3) int64    their ``[layer, pos, feature]``
+    activations    (F,) float32    their activations
+    logit_index    (k,) int64      node index of each logit target
+    logit_tokens   (k,) int64      their token ids
+    logit_probs    (k,) float32    their probabilities
+    input_ids      (P,) int64      the prompt's tokens
+    """
+
+    adjacency: Tensor
+    feature_index: Tensor
+    features: Tensor
+    activations: Tensor
+    logit_index: Tensor
+    logit_tokens: Tensor
+    logit_probs: Tensor
+    input_ids: Tensor
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def logit_weights(self) -> Tensor:
+        w = torch.zeros(self.adjacency.shape[0], dtype=torch.float32)
+        w[self.logit_index] = self.logit_probs.float().cpu()
+        return w.to(self.adjacency.device)
 
 
-def _node(result: AttributionResult, index: dict, layer: int, pos: int, feature: int) -> int:
-    key = (layer, pos % result.n_pos, feature)
+GraphLike = AttributionResult | Graph | GraphView
+
+
+def graph_view(graph: GraphLike) -> GraphView:
+    """The :class:`GraphView` of an attribution result or a graph."""
+    if isinstance(graph, GraphView):
+        return graph
+    if isinstance(graph, AttributionResult):
+        n, k, f = graph.n_nodes, graph.n_logits, graph.n_features
+        return GraphView(
+            adjacency=graph.adjacency,
+            feature_index=torch.arange(f),
+            features=graph.active_features[graph.selected_features].cpu(),
+            activations=graph.activation_values[graph.selected_features].float().cpu(),
+            logit_index=torch.arange(n - k, n),
+            logit_tokens=graph.logit_tokens.cpu(),
+            logit_probs=graph.logit_probabilities.float().cpu(),
+            input_ids=graph.input_ids.cpu(),
+        )
+    feats = torch.nonzero(graph.kind == int(NodeKind.FEATURE)).flatten()
+    logits = torch.nonzero(graph.kind == int(NodeKind.LOGIT)).flatten()
+    return GraphView(
+        adjacency=graph.dense_adjacency(),
+        feature_index=feats,
+        features=torch.stack(
+            [graph.layer[feats], graph.pos[feats], graph.feature[feats]], 1
+        ).long(),
+        activations=graph.activation[feats],
+        logit_index=logits,
+        logit_tokens=graph.token_id[logits],
+        logit_probs=graph.logit_prob[logits],
+        input_ids=graph.input_ids,
+    )
+
+
+def feature_nodes(graph: GraphLike) -> dict[tuple[int, int, int], int]:
+    """``(layer, pos, feature)`` -> its position among the graph's feature nodes."""
+    view = graph_view(graph)
+    return {(lay, p, f): i for i, (lay, p, f) in enumerate(view.features.tolist())}
+
+
+def _feature_number(view: GraphView, index: dict, layer: int, pos: int, feature: int) -> int:
+    key = (layer, pos % view.n_pos, feature)
     if key not in index:
         raise InputError(f"feature {layer}:{pos}:{feature} is not a node of the graph")
     return int(index[key])
 
 
-def direct_effect(result: AttributionResult, changes: Sequence[Change]) -> Tensor:
+def direct_effect(graph: GraphLike, changes: Sequence[Change]) -> Tensor:
     """``A[:, s] @ (delta / a_s)``: the graph's direct-effect prediction for every node, ``(N,)``.
 
     An edge is the effect of its source's whole vector ``a_s * W_dec``, so a change ``delta`` of
     the activation moves the targets by ``A[t, s] * delta / a_s`` (doubling: ``A[t, s]``)."""
-    index = feature_nodes(result)
-    cols = torch.tensor([_node(result, index, lay, p, f) for lay, p, f, _ in changes])
-    acts = result.activation_values[result.selected_features].double().cpu()[cols]
+    view = graph_view(graph)
+    index = feature_nodes(view)
+    nums = torch.tensor([_feature_number(view, index, lay, p, f) for lay, p, f, _ in changes])
+    acts = view.activations.double()[nums]
     delta = torch.tensor([float(d) for *_, d in changes], dtype=torch.float64) / acts
-    adj = result.adjacency
-    return (adj[:, cols.to(adj.device)].double().cpu() @ delta).float()
+    adj = view.adjacency
+    cols = view.feature_index[nums].to(adj.device)
+    return (adj[:, cols].double().cpu() @ delta).float()
 
 
 def graph_influence(adjacency: Tensor) -> Tensor:
@@ -82,9 +155,10 @@ def graph_influence(adjacency: Tensor) -> Tensor:
     return (torch.linalg.solve(eye - a_hat, eye) - eye).float()
 
 
-def logit_influence(result: AttributionResult) -> Tensor:
+def logit_influence(graph: GraphLike) -> Tensor:
     """Every node's influence on the logits, ``w B`` (``(N,)``, circuit-tracer's)."""
-    influence, _ = compute_influence(result.adjacency, result.logit_weights())
+    view = graph_view(graph)
+    influence, _ = compute_influence(view.adjacency, view.logit_weights())
     return influence
 
 
@@ -95,17 +169,16 @@ def demeaned_logits(model: LoadedModel, hidden: Tensor, tokens: Tensor) -> Tenso
     return (directions @ hidden[-1].double().to(unembed.device)).float().cpu()
 
 
-def measured_effect(
-    model: LoadedModel, result: AttributionResult, run: InterventionResult
-) -> Tensor:
-    """Measured change of every target row of the graph: feature nodes' activations, then the
-    demeaned logits, ``(n_features + n_logits,)``."""
-    feats = result.active_features[result.selected_features].cpu()
-    lay, pos, f = feats[:, 0], feats[:, 1], feats[:, 2]
+def measured_effect(model: LoadedModel, graph: GraphLike, run: InterventionResult) -> Tensor:
+    """Measured change of every target row of the graph (:func:`target_rows`): feature nodes'
+    activations, then the demeaned logits, ``(F + k,)``."""
+    view = graph_view(graph)
+    lay, pos, f = view.features[:, 0], view.features[:, 1], view.features[:, 2]
     delta = run.activations.cpu() - _clean_like(run)
     feat_delta = delta[lay, pos, f]
-    logit_delta = demeaned_logits(model, run.final_hidden, result.logit_tokens) - demeaned_logits(
-        model, run.base_final_hidden, result.logit_tokens
+    tokens = view.logit_tokens
+    logit_delta = demeaned_logits(model, run.final_hidden, tokens) - demeaned_logits(
+        model, run.base_final_hidden, tokens
     )
     return torch.cat([feat_delta.float(), logit_delta])
 
@@ -116,10 +189,10 @@ def _clean_like(run: InterventionResult) -> Tensor:
     return (base if base is not None else run.clean_activations).cpu()
 
 
-def target_rows(result: AttributionResult) -> Tensor:
-    """The adjacency rows :func:`measured_effect` measures (feature nodes, then logits)."""
-    n = result.n_nodes
-    return torch.cat([torch.arange(result.n_features), torch.arange(n - result.n_logits, n)])
+def target_rows(graph: GraphLike) -> Tensor:
+    """The node indices :func:`measured_effect` measures (feature nodes, then logits)."""
+    view = graph_view(graph)
+    return torch.cat([view.feature_index, view.logit_index])
 
 
 def activation_fractions(
@@ -185,23 +258,25 @@ def faithfulness(
     model: LoadedModel,
     tset: TranscoderSet,
     inputs: ModelInputs,
-    result: AttributionResult,
+    graph: GraphLike,
     *,
     n_sources: int = 10,
     span: int = 2,
 ) -> FaithfulnessReport:
     """Ablate each of the ``n_sources`` feature nodes of highest logit influence (below the top
     layer) in turn, constrained over ``[layer, layer + span]`` (see the module docstring)."""
-    if inputs.n_pos != result.n_pos or not torch.equal(inputs.input_ids.cpu(), result.input_ids):
+    view = graph_view(graph)
+    if inputs.n_pos != view.n_pos or not torch.equal(inputs.input_ids.cpu(), view.input_ids):
         raise InputError("the graph was computed on another prompt")
     clean = clean_run(model, tset, inputs)
-    b = graph_influence(result.adjacency).cpu()
-    li = logit_influence(result).cpu()
-    feats = result.active_features[result.selected_features].cpu()
-    n_feat, top = result.n_features, model.n_layers - 1
+    b = graph_influence(view.adjacency).cpu()
+    li = logit_influence(view).cpu()[view.feature_index]
+    feats = view.features
+    n_feat, top = feats.shape[0], model.n_layers - 1
     candidates = [i for i in range(n_feat) if int(feats[i, 0]) < top]
     candidates.sort(key=lambda i: -float(li[i]))
     chosen = candidates[:n_sources]
+    node = view.feature_index.tolist()
     xs, ys, kls = [], [], []
     acts_c = clean.activations.cpu()
     for s in chosen:
@@ -215,9 +290,9 @@ def faithfulness(
         for t in range(n_feat):
             tl, tp, tf = (int(v) for v in feats[t])
             a = float(acts_c[tl, tp, tf])
-            if tl <= lay or a <= 0:
+            if tl <= lay or a <= 0 or pos >= inputs.prefix_for(tp):
                 continue
-            xs.append(float(b[t, s]))
+            xs.append(float(b[node[t], node[s]]))
             ys.append(abs(float(acts[tl, tp, tf]) - a) / a)
     x, y = torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64)
     lis = li[chosen].double()

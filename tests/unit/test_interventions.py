@@ -24,6 +24,7 @@ from atlas.errors import InputError
 from atlas.interventions import (
     FeatureEdit,
     Intervention,
+    active_members,
     alpha_sweep,
     build_vector,
     circuit_patch,
@@ -129,8 +130,8 @@ def test_direct_effect_text(tmp_path: Path, family: str, kind: str, skip: bool) 
     print(f"direct effect {family}/{kind}{'/skip' if skip else ''}: max rel miss {worst:.2e}")
 
 
-def _picture(path: Path) -> Path:
-    gen = torch.Generator().manual_seed(0)
+def _picture(path: Path, seed: int = 0) -> Path:
+    gen = torch.Generator().manual_seed(seed)
     data = torch.randint(0, 256, (50 * 40 * 3,), generator=gen, dtype=torch.uint8)
     Image.frombytes("RGB", (50, 40), bytes(data.tolist())).save(path, format="PNG")
     return path
@@ -153,6 +154,17 @@ def test_direct_effect_vlm(tmp_path: Path, kind: str) -> None:
     assert len(sources) == 4
     worst = _check_direct_effects(model, tset, inputs, res, sources)
     print(f"direct effect {kind} (image + text positions): max rel miss {worst:.2e}")
+    # circuit patching at image positions: its own image changes nothing, another image does
+    clean = clean_run(model, tset, inputs)
+    at_image = [m for m in active_members(clean.activations) if m[1] in img]
+    own = circuit_patch(model, tset, inputs, donor_activations(model, tset, inputs), at_image)
+    torch.testing.assert_close(own.logits, own.base_logits, atol=1e-5, rtol=1e-5)
+    other = model.inputs("how many fingers", _picture(tmp_path / "other.png", seed=1))
+    donor = donor_activations(model, tset, other)
+    moved = [m for m in active_members(donor.activations) if m[1] in img]
+    run = circuit_patch(model, tset, inputs, donor, moved, clean=clean)
+    assert run.kl() > 0
+    assert {iv.pos for iv in run.interventions} <= img
 
 
 # ---------------------------------------------------------------------- round trips
@@ -213,6 +225,18 @@ def test_supernode_and_faithfulness(text_case: tuple) -> None:
     assert len(report.sources) == 4 and report.influence.numel() == report.effect.numel()
     assert -1.0 <= report.spearman <= 1.0
     print(f"faithfulness: spearman {report.spearman:.3f}, log-log {report.log_log_pearson:.3f}")
+
+
+def test_predictions_from_a_graph_equal_the_result(text_case: tuple) -> None:
+    model, tset, inputs, res = text_case
+    graph = res.to_graph(prune=False)
+    feats = res.active_features[res.selected_features][:3].tolist()
+    changes = [(lay, p, f, 0.5) for lay, p, f in feats]
+    torch.testing.assert_close(direct_effect(graph, changes), direct_effect(res, changes))
+    run = feature_intervention(model, tset, inputs, [FeatureEdit(*feats[0], "scale", 0.0)])
+    torch.testing.assert_close(
+        measured_effect(model, graph, run), measured_effect(model, res, run), atol=0, rtol=0
+    )
 
 
 def test_influence_and_rank_correlation() -> None:
