@@ -218,9 +218,16 @@ def resolve(edits: Sequence[FeatureEdit | Intervention], clean: Tensor) -> list[
         if e.mode not in ("set", "scale", "add", "ablate"):
             raise InputError(f"{what}: unknown mode (set, scale, add, ablate)")
         _check_value(e.amount, what)
-        if not 0 <= e.layer < clean.shape[0] or not 0 <= e.feature < clean.shape[2]:
-            raise InputError(f"{what}: layer or feature out of range")
-        _check_position(e.pos, clean.shape[1], what)
+        n_layers, n_pos, d_tc = clean.shape
+        if isinstance(e.layer, bool) or not isinstance(e.layer, int) or not 0 <= e.layer < n_layers:
+            raise InputError(f"{what}: layer {e.layer!r} outside 0..{n_layers - 1}")
+        if (
+            isinstance(e.feature, bool)
+            or not isinstance(e.feature, int)
+            or not 0 <= e.feature < d_tc
+        ):
+            raise InputError(f"{what}: feature {e.feature!r} outside 0..{d_tc - 1}")
+        _check_position(e.pos, n_pos, what)
         a = clean[e.layer, e.pos, e.feature]
         value: float | Tensor
         if e.mode == "set":
@@ -353,7 +360,7 @@ class _Patcher:
         if self.tset.has_skip:
             x, x0 = self.inputs[layer], self.clean.inputs[layer]
             new = new + self.tset.skip(layer, x) - self.tset.skip(layer, x0)
-        return (new + self.deltas[layer].to(value.dtype))[None]
+        return (new + self.deltas[layer].to(new.dtype)).to(value.dtype)[None]
 
 
 def _patch_handles(model: LoadedModel, tset: TranscoderSet, patcher: _Patcher) -> list[Any]:

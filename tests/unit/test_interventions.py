@@ -165,6 +165,13 @@ def test_direct_effect_vlm(tmp_path: Path, kind: str) -> None:
     run = circuit_patch(model, tset, inputs, donor, moved, clean=clean)
     assert run.kl() > 0
     assert {iv.pos for iv in run.interventions} <= img
+    # a steering vector between the two images, applied over the image block, both ways
+    vec = build_vector(model, [inputs], [other], layer=0, token_rule="mean")
+    span, probe = sorted(img), model.n_layers - 1
+    up, down = steer(model, inputs, vec, 2.0, span=span), steer(model, inputs, vec, -2.0, span=span)
+    base, p_up = up.projection(vec, probe, span[-1])
+    _, p_down = down.projection(vec, probe, span[-1])
+    assert p_up > base > p_down
 
 
 # ---------------------------------------------------------------------- round trips
