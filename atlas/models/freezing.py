@@ -31,7 +31,7 @@ import contextlib
 import contextvars
 import functools
 import types
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -256,9 +256,19 @@ def register_replay_attention() -> None:
 
 
 @contextlib.contextmanager
-def replayed(model: LoadedModel, state: PatternReplay) -> Iterator[PatternReplay]:
+def replayed(
+    model: LoadedModel,
+    state: PatternReplay,
+    *,
+    norms: bool = True,
+    live: Collection[nn.Module] = (),
+) -> Iterator[PatternReplay]:
     """Run the model with attention patterns and norm scales recorded into / replayed from
-    ``state`` (see :class:`PatternReplay`); everything is restored on exit."""
+    ``state`` (see :class:`PatternReplay`); everything is restored on exit.
+
+    ``norms=False`` leaves the norms live and replays attention patterns only (what an
+    intervention with frozen attention but unconstrained layers needs); norms in ``live`` stay
+    live either way."""
     register_replay_attention()
     hf = model.hf
     owner = _attention_owner(model)
@@ -267,7 +277,9 @@ def replayed(model: LoadedModel, state: PatternReplay) -> Iterator[PatternReplay
     token = _ACTIVE_REPLAY.set(state)
     try:
         owner.set_attn_implementation(REPLAY_ATTN)
-        for mod in model.adapter.norm_modules(hf):
+        for mod in model.adapter.norm_modules(hf) if norms else []:
+            if any(mod is m for m in live):
+                continue
             mod.forward = types.MethodType(functools.partial(_replay_norm, state), mod)
             patched.append(mod)
         yield state
