@@ -97,6 +97,10 @@ class AtlasSettings(BaseSettings):
     ingest_max_edges: int | None = None
     """Keep at most this many edges per prompt (largest ``|weight|`` first); None: all."""
 
+    image_max_pixels: int = Field(default=50_000_000, ge=1)
+    """Largest image (width x height, read from the header before decoding) an image prompt
+    may have: a decompression bomb is refused with one line before it can exhaust memory."""
+
     @property
     def resolved_artifact_dir(self) -> Path:
         return self.artifact_dir or (self.atlas_home / "artifacts")
