@@ -83,7 +83,7 @@ def test_artifact_round_trip(graph: Graph, tmp_path: Path) -> None:
     _same(graph, back)
     assert back.metadata == graph.metadata
     with safe_open(str(path), framework="pt") as fh:
-        assert {"image_positions", "image_grid", "rollout"} <= set(fh.keys())  # noqa: SIM118
+        assert {"image_positions", "image_grid", "rollout"} <= set(fh.keys())
 
 
 def test_text_graph_metadata_has_no_image_key(case: VlmCase, tmp_path: Path) -> None:
@@ -92,7 +92,7 @@ def test_text_graph_metadata_has_no_image_key(case: VlmCase, tmp_path: Path) -> 
     path = text.save(tmp_path / "t.safetensors")
     with safe_open(str(path), framework="pt") as fh:
         assert "image" not in json.loads(fh.metadata()["atlas.graph"])
-        assert set(fh.keys()) == set(text.tensors())  # noqa: SIM118
+        assert set(fh.keys()) == set(text.tensors())
     assert "image_positions" not in text.tensors()
     assert "image" not in graph_to_json(text)["metadata"]["atlas"]
 
