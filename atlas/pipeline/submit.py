@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from atlas.errors import InputError, ServiceUnavailable
+from atlas.pipeline.images import record_refused, store_spec_images
 from atlas.pipeline.payloads import AttributePayload, PromptSpec, parse_spec
 from atlas.store.jobs import (
     ACTIVE_STATES,
@@ -79,11 +80,13 @@ def submit(
     driver: Any,
     force: bool = False,
     progress: Progress | None = None,
+    image_base: Path | None = None,
 ) -> tuple[str, int]:
     """Record a job and send (or, with no broker, run) its prompts. Returns (job id, n skipped).
 
     Specs whose prompt is already in the atlas (from an earlier job) are recorded as done and
-    not sent, unless ``force``.
+    not sent, unless ``force``. Images are stored in the artifact store first (relative paths
+    from ``image_base``); a spec whose image is refused is recorded as failed and not sent.
     """
     from atlas.store.schema import apply_schema
 
@@ -92,6 +95,7 @@ def submit(
     store = job_store(driver, settings)
     if force:
         specs = [s.model_copy(update={"force": True}) for s in specs]
+    specs, refused = store_spec_images(settings, specs, image_base)
     spec_ids = [s.spec_id() for s in specs]
     already = {} if force else skip_done(store, spec_ids)
     job_id = new_job_id()
@@ -103,12 +107,13 @@ def submit(
         mode=mode_of(settings),
         already_done=already,
     )
+    record_refused(store, job_id, refused)
     if progress is not None:
         progress(store.summary(job_id))
     pending = [
         AttributePayload(spec=s, job_id=job_id, item=i)
         for i, s in enumerate(specs)
-        if i not in already
+        if i not in already and i not in refused
     ]
     _dispatch(settings, driver, job_id, pending, progress)
     return job_id, len(already)
