@@ -417,7 +417,9 @@ class Graph:
             edge_target=target,
             edge_source=source,
             edge_weight=weight,
-            **dict(image or {}),
+            image_positions=(image or {}).get("image_positions"),
+            image_grid=(image or {}).get("image_grid"),
+            rollout=(image or {}).get("rollout"),
         )
 
     # ------------------------------------------------------------------ accessors

@@ -26,7 +26,11 @@ def query() -> None:
 
 @query.command()
 @click.option(
-    "--from", "source", required=True, help="supernode:NAME | feature:L/I | token:TEXT | logit:TEXT"
+    "--from",
+    "source",
+    required=True,
+    help="supernode:NAME | feature:L/I | token:TEXT | logit:TEXT | image | image:ROW,COL | "
+    "image:R0-R1,C0-C1",
 )
 @click.option(
     "--to", "target", required=True, help="supernode:NAME | feature:L/I | token:TEXT | logit:TEXT"
@@ -34,8 +38,17 @@ def query() -> None:
 @click.option("--max-hops", type=int, default=4, show_default=True)
 @click.option("--min-weight", type=float, default=0.0, show_default=True)
 @click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--image-tag", default=None, help="Only prompts whose image has this tag.")
 @FORMAT
-def paths(source: str, target: str, max_hops: int, min_weight: float, limit: int, fmt: str) -> None:
+def paths(
+    source: str,
+    target: str,
+    max_hops: int,
+    min_weight: float,
+    limit: int,
+    image_tag: str | None,
+    fmt: str,
+) -> None:
     """Directed paths within one prompt, across every prompt, from one endpoint to another."""
     from atlas.store import read
 
@@ -50,6 +63,7 @@ def paths(source: str, target: str, max_hops: int, min_weight: float, limit: int
             cap=get_settings().cypher_row_cap,
             database=database(),
             timeout_s=timeout(),
+            image_tag=image_tag,
         )
     if fmt == "json":
         emit_json(result)
@@ -222,3 +236,33 @@ def cypher(text: str, params: tuple[str, ...], fmt: str) -> None:
         print_table(res.rows, res.keys, None)
         if res.truncated:
             click.echo(f"(truncated at {settings.cypher_row_cap} rows)", err=True)
+
+
+@query.command("image-regions")
+@click.argument("spec")
+@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--image-tag", default=None, help="Only prompts whose image has this tag.")
+@FORMAT
+def image_regions(spec: str, limit: int, image_tag: str | None, fmt: str) -> None:
+    """Image regions (image, grid cell) that feed a feature (feature:L/I or supernode:NAME)
+    directly, summed across image prompts, with each cell's strongest rollout patches."""
+    from atlas.store import read
+
+    with atlas_driver() as driver:
+        rows = read.image_regions(
+            driver,
+            spec,
+            limit=limit,
+            image_tag=image_tag,
+            database=database(),
+            timeout_s=timeout(),
+        )
+    if fmt != "json":
+        for r in rows:
+            r["image"] = (r["image"] or "")[:12]
+    output(
+        rows,
+        fmt,
+        ["image", "row", "col", "n_prompts", "n_edges", "sum_w", "max_w", "top_patches"],
+        f"image regions feeding {spec}",
+    )
