@@ -310,3 +310,29 @@ def test_enqueue_with_image(clean_neo4j: neo4j.Driver, neo4j_settings: Any, case
     )
     assert q.returncode == 0, q.stderr[-2000:]
     assert json.loads(q.stdout)[0]["image"] == sha256_bytes(case.image.read_bytes())
+
+
+def test_image_prompt_through_a_celery_worker(
+    clean_neo4j: neo4j.Driver, service_settings: Any, celery_worker: Any, case: VlmCase
+) -> None:
+    """Celery mode: the message carries the image's address, the worker reads the image from
+    the shared artifact store, and the prompt is stored with its Image."""
+    from atlas.pipeline.payloads import PromptSpec
+    from atlas.pipeline.submit import submit, wait_for_job
+
+    apply_schema(clean_neo4j)
+    spec = PromptSpec(
+        prompt=PROMPT,
+        image=str(case.image),
+        tags=["celery"],
+        model=str(case.model_dir),
+        transcoders=str(case.tc_dir),
+    )
+    job, _ = submit(service_settings, [spec], source="test", driver=clean_neo4j)
+    summary = wait_for_job(service_settings, clean_neo4j, job, timeout_s=300, poll_s=0.5)
+    assert (summary.done, summary.failed) == (1, 0), celery_worker.log_text()[-3000:]
+    rows = _rows(
+        clean_neo4j,
+        "MATCH (p:Prompt)-[:HAS_IMAGE]->(i:Image) RETURN i.sha256 AS sha, i.tags AS tags",
+    )
+    assert rows == [{"sha": sha256_bytes(case.image.read_bytes()), "tags": ["celery"]}]
