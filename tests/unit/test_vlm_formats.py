@@ -191,3 +191,22 @@ def test_attribute_cli_writes_graph_and_attention_maps(case: VlmCase, tmp_path: 
     assert run.returncode == 1
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and str(bad) in lines[0] and "truncated" in lines[0], run.stderr
+
+
+def test_llava_graph_round_trips_too(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """LLaVA: one soft token per patch (block 1), its own ``<image>`` token, the viewer's
+    ``<image_soft_token>`` in the JSON, and the model's token back on import."""
+    case = tiny_vlm_case(tmp_path_factory.mktemp("vlm_llava"), "llava")
+    model = load_model(case.model_dir)
+    result = attribute(PROMPT, model, load_transcoders(case.tc_dir, model), image=case.image)
+    graph = result.to_graph()
+    assert graph.rollout is not None and graph.metadata.image is not None
+    assert graph.metadata.image.rollout["block"] == 1  # type: ignore[index]
+    n = graph.metadata.image.n_tokens
+    assert tuple(graph.rollout.shape)[0] == n and int((graph.kind == NodeKind.IMAGE).sum()) == n
+    doc = json.loads(json.dumps(graph_to_json(graph)))
+    positions = graph.image_positions.tolist()  # type: ignore[union-attr]
+    assert {doc["metadata"]["prompt_tokens"][p] for p in positions} == {IMAGE_SOFT_TOKEN}
+    back = graph_from_json(doc)
+    _same(graph, back)
+    assert back.metadata.tokens == graph.metadata.tokens
