@@ -203,7 +203,7 @@ def test_llava_graph_round_trips_too(tmp_path_factory: pytest.TempPathFactory) -
     assert graph.rollout is not None and graph.metadata.image is not None
     assert graph.metadata.image.rollout["block"] == 1  # type: ignore[index]
     n = graph.metadata.image.n_tokens
-    assert tuple(graph.rollout.shape)[0] == n and int((graph.kind == NodeKind.IMAGE).sum()) == n
+    assert int(graph.rollout.shape[0]) == n and int((graph.kind == NodeKind.IMAGE).sum()) == n
     doc = json.loads(json.dumps(graph_to_json(graph)))
     positions = graph.image_positions.tolist()  # type: ignore[union-attr]
     assert {doc["metadata"]["prompt_tokens"][p] for p in positions} == {IMAGE_SOFT_TOKEN}
