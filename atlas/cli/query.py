@@ -98,14 +98,20 @@ def paths(
 @query.command()
 @click.argument("spec")
 @click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--image-tag", default=None, help="Only prompts whose image has this tag.")
 @FORMAT
-def active(spec: str, limit: int, fmt: str) -> None:
+def active(spec: str, limit: int, image_tag: str | None, fmt: str) -> None:
     """Prompts where a feature (feature:L/I) or supernode (supernode:NAME) is active."""
     from atlas.store import read
 
     with atlas_driver() as driver:
         rows = read.active_prompts(
-            driver, spec, limit=limit, database=database(), timeout_s=timeout()
+            driver,
+            spec,
+            limit=limit,
+            database=database(),
+            timeout_s=timeout(),
+            image_tag=image_tag,
         )
     output(
         rows,

@@ -242,11 +242,16 @@ def active_prompts(
     limit: int = 50,
     database: str | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    image_tag: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Prompts where a feature (``feature:L/I``) or supernode (``supernode:NAME``) is active."""
+    """Prompts where a feature (``feature:L/I``) or supernode (``supernode:NAME``) is active
+    (with ``image_tag``: among the prompts whose image carries it)."""
     reader = _Reader(driver, database, timeout_s)
     refs = _feature_refs(reader, spec, "active prompts take feature:L/I or supernode:NAME")
-    return reader.rows(Q.ACTIVE_PROMPTS, {"refs": refs, "limit": limit}, "active prompts")
+    if image_tag is None:
+        return reader.rows(Q.ACTIVE_PROMPTS, {"refs": refs, "limit": limit}, "active prompts")
+    rows = reader.rows(Q.ACTIVE_PROMPTS, {"refs": refs, "limit": 1 << 30}, "active prompts")
+    return _tagged(reader, rows, image_tag)[:limit]
 
 
 def count_prompts(

@@ -176,6 +176,10 @@ def test_image_regions_and_image_labels(db: neo4j.Driver, full_graphs: list[Grap
     assert all(len(r["top_patches"]) == 8 and len(r["top_patches"][0]) == 2 for r in regions)
     assert abs(regions[0]["sum_w"]) >= abs(regions[-1]["sum_w"])
     assert read.image_regions(db, spec, image_tag="no-such-tag") == []
+    active = read.active_prompts(db, spec, limit=10)
+    assert read.active_prompts(db, spec, image_tag="hands") == [
+        r for r in active if r["prompt"] in {graphs[0].prompt_id, graphs[1].prompt_id}
+    ]
 
     label_features(db)
     labelled = _rows(
