@@ -161,13 +161,16 @@ def attribute_with_halving(
     *,
     batch_size: int,
     timings: dict[str, float],
+    image: Any = None,
 ) -> Graph:
     """Attribution and pruning, with the batch size halved on out-of-memory down to 1 (then a
-    permanent :class:`AttributionError`). ``timings`` gets ``attribute_s`` and ``prune_s``."""
+    permanent :class:`AttributionError`). ``timings`` gets ``attribute_s`` and ``prune_s``.
+    ``image`` (an image + text prompt's :class:`~atlas.images.LoadedImage`) joins the prompt,
+    with the rollout maps of its soft tokens kept in the graph."""
     batch_size = max(1, batch_size)
     while True:
         try:
-            return _attribute_once(engine, prompt, attribution, batch_size, timings)
+            return _attribute_once(engine, prompt, attribution, batch_size, timings, image)
         except OutOfMemory as exc:
             oom: BaseException = exc
         except (RuntimeError, MemoryError) as exc:
@@ -189,6 +192,7 @@ def _attribute_once(
     attribution: AttributionSettings,
     batch_size: int,
     timings: dict[str, float],
+    image: Any = None,
 ) -> Graph:
     from atlas.attribution import attribute
 
@@ -202,6 +206,7 @@ def _attribute_once(
         max_feature_nodes=attribution.max_feature_nodes,
         batch_size=batch_size,
         explicit_logit_tokens=attribution.explicit_logit_tokens,
+        image=image,
     )
     timings["attribute_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()

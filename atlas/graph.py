@@ -9,6 +9,14 @@ Node layout (the reference's order, kept so indices mean the same thing everywhe
     [ features (sorted by layer, pos, feature) | errors (layer-major: l * n_pos + p) |
       tokens (one per position) | logits (k targets, most probable first) ]
 
+An image + text prompt keeps this layout: the embedding node of an image soft token is the token
+node at its position, with kind :attr:`NodeKind.IMAGE` (its vector is the projector's output row,
+not a vocabulary embedding). The image's provenance, processor settings and rollout parameters are
+:attr:`GraphMetadata.image`; the soft tokens' positions, their ``(row, col)`` on the pooled grid
+and the rollout maps are the optional tensors ``image_positions`` ``(T,)``, ``image_grid``
+``(T, 2)`` and ``rollout`` ``(T, rows, cols)`` (float32, unclipped). Text graphs have none of
+them, and their artifacts are byte for byte what they were before images existed.
+
 Edges are a sparse list of ``(target, source, weight)`` with ``weight = A[target, source]``, the
 raw direct effect of the source on the target (a feature's pre-activation or a logit's demeaned
 value). Rows are targets, columns are sources, as in the reference's adjacency matrix.
@@ -18,7 +26,7 @@ Node ids (interchange JSON, also the per-prompt node key in Neo4j):
     feature  ``{layer}_{feature}_{pos}``
     error    ``{layer}_-1_{pos}``          (never collides with a feature id, whose feature >= 0;
                                             circuit-tracer 0.5.0's ``0_{layer}_{pos}`` does, #78)
-    token    ``E_{token_id}_{pos}``
+    token    ``E_{token_id}_{pos}``        (image soft tokens too, as the paper's viewer expects)
     logit    ``{n_layers + 1}_{token_id}_{pos}``   (pos = last position)
 
 Node kinds (:class:`NodeKind`) are one table: code, Neo4j text and label, interchange
@@ -48,7 +56,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
 
 from atlas.errors import InputError
 
@@ -71,8 +86,10 @@ class NodeKind(enum.IntEnum):
     id_format     its node id (:func:`node_id`); fields ``layer``, ``feature``, ``pos``,
                   ``token_id`` and ``logit_layer`` (``n_layers + 1``)
 
-    The store's and the interchange's maps are derived from these rows, so a new kind (an image
-    token, say) is one row here plus whatever the new kind computes.
+    The store's and the interchange's maps are derived from these rows, so a new kind is one row
+    here plus whatever the new kind computes. ``IMAGE`` shares the token's ``feature_type`` and id
+    format (the paper's viewer draws image soft tokens as embedding nodes ``E_{id}_{pos}``); the
+    JSON importer tells them apart by the image fields our exporter writes beside them.
     """
 
     text: str
@@ -97,6 +114,7 @@ class NodeKind(enum.IntEnum):
     ERROR = (1, "error", "ErrorNode", "mlp reconstruction error", "{layer}_-1_{pos}")
     TOKEN = (2, "token", "TokenNode", "embedding", "E_{token_id}_{pos}")
     LOGIT = (3, "logit", "LogitNode", "logit", "{logit_layer}_{token_id}_{pos}")
+    IMAGE = (4, "image", "ImageTokenNode", "embedding", "E_{token_id}_{pos}")
 
     @classmethod
     def from_text(cls, text: str) -> NodeKind:
@@ -186,6 +204,28 @@ class AttributionSettings(BaseModel):
             raise InputError(f"attribution setting {where}: {first['msg']}") from exc
 
 
+class ImageMeta(BaseModel):
+    """The image of an image + text prompt, as its graph records it (the tensors aside)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sha256: str | None
+    """Hex sha256 of the image file's bytes: its address in the artifact store's image store
+    (``None`` only for inputs built without a file)."""
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    """Pillow's format name of the file (PNG, JPEG, ...)."""
+    n_tokens: int
+    """Image soft tokens in the prompt (rows of ``image_positions``)."""
+    processor: dict[str, Any] = Field(default_factory=dict)
+    """The processor settings that made the pixels and the soft tokens (size, resample,
+    rescale, mean and std, tokens per image, placeholder)."""
+    rollout: dict[str, Any] | None = None
+    """How the rollout maps were computed (method, grid, pooled grid, block, layers, head
+    fraction, ...); ``None`` when the artifact holds no maps."""
+
+
 class GraphMetadata(BaseModel):
     """Everything about a graph that is not a tensor."""
 
@@ -208,6 +248,17 @@ class GraphMetadata(BaseModel):
     created_at: str | None = None
     extra: dict[str, Any] = Field(default_factory=dict)
     """Free-form provenance (e.g. where an imported JSON came from)."""
+    image: ImageMeta | None = None
+    """The image of an image + text prompt (``None`` for text, and then not written at all)."""
+
+    @model_serializer(mode="wrap")
+    def _without_absent_image(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """Leave ``image`` out of text graphs' metadata, so their artifacts, JSON and stored
+        metadata stay exactly what they were before images existed."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("image") is None:
+            data.pop("image", None)
+        return data
 
     def prompt_id(self) -> str:
         """Content hash of model, transcoders, input and settings: the prompt's identity."""
@@ -237,6 +288,8 @@ class Graph:
         logit_prob  float32 probability of a logit target (0 for other kinds)
     Edge columns (length ``n_edges``):
         edge_target int64, edge_source int64 (node indices), edge_weight float32 (= A[t, s])
+    Image columns (image + text prompts only, ``T`` soft tokens; see the module docstring):
+        image_positions int64 (T,), image_grid int64 (T, 2), rollout float32 (T, rows, cols)
     """
 
     metadata: GraphMetadata
@@ -252,6 +305,9 @@ class Graph:
     edge_target: torch.Tensor
     edge_source: torch.Tensor
     edge_weight: torch.Tensor
+    image_positions: torch.Tensor | None = None
+    image_grid: torch.Tensor | None = None
+    rollout: torch.Tensor | None = None
     _node_ids: list[str] | None = field(default=None, repr=False, compare=False)
 
     _NODE_COLUMNS = (
@@ -268,6 +324,11 @@ class Graph:
         ("edge_target", "int64"),
         ("edge_source", "int64"),
         ("edge_weight", "float32"),
+    )
+    _IMAGE_TENSORS = (
+        ("image_positions", "int64"),
+        ("image_grid", "int64"),
+        ("rollout", "float32"),
     )
 
     def __post_init__(self) -> None:
@@ -286,6 +347,10 @@ class Graph:
                 raise InputError(f"graph column {name!r} has shape {tuple(col.shape)}, want ({m},)")
             setattr(self, name, col.to(getattr(torch, dtype)).contiguous())
         self.input_ids = self.input_ids.to(torch.int64).contiguous()
+        for name, dtype in self._IMAGE_TENSORS:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.detach().cpu().to(getattr(torch, dtype)).contiguous())
         for ends in (self.edge_target, self.edge_source) if m else ():
             low, high = torch.aminmax(ends)
             if int(low) < 0 or int(high) >= n:
@@ -300,6 +365,7 @@ class Graph:
         input_ids: ColumnLike,
         nodes: Mapping[str, ColumnLike],
         edges: Mapping[str, ColumnLike],
+        image: Mapping[str, torch.Tensor | None] | None = None,
     ) -> Graph:
         """The one way to build a graph from columns (tensors or plain sequences).
 
@@ -307,10 +373,14 @@ class Graph:
         columns that only some kinds use may be left out: ``feature`` and ``token_id`` default
         to -1, ``activation`` and ``logit_prob`` to 0, ``influence`` to NaN (not computed).
         ``edges`` holds ``target``, ``source`` and ``weight``. Edges come out in the canonical
-        order, sorted by ``(target, source)``.
+        order, sorted by ``(target, source)``. ``image`` holds an image prompt's
+        ``image_positions``, ``image_grid`` and (optionally) ``rollout`` tensors.
         """
         import torch
 
+        unknown_image = sorted(set(image or {}) - {name for name, _ in cls._IMAGE_TENSORS})
+        if unknown_image:
+            raise InputError(f"unknown graph image tensor {unknown_image[0]!r}")
         unknown = sorted(set(nodes) - {name for name, _ in cls._NODE_COLUMNS})
         if unknown:
             raise InputError(f"unknown graph node column {unknown[0]!r}")
@@ -347,6 +417,9 @@ class Graph:
             edge_target=target,
             edge_source=source,
             edge_weight=weight,
+            image_positions=(image or {}).get("image_positions"),
+            image_grid=(image or {}).get("image_grid"),
+            rollout=(image or {}).get("rollout"),
         )
 
     # ------------------------------------------------------------------ accessors
@@ -395,7 +468,11 @@ class Graph:
         names = (
             ["input_ids"] + [n for n, _ in self._NODE_COLUMNS] + [n for n, _ in self._EDGE_COLUMNS]
         )
-        return {n: getattr(self, n) for n in names}
+        out = {n: getattr(self, n) for n in names}
+        for name, _ in self._IMAGE_TENSORS:
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
 
     def save(self, path: str | Path) -> Path:
         """Write the artifact atomically (temp file + rename) and return its path."""
@@ -432,6 +509,7 @@ class Graph:
         try:
             metadata = _artifact_metadata(meta[_META_KEY])
             names = {"input_ids"} | {n for n, _ in cls._NODE_COLUMNS + cls._EDGE_COLUMNS}
+            names |= set(tensors) & {n for n, _ in cls._IMAGE_TENSORS}
             if set(tensors) != names:
                 odd = sorted(set(tensors) ^ names)
                 raise InputError(f"wrong tensor set (missing or unexpected: {', '.join(odd)})")
@@ -464,13 +542,18 @@ class Graph:
         _check_layers(self, NodeKind.FEATURE, 0, n_layers - 1)
         _check_layers(self, NodeKind.ERROR, 0, n_layers - 1)
         _check_layers(self, NodeKind.TOKEN, -1, -1)
+        _check_layers(self, NodeKind.IMAGE, -1, -1)
         _check_layers(self, NodeKind.LOGIT, n_layers, n_layers)
         feats = self.kind == NodeKind.FEATURE
         if bool((self.feature[feats] < 0).any()):
             raise InputError("a feature node has a negative feature index")
         if not bool(torch.isfinite(self.activation[feats]).all()):
             raise InputError("a feature node has a non-finite activation")
-        vocab_nodes = (self.kind == NodeKind.TOKEN) | (self.kind == NodeKind.LOGIT)
+        vocab_nodes = (
+            (self.kind == NodeKind.TOKEN)
+            | (self.kind == NodeKind.LOGIT)
+            | (self.kind == NodeKind.IMAGE)
+        )
         if bool((self.token_id[vocab_nodes] < 0).any()):
             raise InputError("a token or logit node has no vocabulary id")
         identity = torch.stack(
@@ -481,6 +564,7 @@ class Graph:
         pairs = self.edge_target * self.n_nodes + self.edge_source
         if int(torch.unique(pairs).numel()) != self.n_edges:
             raise InputError("duplicated edges (same target and source)")
+        _check_image(self)
 
 
 def node_id(
@@ -521,6 +605,57 @@ def _check_layers(graph: Graph, kind: NodeKind, low: int, high: int) -> None:
         raise InputError(
             f"a {kind.text} node at layer {bad} (want {want} for {graph.n_layers} layers)"
         )
+
+
+def _check_image(graph: Graph) -> None:
+    """An image prompt's tensors agree with its metadata and its nodes; a text graph has none.
+
+    Positions ascend inside the prompt, the grid has one ``(row, col)`` per soft token, the image
+    kind sits exactly at those positions (on the token block, whose nodes are never pruned), and
+    the rollout has one map per soft token.
+    """
+    import torch
+
+    meta = graph.metadata.image
+    image_nodes = graph.kind == NodeKind.IMAGE
+    if meta is None:
+        if any(getattr(graph, name) is not None for name, _ in Graph._IMAGE_TENSORS):
+            raise InputError("image tensors in a graph whose metadata has no image")
+        if bool(image_nodes.any()):
+            raise InputError("image token nodes in a graph whose metadata has no image")
+        return
+    if graph.metadata.image_sha256 != meta.sha256:
+        raise InputError("metadata image_sha256 and image.sha256 differ")
+    pos, grid = graph.image_positions, graph.image_grid
+    if pos is None or grid is None:
+        raise InputError("an image graph needs the image_positions and image_grid tensors")
+    t = meta.n_tokens
+    if tuple(pos.shape) != (t,) or tuple(grid.shape) != (t, 2):
+        raise InputError(
+            f"image tensors of shapes {tuple(pos.shape)} and {tuple(grid.shape)} "
+            f"for {t} image tokens"
+        )
+    n_pos = len(graph.metadata.tokens)
+    if t and (int(pos.min()) < 0 or int(pos.max()) >= n_pos or bool((pos[1:] <= pos[:-1]).any())):
+        raise InputError("image positions must ascend inside the prompt")
+    if t and int(grid.min()) < 0:
+        raise InputError("negative image grid coordinates")
+    if not torch.equal(torch.unique(graph.pos[image_nodes]), pos):
+        raise InputError("image token nodes are not exactly at the image positions")
+    _check_rollout(graph.rollout, meta.rollout, t)
+
+
+def _check_rollout(maps: torch.Tensor | None, params: dict[str, Any] | None, t: int) -> None:
+    import torch
+
+    if maps is None:
+        return
+    if params is None:
+        raise InputError("rollout maps without their parameters (metadata image.rollout)")
+    if maps.dim() != 3 or int(maps.shape[0]) != t:
+        raise InputError(f"rollout of shape {tuple(maps.shape)} for {t} image tokens")
+    if not bool(torch.isfinite(maps).all()):
+        raise InputError("rollout maps contain NaN or inf")
 
 
 def _artifact_metadata(text: str) -> GraphMetadata:

@@ -14,6 +14,7 @@ Images are stored once, by the sha256 of their file bytes, under
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -69,11 +70,13 @@ class LoadedImage:
         image: the RGB image (transparency composited onto white, as transformers' processors do).
         info: hash, size and format.
         data: the original file bytes (what the store keeps).
+        name: how error messages name the image (its path as the user gave it), if known.
     """
 
     image: Image.Image
     info: ImageInfo
     data: bytes
+    name: str | None = None
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -119,7 +122,7 @@ def load_image(
     info = ImageInfo(
         sha256=sha256_bytes(data), width=im.width, height=im.height, format=str(im.format)
     )
-    return LoadedImage(image=to_rgb(im), info=info, data=data)
+    return LoadedImage(image=to_rgb(im), info=info, data=data, name=name or label)
 
 
 def _open(data: bytes, label: str, max_pixels: int) -> Image.Image:
@@ -217,13 +220,15 @@ def stored_image_path(root: str | Path, sha: str) -> Path:
 
 
 def load_stored_image(
-    root: str | Path, sha: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    root: str | Path, sha: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None
 ) -> LoadedImage:
-    """Load the stored image with hash ``sha``, checking its bytes still hash to ``sha``."""
+    """Load the stored image with hash ``sha``, checking its bytes still hash to ``sha``.
+
+    ``name`` (the file the submitter read) is how later errors about the image name it."""
     path = stored_image_path(root, sha)
     loaded = load_image(path, max_pixels=max_pixels)
     if loaded.info.sha256 != sha:
         raise InputError(
             f"{path}: stored image is corrupt (its bytes hash to {loaded.info.sha256})"
         )
-    return loaded
+    return dataclasses.replace(loaded, name=name) if name else loaded

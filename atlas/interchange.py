@@ -38,6 +38,13 @@ Everything the frontend does not need but a lossless round trip does (our full
 :class:`~atlas.graph.GraphMetadata`, the input ids) travels under ``metadata["atlas"]``; the
 schema allows extra keys, and foreign files simply lack it.
 
+Image soft tokens (kind ``image``) are written as the paper's viewer expects them: embedding nodes
+``E_{image_token_id}_{pos}`` whose ``prompt_tokens`` entry is ``"<image_soft_token>"``, plus our
+fields ``image_sha256``, ``image_row``, ``image_col`` and ``image_k`` (k counted from the first
+image token, the index of its ``attention_maps/{k}.png``); the grid and the rollout maps travel
+under ``metadata["atlas"]["image"]``. The importer reads them back, and reads the paper's own files
+(no image fields) by their ``"<image_soft_token>"`` prompt tokens, with the row-major pooled grid.
+
 Supernodes (``qParams.supernodes``) and labels (``clerp``) come back in
 ``graph.metadata.extra["supernodes"]`` (``[[label, node_id, ...], ...]`` with the project's ids)
 and ``graph.metadata.extra["labels"]`` (``{node_id: label}``).
@@ -66,6 +73,7 @@ from atlas.graph import (
     AttributionSettings,
     Graph,
     GraphMetadata,
+    ImageMeta,
     ModelInfo,
     NodeKind,
     TranscoderInfo,
@@ -153,6 +161,7 @@ _KIND_FIELDS: dict[NodeKind, Callable[[_NodeRow], dict[str, Any]]] = {
     NodeKind.ERROR: _error_fields,
     NodeKind.TOKEN: _token_fields,
     NodeKind.LOGIT: _logit_fields,
+    NodeKind.IMAGE: _token_fields,
 }
 
 
@@ -262,6 +271,7 @@ def graph_to_json(
             first_logit = False
         nodes.append(node)
 
+    _write_image_fields(graph, nodes)
     links = [
         {"source": ids[s], "target": ids[t], "weight": w}
         for t, s, w in zip(
@@ -287,7 +297,7 @@ def graph_to_json(
         "slug": slug or meta.prompt_id(),
         "scan": meta.model.name,
         "transcoder_list": [],
-        "prompt_tokens": tokens,
+        "prompt_tokens": _viewer_tokens(graph, tokens),
         "prompt": meta.prompt,
         "node_threshold": settings.node_threshold,
         "schema_version": SCHEMA_VERSION,
@@ -302,6 +312,8 @@ def graph_to_json(
             "input_ids": input_ids,
         },
     }
+    if graph.image_positions is not None:
+        metadata["atlas"]["image"] = _image_block(graph)
     qparams = {
         "pinnedIds": [],
         "supernodes": sns,
@@ -332,7 +344,7 @@ class _Node:
             return (0, self.layer, self.pos, self.feature)
         if self.kind == NodeKind.ERROR:
             return (1, self.layer, self.pos, 0)
-        if self.kind == NodeKind.TOKEN:
+        if self.kind in (NodeKind.TOKEN, NodeKind.IMAGE):
             return (2, self.pos, 0, 0)
         return (3, self.file_order, 0, 0)
 
@@ -535,6 +547,7 @@ def graph_from_json(data: dict[str, Any] | str | Path) -> Graph:
     atlas_block = md.get("atlas") if isinstance(md.get("atlas"), dict) else None
 
     parsed = [_parse_node(raw, i, schema_version) for i, raw in enumerate(doc["nodes"])]
+    image_nodes = _mark_image_nodes(doc["nodes"], parsed, md.get("prompt_tokens"))
 
     # duplicate ids: only circuit-tracer's error/feature collision is tolerated
     seen: dict[str, list[_Node]] = {}
@@ -592,10 +605,13 @@ def graph_from_json(data: dict[str, Any] | str | Path) -> Graph:
     else:
         input_ids = [-1] * n_pos
         for nd in nodes:
-            if nd.kind == NodeKind.TOKEN:
+            if nd.kind in (NodeKind.TOKEN, NodeKind.IMAGE):
                 input_ids[nd.pos] = nd.token_id
 
     metadata = _metadata(md, qp, nodes, n_layers, atlas_block)
+    image_tensors = None
+    if image_nodes:
+        metadata, image_tensors = _read_image(metadata, image_nodes, atlas_block)
 
     columns = ("kind", "layer", "pos", "feature", "token_id", "activation", "influence")
     return Graph.from_columns(
@@ -606,6 +622,7 @@ def graph_from_json(data: dict[str, Any] | str | Path) -> Graph:
             "logit_prob": [nd.logit_prob for nd in nodes],
         },
         {"target": tgt, "source": src, "weight": weights},
+        image=image_tensors,
     )
 
 
@@ -628,7 +645,8 @@ def _metadata(
     labels = {
         _our_id(nd, n_layers): nd.clerp
         for nd in nodes
-        if nd.clerp and nd.kind in (NodeKind.FEATURE, NodeKind.ERROR, NodeKind.TOKEN)
+        if nd.clerp
+        and nd.kind in (NodeKind.FEATURE, NodeKind.ERROR, NodeKind.TOKEN, NodeKind.IMAGE)
     }
     raw_sns = qp.get("supernodes") or []
     if not isinstance(raw_sns, list):
@@ -774,3 +792,102 @@ def _keep_logit_texts(graph: Graph, doc: Any) -> None:
     ]
     if texts and all(t in texts for t in logits):
         graph.metadata.extra["logit_tokens"] = [texts[t] for t in logits]
+
+
+# --------------------------------------------------------------------------------------- images
+#: The viewer's token text of an image soft token (the paper's Gemma-3 token).
+IMAGE_SOFT_TOKEN = "<image_soft_token>"
+
+
+def _image_index(graph: Graph) -> dict[int, tuple[int, int, int]]:
+    """Position -> ``(k, row, col)`` of each image soft token of ``graph`` (empty for text)."""
+    if graph.image_positions is None or graph.image_grid is None:
+        return {}
+    grid = graph.image_grid.tolist()
+    return {p: (k, grid[k][0], grid[k][1]) for k, p in enumerate(graph.image_positions.tolist())}
+
+
+def _viewer_tokens(graph: Graph, tokens: list[str]) -> list[str]:
+    """``prompt_tokens`` as the paper's viewer reads them: ``<image_soft_token>`` at image
+    positions whatever the model calls its image token."""
+    index = _image_index(graph)
+    return [IMAGE_SOFT_TOKEN if p in index else t for p, t in enumerate(tokens)]
+
+
+def _write_image_fields(graph: Graph, nodes: list[dict[str, Any]]) -> None:
+    """Our image fields on the image nodes of an exported graph (in place)."""
+    index = _image_index(graph)
+    if not index:
+        return
+    sha = graph.metadata.image_sha256
+    for node in nodes:
+        if node["feature_type"] == FEATURE_TYPE_TOKEN and node["ctx_idx"] in index:
+            k, row, col = index[node["ctx_idx"]]
+            node.update({"image_sha256": sha, "image_row": row, "image_col": col, "image_k": k})
+
+
+def _image_block(graph: Graph) -> dict[str, Any]:
+    """``metadata.atlas.image``: positions, grid and the rollout maps (nested lists, exact
+    float32 values)."""
+    assert graph.image_positions is not None and graph.image_grid is not None
+    return {
+        "positions": graph.image_positions.tolist(),
+        "grid": graph.image_grid.tolist(),
+        "rollout": graph.rollout.tolist() if graph.rollout is not None else None,
+    }
+
+
+def _mark_image_nodes(
+    raws: list[Any], parsed: list[_Node], prompt_tokens: Any
+) -> dict[int, tuple[int, int] | None]:
+    """Turn the embedding nodes that are image soft tokens into image nodes (in place).
+
+    Ours carry ``image_k``; the paper's files say it by their ``<image_soft_token>`` prompt
+    token. Returns position -> ``(row, col)`` (``None`` where the file gives no grid).
+    """
+    tokens = prompt_tokens if isinstance(prompt_tokens, list) else []
+    found: dict[int, tuple[int, int] | None] = {}
+    for raw, nd in zip(raws, parsed, strict=True):
+        if nd.kind != NodeKind.TOKEN or not isinstance(raw, dict):
+            continue
+        soft = nd.pos < len(tokens) and tokens[nd.pos] == IMAGE_SOFT_TOKEN
+        if "image_k" not in raw and not soft:
+            continue
+        nd.kind = NodeKind.IMAGE
+        if "image_row" in raw and "image_col" in raw:
+            row = _int(raw["image_row"], f"node {nd.json_id!r} image_row")
+            col = _int(raw["image_col"], f"node {nd.json_id!r} image_col")
+            found[nd.pos] = (row, col)
+        else:
+            found[nd.pos] = None
+    return found
+
+
+def _read_image(
+    meta: GraphMetadata,
+    found: dict[int, tuple[int, int] | None],
+    atlas_block: dict[str, Any] | None,
+) -> tuple[GraphMetadata, dict[str, Any]]:
+    """The metadata and image tensors of an imported image graph."""
+    import torch
+
+    positions = sorted(found)
+    if any(found[p] is None for p in positions):  # the paper's files: row-major pooled grid
+        side = math.isqrt(len(positions))
+        if side * side != len(positions):
+            raise InputError(f"{len(positions)} image tokens do not make a square grid")
+        grid = [[k // side, k % side] for k in range(len(positions))]
+    else:
+        grid = [list(found[p]) for p in positions]  # type: ignore[arg-type]
+    block = (atlas_block or {}).get("image") or {}
+    rollout = block.get("rollout")
+    maps = torch.tensor(rollout, dtype=torch.float32) if rollout is not None else None
+    if meta.image is None:
+        image = ImageMeta(sha256=meta.image_sha256, n_tokens=len(positions))
+        meta = meta.model_copy(update={"image": image})
+    tensors = {
+        "image_positions": torch.tensor(positions, dtype=torch.int64),
+        "image_grid": torch.tensor(grid, dtype=torch.int64).reshape(-1, 2),
+        "rollout": maps,
+    }
+    return meta, tensors

@@ -159,6 +159,10 @@ class AtlasSettings(BaseSettings):
         """The Neo4j URI as messages show it (no password)."""
         return redact_url(self.resolved_neo4j_uri)
 
+    image_max_pixels: int = Field(default=50_000_000, ge=1)
+    """Largest image (width x height, read from the header before decoding) an image prompt
+    may have: a decompression bomb is refused with one line before it can exhaust memory."""
+
     @property
     def resolved_artifact_dir(self) -> Path:
         return self.artifact_dir or (self.atlas_home / "artifacts")

@@ -33,7 +33,7 @@ from atlas.errors import AttributionError, InputError, OutOfMemory
 from atlas.graph import AttributionSettings
 from atlas.models.inputs import ModelInputs
 from atlas.models.loading import LoadedModel
-from atlas.models.vision import ImageSource, image_rollout, image_settings
+from atlas.models.vision import ImageSource, image_label, image_rollout, image_settings
 from atlas.transcoders.loading import TranscoderSet
 
 log = logging.getLogger(__name__)
@@ -231,8 +231,9 @@ def _model_inputs(
     if limit is not None and inputs.n_pos > limit:
         n_image = inputs.n_image_tokens
         with_image = f" ({n_image} of them image tokens)" if n_image else ""
+        named = f"{image_label(image)}: " if image is not None else ""
         raise InputError(
-            f"prompt has {inputs.n_pos} tokens{with_image}, more than the limit of {limit}"
+            f"{named}prompt has {inputs.n_pos} tokens{with_image}, more than the limit of {limit}"
         )
     return inputs
 

@@ -15,6 +15,7 @@ from atlas.graph import (
     AttributionSettings,
     Graph,
     GraphMetadata,
+    ImageMeta,
     ModelInfo,
     NodeKind,
     TranscoderInfo,
@@ -53,6 +54,27 @@ class ImageAttribution:
     @property
     def n_tokens(self) -> int:
         return int(self.positions.shape[0])
+
+    def metadata(self) -> ImageMeta:
+        """What the graph's metadata records of the image (the tensors aside)."""
+        info = self.info
+        return ImageMeta(
+            sha256=info.sha256 if info else None,
+            width=info.width if info else None,
+            height=info.height if info else None,
+            format=info.format if info else None,
+            n_tokens=self.n_tokens,
+            processor=dict(self.settings),
+            rollout=self.rollout.metadata() if self.rollout is not None else None,
+        )
+
+    def tensors(self) -> dict[str, torch.Tensor | None]:
+        """The graph's image tensors: positions, grid and (when computed) the rollout maps."""
+        return {
+            "image_positions": self.positions.cpu(),
+            "image_grid": self.grid.cpu(),
+            "rollout": self.rollout.maps.cpu() if self.rollout is not None else None,
+        }
 
 
 @dataclass
@@ -158,6 +180,8 @@ class AttributionResult:
         )
         activation = torch.cat([acts, torch.zeros(lp + p + k)])
         logit_prob = torch.cat([torch.zeros(s + lp + p), self.logit_probabilities.float().cpu()])
+        if self.image is not None:  # an image soft token's embedding node is an image node
+            kind[s + lp + self.image.positions.cpu()] = NodeKind.IMAGE
         return {
             "kind": kind,
             "layer": layer,
@@ -208,8 +232,11 @@ class AttributionResult:
         else:
             edges = self._all_edges()
         replacement, completeness = self.scores()
+        image = self.image
         meta = GraphMetadata(
             prompt=self.prompt,
+            image_sha256=image.info.sha256 if image is not None and image.info else None,
+            image=image.metadata() if image is not None else None,
             tokens=self.tokens,
             model=self.model,
             transcoders=self.transcoders,
@@ -226,7 +253,8 @@ class AttributionResult:
             elapsed_s=self.elapsed_s,
             created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         )
-        return Graph.from_columns(meta, self.input_ids, cols, edges)
+        image_tensors = image.tensors() if image is not None else None
+        return Graph.from_columns(meta, self.input_ids, cols, edges, image=image_tensors)
 
     def _pruned_edges(
         self, edge_index: torch.Tensor, keep: torch.Tensor

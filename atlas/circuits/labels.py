@@ -1,4 +1,5 @@
-"""Short feature labels from the logit lens and the top activating tokens (pure Python)."""
+"""Short feature labels from the logit lens, the top activating tokens and the top activating image
+regions (pure Python)."""
 
 from __future__ import annotations
 
@@ -19,14 +20,20 @@ def short_label(
     *,
     n_lens: int = 3,
     n_act: int = 2,
+    image_regions: Sequence[str] | None = None,
 ) -> str | None:
     """``"on: capital, Texas → says: Austin, Dallas"``-style label, or None with no evidence.
 
     ``activating_tokens`` are the input tokens at the feature's strongest activations (most
     activating first); the most frequent ones are named. ``top_tokens`` are its logit-lens top
-    tokens, in order.
+    tokens, in order. ``image_regions`` (``"row,col"`` grid cells of its strongest activations
+    at image soft tokens, most activating first) add ``"sees: image 3,1, 3,2"``: a feature read
+    off pictures is named by where in them it fires.
     """
     parts = []
+    if image_regions:
+        cells = list(dict.fromkeys(image_regions))[:n_act]
+        parts.append("sees: image " + ", ".join(cells))
     if activating_tokens:
         counts = Counter(_clean(t) for t in activating_tokens)
         order = {t: i for i, t in reversed(list(enumerate(_clean(t) for t in activating_tokens)))}

@@ -56,6 +56,18 @@ def _device_and_dtype(
 @click.option("--revision", default=None, help="Hub revision of the model.")
 @click.option("--memory-limit-mb", type=int, default=None, help="Cap the batch to fit this.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option(
+    "--image",
+    "image_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Image of an image+text prompt (vision-language models).",
+)
+@click.option("--rollout-last-k", type=int, default=4, show_default=True, help="Vision layers.")
+@click.option(
+    "--rollout-head-fraction", type=float, default=0.30, show_default=True, help="Heads kept."
+)
+@click.option("--no-rollout", is_flag=True, help="No attention-rollout maps for the image.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 def attribute(
     model_ref: str,
@@ -73,9 +85,18 @@ def attribute(
     revision: str | None,
     memory_limit_mb: int | None,
     no_progress: bool,
+    image_path: Path | None,
+    rollout_last_k: int,
+    rollout_head_fraction: float,
+    no_rollout: bool,
     out_dir: Path,
 ) -> None:
-    """Compute the attribution graph of PROMPT and write DIR/<prompt_id>.safetensors (+ .json)."""
+    """Compute the attribution graph of PROMPT and write DIR/<prompt_id>.safetensors (+ .json).
+
+    With --image: an image+text prompt; DIR/attention_maps/ then holds rollout.safetensors
+    (tensor ``rollout``, float32 [n_image_tokens, rows, cols], unclipped), one {k}.png per image
+    token (k from the first image token) and metadata.json.
+    """
     from tqdm import tqdm
 
     from atlas.attribution import attribute as run_attribution
@@ -96,6 +117,8 @@ def attribute(
     )
     dev, torch_dtype = _device_and_dtype(settings, device, dtype)
     t0 = time.perf_counter()
+    image = _load_image(image_path, settings)
+    rollout = _rollout_params(rollout_last_k, rollout_head_fraction, no_rollout)
     model = load_model(model_ref, device=dev, dtype=torch_dtype, revision=revision)
     tset = load_transcoders(tc_ref, model, device=dev, dtype=torch_dtype)
 
@@ -119,6 +142,8 @@ def attribute(
             batch_size=batch_size or settings.batch_size,
             progress=progress,
             memory_limit_bytes=memory_limit_mb * 2**20 if memory_limit_mb else None,
+            image=image,
+            rollout=rollout,
         )
     finally:
         if bar is not None:
@@ -131,9 +156,42 @@ def attribute(
         out_dir / f"{graph.prompt_id}.json",
         token_decoder=lambda t: model.tokenizer.decode([t]),
     )
+    maps = _write_maps(result, image, out_dir)
     meta = graph.metadata
     click.echo(
-        f"{path} nodes={graph.n_nodes} edges={graph.n_edges} "
+        f"{path} nodes={graph.n_nodes} edges={graph.n_edges}{maps} "
         f"replacement={meta.replacement_score:.3f} completeness={meta.completeness_score:.3f} "
         f"seconds={time.perf_counter() - t0:.1f} json={json_path.name}"
     )
+
+
+def _load_image(path: Path | None, settings: AtlasSettings) -> Any:
+    """The decoded image of ``--image`` (one-line error naming the file), or ``None``."""
+    if path is None:
+        return None
+    from atlas.images import load_image
+
+    return load_image(path, max_pixels=settings.image_max_pixels)
+
+
+def _rollout_params(last_k: int, head_fraction: float, off: bool) -> Any:
+    """``False`` (no maps) or the rollout parameters of the options (a bad value: one line)."""
+    if off:
+        return False
+    from atlas.attribution.rollout import RolloutParams
+    from atlas.errors import InputError
+
+    try:
+        return RolloutParams(last_k=last_k, head_fraction=head_fraction)
+    except ValueError as exc:
+        raise InputError(f"rollout: {exc}") from exc
+
+
+def _write_maps(result: Any, image: Any, out_dir: Path) -> str:
+    """Write DIR/attention_maps/ for an image prompt with rollout maps; the summary's words."""
+    if image is None or result.image is None or result.image.rollout is None:
+        return ""
+    from atlas.attribution.rollout import write_rollout
+
+    directory = write_rollout(out_dir, result.image.rollout, image.image)
+    return f" image_tokens={result.image.n_tokens} maps={directory}"

@@ -158,6 +158,7 @@ def _submit_and_finish(
     force: bool,
     wait: bool,
     timeout_s: float | None,
+    image_base: Path | None = None,
 ) -> None:
     from atlas.pipeline.submit import submit
 
@@ -165,7 +166,13 @@ def _submit_and_finish(
     try:
         with JobProgress(bar=not settings.redis_url, print_id=True) as view:
             job_id, _ = submit(
-                settings, specs, source=source, driver=driver, force=force, progress=view
+                settings,
+                specs,
+                source=source,
+                driver=driver,
+                force=force,
+                progress=view,
+                image_base=image_base,
             )
         _finish(settings, driver, job_id, wait, timeout_s, print_id=False)
     finally:
@@ -216,16 +223,25 @@ _timeout_option = click.option(
 @click.argument("texts", nargs=-1, required=True)
 @_with_spec_options
 @click.option("--force", is_flag=True, help="Recompute even if already in the atlas.")
+@click.option("--image", default=None, help="Image file of every TEXT (vision-language models).")
+@click.option("--tag", "tags", multiple=True, help="Tag of the image (repeatable).")
 @_wait_option
 @_timeout_option
 def enqueue(
-    texts: tuple[str, ...], force: bool, wait: bool, timeout_s: float | None, **spec_opts: Any
+    texts: tuple[str, ...],
+    force: bool,
+    image: str | None,
+    tags: tuple[str, ...],
+    wait: bool,
+    timeout_s: float | None,
+    **spec_opts: Any,
 ) -> None:
     """Attribute the prompts TEXT... and ingest them into the atlas. Prints the job id."""
     from atlas.pipeline.payloads import parse_spec
 
     settings = get_settings()
-    specs = [parse_spec({"prompt": t, **spec_opts}) for t in texts]
+    extra = {"image": image, "tags": list(tags) or None} if image else {}
+    specs = [parse_spec({"prompt": t, **spec_opts, **extra}) for t in texts]
     _submit_and_finish(
         settings, specs, source="enqueue", force=force, wait=wait, timeout_s=timeout_s
     )
@@ -248,7 +264,8 @@ def batch(
     """Attribute every prompt spec of FILE.jsonl (one JSON object per line). Prints the job id.
 
     A line is {"prompt": "...", "model": ..., "transcoders": ..., "max_n_logits": ...} (only
-    "prompt" is required) or a bare JSON string. Re-running a file skips what is done. Every bad
+    "prompt" is required) or a bare JSON string; "image": "path" (relative to FILE) and
+    "tags": [...] make an image+text prompt. Re-running a file skips what is done. Every bad
     line is reported (number and reason); the file is refused unless --skip-bad-lines.
     """
     from atlas.errors import InputError
@@ -269,7 +286,13 @@ def batch(
     if n_bad:
         click.echo(f"{file}: {n_bad} of {n_all} lines are bad: recorded as failed", err=True)
     _submit_and_finish(
-        settings, parsed.entries, source=str(file), force=force, wait=wait, timeout_s=timeout_s
+        settings,
+        parsed.entries,
+        source=str(file),
+        force=force,
+        wait=wait,
+        timeout_s=timeout_s,
+        image_base=file.parent,
     )
     if n_bad:
         raise click.exceptions.Exit(1)

@@ -36,7 +36,11 @@ def _ask(question: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 @query.command()
 @click.option(
-    "--from", "source", required=True, help="supernode:NAME | feature:L/I | token:TEXT | logit:TEXT"
+    "--from",
+    "source",
+    required=True,
+    help="supernode:NAME | feature:L/I | token:TEXT | logit:TEXT | image | image:ROW,COL | "
+    "image:R0-R1,C0-C1",
 )
 @click.option(
     "--to", "target", required=True, help="supernode:NAME | feature:L/I | token:TEXT | logit:TEXT"
@@ -44,8 +48,17 @@ def _ask(question: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 @click.option("--max-hops", type=int, default=4, show_default=True)
 @click.option("--min-weight", type=float, default=0.0, show_default=True)
 @click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--image-tag", default=None, help="Only prompts whose image has this tag.")
 @FORMAT
-def paths(source: str, target: str, max_hops: int, min_weight: float, limit: int, fmt: str) -> None:
+def paths(
+    source: str,
+    target: str,
+    max_hops: int,
+    min_weight: float,
+    limit: int,
+    image_tag: str | None,
+    fmt: str,
+) -> None:
     """Directed paths within one prompt, across every prompt, from one endpoint to another."""
     from atlas.store import read
 
@@ -57,6 +70,7 @@ def paths(source: str, target: str, max_hops: int, min_weight: float, limit: int
         min_weight=min_weight,
         limit=limit,
         cap=get_settings().cypher_row_cap,
+        image_tag=image_tag,
     )
     if fmt == "json":
         emit_json(result)
@@ -91,12 +105,13 @@ def paths(source: str, target: str, max_hops: int, min_weight: float, limit: int
 @query.command()
 @click.argument("spec")
 @click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--image-tag", default=None, help="Only prompts whose image has this tag.")
 @FORMAT
-def active(spec: str, limit: int, fmt: str) -> None:
+def active(spec: str, limit: int, image_tag: str | None, fmt: str) -> None:
     """Prompts where a feature (feature:L/I) or supernode (supernode:NAME) is active."""
     from atlas.store import read
 
-    rows = _ask(read.active_prompts, spec, limit=limit)
+    rows = _ask(read.active_prompts, spec, limit=limit, image_tag=image_tag)
     output(
         rows,
         fmt,
@@ -215,3 +230,25 @@ def cypher(text: str, params: tuple[str, ...], fmt: str) -> None:
         print_table(res.rows, res.keys, None)
         if res.truncated:
             click.echo(f"(truncated at {settings.cypher_row_cap} rows)", err=True)
+
+
+@query.command("image-regions")
+@click.argument("spec")
+@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--image-tag", default=None, help="Only prompts whose image has this tag.")
+@FORMAT
+def image_regions(spec: str, limit: int, image_tag: str | None, fmt: str) -> None:
+    """Image regions (image, grid cell) that feed a feature (feature:L/I or supernode:NAME)
+    directly, summed across image prompts, with each cell's strongest rollout patches."""
+    from atlas.store import read
+
+    rows = _ask(read.image_regions, spec, limit=limit, image_tag=image_tag)
+    if fmt != "json":
+        for r in rows:
+            r["image"] = (r["image"] or "")[:12]
+    output(
+        rows,
+        fmt,
+        ["image", "row", "col", "n_prompts", "n_edges", "sum_w", "max_w", "top_patches"],
+        f"image regions feeding {spec}",
+    )

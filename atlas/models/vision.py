@@ -73,6 +73,8 @@ def image_label(image: ImageSource) -> str:
     if isinstance(image, str | Path):
         return str(image)
     if isinstance(image, LoadedImage):
+        if image.name and image.name != "<bytes>":
+            return image.name
         return f"image sha256:{image.info.sha256[:12]}"
     return "<bytes>"
 

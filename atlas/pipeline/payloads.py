@@ -17,9 +17,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     field_serializer,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -83,6 +85,26 @@ class PromptSpec(BaseModel):
     """The attribution knobs (``dtype`` and ``pruned`` come from the worker)."""
     force: bool = False
     """Recompute and re-ingest even if the prompt is already in the atlas."""
+    image: str | None = None
+    """The image of an image + text prompt: a file path as a batch line or the CLI gives it
+    (relative to the batch file), replaced at submission by its content address
+    ``sha256:<hex>`` in the artifact store (:mod:`atlas.pipeline.images`), which is all that
+    messages and job records carry."""
+    image_name: str | None = None
+    """The image file as the submitter named it, for error messages only (not part of the
+    prompt's identity)."""
+    tags: list[str] | None = None
+    """Tags of the image (stored on its ``Image`` node; not part of the prompt's identity)."""
+
+    @model_serializer(mode="wrap")
+    def _without_absent_image(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """Text specs serialise exactly as before images existed (messages, job records)."""
+        data = handler(self)
+        if isinstance(data, dict):
+            for key in ("image", "image_name", "tags"):
+                if data.get(key) is None:
+                    data.pop(key, None)
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -109,6 +131,20 @@ class PromptSpec(BaseModel):
             raise ValueError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
         return value
 
+    @field_validator("image")
+    @classmethod
+    def _image_ok(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("image path is empty")
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _tags_ok(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(not t.strip() or len(t) > 200 for t in value):
+            raise ValueError("tags must be non-empty strings of at most 200 characters")
+        return value
+
     @field_validator("attribution")
     @classmethod
     def _attribution_ok(cls, value: AttributionSettings) -> AttributionSettings:
@@ -130,7 +166,7 @@ class PromptSpec(BaseModel):
         Hashed flat (the knobs beside the prompt, as a batch-file line gives them), so a request
         has one id however its knobs are written.
         """
-        body = self.model_dump(mode="json", exclude={"force", "attribution"})
+        body = self.model_dump(mode="json", exclude={"force", "attribution", "tags", "image_name"})
         knobs = self._request_knobs(self.attribution)
         blob = json.dumps(body | knobs, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:32]
@@ -196,6 +232,8 @@ class IngestPayload(BaseModel):
     enqueued_at: float | None = None
     timings: dict[str, float] = Field(default_factory=dict)
     """Seconds spent so far, carried along for the job record (queue, load, attribute, save)."""
+    image_tags: list[str] = Field(default_factory=list)
+    """Tags of the prompt's image, for its ``Image`` node."""
 
 
 class AttributeChunk(BaseModel):

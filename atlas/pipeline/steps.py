@@ -48,6 +48,7 @@ from atlas.engine import (
     resolve_refs,
 )
 from atlas.errors import AtlasError, InputError, ServiceUnavailable
+from atlas.pipeline.images import load_spec_image
 from atlas.pipeline.liveness import pause_for_tests
 from atlas.pipeline.payloads import (
     AnnotatePayload,
@@ -71,12 +72,13 @@ log = logging.getLogger(__name__)
 
 def prompt_id_for(spec: PromptSpec, engine: Engine, settings: AtlasSettings) -> str:
     """The prompt's content hash, computed before anything runs on the model: the metadata the
-    engine will record, less what only the run knows. Text prompts have no image hash."""
+    engine will record, less what only the run knows (an image prompt: its image's hash)."""
     from atlas.graph import GraphMetadata
+    from atlas.pipeline.images import image_sha
 
     meta = GraphMetadata(
         prompt=spec.prompt,
-        image_sha256=None,
+        image_sha256=image_sha(spec),
         tokens=[],
         model=engine.model_info,
         transcoders=engine.transcoder_info,
@@ -186,6 +188,7 @@ def attribute_chunk_step(
                     spec.attribution,
                     batch_size=settings.batch_size,
                     timings=timings,
+                    image=load_spec_image(spec, settings),
                 )
             except Exception as exc:
                 fail(x.index, x.payload, exc)
@@ -322,6 +325,7 @@ def _ingest_payload(x: _Prepared, outcome: Literal["computed", "cached"]) -> Ing
         force=x.payload.spec.force,
         attribution=outcome,
         timings=x.timings,
+        image_tags=list(x.payload.spec.tags or []),
     )
 
 
@@ -360,7 +364,10 @@ def _load_for_ingest(
     t0 = time.perf_counter()
     graph = _load_artifact(payload, settings)
     rows = graph_rows(
-        graph, min_abs_weight=settings.ingest_min_abs_weight, max_edges=settings.ingest_max_edges
+        graph,
+        min_abs_weight=settings.ingest_min_abs_weight,
+        max_edges=settings.ingest_max_edges,
+        image_tags=payload.image_tags,
     )
     timings["load_artifact_s"] = time.perf_counter() - t0
     if payload.force:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from atlas.errors import InputError, ServiceUnavailable
+from atlas.pipeline.images import store_spec_images
 from atlas.pipeline.liveness import heartbeat, holder_id, reap
 from atlas.pipeline.payloads import AttributePayload, PromptSpec, parse_spec
 from atlas.retry import classify
@@ -153,12 +154,15 @@ def submit(
     driver: Any,
     force: bool = False,
     progress: Progress | None = None,
+    image_base: Path | None = None,
 ) -> tuple[str, int]:
     """Record a job and send (or, with no broker, run) its prompts. Returns (job id, n skipped).
 
     Specs whose prompt is already in the atlas (from an earlier job) are recorded as done and
     not sent, unless ``force``. ``specs`` may hold :class:`BadLine` entries too (a batch file run
-    with ``--skip-bad-lines``): they are recorded as failed items with their reasons.
+    with ``--skip-bad-lines``): they are recorded as failed items with their reasons. Images are
+    stored in the artifact store first (relative paths from ``image_base``); a spec whose image
+    is refused is recorded as failed with its reason and not sent.
     """
     from atlas.store.schema import apply_schema
 
@@ -175,8 +179,11 @@ def submit(
             e.model_copy(update={"force": True}) if isinstance(e, PromptSpec) else e
             for e in entries
         ]
+    failed = {i: e.reason for i, e in enumerate(entries) if isinstance(e, BadLine)}
+    entries, refused = _store_images(settings, entries, image_base)
+    failed.update(refused)
     records = [_record_of(e) for e in entries]
-    good = {i for i, e in enumerate(entries) if isinstance(e, PromptSpec)}
+    good = {i for i, e in enumerate(entries) if isinstance(e, PromptSpec) and i not in refused}
     spec_ids = [sid for _, sid in records]
     already = {} if force else skip_done(store, spec_ids)
     job_id = new_job_id()
@@ -187,12 +194,12 @@ def submit(
         source=source,
         mode=mode_of(settings),
         already_done={i: p for i, p in already.items() if i in good},
-        failed={i: e.reason for i, e in enumerate(entries) if isinstance(e, BadLine)},
+        failed=failed,
     )
     pending = [
         AttributePayload(spec=e, job_id=job_id, item=i)
         for i, e in enumerate(entries)
-        if isinstance(e, PromptSpec) and i not in already
+        if isinstance(e, PromptSpec) and i in good and i not in already
     ]
     holder = None if settings.redis_url else holder_id("inline")
     if holder is not None and pending:
@@ -201,6 +208,20 @@ def submit(
         progress(store.summary(job_id))
     _dispatch(settings, driver, job_id, pending, progress, holder=holder)
     return job_id, len(already)
+
+
+def _store_images(
+    settings: AtlasSettings, entries: list[PromptSpec | BadLine], base: Path | None
+) -> tuple[list[PromptSpec | BadLine], dict[int, str]]:
+    """The entries with each spec's image stored (content-addressed) and the reason of every
+    spec whose image was refused, by entry index."""
+    idx = [i for i, e in enumerate(entries) if isinstance(e, PromptSpec)]
+    specs = [entries[i] for i in idx]
+    stored, refused = store_spec_images(settings, specs, base)  # type: ignore[arg-type]
+    out = list(entries)
+    for j, i in enumerate(idx):
+        out[i] = stored[j]
+    return out, {idx[j]: reason for j, reason in refused.items()}
 
 
 def _record_of(entry: PromptSpec | BadLine) -> tuple[dict[str, Any], str]:

@@ -74,6 +74,9 @@ class PromptRows:
     n_nodes: int = 0
     n_edges_total: int = 0
     dropped_edges: int = field(default=0)
+    image: dict[str, Any] | None = None
+    """An image prompt's ``{"image": {sha256, width, height, format}, "tags", "tokens"}``
+    (:func:`image_rows`); ``None`` for text."""
 
 
 #: A callback run at the end of a prompt's ingestion transaction: ``(tx, created)``.
@@ -96,9 +99,14 @@ def _finite_or_none(x: float) -> float | None:
 
 
 def graph_rows(
-    graph: Graph, *, min_abs_weight: float = 0.0, max_edges: int | None = None
+    graph: Graph,
+    *,
+    min_abs_weight: float = 0.0,
+    max_edges: int | None = None,
+    image_tags: Sequence[str] = (),
 ) -> PromptRows:
-    """Turn a :class:`Graph` into the parameter rows of its ingestion.
+    """Turn a :class:`Graph` into the parameter rows of its ingestion (``image_tags``: tags of an
+    image prompt's image, merged into its ``Image`` node).
 
     Raises :class:`InputError` for graphs that cannot be stored faithfully (duplicate node ids,
     non-finite weights, a logit or token without a vocabulary id).
@@ -148,6 +156,7 @@ def graph_rows(
         n_nodes=graph.n_nodes,
         n_edges_total=graph.n_edges,
         dropped_edges=graph.n_edges - len(edges),
+        image=image_rows(graph, image_tags),
     )
 
 
@@ -214,7 +223,7 @@ def _node_rows(graph: Graph, ids: list[str], tset: str, texts: dict[int, str]) -
                 }
             else:
                 row["act"] = max(row["act"], act)
-        elif kind in ("token", "logit"):
+        elif kind in ("token", "logit", "image"):
             if tok_ids[i] < 0:
                 raise InputError(f"prompt {pid}: {kind} node {ids[i]} has no vocabulary id")
             ref = token_ref(model_name, tok_ids[i])
@@ -246,6 +255,50 @@ def _node_rows(graph: Graph, ids: list[str], tset: str, texts: dict[int, str]) -
             }
         )
     return out
+
+
+#: Patches of each image token's rollout map kept on its node (the rest stay in the artifact).
+ROLLOUT_TOP_PATCHES = 8
+
+
+def image_rows(graph: Graph, tags: Sequence[str] = ()) -> dict[str, Any] | None:
+    """The ``Image`` and the image-token fields of an image prompt (``None`` for text).
+
+    Each soft token keeps its grid cell, ``k`` and a compact rollout summary: its
+    :data:`ROLLOUT_TOP_PATCHES` strongest patches (flat ``row * patch_cols + col`` on the
+    patch grid) and their weights, so a query can say which part of the picture a node shows.
+    """
+    meta = graph.metadata.image
+    if meta is None or graph.image_positions is None or graph.image_grid is None:
+        return None
+    grid = graph.image_grid.tolist()
+    tokens = []
+    for k, pos in enumerate(graph.image_positions.tolist()):
+        row = {"pos": pos, "row": grid[k][0], "col": grid[k][1], "k": k}
+        row |= _rollout_summary(graph, k)
+        tokens.append(row)
+    image = {
+        "sha256": meta.sha256,
+        "width": meta.width,
+        "height": meta.height,
+        "format": meta.format,
+    }
+    return {"image": image, "tags": sorted(set(tags)), "tokens": tokens}
+
+
+def _rollout_summary(graph: Graph, k: int) -> dict[str, Any]:
+    """Top patches of image token ``k``'s rollout map (empty without maps)."""
+    maps = graph.rollout
+    if maps is None:
+        return {"top_patches": None, "top_weights": None, "patch_cols": None}
+    flat = maps[k].flatten()
+    n = min(ROLLOUT_TOP_PATCHES, int(flat.numel()))
+    values, index = flat.topk(n)
+    return {
+        "top_patches": [int(i) for i in index.tolist()],
+        "top_weights": [float(v) for v in values.tolist()],
+        "patch_cols": int(maps.shape[-1]),
+    }
 
 
 def _kept_edges(
@@ -396,6 +449,8 @@ def write_prompt(tx: neo4j.ManagedTransaction, rows: PromptRows, batch: int) -> 
     agg_chunks = list(_chunks(agg_rows, batch)) or [[]]
     for chunk in agg_chunks[:-1]:
         tx.run(Q.UPDATE_FEATURE_AGG, rows=chunk).consume()
+    if rows.image is not None:
+        tx.run(Q.WRITE_PROMPT_IMAGE, prompt=pid, **rows.image).consume()
     # the last batch, the supernode aggregate and the ``complete`` flag: one statement
     tx.run(Q.FINISH_PROMPT, id=pid, rows=agg_chunks[-1]).consume()
     return True

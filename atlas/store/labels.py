@@ -3,7 +3,9 @@
 ``store_logit_lens`` computes the lens (pure torch, :mod:`atlas.circuits.lens`) once for the
 features of one transcoder set that the atlas holds (``store_lens`` takes the inputs
 :func:`atlas.circuits.lens.logit_lens_for` builds); ``label_features`` derives each feature's top
-activating tokens from the ingested prompts (Cypher) and writes a short label.
+activating tokens from the ingested prompts (Cypher) and writes a short label. Features seen in
+image prompts are labelled from images too: their top activations at image soft tokens, with the
+image (sha256) and the grid cell recorded (``top_image_regions``, ``"<sha[:12]>@row,col"``).
 """
 
 from __future__ import annotations
@@ -121,14 +123,16 @@ def label_features(
             database=database,
             what="top activations",
         )
+        images = _image_activations(driver, chunk, top_k, database)
         rows = []
         for r in recs:
             top = r["top"] or []
             tokens = [t["token"] or "" for t in top]
+            cells = [f"{t['row']},{t['col']}" for t in images.get(r["fid"], [])]
             rows.append(
                 {
                     "fid": r["fid"],
-                    "label": short_label(r["top_tokens"], tokens),
+                    "label": short_label(r["top_tokens"], tokens, image_regions=cells),
                     "tokens": tokens,
                     "values": [float(t["activation"] or 0.0) for t in top],
                     "prompts": [f"{t['prompt']}:{t['pos']}" for t in top],
@@ -141,3 +145,37 @@ def label_features(
         if on_batch is not None:
             on_batch(len(rows))
     return done
+
+
+def _image_activations(
+    driver: neo4j.Driver, fids: Sequence[str], top_k: int, database: str | None
+) -> dict[str, list[dict[str, Any]]]:
+    """Each feature's strongest activations at image soft tokens (written on the feature as
+    ``top_image_regions`` / ``_values`` / ``_prompts``); features never seen on an image get
+    none."""
+    recs = read_rows(
+        driver,
+        Q.TOP_IMAGE_ACTIVATIONS,
+        {"fids": list(fids), "limit": top_k},
+        database=database,
+        what="top image activations",
+    )
+    found = {r["fid"]: r["top"] for r in recs if r["top"]}
+    rows = [
+        {
+            "fid": fid,
+            "regions": [f"{(t['image'] or '')[:12]}@{t['row']},{t['col']}" for t in top],
+            "values": [float(t["activation"] or 0.0) for t in top],
+            "prompts": [f"{t['prompt']}:{t['pos']}" for t in top],
+        }
+        for fid, top in found.items()
+    ]
+    if rows:
+        write_rows(
+            driver,
+            Q.SET_FEATURE_IMAGE_LABELS,
+            {"rows": rows},
+            database=database,
+            what="feature image labels",
+        )
+    return found

@@ -758,3 +758,105 @@ WHERE i.worker IS NOT NULL
 RETURN i.idx AS idx, i.worker AS worker, i.heartbeat_at AS heartbeat_at
 """
 # =========================================================================== end of jobs: holders
+# =========================================================================== images
+# (:Image {sha256, width, height, format, tags})<-[:HAS_IMAGE]-(:Prompt)
+# (:Node:ImageTokenNode {prompt, pos, row, col, k, image, top_patches, top_weights, patch_cols})
+#     an image soft token's embedding node (kind 'image'; an instance of the image token's :Token)
+# Constraints and indexes: schema/0008_images.cypher. Used by atlas.store.{ingest,read,labels}.
+
+# In the prompt's ingestion transaction, after its nodes: the Image (tags merged, each once), the
+# prompt's link to it, and the image fields of its soft tokens' nodes (found by prompt, position).
+WRITE_PROMPT_IMAGE = """
+MATCH (p:Prompt {id: $prompt})
+CALL (p) {
+  WITH p WHERE $image.sha256 IS NOT NULL
+  MERGE (i:Image {sha256: $image.sha256})
+  ON CREATE SET i.width = $image.width, i.height = $image.height, i.format = $image.format,
+                i.tags = []
+  SET i.tags = coalesce(i.tags, []) + [t IN $tags WHERE NOT t IN coalesce(i.tags, [])]
+  MERGE (p)-[:HAS_IMAGE]->(i)
+}
+WITH DISTINCT p
+UNWIND $tokens AS r
+MATCH (n:ImageTokenNode {prompt: $prompt, pos: r.pos})
+SET n.row = r.row, n.col = r.col, n.k = r.k, n.image = $image.sha256,
+    n.top_patches = r.top_patches, n.top_weights = r.top_weights, n.patch_cols = r.patch_cols
+"""
+
+EXPORT_IMAGE_TOKENS = """
+MATCH (n:ImageTokenNode {prompt: $id})
+RETURN n.pos AS pos, n.row AS row, n.col AS col, n.k AS k
+ORDER BY k
+"""
+
+# Prompts whose image carries the tag (the tag filter of the named queries).
+PROMPTS_WITH_IMAGE_TAG = """
+MATCH (p:Prompt)-[:HAS_IMAGE]->(i:Image) WHERE p.complete AND $tag IN i.tags
+RETURN p.id AS prompt
+"""
+
+# Paths from image soft tokens (any, or those in a box of grid cells) to a target: the text
+# paths' plan, starting from the image-token nodes of the prompts that contain the target.
+_IMAGE_PATHS_TEMPLATE = """
+MATCH (b0:Node) WHERE b0.ref IN $to_refs AND b0.kind = $to_kind AND b0.prompt IS NOT NULL
+WITH collect(DISTINCT b0.prompt) AS prompts
+MATCH (a:ImageTokenNode)
+WHERE a.prompt IN prompts
+  AND a.row >= $row0 AND a.row <= $row1 AND a.col >= $col0 AND a.col <= $col1
+  AND ($tag IS NULL OR EXISTS {
+        MATCH (:Prompt {id: a.prompt})-[:HAS_IMAGE]->(i:Image) WHERE $tag IN i.tags })
+CALL (a) {
+  MATCH p = (a) ((u:Node)-[e:EDGE WHERE abs(e.w) >= $min_weight]->(v:Node)){1,__H__} (b:Node)
+  WHERE b.ref IN $to_refs AND b.kind = $to_kind
+  RETURN p
+}
+RETURN a.prompt AS prompt,
+       [n IN nodes(p) | n.id] AS nodes,
+       [n IN nodes(p) | CASE WHEN n.kind = 'image'
+                             THEN 'image:' + toString(n.row) + ',' + toString(n.col)
+                             ELSE coalesce(n.ref, n.kind + ':' + toString(n.layer)) END] AS refs,
+       [r IN relationships(p) | r.w] AS weights
+LIMIT $cap
+"""
+
+IMAGE_PATHS: dict[int, str] = {
+    h: _IMAGE_PATHS_TEMPLATE.replace("__H__", str(h)) for h in range(1, PATHS_MAX_HOPS + 1)
+}
+
+# Which image regions feed a feature, over every prompt: the direct edges from image soft tokens
+# into the feature's instances, grouped by image and grid cell, with the cell's rollout summary.
+IMAGE_REGIONS = """
+MATCH (f:Feature) WHERE f.fid IN $refs
+MATCH (f)<-[:OF]-(n:FeatureNode)
+MATCH (a:ImageTokenNode)-[e:EDGE]->(n)
+WHERE $tag IS NULL OR EXISTS {
+        MATCH (:Prompt {id: a.prompt})-[:HAS_IMAGE]->(i:Image) WHERE $tag IN i.tags }
+WITH a.image AS image, a.row AS row, a.col AS col, e.w AS w, a.prompt AS prompt,
+     a.top_patches AS top_patches, a.top_weights AS top_weights, a.patch_cols AS patch_cols
+RETURN image, row, col, count(DISTINCT prompt) AS n_prompts, count(*) AS n_edges,
+       sum(w) AS sum_w, max(w) AS max_w, head(collect(top_patches)) AS top_patches,
+       head(collect(top_weights)) AS top_weights, head(collect(patch_cols)) AS patch_cols
+ORDER BY abs(sum_w) DESC, image, row, col LIMIT $limit
+"""
+
+# Top activations of each feature at image soft tokens (annotation): image, cell and prompt.
+TOP_IMAGE_ACTIVATIONS = """
+UNWIND $fids AS fid
+MATCH (f:Feature {fid: fid})
+CALL (f) {
+  MATCH (f)<-[:OF]-(n:FeatureNode)
+  MATCH (a:ImageTokenNode {prompt: n.prompt, pos: n.pos})
+  WITH n, a ORDER BY n.activation DESC LIMIT $limit
+  RETURN collect({prompt: n.prompt, pos: n.pos, activation: n.activation, image: a.image,
+                  row: a.row, col: a.col, k: a.k}) AS top
+}
+RETURN f.fid AS fid, top
+"""
+
+SET_FEATURE_IMAGE_LABELS = """
+UNWIND $rows AS r
+MATCH (f:Feature {fid: r.fid})
+SET f.top_image_regions = r.regions, f.top_image_values = r.values,
+    f.top_image_prompts = r.prompts
+"""
+# =========================================================================== end of images section

@@ -10,6 +10,11 @@ Endpoint specs (``atlas query paths --from X --to Y``):
     feature:LAYER/INDEX every instance of that feature (any transcoder set)
     token:TEXT          input-token nodes whose text, whitespace-stripped, equals TEXT
     logit:TEXT          logit nodes whose token text, whitespace-stripped, equals TEXT
+    image               (sources only) every image soft token of an image prompt
+    image:ROW,COL       the soft token at that cell of the pooled grid
+    image:R0-R1,C0-C1   the soft tokens in that box of cells (inclusive)
+
+``image_tag`` (paths, image regions) keeps only the prompts whose image carries that tag.
 """
 
 from __future__ import annotations
@@ -154,6 +159,7 @@ def paths(
     cap: int = 10_000,
     database: str | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    image_tag: str | None = None,
 ) -> dict[str, Any]:
     """Every directed path of 1..max_hops edges within one prompt from ``source`` to ``target``.
 
@@ -171,19 +177,22 @@ def paths(
     if limit < 1:
         raise InputError("limit must be >= 1")
     reader = _Reader(driver, database, timeout_s)
-    src = _resolve_endpoint(reader, source)
-    dst = _resolve_endpoint(reader, target)
-    if not src.refs or not dst.refs:
-        return {"paths": [], "aggregate": [], "truncated": False}
-    params = {
-        "from_refs": src.refs,
-        "from_kind": src.kind,
-        "to_refs": dst.refs,
-        "to_kind": dst.kind,
-        "min_weight": float(min_weight),
-        "cap": cap + 1,
-    }
-    rows = reader.rows(Q.PATHS[max_hops], params, "paths query")
+    if _IMAGE_SPEC.match(source) or _IMAGE_SPEC.match(target):
+        rows = _image_path_rows(reader, source, target, max_hops, min_weight, cap, image_tag)
+    else:
+        src = _resolve_endpoint(reader, source)
+        dst = _resolve_endpoint(reader, target)
+        if not src.refs or not dst.refs:
+            return {"paths": [], "aggregate": [], "truncated": False}
+        params = {
+            "from_refs": src.refs,
+            "from_kind": src.kind,
+            "to_refs": dst.refs,
+            "to_kind": dst.kind,
+            "min_weight": float(min_weight),
+            "cap": cap + 1,
+        }
+        rows = _tagged(reader, reader.rows(Q.PATHS[max_hops], params, "paths query"), image_tag)
     truncated = len(rows) > cap
     found = [
         {
@@ -196,7 +205,7 @@ def paths(
         for r in rows[:cap]
     ]
     found.sort(key=lambda p: (-abs(p["score"]), p["prompt"], p["nodes"]))
-    refs = {ref for p in found for ref in p["_refs"] if not ref.startswith("error:")}
+    refs = {ref for p in found for ref in p["_refs"] if not ref.startswith(("error:", "image:"))}
     aggregate = _aggregate_routes(found, _ref_texts(reader, refs))
     return {"paths": found[:limit], "aggregate": aggregate, "truncated": truncated}
 
@@ -233,11 +242,16 @@ def active_prompts(
     limit: int = 50,
     database: str | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    image_tag: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Prompts where a feature (``feature:L/I``) or supernode (``supernode:NAME``) is active."""
+    """Prompts where a feature (``feature:L/I``) or supernode (``supernode:NAME``) is active
+    (with ``image_tag``: among the prompts whose image carries it)."""
     reader = _Reader(driver, database, timeout_s)
     refs = _feature_refs(reader, spec, "active prompts take feature:L/I or supernode:NAME")
-    return reader.rows(Q.ACTIVE_PROMPTS, {"refs": refs, "limit": limit}, "active prompts")
+    if image_tag is None:
+        return reader.rows(Q.ACTIVE_PROMPTS, {"refs": refs, "limit": limit}, "active prompts")
+    rows = reader.rows(Q.ACTIVE_PROMPTS, {"refs": refs, "limit": 1 << 30}, "active prompts")
+    return _tagged(reader, rows, image_tag)[:limit]
 
 
 def count_prompts(
@@ -435,6 +449,7 @@ def _export(reader: _Reader, prompt: str) -> tuple[Graph, dict[str, str], dict[i
         return torch.tensor([nan if n[name] is None else n[name] for n in nodes], dtype=dtype)
 
     edges.sort(key=lambda e: (e["target"], e["source"]))
+    image = _export_image(reader, pid) if meta.image is not None else None
     input_ids = head[0]["input_ids"]
     graph = Graph.from_columns(
         meta,
@@ -450,6 +465,7 @@ def _export(reader: _Reader, prompt: str) -> tuple[Graph, dict[str, str], dict[i
             "logit_prob": col("logit_prob", torch.float32),
         },
         {key: [e[key] for e in edges] for key in ("target", "source", "weight")},
+        image=image,
     )
     labels = {n["id"]: n["label"] for n in nodes if n["label"]}
     token_texts = {
@@ -491,3 +507,112 @@ def _prompt_supernodes(reader: _Reader, pid: str) -> list[list[str]]:
     for r in reader.rows(Q.PROMPT_SUPERNODES, {"id": pid}, "prompt supernodes"):
         grouped[r["name"]].extend(sorted(r["ids"]))
     return [[name, *ids] for name, ids in grouped.items()]
+
+
+# --------------------------------------------------------------------------- images
+_IMAGE_SPEC = re.compile(r"^image(?::(.*))?$", re.DOTALL)
+_CELL = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+#: Grid cells are far below this; it stands for "no upper bound" in a region.
+_NO_LIMIT = 1 << 30
+
+
+def parse_image_region(spec: str) -> tuple[int, int, int, int]:
+    """``(row0, row1, col0, col1)`` (inclusive) of ``image``, ``image:ROW,COL`` or
+    ``image:R0-R1,C0-C1``; :class:`InputError` otherwise."""
+    m = _IMAGE_SPEC.match(spec)
+    if m is None:
+        raise InputError(
+            f"bad image endpoint {spec!r}: use image, image:ROW,COL or image:R0-R1,C0-C1"
+        )
+    if m.group(1) is None:
+        return 0, _NO_LIMIT, 0, _NO_LIMIT
+    parts = m.group(1).split(",")
+    cells = [_CELL.match(x) for x in parts] if len(parts) == 2 else []
+    if len(cells) != 2 or not all(cells):
+        raise InputError(
+            f"bad image region {spec!r}: use image:ROW,COL or image:R0-R1,C0-C1 (grid cells)"
+        )
+    (r0, r1), (c0, c1) = (
+        (int(c.group(1)), int(c.group(2) or c.group(1))) for c in cells if c is not None
+    )
+    if r1 < r0 or c1 < c0:
+        raise InputError(f"bad image region {spec!r}: an empty box")
+    return r0, r1, c0, c1
+
+
+def _image_path_rows(
+    reader: _Reader,
+    source: str,
+    target: str,
+    max_hops: int,
+    min_weight: float,
+    cap: int,
+    image_tag: str | None,
+) -> list[dict[str, Any]]:
+    """Path rows from image soft tokens (an image end is a source: nothing flows into one)."""
+    if _IMAGE_SPEC.match(target):
+        raise InputError("an image endpoint is a source only: use --from image")
+    r0, r1, c0, c1 = parse_image_region(source)
+    dst = _resolve_endpoint(reader, target)
+    if not dst.refs:
+        return []
+    params = {
+        "to_refs": dst.refs,
+        "to_kind": dst.kind,
+        "row0": r0,
+        "row1": r1,
+        "col0": c0,
+        "col1": c1,
+        "tag": image_tag,
+        "min_weight": float(min_weight),
+        "cap": cap + 1,
+    }
+    return reader.rows(Q.IMAGE_PATHS[max_hops], params, "image paths query")
+
+
+def _tagged(
+    reader: _Reader, rows: list[dict[str, Any]], image_tag: str | None
+) -> list[dict[str, Any]]:
+    """The rows of prompts whose image carries ``image_tag`` (all rows without a tag)."""
+    if image_tag is None:
+        return rows
+    keep = {r["prompt"] for r in reader.rows(Q.PROMPTS_WITH_IMAGE_TAG, {"tag": image_tag}, "tag")}
+    return [r for r in rows if r["prompt"] in keep]
+
+
+def image_regions(
+    driver: neo4j.Driver,
+    spec: str,
+    *,
+    limit: int = 20,
+    image_tag: str | None = None,
+    database: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> list[dict[str, Any]]:
+    """Which image regions feed a feature (``feature:L/I`` or ``supernode:NAME``), over every
+    image prompt: the summed direct effect of each image's soft token at each grid cell on the
+    feature's instances, with the cell's strongest rollout patches (``[row, col]`` on the patch
+    grid) and their weights."""
+    reader = _Reader(driver, database, timeout_s)
+    refs = _feature_refs(reader, spec, "image regions take feature:L/I or supernode:NAME")
+    params = {"refs": refs, "limit": limit, "tag": image_tag}
+    rows = reader.rows(Q.IMAGE_REGIONS, params, "image regions")
+    for r in rows:
+        cols = r.pop("patch_cols")
+        patches = r.pop("top_patches")
+        r["top_patches"] = [[p // cols, p % cols] for p in patches] if patches and cols else []
+    return rows
+
+
+def _export_image(reader: _Reader, pid: str) -> dict[str, Any]:
+    """The image tensors of a stored image prompt, from its image-token nodes (the rollout maps
+    stay in the artifact: the store keeps their summary)."""
+    import torch
+
+    rows = reader.rows(Q.EXPORT_IMAGE_TOKENS, {"id": pid}, f"export {pid} image")
+    return {
+        "image_positions": torch.tensor([r["pos"] for r in rows], dtype=torch.int64),
+        "image_grid": torch.tensor([[r["row"], r["col"]] for r in rows], dtype=torch.int64).reshape(
+            -1, 2
+        ),
+    }

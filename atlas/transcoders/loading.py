@@ -18,9 +18,19 @@ Formats (all described by a circuit-tracer style ``config.yaml``):
     ``threshold``.
 
   ``activation: topk`` with ``k: N`` in the config selects TopK (x kept at its top-k entries).
+  ``top_k: N`` (the VLM circuit-tracing paper's format: ``feature_input_hook: mlp.hook_in``,
+  ``feature_output_hook: mlp.hook_out``, ``layers``, ``num_model_layers``) selects ReLU then the
+  top N per position, no threshold (``relu_topk``).
 * ``model_kind: cross_layer_transcoder`` -- per layer ``i``: ``W_enc_{i}.safetensors`` with
   ``W_enc_{i} (d_tc, d_model)``, ``b_enc_{i}``, ``b_dec_{i}``, optional ``threshold_{i}``, and
   ``W_dec_{i}.safetensors`` with ``W_dec_{i} (d_tc, n_layers - i, d_model)``.
+
+* SAELens transcoders -- a directory holding one subdirectory per layer, each with ``cfg.json``
+  (``d_in``, ``d_sae``, optional ``d_out``, ``hook_name`` / ``hook_name_out``, ``hook_layer``,
+  ``architecture`` or ``activation_fn`` with ``activation_fn_kwargs.k``,
+  ``apply_b_dec_to_input``) and ``sae_weights.safetensors`` (``W_enc (d_in, d_sae)``,
+  ``W_dec (d_sae, d_out)``, ``b_enc``, ``b_dec``, optional ``threshold`` and
+  ``W_skip (d_out, d_in)``); no ``config.yaml``.
 
 Everything is validated (shapes, layers present, finite values, hooks the model supports) and
 problems raise :class:`atlas.errors.TranscoderError` with a one-line message.
@@ -46,7 +56,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Activation = Literal["relu", "jumprelu", "topk"]
+Activation = Literal["relu", "jumprelu", "topk", "relu_topk"]
 
 
 @dataclass
@@ -110,6 +120,8 @@ class TranscoderSet:
             assert self.threshold is not None
             return pre * (pre > self.threshold[layer])
         assert self.k is not None
+        if self.activation == "relu_topk":  # the paper's TopK: ReLU, then the top k per position
+            pre = torch.relu(pre)
         _, idx = torch.topk(pre, k=min(self.k, pre.shape[-1]), dim=-1)
         gate = torch.zeros_like(pre).scatter_(-1, idx, 1.0)
         return pre * gate
@@ -298,16 +310,24 @@ def load_transcoders(
     expect. Raises :class:`TranscoderError` on missing layers, shape mismatches, corrupted files
     or hooks the model family does not support.
     """
-    cfg_path, config = _load_config(Path(path))
-    kind = config["model_kind"]
     expected = _Expected(
         n_layers if n_layers is not None else (model.n_layers if model else None),
         model.d_model if model else None,
     )
-    loader = _LOADERS.get(kind)
-    if loader is None:
-        raise TranscoderError(f"{cfg_path}: unknown model_kind {kind!r}")
-    tset = loader(cfg_path, config, expected, device, dtype)
+    if _is_saelens(Path(path).expanduser()):
+        from atlas.transcoders.saelens import load_saelens
+
+        kind = "transcoder_set"
+        tset = load_saelens(Path(path).expanduser(), expected.n_layers, device, dtype)
+        _check_d_model(tset.d_model, expected)
+        cfg_path = tset.files[0]
+    else:
+        cfg_path, config = _load_config(Path(path))
+        kind = config["model_kind"]
+        loader = _LOADERS.get(kind)
+        if loader is None:
+            raise TranscoderError(f"{cfg_path}: unknown model_kind {kind!r}")
+        tset = loader(cfg_path, config, expected, device, dtype)
     if expected.n_layers is not None and tset.n_layers != expected.n_layers:
         raise TranscoderError(
             f"transcoders cover {tset.n_layers} layers, the model has {expected.n_layers}"
@@ -331,6 +351,11 @@ def load_transcoders(
         "loaded %s: %d layers x %d features (%s)", path, tset.n_layers, tset.d_transcoder, kind
     )
     return tset
+
+
+def _is_saelens(path: Path) -> bool:
+    """A directory of SAELens layer directories (``*/cfg.json``) and no ``config.yaml``."""
+    return path.is_dir() and not (path / "config.yaml").exists() and any(path.glob("*/cfg.json"))
 
 
 def _check_d_model(d_model: int, expected: _Expected) -> None:
@@ -359,7 +384,25 @@ def _per_layer_files(cfg_path: Path, config: dict[str, Any], expected: _Expected
         )
     if not files:
         raise TranscoderError(f"{cfg_path}: no transcoder layers found")
+    _check_layer_list(cfg_path, config, len(files), expected)
     return files
+
+
+def _check_layer_list(
+    cfg_path: Path, config: dict[str, Any], n_files: int, expected: _Expected
+) -> None:
+    """The paper's ``layers`` / ``num_model_layers`` must describe one transcoder per layer of
+    this model, in order (the replacement model replaces every MLP)."""
+    layers = config.get("layers")
+    if layers is not None and layers != list(range(n_files)):
+        raise TranscoderError(
+            f"{cfg_path}: 'layers' must list every layer 0..{n_files - 1} in order, got {layers}"
+        )
+    n_model = config.get("num_model_layers")
+    if n_model is not None and expected.n_layers is not None and n_model != expected.n_layers:
+        raise TranscoderError(
+            f"{cfg_path}: num_model_layers {n_model}, the model has {expected.n_layers} layers"
+        )
 
 
 def _load_per_layer(
@@ -415,7 +458,13 @@ def _load_per_layer(
 def _per_layer_activation(
     cfg_path: Path, config: dict[str, Any], first: dict[str, torch.Tensor | None], has_thr: bool
 ) -> tuple[Activation, int | None]:
-    """``(activation, k)``: JumpReLU with thresholds, TopK with a ``k``, else ReLU."""
+    """``(activation, k)``: JumpReLU with thresholds, TopK with a ``k``, ReLU-then-TopK with the
+    paper's ``top_k``, else ReLU."""
+    if config.get("top_k") is not None:
+        top_k = config["top_k"]
+        if has_thr or not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0:
+            raise TranscoderError(f"{cfg_path}: 'top_k' must be a positive integer, no threshold")
+        return "relu_topk", top_k
     activation: Activation = "jumprelu" if has_thr else "relu"
     k = config.get("k")
     if k is None and first["k"] is not None:

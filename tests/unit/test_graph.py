@@ -36,13 +36,20 @@ def test_hostile_artifact_is_refused(tmp_path: Path, variant: str) -> None:
 def test_unknown_kind_text_is_an_input_error() -> None:
     assert NodeKind.from_text("logit") is NodeKind.LOGIT
     with pytest.raises(InputError, match="unknown node kind"):
-        NodeKind.from_text("image")
+        NodeKind.from_text("picture")
 
 
 def test_kind_table_names_every_kind_once() -> None:
-    for field in ("text", "label", "feature_type", "id_format"):
+    for field in ("text", "label"):
         values = [getattr(k, field) for k in NodeKind]
         assert len(set(values)) == len(values), field
+    # an image soft token is an embedding node to the paper's viewer: it alone shares a row's
+    # feature_type and id format (the token's)
+    text_kinds = [k for k in NodeKind if k is not NodeKind.IMAGE]
+    for field in ("feature_type", "id_format"):
+        values = [getattr(k, field) for k in text_kinds]
+        assert len(set(values)) == len(values), field
+        assert getattr(NodeKind.IMAGE, field) == getattr(NodeKind.TOKEN, field)
     assert [int(k) for k in NodeKind] == list(range(len(NodeKind)))
 
 
