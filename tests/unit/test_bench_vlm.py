@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "vlm.py"
+from tests import REPO_ROOT
+
+BENCH = REPO_ROOT / "bench" / "vlm.py"
 
 
 def test_gemma3_4b_shape_dry_run() -> None:

@@ -22,8 +22,9 @@ from atlas.interchange import IMAGE_SOFT_TOKEN, graph_from_json, graph_to_json
 from atlas.models import load_model
 from atlas.testing.vlm_case import PROMPT, VlmCase, tiny_vlm_case
 from atlas.transcoders import load_transcoders
+from tests import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = REPO_ROOT
 
 
 @pytest.fixture(scope="module")

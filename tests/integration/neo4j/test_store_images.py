@@ -25,9 +25,10 @@ from atlas.store.labels import label_features
 from atlas.store.schema import apply_schema
 from atlas.testing.vlm_case import PROMPT, VlmCase, picture, tiny_vlm_case
 from atlas.transcoders import load_transcoders
+from tests import REPO_ROOT
 
 pytestmark = pytest.mark.timeout(900)
-REPO = Path(__file__).resolve().parents[2]
+REPO = REPO_ROOT
 
 
 @pytest.fixture(scope="module")
