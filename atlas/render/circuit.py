@@ -190,7 +190,13 @@ def draw_circuit(
     _boxes(ax, supernodes, {ids[i]: places[i] for i in kept})
     ax.set_xlim(-0.7, max(n_pos - 0.3, max((x for x, _ in places.values()), default=0) + 0.5))
     ax.set_ylim(-0.7, top + 0.7)
-    ax.set_xticks(range(n_pos), [short(token_text(t), 10) for t in tokens], rotation=45, ha="right")
+    ticks = [short(token_text(t), 10) for t in tokens]
+    if graph.image_positions is not None and graph.image_grid is not None:
+        for p, (r, c) in zip(
+            graph.image_positions.tolist(), graph.image_grid.tolist(), strict=True
+        ):
+            ticks[p] = f"img {r},{c}"
+    ax.set_xticks(range(n_pos), ticks, rotation=45, ha="right")
     ax.set_yticks(
         range(top + 1), ["emb"] + [f"L{lay}" for lay in range(graph.n_layers)] + ["logit"]
     )

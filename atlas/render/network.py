@@ -60,7 +60,7 @@ def draw_network(
             alpha=alpha,
             shrinkA=12,
             shrinkB=12,
-            connectionstyle="arc3,rad=0.08",
+            connectionstyle=f"arc3,rad={0.08 + 0.35 * (layer[t] - layer[s] - 1):.2f}",
             zorder=1,
         )
         ax.add_patch(arrow)

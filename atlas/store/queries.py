@@ -641,6 +641,23 @@ CALL (f) {
 RETURN f.fid AS fid, f.top_tokens AS top_tokens, top
 """
 
+# A feature's stored properties (pictures: the feature card).
+FEATURE_CARD = """
+MATCH (f:Feature {fid: $fid})
+RETURN f.fid AS fid, f.layer AS layer, f.index AS index, f.label AS label,
+       f.top_tokens AS top_tokens, f.top_values AS top_values
+"""
+
+IMAGE_GRID_SIZES = """
+MATCH (a:ImageTokenNode) WHERE a.prompt IN $ids
+RETURN a.prompt AS prompt, max(a.row) + 1 AS rows, max(a.col) + 1 AS cols
+"""
+
+PROMPT_TOKENS = """
+MATCH (p:Prompt) WHERE p.id IN $ids AND p.complete
+RETURN p.id AS id, p.tokens AS tokens
+"""
+
 SET_FEATURE_LABELS = """
 UNWIND $rows AS r
 MATCH (f:Feature {fid: r.fid})

@@ -474,6 +474,83 @@ def _export(reader: _Reader, prompt: str) -> tuple[Graph, dict[str, str], dict[i
     return graph, labels, token_texts
 
 
+def prompt_circuit(
+    driver: neo4j.Driver,
+    prompt: str,
+    *,
+    database: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> dict[str, Any]:
+    """What a picture of a stored prompt needs: ``graph``, feature ``labels`` by node id,
+    ``token_texts`` by vocabulary id and ``supernodes`` (``[[name, node_id, ...], ...]``)."""
+    reader = _Reader(driver, database, timeout_s)
+    graph, labels, token_texts = _export(reader, prompt)
+    return {
+        "graph": graph,
+        "labels": labels,
+        "token_texts": token_texts,
+        "supernodes": _prompt_supernodes(reader, graph.prompt_id),
+    }
+
+
+def feature_card(
+    driver: neo4j.Driver,
+    spec: str,
+    *,
+    limit: int = 8,
+    database: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> dict[str, Any]:
+    """A feature's card (``feature:L/I`` or ``L/I``; the first transcoder set's when several
+    have it): ``name``, ``label``, logit-lens ``top_tokens``/``top_values``, ``snippets``
+    (``{"text", "activation", "prompt"}``: the prompt's tokens around its top activations, the
+    active one in brackets) and ``image_tops`` (``{"image", "row", "col", "activation",
+    "prompt"}``: its top activations at image soft tokens)."""
+    reader = _Reader(driver, database, timeout_s)
+    refs = _feature_refs(reader, spec if ":" in spec else "feature:" + spec, "a card takes L/I")
+    if not refs:
+        raise InputError(f"no stored feature {spec!r}")
+    fid = sorted(refs)[0]
+    props = reader.rows(Q.FEATURE_CARD, {"fid": fid}, "feature card")[0]
+    tops = reader.rows(Q.TOP_ACTIVATIONS, {"fids": [fid], "limit": limit}, "feature card")
+    texts = prompt_token_lists(reader, [t["prompt"] for r in tops for t in r["top"]])
+    snippets = []
+    for top in tops[0]["top"] if tops else []:
+        toks = texts.get(top["prompt"], [])
+        pos = int(top["pos"])
+        here = f"[{toks[pos]}]" if pos < len(toks) else "[?]"
+        window = [*toks[max(0, pos - 6) : pos], here, *toks[pos + 1 : pos + 3]]
+        snippets.append(
+            {"text": "".join(window), "activation": top["activation"], "prompt": top["prompt"]}
+        )
+    images = reader.rows(Q.TOP_IMAGE_ACTIVATIONS, {"fids": [fid], "limit": limit}, "feature card")
+    image_tops = images[0]["top"] if images else []
+    ids = sorted({t["prompt"] for t in image_tops})
+    grids = {
+        r["prompt"]: (r["rows"], r["cols"])
+        for r in reader.rows(Q.IMAGE_GRID_SIZES, {"ids": ids}, "feature card")
+    }
+    for t in image_tops:
+        t["grid"] = grids.get(t["prompt"])
+    layer, index = props["layer"], props["index"]
+    return {
+        "name": f"feature:{layer}/{index}  ({fid})",
+        "label": props["label"],
+        "top_tokens": props["top_tokens"] or [],
+        "top_values": props["top_values"] or [],
+        "snippets": snippets,
+        "image_tops": image_tops,
+    }
+
+
+def prompt_token_lists(reader: _Reader, prompt_ids: list[str]) -> dict[str, list[str]]:
+    """The decoded tokens of each stored prompt by id."""
+    if not prompt_ids:
+        return {}
+    rows = reader.rows(Q.PROMPT_TOKENS, {"ids": sorted(set(prompt_ids))}, "prompt tokens")
+    return {r["id"]: list(r["tokens"] or []) for r in rows}
+
+
 def export_json(
     driver: neo4j.Driver,
     prompt: str,
