@@ -73,12 +73,33 @@ def _edge_mass(graph: Graph) -> list[float]:
     return mass
 
 
+_SLOT = 0.32
+
+
+def columns(graph: Graph, kept: Sequence[int]) -> list[float]:
+    """The x of each token position's centre: a position is one unit wide, or wider when one of
+    its cells holds more than three nodes (``_SLOT`` per node), so crowded cells get room."""
+    kinds, layers, poss = graph.kind.tolist(), graph.layer.tolist(), graph.pos.tolist()
+    counts: dict[tuple[int, int], int] = defaultdict(int)
+    for i in kept:
+        counts[(poss[i], -2 if kinds[i] == NodeKind.LOGIT else layers[i])] += 1
+    widths = [1.0] * len(graph.metadata.tokens)
+    for (pos, _), k in counts.items():
+        widths[pos] = max(widths[pos], _SLOT * k + 0.2)
+    centres, edge = [], 0.0
+    for w in widths:
+        centres.append(edge + w / 2)
+        edge += w
+    return centres
+
+
 def node_places(graph: Graph, kept: Sequence[int]) -> dict[int, tuple[float, float, int]]:
-    """``(x, y, j)`` of each kept node: position and row, spread sideways inside a crowded cell
-    (``j``: its rank in the cell, by edge mass)."""
+    """``(x, y, j)`` of each kept node: its position's column and its row, spread sideways inside
+    a crowded cell (``j``: its rank in the cell, by edge mass)."""
     kinds, layers, poss = graph.kind.tolist(), graph.layer.tolist(), graph.pos.tolist()
     mass = _edge_mass(graph)
     top = graph.n_layers + 1
+    centre = columns(graph, kept)
     cells: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i in kept:
         row = top if kinds[i] == NodeKind.LOGIT else layers[i] + 1
@@ -87,9 +108,9 @@ def node_places(graph: Graph, kept: Sequence[int]) -> dict[int, tuple[float, flo
     for (pos, row), members in cells.items():
         members.sort(key=lambda i: (-mass[i], i))
         k = len(members)
-        step = 0.5 if row == top else min(0.8 / k, 0.28)
+        step = min(0.8 / k, 0.28) if k <= 3 else _SLOT
         for j, i in enumerate(members):
-            places[i] = (pos + (j - (k - 1) / 2) * step, float(row), j)
+            places[i] = (centre[pos] + (j - (k - 1) / 2) * step, float(row), j)
     return places
 
 
@@ -122,13 +143,15 @@ def draw_circuit(
         graph.logit_prob.tolist(),
     )
     tokens = graph.metadata.tokens
-    n_pos, top = len(tokens), graph.n_layers + 1
+    top = graph.n_layers + 1
     prompt_texts = dict(zip(graph.input_ids.tolist(), tokens, strict=True)) | dict(
         token_texts or {}
     )
 
-    fig = new_figure(min(40.0, max(7.0, 0.85 * n_pos + 2.5)), max(4.5, 0.55 * (top + 1) + 2.2))
-    ax = fig.add_axes((0.09, 0.16, 0.88, 0.74))
+    centre = columns(graph, kept)
+    span = centre[-1] + 0.5 if centre else 1.0
+    fig = new_figure(min(40.0, max(7.0, 0.75 * span + 2.5)), max(4.5, 0.6 * (top + 1) + 2.4))
+    ax = fig.add_axes((0.07, 0.18, 0.9, 0.68))
     in_scale: dict[int, float] = defaultdict(float)
     edges = list(
         zip(
@@ -174,12 +197,15 @@ def draw_circuit(
             text = f"{token_text(prompt_texts[tids[i]])} {probs[i]:.2f}"
         if text:
             above = kind == NodeKind.LOGIT or placed[i][2] % 2 == 0
+            slanted = kind == NodeKind.LOGIT
             ax.annotate(
                 text,
                 (x, y),
                 xytext=(0, 7 if above else -9),
                 textcoords="offset points",
-                ha="center",
+                rotation=35 if slanted else 0,
+                rotation_mode="anchor",
+                ha="left" if slanted else "center",
                 va="bottom" if above else "top",
                 fontsize=5.5,
                 color="#1a202c",
@@ -188,7 +214,7 @@ def draw_circuit(
             )
 
     _boxes(ax, supernodes, {ids[i]: places[i] for i in kept})
-    ax.set_xlim(-0.7, max(n_pos - 0.3, max((x for x, _ in places.values()), default=0) + 0.5))
+    ax.set_xlim(-0.2, max(span, max((x for x, _ in places.values()), default=0) + 0.5))
     ax.set_ylim(-0.7, top + 0.7)
     ticks = [short(token_text(t), 10) for t in tokens]
     if graph.image_positions is not None and graph.image_grid is not None:
@@ -196,7 +222,7 @@ def draw_circuit(
             graph.image_positions.tolist(), graph.image_grid.tolist(), strict=True
         ):
             ticks[p] = f"img {r},{c}"
-    ax.set_xticks(range(n_pos), ticks, rotation=45, ha="right")
+    ax.set_xticks(centre, ticks, rotation=45, ha="right")
     ax.set_yticks(
         range(top + 1), ["emb"] + [f"L{lay}" for lay in range(graph.n_layers)] + ["logit"]
     )
