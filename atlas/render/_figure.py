@@ -47,11 +47,13 @@ def new_figure(width_in: float, height_in: float) -> Figure:
 
 
 def save(fig: Figure, path: str | Path, **drawn: object) -> Drawn:
-    """Write ``fig`` at its own size (no tight crop: the PNG is ``figsize * DPI`` pixels)."""
+    """Write ``fig`` at its own size (no tight crop: the PNG is ``figsize * DPI`` pixels). SVG
+    text stays text (searchable, selectable), and its generated ids are stable."""
     path = Path(path)
     fmt = output_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format=fmt, dpi=DPI)
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "atlas"}):
+        fig.savefig(path, format=fmt, dpi=DPI)
     width, height = fig.get_size_inches() * DPI
     return Drawn(path=path, size=(round(width), round(height)), **drawn)  # type: ignore[arg-type]
 

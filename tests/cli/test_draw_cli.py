@@ -21,7 +21,7 @@ from atlas.store import read
 from atlas.store.ingest import graph_rows, ingest_rows
 from atlas.store.schema import apply_schema
 from atlas.store.synthetic import synthetic_graph
-from tests.unit.render.test_render import image_graph, picture
+from tests.unit.render.test_render import image_graph, picture, svg_text
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -80,7 +80,7 @@ def test_draw_circuit_of_a_stored_prompt(
     kept = select_nodes(back, 1000)
     assert len(ids_with(out, "node-")) == len(kept)
     assert feature in kept
-    assert "a stored label" in out.read_text()
+    assert "a stored label" in svg_text(out)
 
     png = tmp_path / "c.png"
     r = invoke(
@@ -124,7 +124,7 @@ def test_draw_supernodes_paths_and_card(
     assert r.exit_code == 0, r.output
     names = {n for row in rows for n in (row["source"], row["target"])}
     assert len(ids_with(out, "node-")) == len(names)
-    assert "group" in out.read_text()
+    assert "group" in svg_text(out)
 
     token = g.metadata.tokens[1].strip()
     logit = next(i for i in range(g.n_nodes) if g.kind[i] == NodeKind.LOGIT)
@@ -154,7 +154,7 @@ def test_draw_supernodes_paths_and_card(
         neo4j_settings, "draw", "card", f"{int(g.layer[i])}/{int(g.feature[i])}", "--out", str(out)
     )
     assert r.exit_code == 0, r.output
-    text = out.read_text()
+    text = svg_text(out)
     assert "card label" in text and "·Austin" in text and "top activations" in text
 
 

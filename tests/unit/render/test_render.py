@@ -38,9 +38,9 @@ def ids_with(path: Path, prefix: str) -> list[str]:
 
 
 def svg_text(path: Path) -> str:
-    """Every text of the SVG (matplotlib writes each text's string in a comment before its
-    glyphs)."""
-    return path.read_text()
+    """The SVG's ``<text>`` elements' strings, one a line."""
+    root = ET.parse(path).getroot()
+    return "\n".join("".join(e.itertext()) for e in root.iter(f"{SVG}text"))
 
 
 def picture(size: tuple[int, int] = (64, 48)) -> Image.Image:
