@@ -60,8 +60,11 @@ def _wrote(drawn: Any) -> None:
 @draw.command()
 @click.argument("prompt_id")
 @OUT
-@click.option("--max-nodes", type=int, default=60, show_default=True, help="Node cap.")
-def circuit(prompt_id: str, out: Path, max_nodes: int) -> None:
+@click.option(
+    "--max-nodes", type=int, default=60, show_default=True, help="Feature and error node cap."
+)
+@click.option("--max-edges", type=int, default=300, show_default=True, help="Edge cap.")
+def circuit(prompt_id: str, out: Path, max_nodes: int, max_edges: int) -> None:
     """One prompt's pruned circuit (x = token position, y = layer)."""
     from atlas.render import draw_circuit
     from atlas.store import read
@@ -78,6 +81,7 @@ def circuit(prompt_id: str, out: Path, max_nodes: int) -> None:
             token_texts=found["token_texts"],
             supernodes=found["supernodes"],
             max_nodes=max_nodes,
+            max_edges=max_edges,
             image=image,
         )
     )

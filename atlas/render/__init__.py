@@ -15,7 +15,14 @@ with id ``node-<id>`` and every edge ``edge-<source>-<target>``; supernode boxes
 """
 
 from atlas.render._figure import Drawn, output_format
-from atlas.render.circuit import DEFAULT_MAX_NODES, crop_cell, draw_circuit, select_nodes
+from atlas.render.circuit import (
+    DEFAULT_MAX_EDGES,
+    DEFAULT_MAX_NODES,
+    crop_cell,
+    draw_circuit,
+    select_edges,
+    select_nodes,
+)
 from atlas.render.image import draw_card, draw_heatmap
 from atlas.render.network import (
     draw_global_circuit,
@@ -25,6 +32,7 @@ from atlas.render.network import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_EDGES",
     "DEFAULT_MAX_NODES",
     "Drawn",
     "crop_cell",
@@ -36,5 +44,6 @@ __all__ = [
     "draw_paths",
     "draw_supernode_graph",
     "output_format",
+    "select_edges",
     "select_nodes",
 ]

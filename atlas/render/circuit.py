@@ -9,7 +9,8 @@ members.
 
 The node cap keeps the ``max_nodes`` feature and error nodes with the largest edge mass (the sum of
 ``|w|`` over their edges in the whole graph), every logit, and the token nodes that feed a kept
-node; the edges drawn are those between kept nodes.
+node; the edges drawn are the ``max_edges`` edges between kept nodes with the largest share of
+their target's input.
 """
 
 from __future__ import annotations
@@ -24,12 +25,23 @@ from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 from matplotlib.patches import Rectangle
 
 from atlas.graph import Graph, NodeKind
-from atlas.render._figure import Drawn, edge_style, new_figure, save, short, token_text
+from atlas.render._figure import (
+    NEGATIVE,
+    POSITIVE,
+    Drawn,
+    edge_style,
+    new_figure,
+    save,
+    short,
+    token_text,
+)
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from PIL import Image
 
 DEFAULT_MAX_NODES = 60
+DEFAULT_MAX_EDGES = 300
 _MARKERS = {
     NodeKind.FEATURE: ("o", "#f6ad55", 70),
     NodeKind.ERROR: ("D", "#a0aec0", 40),
@@ -58,6 +70,28 @@ def select_nodes(graph: Graph, max_nodes: int = DEFAULT_MAX_NODES) -> list[int]:
         if t in keep and kinds[s] in (NodeKind.TOKEN, NodeKind.IMAGE):
             keep.add(s)
     return sorted(keep)
+
+
+def select_edges(
+    graph: Graph, kept: Sequence[int], max_edges: int = DEFAULT_MAX_EDGES
+) -> list[tuple[int, int, float]]:
+    """``(target, source, weight)`` of the edges drawn between ``kept`` nodes: the ``max_edges``
+    with the largest ``|w| / sum |w_in(target)|``, weakest first (so the strong ones lie on top)."""
+    in_scale: dict[int, float] = defaultdict(float)
+    edges = list(
+        zip(
+            graph.edge_target.tolist(),
+            graph.edge_source.tolist(),
+            graph.edge_weight.tolist(),
+            strict=True,
+        )
+    )
+    for t, _, w in edges:
+        in_scale[t] += abs(w)
+    keep = set(kept)
+    inside = [e for e in edges if e[0] in keep and e[1] in keep]
+    inside.sort(key=lambda e: (-abs(e[2]) / (in_scale[e[0]] or 1.0), e[0], e[1]))
+    return inside[: max(max_edges, 0)][::-1]
 
 
 def _edge_mass(graph: Graph) -> list[float]:
@@ -122,6 +156,7 @@ def draw_circuit(
     token_texts: Mapping[int, str] | None = None,
     supernodes: Sequence[Sequence[str]] = (),
     max_nodes: int = DEFAULT_MAX_NODES,
+    max_edges: int = DEFAULT_MAX_EDGES,
     image: Image.Image | None = None,
 ) -> Drawn:
     """Write the circuit of ``graph`` to ``out`` (``.svg`` or ``.png``).
@@ -132,7 +167,6 @@ def draw_circuit(
     """
     labels = labels or {}
     kept = select_nodes(graph, max_nodes)
-    kept_set = set(kept)
     ids = graph.node_ids()
     placed = node_places(graph, kept)
     places = {i: (x, y) for i, (x, y, _) in placed.items()}
@@ -164,9 +198,7 @@ def draw_circuit(
     for t, _, w in edges:
         in_scale[t] += abs(w)
     drawn_edges: list[tuple[str, str]] = []
-    for t, s, w in sorted(edges, key=lambda e: abs(e[2])):
-        if t not in kept_set or s not in kept_set:
-            continue
+    for t, s, w in select_edges(graph, kept, max_edges):
         colour, width, alpha = edge_style(w, in_scale[t])
         (x0, y0), (x1, y1) = places[s], places[t]
         (line,) = ax.plot([x0, x1], [y0, y1], color=colour, lw=width, alpha=alpha, zorder=1)
@@ -214,6 +246,7 @@ def draw_circuit(
             )
 
     _boxes(ax, supernodes, {ids[i]: places[i] for i in kept})
+    _legend(ax)
     ax.set_xlim(-0.2, max(span, max((x for x, _ in places.values()), default=0) + 0.5))
     ax.set_ylim(-0.7, top + 0.7)
     ticks = [short(token_text(t), 10) for t in tokens]
@@ -231,8 +264,7 @@ def draw_circuit(
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     ax.set_title(
-        f"{short(graph.metadata.prompt, 80)}   ({len(kept)} nodes, {len(drawn_edges)} edges; "
-        "blue +, red −)",
+        f"{short(graph.metadata.prompt, 80)}   ({len(kept)} nodes, {len(drawn_edges)} edges)",
         fontsize=8,
     )
     return save(fig, out, nodes=[ids[i] for i in kept], edges=drawn_edges)
@@ -314,3 +346,25 @@ def crop_cell(image: Image.Image, cell: tuple[int, int], grid: tuple[int, int]) 
         max((row + 1) * h // rows, row * h // rows + 1),
     )
     return np.asarray(image.convert("RGB").crop(box))
+
+
+def _legend(ax: Axes) -> None:
+    """What the shapes and colours mean, in the top-left corner."""
+    from matplotlib.lines import Line2D
+
+    def mark(kind: NodeKind, name: str) -> Line2D:
+        marker, colour, _ = _MARKERS[kind]
+        return Line2D([], [], ls="", marker=marker, mfc=colour, mec="#2d3748", label=name)
+
+    handles = [
+        mark(NodeKind.FEATURE, "feature"),
+        mark(NodeKind.ERROR, "error"),
+        mark(NodeKind.TOKEN, "token"),
+        mark(NodeKind.LOGIT, "logit"),
+        Line2D([], [], color=POSITIVE, lw=2, label="w > 0"),
+        Line2D([], [], color=NEGATIVE, lw=2, label="w < 0"),
+    ]
+    ax.legend(
+        handles=handles, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=6, fontsize=6,
+        frameon=False, borderaxespad=0.2,
+    )  # fmt: skip

@@ -21,6 +21,7 @@ from atlas.render import (
     draw_heatmap,
     draw_paths,
     draw_supernode_graph,
+    select_edges,
     select_nodes,
 )
 from atlas.store.synthetic import synthetic_graph
@@ -112,12 +113,39 @@ def test_circuit_svg_counts_equal_the_capped_graph(tmp_path: Path, max_nodes: in
     inner = [i for i in kept if kinds[i] in (NodeKind.FEATURE, NodeKind.ERROR)]
     assert len(inner) <= max_nodes
     assert all(i in kept for i, k in enumerate(kinds) if k == NodeKind.LOGIT)
-    drawn = draw_circuit(g, tmp_path / "c.svg", max_nodes=max_nodes)
+    drawn = draw_circuit(g, tmp_path / "c.svg", max_nodes=max_nodes, max_edges=10_000)
     ids = g.node_ids()
     assert sorted(ids_with(drawn.path, "node-")) == sorted(f"node-{ids[i]}" for i in kept)
     edges = ids_with(drawn.path, "edge-")
     assert len(edges) == kept_edges(g, set(kept)) == len(drawn.edges)
     assert len(set(edges)) == len(edges)
+    capped = draw_circuit(g, tmp_path / "capped.svg", max_nodes=max_nodes, max_edges=40)
+    want = select_edges(g, kept, 40)
+    assert len(want) == min(40, kept_edges(g, set(kept)))
+    assert sorted(ids_with(capped.path, "edge-")) == sorted(
+        f"edge-{ids[s]}-{ids[t]}" for t, s, _ in want
+    )
+    assert len(ids_with(capped.path, "node-")) == len(kept)
+
+
+def test_edge_cap_keeps_the_largest_shares() -> None:
+    g = small()
+    kept = select_nodes(g, 1000)
+    scale = torch.zeros(g.n_nodes)
+    scale.index_add_(0, g.edge_target, g.edge_weight.abs())
+    share = {
+        (t, s): abs(w) / float(scale[t])
+        for t, s, w in zip(
+            g.edge_target.tolist(), g.edge_source.tolist(), g.edge_weight.tolist(), strict=True
+        )
+    }
+    chosen = select_edges(g, kept, 25)
+    lowest = min(share[(t, s)] for t, s, _ in chosen)
+    picked = {(t, s) for t, s, _ in chosen}
+    assert all(v <= lowest + 1e-9 for k, v in share.items() if k not in picked)
+    assert [abs(w) / float(scale[t]) for t, _, w in chosen] == sorted(
+        abs(w) / float(scale[t]) for t, _, w in chosen
+    )
 
 
 def test_circuit_cap_keeps_the_heaviest_nodes() -> None:
@@ -177,10 +205,10 @@ def test_image_tokens_are_thumbnails(tmp_path: Path) -> None:
     kept = set(select_nodes(g, 1000))
     images = [i for i in kept if g.kind[i] == NodeKind.IMAGE]
     assert images
-    drawn = draw_circuit(g, tmp_path / "c.svg", image=im, max_nodes=1000)
+    drawn = draw_circuit(g, tmp_path / "c.svg", image=im, max_nodes=1000, max_edges=10)
     ids = g.node_ids()
     assert sorted(ids_with(drawn.path, "thumb-")) == sorted(f"thumb-{ids[i]}" for i in images)
-    no_image = draw_circuit(g, tmp_path / "plain.svg", max_nodes=1000)
+    no_image = draw_circuit(g, tmp_path / "plain.svg", max_nodes=1000, max_edges=10)
     assert ids_with(no_image.path, "thumb-") == []
     assert len(ids_with(no_image.path, "node-")) == len(kept)
 
