@@ -507,7 +507,8 @@ def feature_card(
     active one in brackets) and ``image_tops`` (``{"image", "row", "col", "activation",
     "prompt"}``: its top activations at image soft tokens)."""
     reader = _Reader(driver, database, timeout_s)
-    refs = _feature_refs(reader, spec if ":" in spec else "feature:" + spec, "a card takes L/I")
+    spec = spec if spec.startswith("feature:") else "feature:" + spec
+    refs = _feature_refs(reader, spec, "a card takes L/I or feature:L/I")
     if not refs:
         raise InputError(f"no stored feature {spec!r}")
     fid = sorted(refs)[0]
