@@ -266,6 +266,7 @@ def draw_circuit(
     ax.set_title(
         f"{short(graph.metadata.prompt, 80)}   ({len(kept)} nodes, {len(drawn_edges)} edges)",
         fontsize=8,
+        loc="right",
     )
     return save(fig, out, nodes=[ids[i] for i in kept], edges=drawn_edges)
 
@@ -349,7 +350,7 @@ def crop_cell(image: Image.Image, cell: tuple[int, int], grid: tuple[int, int]) 
 
 
 def _legend(ax: Axes) -> None:
-    """What the shapes and colours mean, in the top-left corner."""
+    """What the shapes and colours mean, above the plot on the left (the title is on the right)."""
     from matplotlib.lines import Line2D
 
     def mark(kind: NodeKind, name: str) -> Line2D:
