@@ -451,6 +451,28 @@ def _prompt_pass(
     return out.logits[0].float(), patcher, final[-1].float(), past
 
 
+def _result(
+    model: LoadedModel,
+    clean: CleanRun,
+    interventions: list[Intervention],
+    logits: Tensor,
+    patcher: _Patcher,
+    final: Tensor,
+    **extra: Any,
+) -> InterventionResult:
+    """The :class:`InterventionResult` of an intervened prompt pass, with ``extra`` fields."""
+    return InterventionResult(
+        logits=logits,
+        base_logits=clean.logits,
+        activations=_stack_acts(patcher, model.n_layers),
+        clean_activations=clean.activations,
+        final_hidden=final,
+        base_final_hidden=clean.final_hidden,
+        interventions=interventions,
+        **extra,
+    )
+
+
 def _stack_acts(patcher: _Patcher, n_layers: int) -> Tensor:
     return torch.stack([patcher.acts[i] for i in range(n_layers)])
 
@@ -486,14 +508,13 @@ def feature_intervention(
         apply_activation_function,
         use_cache=False,
     )
-    return InterventionResult(
-        logits=logits,
-        base_logits=clean.logits,
-        activations=_stack_acts(patcher, model.n_layers),
-        clean_activations=clean.activations,
-        final_hidden=final,
-        base_final_hidden=clean.final_hidden,
-        interventions=interventions,
+    return _result(
+        model,
+        clean,
+        interventions,
+        logits,
+        patcher,
+        final,
         clean_pre_activations=None
         if apply_activation_function
         else _clean_pre(tset, clean, zero_positions(model, inputs)),
@@ -575,14 +596,13 @@ def generate(
         rows.append(row)
         tokens.append(int(row.argmax()))
     ids = torch.tensor(tokens, dtype=torch.long)
-    return InterventionResult(
-        logits=logits,
-        base_logits=clean.logits,
-        activations=_stack_acts(patcher, model.n_layers),
-        clean_activations=clean.activations,
-        final_hidden=final,
-        base_final_hidden=clean.final_hidden,
-        interventions=interventions,
+    return _result(
+        model,
+        clean,
+        interventions,
+        logits,
+        patcher,
+        final,
         generated_ids=ids,
         generated_logits=torch.stack(rows),
         generated_text=model.tokenizer.decode(tokens),
