@@ -95,6 +95,17 @@ CASES: dict[str, dict[str, Any]] = {
 DEFAULTS = {"batch_size": 64, "update_interval": 4, "max_feature_nodes": None}
 
 
+def run_worker(python: Path, worker: Path, job: dict[str, Any], job_path: Path) -> None:
+    """Run ``worker`` under circuit-tracer's ``python`` (offline) on ``job``, written to
+    ``job_path`` for the run and removed after it."""
+    job_path.write_text(json.dumps(job))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    try:
+        subprocess.run([str(python), str(worker), str(job_path)], check=True, env=env)
+    finally:
+        job_path.unlink(missing_ok=True)
+
+
 def build_case(case: str, spec: dict[str, Any], device: str = "cpu") -> Path:
     """Build model + transcoders for one case and run circuit-tracer on its prompts."""
     from atlas.testing.tiny import (
@@ -137,13 +148,7 @@ def build_case(case: str, spec: dict[str, Any], device: str = "cpu") -> Path:
         "write_json": True,
         "prompts": prompts,
     }
-    job_path = case_dir / ".job.json"
-    job_path.write_text(json.dumps(job))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    try:
-        subprocess.run([str(CT_PYTHON), str(WORKER), str(job_path)], check=True, env=env)
-    finally:
-        job_path.unlink(missing_ok=True)
+    run_worker(CT_PYTHON, WORKER, job, case_dir / ".job.json")
     for timing in case_dir.glob("*.timing.json"):
         timing.unlink()
     return case_dir

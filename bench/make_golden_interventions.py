@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_golden import run_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
@@ -130,13 +131,7 @@ def run_ct(
         "repeat": repeat,
         "specs": job_specs,
     }
-    job_path = out.with_suffix(".job.json")
-    job_path.write_text(json.dumps(job))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    try:
-        subprocess.run([str(ct_python), str(WORKER), str(job_path)], check=True, env=env)
-    finally:
-        job_path.unlink(missing_ok=True)
+    run_worker(ct_python, WORKER, job, out.with_suffix(".job.json"))
     with safe_open(str(out), "pt") as fh:
         meta = fh.metadata()
     return dict(json.loads(meta["golden"]))
