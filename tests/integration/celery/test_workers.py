@@ -23,6 +23,7 @@ from click.testing import CliRunner
 
 from atlas.errors import AttributionError, InputError, ServiceUnavailable
 from tests import REPO_ROOT
+from tests.helpers import build_tiny_world
 
 #: A prompt long enough that attribution takes a noticeable time on the tiny model (and short
 #: enough that a solo-pool worker busy with it still answers the fixture's ping in time).
@@ -33,12 +34,7 @@ SLOW_PROMPT = "The quick brown fox jumps over the lazy dog."
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """(model dir, transcoder dir) of a tiny seeded Llama (character-level tokenizer)."""
-    from atlas.testing.tiny import build_tiny_model, build_tiny_transcoders
-
-    root = tmp_path_factory.mktemp("tiny-world")
-    model = build_tiny_model("llama", root / "model", seed=0)
-    tcs = build_tiny_transcoders(model, root / "transcoders", seed=0)
-    return str(model), str(tcs)
+    return build_tiny_world(tmp_path_factory.mktemp("tiny-world"))
 
 
 def _specs(world: tuple[str, str], prompts: list[str]) -> list[Any]:
