@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_golden import run_worker
+from make_golden import chosen_cases, run_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
@@ -163,13 +163,10 @@ def main() -> int:
     ap.add_argument("cases", nargs="*", help=f"cases (default: all of {list(CASES)})")
     ap.add_argument("--ct-python", type=Path, default=default_ct_python())
     args = ap.parse_args()
-    if not args.ct_python.exists():
-        print("circuit-tracer venv missing: run `bash bench/ct_env.sh` first", file=sys.stderr)
+    cases = chosen_cases(args.ct_python, args.cases, list(CASES))
+    if cases is None:
         return 2
-    for case in args.cases or list(CASES):
-        if case not in CASES:
-            print(f"unknown case {case!r}; choose from {list(CASES)}", file=sys.stderr)
-            return 2
+    for case in cases:
         out = build_case(case, args.ct_python)
         print(f"{case}: {out.stat().st_size / 1e3:.0f} kB in {out.relative_to(ROOT)}")
     return 0
