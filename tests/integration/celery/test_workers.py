@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from atlas.errors import AttributionError, InputError, ServiceUnavailable
 from tests import REPO_ROOT
-from tests.helpers import build_tiny_world
+from tests.helpers import build_tiny_world, run_console
 
 #: A prompt long enough that attribution takes a noticeable time on the tiny model (and short
 #: enough that a solo-pool worker busy with it still answers the fixture's ping in time).
@@ -514,25 +514,7 @@ def test_only_broker_faults_read_as_redis_unreachable(
 # --------------------------------------------------------------------------- exit codes
 def _console(args: list[str], settings: Any, **env: str) -> subprocess.CompletedProcess[str]:
     """The real console script (``.venv/bin/atlas``), as a user's shell or CI runs it."""
-    script = Path(sys.executable).with_name("atlas")
-    assert script.is_file(), script
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "REDIS_"))}
-    base |= {
-        "ATLAS_HOME": str(settings.atlas_home),
-        "NEO4J_URI": settings.neo4j_uri,
-        "NEO4J_USER": settings.neo4j_user,
-        "NEO4J_PASSWORD": settings.neo4j_password.get_secret_value(),
-        "REDIS_URL": settings.redis_url or "",
-        "OMP_NUM_THREADS": "1",
-    }
-    return subprocess.run(
-        [str(script), *args],
-        env=base | env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO_ROOT,
-    )
+    return run_console(args, settings, timeout=300, **env)
 
 
 def test_failed_prompts_exit_nonzero_inline(
