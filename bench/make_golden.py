@@ -95,6 +95,17 @@ CASES: dict[str, dict[str, Any]] = {
 DEFAULTS = {"batch_size": 64, "update_interval": 4, "max_feature_nodes": None}
 
 
+def run_worker(python: Path, worker: Path, job: dict[str, Any], job_path: Path) -> None:
+    """Run ``worker`` under circuit-tracer's ``python`` (offline) on ``job``, written to
+    ``job_path`` for the run and removed after it."""
+    job_path.write_text(json.dumps(job))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    try:
+        subprocess.run([str(python), str(worker), str(job_path)], check=True, env=env)
+    finally:
+        job_path.unlink(missing_ok=True)
+
+
 def build_case(case: str, spec: dict[str, Any], device: str = "cpu") -> Path:
     """Build model + transcoders for one case and run circuit-tracer on its prompts."""
     from atlas.testing.tiny import (
@@ -137,29 +148,33 @@ def build_case(case: str, spec: dict[str, Any], device: str = "cpu") -> Path:
         "write_json": True,
         "prompts": prompts,
     }
-    job_path = case_dir / ".job.json"
-    job_path.write_text(json.dumps(job))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    try:
-        subprocess.run([str(CT_PYTHON), str(WORKER), str(job_path)], check=True, env=env)
-    finally:
-        job_path.unlink(missing_ok=True)
+    run_worker(CT_PYTHON, WORKER, job, case_dir / ".job.json")
     for timing in case_dir.glob("*.timing.json"):
         timing.unlink()
     return case_dir
+
+
+def chosen_cases(ct_python: Path, asked: list[str], known: list[str]) -> list[str] | None:
+    """The cases to build (every one of ``known`` when none is asked), or None once it has said
+    why not: circuit-tracer's venv is missing, or a case is unknown."""
+    if not ct_python.exists():
+        print("circuit-tracer venv missing: run `bash bench/ct_env.sh` first", file=sys.stderr)
+        return None
+    for case in asked:
+        if case not in known:
+            print(f"unknown case {case!r}; choose from {known}", file=sys.stderr)
+            return None
+    return asked or known
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description="Build tests/golden from circuit-tracer 0.5.0.")
     ap.add_argument("cases", nargs="*", help=f"cases to build (default: all of {list(CASES)})")
     args = ap.parse_args()
-    if not CT_PYTHON.exists():
-        print("circuit-tracer venv missing: run `bash bench/ct_env.sh` first", file=sys.stderr)
+    cases = chosen_cases(CT_PYTHON, args.cases, list(CASES))
+    if cases is None:
         return 2
-    for case in args.cases or list(CASES):
-        if case not in CASES:
-            print(f"unknown case {case!r}; choose from {list(CASES)}", file=sys.stderr)
-            return 2
+    for case in cases:
         out = build_case(case, CASES[case])
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
         print(f"{case}: {size / 1e6:.2f} MB in {out.relative_to(ROOT)}")

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_golden import chosen_cases, run_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
@@ -130,13 +131,7 @@ def run_ct(
         "repeat": repeat,
         "specs": job_specs,
     }
-    job_path = out.with_suffix(".job.json")
-    job_path.write_text(json.dumps(job))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    try:
-        subprocess.run([str(ct_python), str(WORKER), str(job_path)], check=True, env=env)
-    finally:
-        job_path.unlink(missing_ok=True)
+    run_worker(ct_python, WORKER, job, out.with_suffix(".job.json"))
     with safe_open(str(out), "pt") as fh:
         meta = fh.metadata()
     return dict(json.loads(meta["golden"]))
@@ -168,13 +163,10 @@ def main() -> int:
     ap.add_argument("cases", nargs="*", help=f"cases (default: all of {list(CASES)})")
     ap.add_argument("--ct-python", type=Path, default=default_ct_python())
     args = ap.parse_args()
-    if not args.ct_python.exists():
-        print("circuit-tracer venv missing: run `bash bench/ct_env.sh` first", file=sys.stderr)
+    cases = chosen_cases(args.ct_python, args.cases, list(CASES))
+    if cases is None:
         return 2
-    for case in args.cases or list(CASES):
-        if case not in CASES:
-            print(f"unknown case {case!r}; choose from {list(CASES)}", file=sys.stderr)
-            return 2
+    for case in cases:
         out = build_case(case, args.ct_python)
         print(f"{case}: {out.stat().st_size / 1e3:.0f} kB in {out.relative_to(ROOT)}")
     return 0

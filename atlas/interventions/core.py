@@ -411,18 +411,35 @@ def attention_norms(model: LoadedModel) -> list[torch.nn.Module]:
     return out
 
 
+@dataclass
+class _Pass:
+    """An intervened prompt pass: its clean run, resolved interventions, logits, patcher (with
+    the activations), final hidden states and past key values (None without the cache)."""
+
+    clean: CleanRun
+    interventions: list[Intervention]
+    logits: Tensor
+    patcher: _Patcher
+    final: Tensor
+    past: Any
+
+
 def _prompt_pass(
     model: LoadedModel,
     tset: TranscoderSet,
     inputs: ModelInputs,
-    interventions: Sequence[Intervention],
-    clean: CleanRun,
+    edits: Sequence[FeatureEdit | Intervention],
+    clean: CleanRun | None,
     constrained: range | None,
     freeze_attention: bool,
     activate: bool,
     use_cache: bool,
-) -> tuple[Tensor, _Patcher, Tensor, Any]:
-    """The intervened prompt pass: ``(logits, patcher, final hidden, past key values)``."""
+) -> _Pass:
+    """The intervened prompt pass (with ``clean`` run first when it is None)."""
+    _check_range(model, constrained)
+    clean = clean if clean is not None else clean_run(model, tset, inputs)
+    interventions = resolve(edits, clean.activations)
+    validate(tset, interventions, inputs.n_pos)
     patcher = _Patcher(
         tset,
         interventions,
@@ -448,7 +465,21 @@ def _prompt_pass(
             )
         out = model.hf(**inputs.forward_kwargs(model.device), use_cache=use_cache)
     past = _past_of(out) if use_cache else None
-    return out.logits[0].float(), patcher, final[-1].float(), past
+    return _Pass(clean, interventions, out.logits[0].float(), patcher, final[-1].float(), past)
+
+
+def _result(model: LoadedModel, p: _Pass, **extra: Any) -> InterventionResult:
+    """The :class:`InterventionResult` of an intervened prompt pass, with ``extra`` fields."""
+    return InterventionResult(
+        logits=p.logits,
+        base_logits=p.clean.logits,
+        activations=_stack_acts(p.patcher, model.n_layers),
+        clean_activations=p.clean.activations,
+        final_hidden=p.final,
+        base_final_hidden=p.clean.final_hidden,
+        interventions=p.interventions,
+        **extra,
+    )
 
 
 def _stack_acts(patcher: _Patcher, n_layers: int) -> Tensor:
@@ -471,32 +502,23 @@ def feature_intervention(
     ``clean`` (from :func:`clean_run` on the same inputs) saves the clean pass when several
     interventions share a prompt.
     """
-    _check_range(model, constrained)
-    clean = clean if clean is not None else clean_run(model, tset, inputs)
-    interventions = resolve(edits, clean.activations)
-    validate(tset, interventions, inputs.n_pos)
-    logits, patcher, final, _ = _prompt_pass(
+    p = _prompt_pass(
         model,
         tset,
         inputs,
-        interventions,
+        edits,
         clean,
         constrained,
         freeze_attention,
         apply_activation_function,
         use_cache=False,
     )
-    return InterventionResult(
-        logits=logits,
-        base_logits=clean.logits,
-        activations=_stack_acts(patcher, model.n_layers),
-        clean_activations=clean.activations,
-        final_hidden=final,
-        base_final_hidden=clean.final_hidden,
-        interventions=interventions,
+    return _result(
+        model,
+        p,
         clean_pre_activations=None
         if apply_activation_function
-        else _clean_pre(tset, clean, zero_positions(model, inputs)),
+        else _clean_pre(tset, p.clean, zero_positions(model, inputs)),
     )
 
 
@@ -561,28 +583,17 @@ def generate(
     after an end-of-sequence token) with the open-ended interventions applied to each."""
     if n_tokens < 1:
         raise InputError(f"generate needs at least one token, got {n_tokens}")
-    _check_range(model, constrained)
-    clean = clean if clean is not None else clean_run(model, tset, inputs)
-    interventions = resolve(edits, clean.activations)
-    validate(tset, interventions, inputs.n_pos)
-    logits, patcher, final, past = _prompt_pass(
-        model, tset, inputs, interventions, clean, constrained, freeze_attention, True, True
-    )
-    rows, tokens = [logits[-1]], [int(logits[-1].argmax())]
-    steps, eos = open_ended(interventions), _eos_ids(model)
+    p = _prompt_pass(model, tset, inputs, edits, clean, constrained, freeze_attention, True, True)
+    rows, tokens, past = [p.logits[-1]], [int(p.logits[-1].argmax())], p.past
+    steps, eos = open_ended(p.interventions), _eos_ids(model)
     while len(tokens) < n_tokens and tokens[-1] not in eos:
         row, past = _step(model, tset, tokens[-1], past, steps)
         rows.append(row)
         tokens.append(int(row.argmax()))
     ids = torch.tensor(tokens, dtype=torch.long)
-    return InterventionResult(
-        logits=logits,
-        base_logits=clean.logits,
-        activations=_stack_acts(patcher, model.n_layers),
-        clean_activations=clean.activations,
-        final_hidden=final,
-        base_final_hidden=clean.final_hidden,
-        interventions=interventions,
+    return _result(
+        model,
+        p,
         generated_ids=ids,
         generated_logits=torch.stack(rows),
         generated_text=model.tokenizer.decode(tokens),

@@ -176,14 +176,9 @@ def _llama_like(family: str, model_types: tuple[str, ...]) -> FamilyAdapter:
 
 
 def _gemma(family: str, model_types: tuple[str, ...]) -> FamilyAdapter:
-    return FamilyAdapter(
-        family=family,
-        model_types=model_types,
-        base_attr="model",
-        layers_attr="layers",
-        embed_attr="embed_tokens",
+    return dataclasses.replace(
+        _llama_like(family, model_types),
         mlp_in_norm_attr="pre_feedforward_layernorm",
-        mlp_attr="mlp",
         mlp_out_attr="post_feedforward_layernorm",
         norm_style="gemma_rms",
         default_input_hook="ln2.hook_normalized",

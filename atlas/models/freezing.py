@@ -43,8 +43,7 @@ if TYPE_CHECKING:
 
 FROZEN_ATTN = "atlas_frozen"
 REPLAY_ATTN = "atlas_replay"
-_registered = False
-_replay_registered = False
+_registered: set[str] = set()
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -84,17 +83,21 @@ def frozen_attention(
     return out, pattern
 
 
-def register_frozen_attention() -> None:
-    """Register :func:`frozen_attention` (and the eager mask) with transformers, once."""
-    global _registered
-    if _registered:
+def _register_attention(name: str, fn: Any) -> None:
+    """Register ``fn`` as attention implementation ``name`` (with the eager mask), once."""
+    if name in _registered:
         return
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-    AttentionInterface.register(FROZEN_ATTN, frozen_attention)
-    AttentionMaskInterface.register(FROZEN_ATTN, eager_mask)
-    _registered = True
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, eager_mask)
+    _registered.add(name)
+
+
+def register_frozen_attention() -> None:
+    """Register :func:`frozen_attention` (and the eager mask) with transformers, once."""
+    _register_attention(FROZEN_ATTN, frozen_attention)
 
 
 def _frozen_rms(self: Any, x: torch.Tensor) -> torch.Tensor:
@@ -244,15 +247,7 @@ def _replay_norm(state: PatternReplay, norm: nn.Module, x: torch.Tensor) -> torc
 
 def register_replay_attention() -> None:
     """Register :func:`replay_attention` (and the eager mask) with transformers, once."""
-    global _replay_registered
-    if _replay_registered:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-
-    AttentionInterface.register(REPLAY_ATTN, replay_attention)
-    AttentionMaskInterface.register(REPLAY_ATTN, eager_mask)
-    _replay_registered = True
+    _register_attention(REPLAY_ATTN, replay_attention)
 
 
 @contextlib.contextmanager

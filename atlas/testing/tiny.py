@@ -81,26 +81,14 @@ def _vocab(vocab_size: int) -> dict[str, int]:
 
 
 def _save_tokenizer(out_dir: Path, vocab_size: int, add_bos: bool, max_len: int) -> None:
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    from atlas.toy.tokenizer import wrap_tokenizer
 
     tok = Tokenizer(models.WordLevel(vocab=_vocab(vocab_size), unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    if add_bos:
-        tok.post_processor = processors.TemplateProcessing(
-            single="<bos> $A",
-            pair="<bos> $A $B",
-            special_tokens=[("<bos>", BOS_ID)],
-        )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        model_max_length=max_len,
-    )
+    fast = wrap_tokenizer(tok, BOS_ID if add_bos else None, model_max_length=max_len)
     fast.save_pretrained(str(out_dir))
     # transformers 5 writes "TokenizersBackend", unknown to 4.x (circuit-tracer's venv pins 4.57)
     cfg_path = out_dir / "tokenizer_config.json"

@@ -122,60 +122,62 @@ def build_tokenizer(image_token: str) -> Any:
     for LLaVA. All entries of :data:`SPECIALS` are special tokens, so they are never split.
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers import processors as tk_processors
-    from transformers import PreTrainedTokenizerFast
+
+    from atlas.toy.tokenizer import wrap_tokenizer
 
     tok = Tokenizer(models.WordLevel(vocab=_vocab(), unk_token="<unk>"))
     pattern = Regex(r"\n+| ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]| +")
     tok.pre_tokenizer = pre_tokenizers.Split(pattern, behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
-    tok.post_processor = tk_processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", BOS_ID)]
-    )
     extra: dict[str, str] = {"image_token": image_token}
     if image_token == "<image_soft_token>":
         extra |= {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens=extra,
-        model_max_length=512,
-    )
+    return wrap_tokenizer(tok, BOS_ID, model_max_length=512, extra_special_tokens=extra)
 
 
 # ---------------------------------------------------------------------- configs
+def _tower(patch_size: int, n_layers: int) -> dict[str, Any]:
+    """The tiny vision tower's sizes (keyword arguments of a vision config)."""
+    return {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": 4,
+        "image_size": IMAGE_SIZE,
+        "patch_size": patch_size,
+    }
+
+
+def _language_model() -> dict[str, Any]:
+    """The tiny language model's sizes and special token ids (keyword arguments of a text
+    config)."""
+    return {
+        "vocab_size": vocab_size(),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 512,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": PAD_ID,
+    }
+
+
 def _gemma3_config(mm_tokens_per_image: int, n_vision_layers: int) -> Any:
     import transformers as tf
 
     vision = tf.SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=n_vision_layers,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=GEMMA_PATCH,
-        vision_use_head=False,
-        layer_norm_eps=1e-6,
+        **_tower(GEMMA_PATCH, n_vision_layers), vision_use_head=False, layer_norm_eps=1e-6
     )
     text = tf.Gemma3TextConfig(
-        vocab_size=vocab_size(),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
+        **_language_model(),
         query_pre_attn_scalar=16,
-        max_position_embeddings=512,
         sliding_window=64,
         layer_types=["sliding_attention", "full_attention"],
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
         tie_word_embeddings=True,
     )
     return tf.Gemma3Config(
@@ -192,29 +194,8 @@ def _gemma3_config(mm_tokens_per_image: int, n_vision_layers: int) -> Any:
 def _llava_config(kind: str, n_vision_layers: int) -> Any:
     import transformers as tf
 
-    tower: dict[str, Any] = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": n_vision_layers,
-        "num_attention_heads": 4,
-        "image_size": IMAGE_SIZE,
-        "patch_size": LLAVA_PATCH,
-    }
-    lm: dict[str, Any] = {
-        "vocab_size": vocab_size(),
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "max_position_embeddings": 512,
-        "rms_norm_eps": 1e-6,
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
-        "pad_token_id": PAD_ID,
-        "tie_word_embeddings": False,
-    }
+    tower = _tower(LLAVA_PATCH, n_vision_layers)
+    lm = {**_language_model(), "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
     strategy: Literal["default", "full"]
     vision: Any
     if kind == "llava":

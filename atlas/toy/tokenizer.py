@@ -25,8 +25,7 @@ def build_tokenizer(words: Iterable[str]) -> Any:
 
     Ids 0-3 are ``<pad>``, ``<bos>``, ``<eos>``, ``<unk>``; words follow in the given order.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     vocab: dict[str, int] = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for word in words:
@@ -36,19 +35,31 @@ def build_tokenizer(words: Iterable[str]) -> Any:
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A",
-        pair="<bos> $A $B",
-        special_tokens=[("<bos>", BOS_ID)],
-    )
+    return wrap_tokenizer(tok, BOS_ID, model_max_length=64, clean_up_tokenization_spaces=False)
+
+
+def wrap_tokenizer(tok: Any, bos_id: int | None, *, model_max_length: int, **kwargs: Any) -> Any:
+    """``tok`` (a ``tokenizers.Tokenizer`` over a vocabulary with :data:`SPECIAL_TOKENS`) as a
+    :class:`transformers.PreTrainedTokenizerFast` with those special tokens; ``<bos>`` (id
+    ``bos_id``) is prepended to every encoded text unless ``bos_id`` is None. ``kwargs`` go to
+    the ``PreTrainedTokenizerFast``."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    if bos_id is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A",
+            pair="<bos> $A $B",
+            special_tokens=[("<bos>", bos_id)],
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<bos>",
         eos_token="<eos>",
-        pad_token="<pad>",
         unk_token="<unk>",
-        clean_up_tokenization_spaces=False,
-        model_max_length=64,
+        pad_token="<pad>",
+        model_max_length=model_max_length,
+        **kwargs,
     )
 
 

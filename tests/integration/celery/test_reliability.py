@@ -35,6 +35,7 @@ import pytest
 from atlas.errors import AuthError, InputError, ServiceUnavailable
 from atlas.services import _proc
 from tests import REPO_ROOT
+from tests.helpers import build_tiny_world
 
 SCRIPT = Path(sys.executable).with_name("atlas")
 #: Settings a test's processes get so that a lost holder is noticed in seconds.
@@ -45,12 +46,7 @@ FAST_LIVENESS = {"HEARTBEAT_INTERVAL_S": "0.5", "STALE_AFTER_S": "3"}
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """(model dir, transcoder dir) of a tiny seeded Llama (character-level tokenizer)."""
-    from atlas.testing.tiny import build_tiny_model, build_tiny_transcoders
-
-    root = tmp_path_factory.mktemp("tiny-world")
-    model = build_tiny_model("llama", root / "model", seed=0)
-    tcs = build_tiny_transcoders(model, root / "transcoders", seed=0)
-    return str(model), str(tcs)
+    return build_tiny_world(tmp_path_factory.mktemp("tiny-world"))
 
 
 @pytest.fixture()
@@ -118,6 +114,17 @@ def _specs(world: tuple[str, str], prompts: list[str]) -> list[Any]:
     from atlas.pipeline.payloads import PromptSpec
 
     return [PromptSpec(prompt=p, model=world[0], transcoders=world[1]) for p in prompts]
+
+
+def _create_celery_job(store: Any, job: str, specs: list[Any]) -> None:
+    """Record ``job`` (Celery mode) with an item per spec, as ``submit`` would."""
+    store.create(
+        job,
+        [s.model_dump(mode="json") for s in specs],
+        [s.spec_id() for s in specs],
+        source="test",
+        mode="celery",
+    )
 
 
 def _wait_for(predicate: Any, timeout_s: float, what: str, log: Any = None) -> None:
@@ -260,13 +267,7 @@ def test_wait_resends_items_whose_holder_stopped_beating(
     specs = _specs(tiny_world, ["held by the dead", "also held"])
     store = job_store(driver, settings)
     job = new_job_id()
-    store.create(
-        job,
-        [s.model_dump(mode="json") for s in specs],
-        [s.spec_id() for s in specs],
-        source="test",
-        mode="celery",
-    )
+    _create_celery_job(store, job, specs)
     store.hold(job, [0, 1], "gone-host:1")  # a worker that took them and died: no message
     time.sleep(2.0)
     assert store.summary(job).stale == 2
@@ -402,13 +403,7 @@ def test_a_send_that_fails_marks_the_unsent_items_failed(
     specs = [PromptSpec(prompt="a cat"), PromptSpec(prompt="a dog")]
     store = job_store(driver, down)
     job = new_job_id()
-    store.create(
-        job,
-        [s.model_dump(mode="json") for s in specs],
-        [s.spec_id() for s in specs],
-        source="test",
-        mode="celery",
-    )
+    _create_celery_job(store, job, specs)
     payloads = [AttributePayload(spec=s, job_id=job, item=i) for i, s in enumerate(specs)]
     with pytest.raises(ServiceUnavailable) as info:
         send_or_fail(down, driver, job, payloads)

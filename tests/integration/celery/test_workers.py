@@ -23,6 +23,7 @@ from click.testing import CliRunner
 
 from atlas.errors import AttributionError, InputError, ServiceUnavailable
 from tests import REPO_ROOT
+from tests.helpers import build_tiny_world, run_console
 
 #: A prompt long enough that attribution takes a noticeable time on the tiny model (and short
 #: enough that a solo-pool worker busy with it still answers the fixture's ping in time).
@@ -33,12 +34,7 @@ SLOW_PROMPT = "The quick brown fox jumps over the lazy dog."
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """(model dir, transcoder dir) of a tiny seeded Llama (character-level tokenizer)."""
-    from atlas.testing.tiny import build_tiny_model, build_tiny_transcoders
-
-    root = tmp_path_factory.mktemp("tiny-world")
-    model = build_tiny_model("llama", root / "model", seed=0)
-    tcs = build_tiny_transcoders(model, root / "transcoders", seed=0)
-    return str(model), str(tcs)
+    return build_tiny_world(tmp_path_factory.mktemp("tiny-world"))
 
 
 def _specs(world: tuple[str, str], prompts: list[str]) -> list[Any]:
@@ -518,25 +514,7 @@ def test_only_broker_faults_read_as_redis_unreachable(
 # --------------------------------------------------------------------------- exit codes
 def _console(args: list[str], settings: Any, **env: str) -> subprocess.CompletedProcess[str]:
     """The real console script (``.venv/bin/atlas``), as a user's shell or CI runs it."""
-    script = Path(sys.executable).with_name("atlas")
-    assert script.is_file(), script
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "REDIS_"))}
-    base |= {
-        "ATLAS_HOME": str(settings.atlas_home),
-        "NEO4J_URI": settings.neo4j_uri,
-        "NEO4J_USER": settings.neo4j_user,
-        "NEO4J_PASSWORD": settings.neo4j_password.get_secret_value(),
-        "REDIS_URL": settings.redis_url or "",
-        "OMP_NUM_THREADS": "1",
-    }
-    return subprocess.run(
-        [str(script), *args],
-        env=base | env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO_ROOT,
-    )
+    return run_console(args, settings, timeout=300, **env)
 
 
 def test_failed_prompts_exit_nonzero_inline(

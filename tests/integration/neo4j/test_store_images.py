@@ -5,9 +5,7 @@ round trip artifact -> Neo4j -> export, and the pipeline and CLI with good and b
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +23,9 @@ from atlas.store.labels import label_features
 from atlas.store.schema import apply_schema
 from atlas.testing.vlm_case import PROMPT, VlmCase, picture, tiny_vlm_case
 from atlas.transcoders import load_transcoders
-from tests import REPO_ROOT
+from tests.helpers import run_console
 
 pytestmark = pytest.mark.timeout(900)
-REPO = REPO_ROOT
 
 
 @pytest.fixture(scope="module")
@@ -197,19 +194,9 @@ def test_image_regions_and_image_labels(db: neo4j.Driver, full_graphs: list[Grap
 
 # --------------------------------------------------------------------------- pipeline and CLI
 def _console(args: list[str], settings: Any, **env: str) -> subprocess.CompletedProcess[str]:
-    script = Path(sys.executable).with_name("atlas")
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "REDIS_"))}
-    base |= {
-        "ATLAS_HOME": str(settings.atlas_home),
-        "NEO4J_URI": settings.neo4j_uri,
-        "NEO4J_USER": settings.neo4j_user,
-        "NEO4J_PASSWORD": settings.neo4j_password.get_secret_value(),
-        "REDIS_URL": "",
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-    return subprocess.run(
-        [str(script), *args], env=base | env, capture_output=True, text=True, timeout=600, cwd=REPO
+    """The console script, inline (no Redis) and offline."""
+    return run_console(
+        args, settings, timeout=600, **({"REDIS_URL": "", "HF_HUB_OFFLINE": "1"} | env)
     )
 
 
