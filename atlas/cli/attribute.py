@@ -56,6 +56,13 @@ def _device_and_dtype(
 @click.option("--revision", default=None, help="Hub revision of the model.")
 @click.option("--memory-limit-mb", type=int, default=None, help="Cap the batch to fit this.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option(
+    "--json-max-links",
+    type=int,
+    default=None,
+    help="Write the JSON only up to this many links (default 5,000,000; the artifact is always "
+    "written whole).",
+)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 def attribute(
     model_ref: str,
@@ -73,13 +80,14 @@ def attribute(
     revision: str | None,
     memory_limit_mb: int | None,
     no_progress: bool,
+    json_max_links: int | None,
     out_dir: Path,
 ) -> None:
     """Compute the attribution graph of PROMPT and write DIR/<prompt_id>.safetensors (+ .json)."""
     from tqdm import tqdm
 
     from atlas.attribution import attribute as run_attribution
-    from atlas.interchange import write_json
+    from atlas.interchange import DEFAULT_MAX_LINKS, GraphTooLargeForJson, write_json
     from atlas.models import load_model
     from atlas.transcoders import load_transcoders
 
@@ -124,14 +132,19 @@ def attribute(
     graph = result.to_graph()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = graph.save(out_dir / f"{graph.prompt_id}.safetensors")
-    json_path = write_json(
-        graph,
-        out_dir / f"{graph.prompt_id}.json",
-        token_decoder=lambda t: model.tokenizer.decode([t]),
-    )
+    try:
+        json_name = write_json(
+            graph,
+            out_dir / f"{graph.prompt_id}.json",
+            max_links=DEFAULT_MAX_LINKS if json_max_links is None else json_max_links,
+            token_decoder=lambda t: model.tokenizer.decode([t]),
+        ).name
+    except GraphTooLargeForJson as exc:
+        click.echo(f"{exc} (raise --json-max-links to write it)", err=True)
+        json_name = "none"
     meta = graph.metadata
     click.echo(
         f"{path} nodes={graph.n_nodes} edges={graph.n_edges} "
         f"replacement={meta.replacement_score:.3f} completeness={meta.completeness_score:.3f} "
-        f"seconds={time.perf_counter() - t0:.1f} json={json_path.name}"
+        f"seconds={time.perf_counter() - t0:.1f} json={json_name}"
     )
