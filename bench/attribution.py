@@ -1,23 +1,37 @@
 """Side-by-side benchmark: circuit-tracer 0.5.0 (the peer) vs our engine, same inputs, one run.
 
-Both run in a FRESH subprocess each (circuit-tracer in its own venv, ``bench/.venv-ct``; ours in
-this venv) on the same local model, transcoders and prompts. For each we report the wall time of
-``attribute()`` (model loading excluded), of pruning, of the whole process, and the peak RSS of the
-process (``os.wait4`` rusage of that child alone; plus peak CUDA memory on GPU). Then the outputs
-are compared: active features, logit targets, and sampled adjacency rows (all logit rows and the
-feature rows whose identity hashes to 0 mod 64, columns aligned by node identity).
+The peer is circuit-tracer's fastest configuration: its TransformerLens backend (its default;
+``--ct-backend nnsight`` for the other), loaded from the local model as
+``bench/ct_golden_worker.py`` describes. Every run is a FRESH subprocess (circuit-tracer in its own
+venv, ``bench/.venv-ct``; ours in this venv) on the same local model, transcoders and prompt, and
+the sides are interleaved (ours, ct, ours, ct, ...; ``--reps``), medians reported with the load
+average before each run, since the machines this runs on are often shared. Modes:
+
+  attribute  ``attribute()`` alone (loading excluded) and its pruning time, inside a process that
+             also saves the tensors the outputs are compared on: active features, logit targets,
+             sampled adjacency rows (all logit rows and the feature rows whose identity hashes to
+             0 mod 64, columns aligned by node identity)
+  pruned     whole user processes: circuit-tracer's load + ``attribute()`` + ``create_graph_files``
+             (pruning + graph JSON) against ``atlas attribute`` (load, attribute, prune, artifact,
+             JSON)
+  unpruned   circuit-tracer's load + ``attribute()`` + ``Graph.to_pt`` against ``atlas attribute
+             --no-prune`` (the full artifact; its JSON refused above the link limit)
+
+For each: process wall time and peak RSS (``os.wait4`` rusage of that child alone; plus peak CUDA
+memory on GPU), ratios ct / ours. ``--timeout`` kills a child that runs longer and says so.
 
 Shapes:
-  small      Gemma-2 shape: 8 layers, d_model 256, d_mlp 1024, vocab 2048; per-layer JumpReLU
-             transcoders 4096 wide (~32 active per token); variant ``clt``: a cross-layer
-             transcoder of the same width.
+  small      Gemma-2 shape: 8 layers, d_model 256, d_mlp 1024, vocab 2048, positions up to 4,096;
+             per-layer JumpReLU transcoders 4096 wide (~32 active per token); variant ``clt``: a
+             cross-layer transcoder of the same width.
   gemma2-2b  Gemma-2-2B shape (26 layers, d_model 2304, d_mlp 9216, vocab 256000) with random
              weights + 16k-wide transcoders: for GPU runs (``--device cuda``).
 
 Usage::
 
-    .venv/bin/python bench/attribution.py                       # small, 33 + 65 tokens, plt + clt
-    .venv/bin/python bench/attribution.py --lengths 33 --variants plt
+    .venv/bin/python bench/attribution.py                        # small, 32 + 64 tokens, 3 modes
+    .venv/bin/python bench/attribution.py --lengths 32 --modes attribute pruned --reps 2
+    .venv/bin/python bench/attribution.py --lengths 256 1024 --max-feature-nodes 8192 --timeout 1800
     .venv/bin/python bench/attribution.py --device cuda --shape gemma2-2b --lengths 64 512
     .venv/bin/python bench/attribution.py --skip-ct              # ours only (no ct venv)
 
