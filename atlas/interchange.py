@@ -51,7 +51,8 @@ and ``graph.metadata.extra["labels"]`` (``{node_id: label}``).
 
 Files: this module is the only graph-JSON reader and writer. :func:`read_json` reads a file
 (one-line :class:`~atlas.errors.InputError` for an unreadable or malformed one);
-:func:`write_json` / :func:`write_document` write atomically and refuse NaN.
+:func:`write_json` / :func:`write_document` write atomically and refuse NaN; :func:`write_json`
+streams the links and refuses a graph above a link count the caller sets.
 """
 
 from __future__ import annotations
@@ -180,6 +181,15 @@ def _normalise_supernodes(
     return out
 
 
+class _JsonParts(NamedTuple):
+    """A graph's interchange JSON object but for its links, which are produced on demand."""
+
+    metadata: dict[str, Any]
+    qparams: dict[str, Any]
+    nodes: list[dict[str, Any]]
+    ids: list[str]
+
+
 def graph_to_json(
     graph: Graph,
     *,
@@ -189,6 +199,39 @@ def graph_to_json(
     token_decoder: Callable[[int], str] | None = None,
 ) -> dict[str, Any]:
     """Export ``graph`` as an interchange JSON object (a ``dict`` ready for :func:`json.dump`).
+
+    The arguments are :func:`_json_parts`'s; :func:`write_json` writes the same object to a file
+    without building its links as Python objects.
+    """
+    parts = _json_parts(
+        graph, slug=slug, labels=labels, supernodes=supernodes, token_decoder=token_decoder
+    )
+    links = [
+        {"source": parts.ids[s], "target": parts.ids[t], "weight": w}
+        for t, s, w in zip(
+            graph.edge_target.tolist(),
+            graph.edge_source.tolist(),
+            graph.edge_weight.tolist(),
+            strict=True,
+        )
+    ]
+    return {
+        "metadata": parts.metadata,
+        "qParams": parts.qparams,
+        "nodes": parts.nodes,
+        "links": links,
+    }
+
+
+def _json_parts(
+    graph: Graph,
+    *,
+    slug: str | None = None,
+    labels: Mapping[str, str] | None = None,
+    supernodes: Sequence[Sequence[str]] | Mapping[str, Sequence[str]] | None = None,
+    token_decoder: Callable[[int], str] | None = None,
+) -> _JsonParts:
+    """Everything of ``graph``'s interchange JSON object but its links.
 
     Args:
         graph: the (usually pruned) graph; every node and edge is written.
@@ -272,15 +315,6 @@ def graph_to_json(
         nodes.append(node)
 
     _write_image_fields(graph, nodes)
-    links = [
-        {"source": ids[s], "target": ids[t], "weight": w}
-        for t, s, w in zip(
-            graph.edge_target.tolist(),
-            graph.edge_source.tolist(),
-            graph.edge_weight.tolist(),
-            strict=True,
-        )
-    ]
 
     settings = meta.settings
     generation: dict[str, Any] = {
@@ -321,7 +355,7 @@ def graph_to_json(
         "clickedId": "",
         "sg_pos": "",
     }
-    return {"metadata": metadata, "qParams": qparams, "nodes": nodes, "links": links}
+    return _JsonParts(metadata, qparams, nodes, ids)
 
 
 # --------------------------------------------------------------------------------------- import
@@ -743,12 +777,76 @@ def read_json(path: str | Path) -> Graph:
     return graph
 
 
-def write_json(graph: Graph, path: str | Path, **kwargs: Any) -> Path:
-    """Write :func:`graph_to_json` output to ``path`` (see :func:`write_document`).
+DEFAULT_MAX_LINKS = 5_000_000
+"""Links above which :func:`write_json` refuses a graph by default (~70 bytes a link: 350 MB)."""
 
-    ``kwargs`` go to :func:`graph_to_json`. Returns the path.
+
+class GraphTooLargeForJson(InputError):
+    """The graph has more links than the JSON size limit allows (its artifact holds it whole)."""
+
+
+def write_json(
+    graph: Graph, path: str | Path, *, max_links: int | None = None, **kwargs: Any
+) -> Path:
+    """Write :func:`graph_to_json`'s object to ``path``, streamed: same bytes as
+    :func:`write_document` would write, without holding the links as Python objects.
+
+    Written atomically (a temporary file renamed over ``path``); NaN and infinities refused.
+    ``max_links`` (``None``: no limit) refuses a larger graph with :class:`GraphTooLargeForJson`
+    before anything is written. ``kwargs`` go to :func:`graph_to_json`. Returns the path.
     """
-    return write_document(graph_to_json(graph, **kwargs), path)
+    n_links = int(graph.edge_weight.shape[0])
+    if max_links is not None and n_links > max_links:
+        raise GraphTooLargeForJson(
+            f"graph JSON not written: {n_links:,} links is over the limit of {max_links:,}"
+        )
+    if n_links and not bool(graph.edge_weight.isfinite().all()):
+        raise ValueError("Out of range float values are not JSON compliant")
+    parts = _json_parts(graph, **kwargs)
+    return _write_atomically(path, lambda fh: _stream_document(fh, parts, graph))
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _stream_document(fh: Any, parts: _JsonParts, graph: Graph, chunk: int = 1 << 16) -> None:
+    """Write the object ``{"metadata", "qParams", "nodes", "links"}`` as :func:`_dumps` would,
+    the links a chunk at a time (node ids are plain ASCII and weights finite floats, so a link
+    is formatted directly, as ``json`` formats it)."""
+    fh.write('{"metadata":' + _dumps(parts.metadata) + ',"qParams":' + _dumps(parts.qparams))
+    fh.write(',"nodes":[' + ",".join(_dumps(node) for node in parts.nodes) + '],"links":[')
+    ids, first = parts.ids, True
+    for i in range(0, int(graph.edge_weight.shape[0]), chunk):
+        rows = zip(
+            graph.edge_target[i : i + chunk].tolist(),
+            graph.edge_source[i : i + chunk].tolist(),
+            graph.edge_weight[i : i + chunk].tolist(),
+            strict=True,
+        )
+        text = ",".join(
+            f'{{"source":"{ids[s]}","target":"{ids[t]}","weight":{float.__repr__(w)}}}'
+            for t, s, w in rows
+        )
+        fh.write(text if first else "," + text)
+        first = False
+    fh.write("]}")
+
+
+def _write_atomically(path: str | Path, write: Callable[[Any], None]) -> Path:
+    """Call ``write(text file)`` on a temporary file in ``path``'s directory, then rename it over
+    ``path``, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 def write_document(doc: dict[str, Any], path: str | Path) -> Path:
@@ -757,18 +855,8 @@ def write_document(doc: dict[str, Any], path: str | Path) -> Path:
     A temporary file in the same directory is renamed over ``path``, so a reader never sees
     half a file. Returns the path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    text = _dumps(doc)
+    return _write_atomically(path, lambda fh: fh.write(text))
 
 
 _OUTPUT_LABEL = re.compile(r'^Output "(.*)" \(p=[^)]*\)$', re.DOTALL)

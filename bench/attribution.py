@@ -1,23 +1,37 @@
 """Side-by-side benchmark: circuit-tracer 0.5.0 (the peer) vs our engine, same inputs, one run.
 
-Both run in a FRESH subprocess each (circuit-tracer in its own venv, ``bench/.venv-ct``; ours in
-this venv) on the same local model, transcoders and prompts. For each we report the wall time of
-``attribute()`` (model loading excluded), of pruning, of the whole process, and the peak RSS of the
-process (``os.wait4`` rusage of that child alone; plus peak CUDA memory on GPU). Then the outputs
-are compared: active features, logit targets, and sampled adjacency rows (all logit rows and the
-feature rows whose identity hashes to 0 mod 64, columns aligned by node identity).
+The peer is circuit-tracer's fastest configuration: its TransformerLens backend (its default;
+``--ct-backend nnsight`` for the other), loaded from the local model as
+``bench/ct_golden_worker.py`` describes. Every run is a FRESH subprocess (circuit-tracer in its own
+venv, ``bench/.venv-ct``; ours in this venv) on the same local model, transcoders and prompt, and
+the sides are interleaved (ours, ct, ours, ct, ...; ``--reps``), medians reported with the load
+average before each run, since the machines this runs on are often shared. Modes:
+
+  attribute  ``attribute()`` alone (loading excluded) and its pruning time, inside a process that
+             also saves the tensors the outputs are compared on: active features, logit targets,
+             sampled adjacency rows (all logit rows and the feature rows whose identity hashes to
+             0 mod 64, columns aligned by node identity)
+  pruned     whole user processes: circuit-tracer's load + ``attribute()`` + ``create_graph_files``
+             (pruning + graph JSON) against ``atlas attribute`` (load, attribute, prune, artifact,
+             JSON)
+  unpruned   circuit-tracer's load + ``attribute()`` + ``Graph.to_pt`` against ``atlas attribute
+             --no-prune`` (the full artifact; its JSON refused above the link limit)
+
+For each: process wall time and peak RSS (``os.wait4`` rusage of that child alone; plus peak CUDA
+memory on GPU), ratios ct / ours. ``--timeout`` kills a child that runs longer and says so.
 
 Shapes:
-  small      Gemma-2 shape: 8 layers, d_model 256, d_mlp 1024, vocab 2048; per-layer JumpReLU
-             transcoders 4096 wide (~32 active per token); variant ``clt``: a cross-layer
-             transcoder of the same width.
+  small      Gemma-2 shape: 8 layers, d_model 256, d_mlp 1024, vocab 2048, positions up to 4,096;
+             per-layer JumpReLU transcoders 4096 wide (~32 active per token); variant ``clt``: a
+             cross-layer transcoder of the same width.
   gemma2-2b  Gemma-2-2B shape (26 layers, d_model 2304, d_mlp 9216, vocab 256000) with random
              weights + 16k-wide transcoders: for GPU runs (``--device cuda``).
 
 Usage::
 
-    .venv/bin/python bench/attribution.py                       # small, 33 + 65 tokens, plt + clt
-    .venv/bin/python bench/attribution.py --lengths 33 --variants plt
+    .venv/bin/python bench/attribution.py                        # small, 32 + 64 tokens, 3 modes
+    .venv/bin/python bench/attribution.py --lengths 32 --modes attribute pruned --reps 2
+    .venv/bin/python bench/attribution.py --lengths 256 1024 --max-feature-nodes 8192 --timeout 1800
     .venv/bin/python bench/attribution.py --device cuda --shape gemma2-2b --lengths 64 512
     .venv/bin/python bench/attribution.py --skip-ct              # ours only (no ct venv)
 
@@ -29,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -48,6 +63,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         # atlas.testing.tiny's calibration target; gives ~32 active features per token on the bench
         # prompts (8.8k features at 33 tokens, as in REFERENCE.md's measurements)
         "target_l0": 20,
+        "max_positions": 4096,
     },
     "gemma2-2b": {
         "model": {
@@ -88,6 +104,16 @@ def sample_rows(features: Any, n_nodes: int, n_logits: int, stride: int = 64) ->
 
 
 # ----------------------------------------------------------------------------- building inputs
+def _allow_positions(model_dir: Path, n: int) -> None:
+    """Raise the config's ``max_position_embeddings`` to ``n`` (rotary: no weights change), so
+    long-prompt runs are admissible on both sides."""
+    path = model_dir / "config.json"
+    cfg = json.loads(path.read_text())
+    if cfg.get("max_position_embeddings", 0) < n:
+        cfg["max_position_embeddings"] = n
+        path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 def build_inputs(shape: str, variant: str) -> tuple[Path, Path]:
     """Model dir and transcoder dir for (shape, variant), built once and cached."""
     from atlas.testing.tiny import (
@@ -104,6 +130,7 @@ def build_inputs(shape: str, variant: str) -> tuple[Path, Path]:
         print(f"[bench] building {shape} model in {model_dir} ...", flush=True)
         build_tiny_model("gemma2", model_dir, seed=0, **spec["model"])
         portable_model_dir(model_dir)
+    _allow_positions(model_dir, spec.get("max_positions", 0))
     tc_dir = base / f"transcoders-{variant}"
     if not (tc_dir / "config.yaml").exists():
         print(f"[bench] building {variant} transcoders in {tc_dir} ...", flush=True)
@@ -195,15 +222,119 @@ def run_ours(job_path: Path) -> int:
 
 
 # ----------------------------------------------------------------------------- driver
-def _run_child(cmd: list[str], env: dict[str, str]) -> tuple[int, float, int, float]:
-    """Run ``cmd``; return (exit code, wall s, peak RSS bytes, CPU s) of that child alone."""
+def _run_child(
+    cmd: list[str], env: dict[str, str], timeout: float | None = None
+) -> tuple[int, float, int, float]:
+    """Run ``cmd``; return (exit code, wall s, peak RSS bytes, CPU s) of that child alone.
+
+    Past ``timeout`` seconds the child is killed and the exit code is ``TIMED_OUT``.
+    """
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    deadline = None if timeout is None else t0 + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if deadline is not None and time.perf_counter() > deadline:
+            proc.kill()
+            _, status, usage = os.wait4(proc.pid, 0)
+            return TIMED_OUT, time.perf_counter() - t0, int(usage.ru_maxrss) * 1024, 0.0
+        time.sleep(0.05)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
     cpu = usage.ru_utime + usage.ru_stime
     return proc.returncode, wall, int(usage.ru_maxrss) * 1024, cpu  # Linux: ru_maxrss in KiB
+
+
+TIMED_OUT = -999
+
+#: what each benchmark mode runs: ``attribute`` times attribute() inside a process that also
+#: saves the comparison tensors; ``pruned`` / ``unpruned`` time whole user processes
+MODES = ("attribute", "pruned", "unpruned")
+
+
+def _command(
+    side: str, mode: str, job_path: Path, job: dict[str, Any], spec: dict[str, Any]
+) -> list[str]:
+    """The child process of ``side`` in ``mode``.
+
+    Whole processes are what a user runs: circuit-tracer's worker in process mode (load,
+    ``attribute()``, ``create_graph_files`` or ``Graph.to_pt``), and ``atlas attribute`` (load,
+    attribute, prune, the safetensors artifact and the JSON; ``--no-prune``: the full artifact, the
+    JSON refused above its size limit).
+    """
+    if side == "ct":
+        return [str(CT_PYTHON), str(CT_WORKER), str(job_path)]
+    if mode == "attribute":
+        return [sys.executable, str(Path(__file__).resolve()), "--_ours", str(job_path)]
+    cmd = [
+        str(Path(sys.executable).with_name("atlas")),
+        "attribute",
+        "--model",
+        job["model_dir"],
+        "--transcoders",
+        job["transcoder_dir"],
+        "--prompt",
+        spec["prompt"],
+        "--batch-size",
+        str(spec["batch_size"]),
+        "--device",
+        job["device"],
+        "--no-progress",
+        "--out",
+        job["out_dir"],
+    ]
+    if spec.get("max_feature_nodes") is not None:
+        cmd += ["--max-feature-nodes", str(spec["max_feature_nodes"])]
+    if mode == "unpruned":
+        cmd.append("--no-prune")
+    return cmd
+
+
+def _one_run(
+    side: str,
+    mode: str,
+    spec: dict[str, Any],
+    dirs: tuple[Path, Path],
+    args: argparse.Namespace,
+    env: dict[str, str],
+) -> dict[str, Any]:
+    """One child of ``side`` in ``mode``: its timing file plus wall, CPU, peak RSS, load."""
+    slug = spec["slug"]
+    out_dir = args.out / side / mode
+    out_dir.mkdir(parents=True, exist_ok=True)
+    job: dict[str, Any] = {
+        "model_dir": str(dirs[0]),
+        "transcoder_dir": str(dirs[1]),
+        "scan": slug,
+        "out_dir": str(out_dir),
+        "device": args.device,
+        "measure_only": True,
+        "save_adjacency": "rows",
+        "backend": args.ct_backend,
+        "prompts": [spec],
+    }
+    if mode != "attribute":
+        job["process"] = mode
+    job_path = out_dir / f"{slug}.job.json"
+    job_path.write_text(json.dumps(job))
+    timing_path = out_dir / f"{slug}.timing.json"
+    timing_path.unlink(missing_ok=True)
+    load = os.getloadavg()[0]
+    print(f"[bench] {slug} {mode}: {side} (load {load:.2f}) ...", flush=True)
+    rc, wall, rss, cpu = _run_child(_command(side, mode, job_path, job, spec), env, args.timeout)
+    res: dict[str, Any] = {"load_avg_before": load, "process_wall_s": wall, "peak_rss_bytes": rss}
+    if rc == TIMED_OUT:
+        print(f"[bench] {slug} {mode}: {side} did not finish in {args.timeout:.0f} s")
+        return {**res, "timed_out": True}
+    if rc != 0:
+        print(f"[bench] {slug} {mode}: {side} failed with exit code {rc}")
+        return {**res, "error": rc}
+    res["process_cpu_s"] = cpu
+    if timing_path.exists():
+        res.update(json.loads(timing_path.read_text()))
+    return res
 
 
 def _compare(ct_file: Path, our_file: Path, n_layers: int) -> dict[str, Any]:
@@ -246,13 +377,37 @@ def _compare(ct_file: Path, our_file: Path, n_layers: int) -> dict[str, Any]:
     return out
 
 
+def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median of every numeric field over the runs that finished (the others are reported)."""
+    ok = [r for r in runs if "error" not in r and "timed_out" not in r]
+    if not ok:
+        return runs[-1] | {"runs": len(runs)}
+    out: dict[str, Any] = dict(ok[-1])
+    for key, value in ok[-1].items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = statistics.median(float(r[key]) for r in ok if key in r)
+    out["runs"] = len(ok)
+    out["all_wall_s"] = [round(r["process_wall_s"], 2) for r in runs]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="circuit-tracer 0.5.0 vs our engine, side by side")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
-    ap.add_argument("--lengths", type=int, nargs="+", default=[33, 65], help="prompt tokens")
-    ap.add_argument("--variants", nargs="+", choices=["plt", "clt"], default=["plt", "clt"])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32, 64], help="prompt tokens")
+    ap.add_argument("--variants", nargs="+", choices=["plt", "clt"], default=["plt"])
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-feature-nodes", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=2, help="interleaved runs per side (median)")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds before a child is killed")
+    ap.add_argument(
+        "--ct-backend",
+        choices=["transformerlens", "nnsight"],
+        default="transformerlens",
+        help="circuit-tracer backend (default: its fastest, TransformerLens)",
+    )
     ap.add_argument("--skip-ct", action="store_true", help="only our engine")
     ap.add_argument("--skip-ours", action="store_true", help="only circuit-tracer")
     ap.add_argument("--out", type=Path, default=OUT / "runs")
@@ -261,66 +416,54 @@ def main(argv: list[str] | None = None) -> int:
     if args._ours:
         return run_ours(args._ours)
 
-    run_ct = not args.skip_ct
-    if run_ct and not CT_PYTHON.exists():
-        print("[bench] no circuit-tracer venv (bash bench/ct_env.sh); running ours only")
-        run_ct = False
+    sides = []
+    if not args.skip_ours:
+        sides.append("ours")
+    if not args.skip_ct:
+        if CT_PYTHON.exists():
+            sides.append("ct")
+        else:
+            print("[bench] no circuit-tracer venv (bash bench/ct_env.sh); running ours only")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env["PYTHONPATH"] = str(ROOT)
     n_layers = SHAPES[args.shape]["model"]["n_layers"]
     results = []
     for variant in args.variants:
-        model_dir, tc_dir = build_inputs(args.shape, variant)
+        dirs = build_inputs(args.shape, variant)
         for n_tok in args.lengths:
-            slug = f"{args.shape}-{variant}-{n_tok}"
-            prompt = {
-                "slug": slug,
+            spec = {
+                "slug": f"{args.shape}-{variant}-{n_tok}",
                 "prompt": prompt_of_length(n_tok),
                 "batch_size": args.batch_size,
+                "max_feature_nodes": args.max_feature_nodes,
             }
-            row: dict[str, Any] = {"case": slug, "n_tokens": n_tok}
-            for side in ("ct", "ours"):
-                if (side == "ct" and not run_ct) or (side == "ours" and args.skip_ours):
-                    continue
-                out_dir = args.out / side
-                job = {
-                    "model_dir": str(model_dir),
-                    "transcoder_dir": str(tc_dir),
-                    "scan": slug,
-                    "out_dir": str(out_dir),
-                    "device": args.device,
-                    "measure_only": True,
-                    "save_adjacency": "rows",
-                    "prompts": [prompt],
+            for mode in args.modes:
+                row: dict[str, Any] = {
+                    "case": spec["slug"],
+                    "mode": mode,
+                    "n_tokens": n_tok,
+                    "max_feature_nodes": args.max_feature_nodes,
+                    "ct_backend": args.ct_backend,
                 }
-                out_dir.mkdir(parents=True, exist_ok=True)
-                job_path = out_dir / f"{slug}.job.json"
-                job_path.write_text(json.dumps(job))
-                if side == "ct":
-                    cmd = [str(CT_PYTHON), str(CT_WORKER), str(job_path)]
-                else:
-                    cmd = [sys.executable, str(Path(__file__).resolve()), "--_ours", str(job_path)]
-                print(f"[bench] {slug}: running {side} ...", flush=True)
-                rc, wall, rss, cpu = _run_child(cmd, env)
-                if rc != 0:
-                    print(f"[bench] {slug}: {side} failed with exit code {rc}")
-                    row[side] = {"error": rc}
-                    continue
-                timing = json.loads((out_dir / f"{slug}.timing.json").read_text())
-                row[side] = {
-                    **timing,
-                    "process_wall_s": wall,
-                    "process_cpu_s": cpu,
-                    "peak_rss_bytes": rss,
-                }
-            if "attribute_s" in row.get("ct", {}) and "attribute_s" in row.get("ours", {}):
-                row["compare"] = _compare(
-                    args.out / "ct" / f"{slug}.safetensors",
-                    args.out / "ours" / f"{slug}.safetensors",
-                    n_layers,
-                )
-            results.append(row)
-            _print_row(row)
+                runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
+                for _ in range(args.reps):  # interleaved: ours, ct, ours, ct
+                    for side in sides:
+                        runs[side].append(_one_run(side, mode, spec, dirs, args, env))
+                        if runs[side][-1].get("timed_out"):
+                            break
+                for side in sides:
+                    row[side] = _median_of(runs[side])
+                if mode == "attribute" and all(
+                    "attribute_s" in row.get(side, {}) for side in ("ct", "ours")
+                ):
+                    row["compare"] = _compare(
+                        args.out / "ct" / mode / f"{spec['slug']}.safetensors",
+                        args.out / "ours" / mode / f"{spec['slug']}.safetensors",
+                        n_layers,
+                    )
+                results.append(row)
+                _print_row(row)
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     print()
     _print_table(results)
@@ -335,38 +478,40 @@ def _print_row(row: dict[str, Any]) -> None:
     print(json.dumps(row, indent=1, default=str), flush=True)
 
 
+def _ratio(ct: dict[str, Any], us: dict[str, Any], key: str) -> str:
+    """ct / ours for ``key`` (so > 1 means ours is faster or smaller)."""
+    if key in ct and key in us and us[key] and not ct.get("timed_out"):
+        return f"{ct[key] / us[key]:.1f}x"
+    return "-"
+
+
 def _print_table(results: list[dict[str, Any]]) -> None:
-    """Wall and CPU seconds of attribute(), pruning seconds, peak RSS, agreement."""
+    """One line per (case, mode): medians of the interleaved runs and ct / ours ratios."""
     nan = float("nan")
-    hdr = (
-        f"{'case':<18} {'N':>6} | {'attribute wall s':>17} {'x':>5} | {'attribute CPU s':>16} "
-        f"{'x':>5} | {'prune s':>11} | {'peak RSS MB':>12} {'x':>5} | {'max rel':>7} {'feats':>5}"
-    )
-    print(hdr)
     print(
-        f"{'':<18} {'':>6} | {'ct':>8} {'ours':>8} {'':>5} | {'ct':>8} {'ours':>7} {'':>5} | "
-        f"{'ct':>5} {'ours':>5} | {'ct':>6} {'ours':>5} {'':>5} |"
+        "| case | mode | ct backend | N | ct wall s | ours wall s | x | ct attribute() s "
+        "| ours attribute() s | x | ct peak RSS MB | ours peak RSS MB | x | load avg | agreement |"
     )
-    print("-" * len(hdr))
-
-    def ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> str:
-        if key in a and key in b and b[key]:
-            return f"{a[key] / b[key]:.1f}"
-        return "-"
-
+    print("| --- " * 15 + "|")
     for r in results:
         ct, us = r.get("ct", {}), r.get("ours", {})
         n = us.get("n_nodes") or ct.get("n_nodes") or 0
         cmp_ = r.get("compare", {})
+        agree = f"feats {cmp_['active_equal']}, rel {cmp_['max_rel_diff']:.1e}" if cmp_ else "-"
+        ct_wall = (
+            f">{ct['process_wall_s']:.0f} (killed)"
+            if ct.get("timed_out")
+            else f"{ct.get('process_wall_s', nan):.1f}"
+        )
+        loads = [d.get("load_avg_before") for d in (ct, us) if "load_avg_before" in d]
         print(
-            f"{r['case']:<18} {n:>6} | {ct.get('attribute_s', nan):>8.1f} "
-            f"{us.get('attribute_s', nan):>8.1f} {ratio(ct, us, 'attribute_s'):>5} | "
-            f"{ct.get('attribute_cpu_s', nan):>8.1f} {us.get('attribute_cpu_s', nan):>7.1f} "
-            f"{ratio(ct, us, 'attribute_cpu_s'):>5} | "
-            f"{ct.get('prune_s', nan):>5.1f} {us.get('prune_s', nan):>5.1f} | "
-            f"{_fmt_mb(ct.get('peak_rss_bytes')):>6} {_fmt_mb(us.get('peak_rss_bytes')):>5} "
-            f"{ratio(ct, us, 'peak_rss_bytes'):>5} | "
-            f"{cmp_.get('max_rel_diff', nan):>7.1e} {cmp_.get('active_equal', '-')!s:>5}"
+            f"| {r['case']} | {r['mode']} | {r['ct_backend']} | {int(n):,} | {ct_wall} "
+            f"| {us.get('process_wall_s', nan):.1f} | {_ratio(ct, us, 'process_wall_s')} "
+            f"| {ct.get('attribute_s', nan):.1f} | {us.get('attribute_s', nan):.1f} "
+            f"| {_ratio(ct, us, 'attribute_s')} "
+            f"| {_fmt_mb(ct.get('peak_rss_bytes'))} | {_fmt_mb(us.get('peak_rss_bytes'))} "
+            f"| {_ratio(ct, us, 'peak_rss_bytes')} "
+            f"| {statistics.median(loads) if loads else nan:.2f} | {agree} |"
         )
         for side, d in (("ct", ct), ("ours", us)):
             if "peak_cuda_bytes" in d:

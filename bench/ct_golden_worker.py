@@ -10,7 +10,17 @@ Input: a JSON job file::
      "out_dir": "...", "device": "cpu",
      "prompts": [{"slug": "p0", "prompt": "hello", "batch_size": 64,
                   "max_feature_nodes": null, "update_interval": 4}],
-     "write_json": true, "measure_only": false}
+     "write_json": true, "measure_only": false, "backend": "nnsight"}
+
+With ``"process": "pruned"`` the worker does what a user's script does and nothing else: load,
+``attribute()``, then ``create_graph_files`` (pruning + the graph JSON); with ``"unpruned"``:
+load, ``attribute()``, ``Graph.to_pt`` (the full graph). Only ``<slug>.timing.json`` is written
+besides. The benchmark times such a process whole.
+
+``backend`` is ``"nnsight"`` (default: the golden files) or ``"transformerlens"`` (circuit-tracer's
+default and fastest backend; the benchmark peer). TransformerLens refuses local model paths, so
+:func:`_load_transformerlens` builds its config from the local HF config by hand and converts the
+HF weights with TransformerLens' own Gemma conversion (Gemma-2 only).
 
 Output per prompt, under ``out_dir``:
 
@@ -78,6 +88,72 @@ def _load_transcoders(tc_dir: Path, scan: str, device: torch.device):
     raise SystemExit(f"unknown model_kind {kind!r} in {tc_dir / 'config.yaml'}")
 
 
+def _tl_config(hf_cfg, model_dir: Path, device: torch.device):
+    """TransformerLens config of a local Gemma-2 checkpoint (the keys TL sets for gemma-2-2b)."""
+    from transformer_lens import HookedTransformerConfig
+
+    if hf_cfg.model_type != "gemma2":
+        raise SystemExit(f"transformerlens backend: only gemma2 here, not {hf_cfg.model_type}")
+    return HookedTransformerConfig(
+        d_model=hf_cfg.hidden_size,
+        d_head=hf_cfg.head_dim,
+        n_heads=hf_cfg.num_attention_heads,
+        n_key_value_heads=hf_cfg.num_key_value_heads,
+        d_mlp=hf_cfg.intermediate_size,
+        n_layers=hf_cfg.num_hidden_layers,
+        n_ctx=hf_cfg.max_position_embeddings,
+        eps=hf_cfg.rms_norm_eps,
+        d_vocab=hf_cfg.vocab_size,
+        act_fn=hf_cfg.hidden_activation,
+        normalization_type="RMS",
+        rotary_base=hf_cfg.rope_parameters["rope_theta"]
+        if getattr(hf_cfg, "rope_parameters", None)
+        else hf_cfg.rope_theta,
+        rotary_dim=hf_cfg.head_dim,
+        positional_embedding_type="rotary",
+        use_attn_scale=True,
+        attn_scale=hf_cfg.query_pre_attn_scalar**0.5,
+        window_size=hf_cfg.sliding_window,
+        use_local_attn=True,
+        attn_types=["local" if t == "sliding_attention" else "global" for t in hf_cfg.layer_types],
+        attn_scores_soft_cap=hf_cfg.attn_logit_softcapping,
+        output_logits_soft_cap=hf_cfg.final_logit_softcapping,
+        gated_mlp=True,
+        final_rms=True,
+        use_normalization_before_and_after=True,
+        original_architecture="Gemma2ForCausalLM",
+        tokenizer_name=str(model_dir),
+        model_name=model_dir.name,
+        init_weights=False,
+        device=device,
+        dtype=torch.float32,
+    )
+
+
+def _load_transformerlens(model_dir: Path, transcoders, device: torch.device):
+    """circuit-tracer's TransformerLens replacement model on a local Gemma-2 directory."""
+    from circuit_tracer.replacement_model.replacement_model_transformerlens import (
+        TransformerLensReplacementModel,
+    )
+    from transformer_lens.pretrained.weight_conversions.gemma import convert_gemma_weights
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    cfg = _tl_config(hf.config, model_dir, device)
+    state = convert_gemma_weights(hf, cfg)
+    del hf
+    model = TransformerLensReplacementModel(cfg)
+    model.load_and_process_state_dict(
+        state,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+    )
+    model._configure_replacement_model(transcoders)
+    return model
+
+
 def sample_rows(
     features: torch.Tensor, n_nodes: int, n_logits: int, stride: int = 64
 ) -> torch.Tensor:
@@ -88,6 +164,37 @@ def sample_rows(
     rows = torch.nonzero(keep).flatten()
     logits = torch.arange(n_nodes - n_logits, n_nodes)
     return torch.cat([rows, logits]).to(torch.int64)
+
+
+def _process(job: dict, model, out_dir: Path, scan: str, load_s: float) -> int:
+    """A user's whole run: attribute, then the pruned JSON or the full graph file (see above)."""
+    from circuit_tracer import attribute
+    from circuit_tracer.utils.create_graph_files import create_graph_files
+
+    for spec in job["prompts"]:
+        slug = spec["slug"]
+        t1 = time.perf_counter()
+        graph = attribute(
+            spec["prompt"],
+            model,
+            batch_size=spec.get("batch_size", 64),
+            max_feature_nodes=spec.get("max_feature_nodes"),
+        )
+        attr_s = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        if job["process"] == "pruned":
+            create_graph_files(graph, slug=slug, output_path=str(out_dir), scan=scan)
+        else:
+            graph.to_pt(str(out_dir / f"{slug}.pt"))
+        meta = {
+            "backend": job.get("backend", "nnsight"),
+            "load_s": load_s,
+            "attribute_s": attr_s,
+            "write_s": time.perf_counter() - t2,
+            "n_nodes": int(graph.adjacency_matrix.shape[0]),
+        }
+        (out_dir / f"{slug}.timing.json").write_text(json.dumps(meta, indent=1))
+    return 0
 
 
 def main() -> int:
@@ -112,11 +219,18 @@ def main() -> int:
 
     t0 = time.perf_counter()
     transcoders = _load_transcoders(tc_dir, scan, device)
-    model = ReplacementModel.from_pretrained_and_transcoders(
-        str(model_dir), transcoders, backend="nnsight", device=device, dtype=torch.float32
-    )
+    backend = job.get("backend", "nnsight")
+    if backend == "transformerlens":
+        model = _load_transformerlens(model_dir, transcoders, device)
+    else:
+        model = ReplacementModel.from_pretrained_and_transcoders(
+            str(model_dir), transcoders, backend="nnsight", device=device, dtype=torch.float32
+        )
     load_s = time.perf_counter() - t0
-    print(f"[ct] loaded model + transcoders in {load_s:.2f}s", file=sys.stderr)
+    print(f"[ct] {backend}: loaded model + transcoders in {load_s:.2f}s", file=sys.stderr)
+
+    if job.get("process"):
+        return _process(job, model, out_dir, scan, load_s)
 
     for spec in job["prompts"]:
         slug = spec["slug"]
@@ -174,6 +288,7 @@ def main() -> int:
                 "circuit_tracer": circuit_tracer.__version__,
                 "torch": torch.__version__,
             },
+            "backend": backend,
             "attribute_s": attr_s,
             "attribute_cpu_s": attr_cpu_s,
             "load_s": load_s,

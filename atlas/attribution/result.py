@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 import atlas
-from atlas.attribution.pruning import graph_scores
+from atlas.attribution.pruning import compute_influence, graph_scores
 from atlas.attribution.pruning import prune as prune_fn
 from atlas.attribution.rollout import Rollout
 from atlas.graph import (
@@ -116,6 +116,9 @@ class AttributionResult:
     elapsed_s: float
     stats: dict[str, float] = field(default_factory=dict)
     image: ImageAttribution | None = None
+    _influence: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     # ------------------------------------------------------------------ layout
     @property
@@ -148,10 +151,28 @@ class AttributionResult:
         w[self.n_nodes - self.n_logits :] = self.logit_probabilities.float().to(w.device)
         return w
 
+    def influence(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(node influence, inverse row sums)`` of the unpruned graph, computed once: pruning
+        and both scores read them (recomputed if the adjacency was written to since)."""
+        key = (id(self.adjacency), self.adjacency._version)
+        cached = self._influence
+        if cached is None or cached[0] != key:
+            value = compute_influence(
+                self.adjacency, self.logit_weights(), n_features=self.n_features
+            )
+            cached = (key, value)
+            self._influence = cached
+        return cached[1]
+
     def scores(self) -> tuple[float, float]:
         """``(replacement_score, completeness_score)``."""
         return graph_scores(
-            self.adjacency, self.logit_weights(), self.n_features, self.n_errors, self.n_pos
+            self.adjacency,
+            self.logit_weights(),
+            self.n_features,
+            self.n_errors,
+            self.n_pos,
+            influence=self.influence(),
         )
 
     # ------------------------------------------------------------------ graph
@@ -222,6 +243,7 @@ class AttributionResult:
             self.n_features,
             node_threshold=knobs.node_threshold,
             edge_threshold=knobs.edge_threshold,
+            influence=self.influence()[0],
         )
         cols = self.node_columns()
         cols["influence"] = res.cumulative_scores.float().cpu()

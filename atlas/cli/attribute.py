@@ -68,6 +68,13 @@ def _device_and_dtype(
     "--rollout-head-fraction", type=float, default=0.30, show_default=True, help="Heads kept."
 )
 @click.option("--no-rollout", is_flag=True, help="No attention-rollout maps for the image.")
+@click.option(
+    "--json-max-links",
+    type=int,
+    default=None,
+    help="Write the JSON only up to this many links (default 5,000,000; the artifact is always "
+    "written whole).",
+)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 def attribute(
     model_ref: str,
@@ -89,6 +96,7 @@ def attribute(
     rollout_last_k: int,
     rollout_head_fraction: float,
     no_rollout: bool,
+    json_max_links: int | None,
     out_dir: Path,
 ) -> None:
     """Compute the attribution graph of PROMPT and write DIR/<prompt_id>.safetensors (+ .json).
@@ -101,7 +109,7 @@ def attribute(
 
     from atlas.attribution import attribute as run_attribution
     from atlas.engine import check_prompt
-    from atlas.interchange import write_json
+    from atlas.interchange import DEFAULT_MAX_LINKS, GraphTooLargeForJson, write_json
     from atlas.models import load_model
     from atlas.transcoders import load_transcoders
 
@@ -151,17 +159,22 @@ def attribute(
     graph = result.to_graph()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = graph.save(out_dir / f"{graph.prompt_id}.safetensors")
-    json_path = write_json(
-        graph,
-        out_dir / f"{graph.prompt_id}.json",
-        token_decoder=lambda t: model.tokenizer.decode([t]),
-    )
+    try:
+        json_name = write_json(
+            graph,
+            out_dir / f"{graph.prompt_id}.json",
+            max_links=DEFAULT_MAX_LINKS if json_max_links is None else json_max_links,
+            token_decoder=lambda t: model.tokenizer.decode([t]),
+        ).name
+    except GraphTooLargeForJson as exc:
+        click.echo(f"{exc} (raise --json-max-links to write it)", err=True)
+        json_name = "none"
     maps = _write_maps(result, image, out_dir)
     meta = graph.metadata
     click.echo(
         f"{path} nodes={graph.n_nodes} edges={graph.n_edges}{maps} "
         f"replacement={meta.replacement_score:.3f} completeness={meta.completeness_score:.3f} "
-        f"seconds={time.perf_counter() - t0:.1f} json={json_path.name}"
+        f"seconds={time.perf_counter() - t0:.1f} json={json_name}"
     )
 
 

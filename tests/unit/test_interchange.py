@@ -25,10 +25,12 @@ from atlas.graph import (
     TranscoderInfo,
 )
 from atlas.interchange import (
+    GraphTooLargeForJson,
     cantor_pair,
     cantor_unpair,
     graph_from_json,
     graph_to_json,
+    write_document,
     write_json,
 )
 from tests import GOLDEN
@@ -158,6 +160,28 @@ def test_round_trip_is_lossless(seed: int, tmp_path: Path) -> None:
     path = write_json(g, tmp_path / "g.json", slug="s")
     assert_graphs_equal(g, graph_from_json(path))
     assert_graphs_equal(g, graph_from_json(str(path)))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_streamed_file_equals_the_document(seed: int, tmp_path: Path) -> None:
+    """write_json streams the links in chunks yet writes the bytes of the whole document."""
+    from atlas.interchange import _json_parts, _stream_document
+
+    g = make_graph(seed)
+    whole = write_document(graph_to_json(g, slug="s"), tmp_path / "whole.json").read_bytes()
+    assert write_json(g, tmp_path / "streamed.json", slug="s").read_bytes() == whole
+    with (tmp_path / "chunked.json").open("w", encoding="utf-8") as fh:
+        _stream_document(fh, _json_parts(g, slug="s"), g, chunk=3)
+    assert (tmp_path / "chunked.json").read_bytes() == whole
+
+
+def test_json_above_the_link_limit_is_refused(tmp_path: Path) -> None:
+    g = make_graph(0)
+    n = int(g.edge_weight.shape[0])
+    assert write_json(g, tmp_path / "ok.json", max_links=n).exists()
+    with pytest.raises(GraphTooLargeForJson, match=f"{n:,} links is over the limit of {n - 1:,}"):
+        write_json(g, tmp_path / "big.json", max_links=n - 1)
+    assert not (tmp_path / "big.json").exists()
 
 
 def test_round_trip_stable_on_second_pass() -> None:

@@ -114,6 +114,28 @@ def test_influence_matches_dense_series(seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", range(6))
+def test_one_pass_influence_matches_series(seed: int) -> None:
+    """The one-pass sweep (reference layout) = the series, with and without a node mask."""
+    adj, w, n_feat, *_ = _random_graph(seed)
+    mask = torch.rand(adj.shape[0], generator=torch.Generator().manual_seed(seed)) < 0.7
+    mask[n_feat:] = True
+    for cm in (None, mask):
+        series, inv_a = compute_influence(adj, w, col_mask=cm, block=7)
+        sweep, inv_b = compute_influence(adj, w, col_mask=cm, block=7, n_features=n_feat)
+        torch.testing.assert_close(sweep, series, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(inv_b, inv_a)
+
+
+def test_one_pass_influence_falls_back_outside_the_layout() -> None:
+    """A feature fed by a later feature breaks the sweep's order: the series is used."""
+    adj, w, n_feat, *_ = _random_graph(0)
+    adj[2, n_feat - 1] = 0.5
+    series, _ = compute_influence(adj, w, block=7)
+    sweep, _ = compute_influence(adj, w, block=7, n_features=n_feat)
+    torch.testing.assert_close(sweep, series)
+
+
+@pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("thr", [0.5, 0.9, 0.98, 0.999])
 def test_streamed_edge_threshold_matches_sort(seed: int, thr: float) -> None:
     adj, _, *_ = _random_graph(seed)
