@@ -58,6 +58,8 @@ ANNOTATE_TASK = "atlas.annotate"
 PING_TASK = "atlas.ping"
 #: A task named with this prefix needs the model, so it goes to the GPU queue by construction.
 GPU_TASK_PREFIX = "atlas.gpu."
+#: One intervention spec on the model (routed to the GPU queue by its prefix).
+INTERVENE_TASK = f"{GPU_TASK_PREFIX}intervene"
 
 #: Task name (glob) -> queue. The GPU queue gets the tasks that run the model.
 TASK_ROUTES: dict[str, dict[str, str]] = {

@@ -31,6 +31,7 @@ _COMMANDS: dict[str, str] = {
     "jobs": "atlas.cli.jobs:jobs",
     "worker": "atlas.cli.worker:worker",
     "demo": "atlas.cli.demo:demo",
+    "intervene": "atlas.cli.intervene:intervene",
 }
 
 

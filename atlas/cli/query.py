@@ -252,3 +252,18 @@ def image_regions(spec: str, limit: int, image_tag: str | None, fmt: str) -> Non
         ["image", "row", "col", "n_prompts", "n_edges", "sum_w", "max_w", "top_patches"],
         f"image regions feeding {spec}",
     )
+
+
+@query.command("interventions")
+@click.option("--supernode", default=None, help="Only interventions touching this supernode.")
+@click.option("--limit", type=int, default=100, show_default=True)
+@FORMAT
+def interventions(supernode: str | None, limit: int, fmt: str) -> None:
+    """Stored interventions (on a supernode across prompts, with their effect sizes: the KL of
+    the steered next-token distribution from the clean one)."""
+    from atlas.store import interventions as iv
+
+    with atlas_driver() as driver:
+        rows = iv.interventions(driver, supernode=supernode, limit=limit, database=database())
+    columns = ["id", "prompt_id", "prompt", "supernode", "multiplier", "kl", "created_at"]
+    output(rows, fmt, columns, "interventions" + (f" on {supernode}" if supernode else ""))

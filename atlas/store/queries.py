@@ -860,3 +860,55 @@ SET f.top_image_regions = r.regions, f.top_image_values = r.values,
     f.top_image_prompts = r.prompts
 """
 # =========================================================================== end of images section
+
+# =========================================================================== interventions
+# (:Intervention {id, spec (JSON), created_at, kl, top (JSON), predicted (JSON), n_edits, ...})
+#     -[:ON]->(:Prompt)  -[:DONOR]->(:Prompt)  -[:TOUCHES]->(:Feature)  -[:TOUCHES]->(:Supernode)
+# (:SteeringVector {name, layer, token_rule, vector, positive, negative, ...})
+#     -[:CLOSE_TO {cosine, rank}]->(:Feature)   -[:PROJECTS {projection}]->(:Prompt)
+
+# One intervention run: MERGE on the spec's content hash (a re-run updates the same node), its
+# links to the prompts (when stored) and to what it touched (features only when they exist).
+STORE_INTERVENTION = """
+MERGE (i:Intervention {id: $id})
+ON CREATE SET i.created_at = $now
+SET i.spec = $spec, i.kl = $kl, i.top = $top, i.predicted = $predicted,
+    i.measured = $measured, i.prompt_id = $prompt_id, i.prompt = $prompt,
+    i.supernode = $supernode, i.multiplier = $multiplier, i.n_edits = $n_edits,
+    i.updated_at = $now
+WITH i
+OPTIONAL MATCH (p:Prompt {id: $prompt_id})
+FOREACH (_ IN CASE WHEN p IS NULL THEN [] ELSE [1] END | MERGE (i)-[:ON]->(p))
+WITH i
+OPTIONAL MATCH (d:Prompt {id: $donor_id})
+FOREACH (_ IN CASE WHEN d IS NULL THEN [] ELSE [1] END | MERGE (i)-[:DONOR]->(d))
+WITH i
+OPTIONAL MATCH (s:Supernode {name: $supernode})
+FOREACH (_ IN CASE WHEN s IS NULL THEN [] ELSE [1] END | MERGE (i)-[:TOUCHES]->(s))
+WITH i
+UNWIND (CASE WHEN size($fids) = 0 THEN [null] ELSE $fids END) AS fid
+OPTIONAL MATCH (f:Feature {fid: fid})
+FOREACH (_ IN CASE WHEN f IS NULL THEN [] ELSE [1] END | MERGE (i)-[:TOUCHES]->(f))
+RETURN count(DISTINCT i) AS stored
+"""
+
+# interventions on one supernode across prompts, with their effect sizes
+INTERVENTIONS_ON_SUPERNODE = """
+MATCH (i:Intervention)-[:TOUCHES]->(:Supernode {name: $name})
+RETURN i.id AS id, i.prompt_id AS prompt_id, i.prompt AS prompt, i.supernode AS supernode,
+       i.multiplier AS multiplier,
+       i.kl AS kl, i.top AS top, i.predicted AS predicted, i.created_at AS created_at
+ORDER BY i.kl DESC, i.id
+"""
+
+# every stored intervention (newest first), for `atlas query interventions` without a supernode
+LIST_INTERVENTIONS = """
+MATCH (i:Intervention)
+RETURN i.id AS id, i.prompt_id AS prompt_id, i.prompt AS prompt, i.supernode AS supernode,
+       i.multiplier AS multiplier, i.kl AS kl, i.n_edits AS n_edits, i.created_at AS created_at
+ORDER BY i.created_at DESC, i.id
+LIMIT $limit
+"""
+
+COUNT_INTERVENTIONS = "MATCH (i:Intervention {id: $id}) RETURN count(i) AS n"
+# =========================================================================== end of interventions section
