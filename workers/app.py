@@ -203,6 +203,23 @@ def send_attribute(
         raise error from exc
 
 
+def send_interventions(settings: AtlasSettings, payloads: Sequence[dict[str, Any]]) -> None:
+    """Publish one ``atlas.gpu.intervene`` message per payload (JSON); broker faults are one
+    line, as for :func:`send_attribute`."""
+    app = make_celery(settings, check=True)
+    try:
+        with app.producer_or_acquire() as producer:
+            for payload in payloads:
+                app.send_task(
+                    INTERVENE_TASK, args=[payload], queue=ATTRIBUTE_QUEUE, producer=producer
+                )
+    except Exception as exc:
+        error = broker_error(settings, exc)
+        if error is exc:
+            raise
+        raise error from exc
+
+
 def broker_error(settings: AtlasSettings, exc: BaseException) -> BaseException:
     """The one-line error for a failed send (the URL without its password), or ``exc`` itself
     when the broker is not at fault."""

@@ -378,14 +378,10 @@ def intervene_item_step(
 
 
 def submit_interventions(
-    settings: AtlasSettings,
-    driver: Any,
-    specs: list[InterventionSpec],
-    *,
-    send: Any = None,
+    settings: AtlasSettings, driver: Any, specs: list[InterventionSpec]
 ) -> str:
-    """Record a job of intervention items and send one ``atlas.gpu.intervene`` message per item
-    (``send``: a callable taking the payload dict; ``None`` runs them here, inline)."""
+    """Record a job of intervention items and send one ``atlas.gpu.intervene`` message per
+    item, or with no broker (``REDIS_URL`` unset) run them here, inline. Returns the job id."""
     from atlas.pipeline.intervention_payloads import InterventionPayload
     from atlas.pipeline.submit import job_store, mode_of
     from atlas.store.jobs import new_job_id
@@ -393,17 +389,14 @@ def submit_interventions(
     store = job_store(driver, settings)
     job_id = new_job_id()
     dumped = [s.model_dump(mode="json") for s in specs]
-    store.create(
-        job_id,
-        dumped,
-        [s.content_id() for s in specs],
-        source=INTERVENE_SOURCE,
-        mode=mode_of(settings),
-    )
-    for idx, spec in enumerate(specs):
-        payload = InterventionPayload(spec=spec, job_id=job_id, item=idx)
-        if send is None:
+    ids = [s.content_id() for s in specs]
+    store.create(job_id, dumped, ids, source=INTERVENE_SOURCE, mode=mode_of(settings))
+    payloads = [InterventionPayload(spec=s, job_id=job_id, item=i) for i, s in enumerate(specs)]
+    if settings.redis_url:
+        from workers.app import send_interventions
+
+        send_interventions(settings, [p.model_dump(mode="json") for p in payloads])
+    else:
+        for payload in payloads:
             intervene_item_step(payload, settings, driver=driver)
-        else:
-            send(payload.model_dump(mode="json"))
     return job_id
