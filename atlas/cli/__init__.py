@@ -32,6 +32,7 @@ _COMMANDS: dict[str, str] = {
     "worker": "atlas.cli.worker:worker",
     "demo": "atlas.cli.demo:demo",
     "intervene": "atlas.cli.intervene:intervene",
+    "validate": "atlas.cli.intervene:validate",
 }
 
 

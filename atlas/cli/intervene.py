@@ -148,3 +148,40 @@ def intervene(**opts: Any) -> None:
     else:
         answer = intervene_step(spec, settings)
     _show(answer, opts["fmt"])
+
+
+@click.command("validate")
+@click.argument("prompt_id")
+@click.option("--model", "model_ref", default=None, help="Default: the one its graph records.")
+@click.option("--transcoders", "tc_ref", default=None, help="Default: the ones its graph records.")
+@click.option("--n-sources", type=int, default=10, show_default=True, help="Features ablated.")
+@click.option("--no-store", is_flag=True, help="Print the report only.")
+@FORMAT
+def validate(
+    prompt_id: str,
+    model_ref: str | None,
+    tc_ref: str | None,
+    n_sources: int,
+    no_store: bool,
+    fmt: str,
+) -> None:
+    """Faithfulness of a prompt's graph: ablate its top-influence features one by one and
+    correlate the graph's influence with the measured changes (and logit influence with KL)."""
+    from atlas.pipeline.interventions import faithfulness_step
+
+    _quiet_loading()
+    settings = get_settings()
+    report = faithfulness_step(
+        prompt_id, settings, model_ref=model_ref, tc_ref=tc_ref, n_sources=n_sources
+    )
+    if not no_store:
+        from atlas.cli._common import atlas_driver
+        from atlas.store.interventions import store_faithfulness
+
+        with atlas_driver() as driver:
+            store_faithfulness(driver, report, database=settings.neo4j_database)
+    if fmt == "json":
+        emit_json(report)
+        return
+    columns = ["prompt_id", "n_sources", "n_pairs", "spearman", "log_log_pearson"]
+    print_table([report], columns, f"faithfulness of {prompt_id}")

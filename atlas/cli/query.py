@@ -267,3 +267,16 @@ def interventions(supernode: str | None, limit: int, fmt: str) -> None:
         rows = iv.interventions(driver, supernode=supernode, limit=limit, database=database())
     columns = ["id", "prompt_id", "prompt", "supernode", "multiplier", "kl", "created_at"]
     output(rows, fmt, columns, "interventions" + (f" on {supernode}" if supernode else ""))
+
+
+@query.command("faithfulness")
+@click.argument("prompt_ids", nargs=-1)
+@FORMAT
+def faithfulness(prompt_ids: tuple[str, ...], fmt: str) -> None:
+    """The stored faithfulness reports (``atlas validate``) of these prompts, or of all."""
+    from atlas.store import interventions as iv
+
+    with atlas_driver() as driver:
+        rows = iv.faithfulness_table(driver, prompt_ids, database=database())
+    columns = ["prompt_id", "prompt", "n_sources", "n_pairs", "spearman", "log_log_pearson"]
+    output(rows, fmt, columns, "faithfulness")

@@ -400,3 +400,49 @@ def submit_interventions(
         for payload in payloads:
             intervene_item_step(payload, settings, driver=driver)
     return job_id
+
+
+# --------------------------------------------------------------------------- faithfulness
+def faithfulness_step(
+    prompt_id: str,
+    settings: AtlasSettings,
+    *,
+    model_ref: str | None = None,
+    tc_ref: str | None = None,
+    n_sources: int = 10,
+    engines: EngineCache | None = None,
+) -> dict[str, Any]:
+    """The faithfulness report of a stored prompt's graph (its artifact in ``ARTIFACT_DIR``),
+    on the model and transcoders its graph records unless others are given."""
+    from atlas.graph import Graph, artifact_path
+    from atlas.interventions import faithfulness
+
+    path = artifact_path(settings.resolved_artifact_dir, prompt_id)
+    if not path.is_file():
+        raise InputError(
+            f"no graph artifact of prompt {prompt_id} in {settings.resolved_artifact_dir}"
+        )
+    graph = Graph.load(path)
+    meta = graph.metadata
+    if meta.image_sha256:
+        raise InputError(
+            f"prompt {prompt_id}: faithfulness of image prompts is run from the library"
+        )
+    model_ref = model_ref or meta.model.name
+    tc_ref = tc_ref or meta.transcoders.name
+    engine = (engines or PROCESS_ENGINES).get(model_ref, tc_ref, settings)
+    if engine.transcoder_info.content_hash != meta.transcoders.content_hash:
+        raise InputError(f"prompt {prompt_id}: its graph comes from another transcoder set")
+    inputs = engine.model.inputs(meta.prompt)
+    report = faithfulness(engine.model, engine.transcoders, inputs, graph, n_sources=n_sources)
+    return {
+        "prompt_id": prompt_id,
+        "prompt": meta.prompt,
+        "n_sources": len(report.sources),
+        "n_pairs": int(report.influence.numel()),
+        "spearman": _finite_or_none(report.spearman),
+        "log_log_pearson": _finite_or_none(report.log_log_pearson),
+        "sources": [list(s) for s in report.sources],
+        "logit_influence": [float(x) for x in report.logit_influence],
+        "kl": [float(x) for x in report.kl],
+    }

@@ -111,3 +111,21 @@ def count(driver: Any, intervention_id: str, *, database: str | None = None) -> 
         what="interventions",
     )
     return int(rows[0]["n"]) if rows else 0
+
+
+def store_faithfulness(driver: Any, report: dict[str, Any], *, database: str | None = None) -> None:
+    """MERGE a prompt's faithfulness report (one per prompt; a re-run replaces it)."""
+    params = {k: report[k] for k in ("prompt_id", "prompt", "spearman", "log_log_pearson")}
+    params |= {k: report[k] for k in ("n_sources", "n_pairs", "logit_influence", "kl")}
+    params |= {"sources": _json(report["sources"]), "now": time.time()}
+    write_rows(driver, Q.STORE_FAITHFULNESS, params, database=database, what="storing a report")
+
+
+def faithfulness_table(
+    driver: Any, prompt_ids: Sequence[str] | None = None, *, database: str | None = None
+) -> list[dict[str, Any]]:
+    """The stored faithfulness reports of ``prompt_ids`` (all when None)."""
+    ids = None if not prompt_ids else list(prompt_ids)
+    return read_rows(
+        driver, Q.FAITHFULNESS_TABLE, {"prompt_ids": ids}, database=database, what="faithfulness"
+    )

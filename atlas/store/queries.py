@@ -912,3 +912,28 @@ LIMIT $limit
 
 COUNT_INTERVENTIONS = "MATCH (i:Intervention {id: $id}) RETURN count(i) AS n"
 # =========================================================================== end of interventions section
+
+# =========================================================================== faithfulness
+# (:FaithfulnessReport {prompt_id, spearman, log_log_pearson, n_sources, n_pairs, sources (JSON),
+#     logit_influence, kl, created_at})-[:OF]->(:Prompt)      one per prompt (MERGE on prompt_id)
+STORE_FAITHFULNESS = """
+MERGE (r:FaithfulnessReport {prompt_id: $prompt_id})
+SET r.prompt = $prompt, r.spearman = $spearman, r.log_log_pearson = $log_log_pearson,
+    r.n_sources = $n_sources, r.n_pairs = $n_pairs, r.sources = $sources,
+    r.logit_influence = $logit_influence, r.kl = $kl, r.created_at = $now
+WITH r
+OPTIONAL MATCH (p:Prompt {id: $prompt_id})
+FOREACH (_ IN CASE WHEN p IS NULL THEN [] ELSE [1] END | MERGE (r)-[:OF]->(p))
+RETURN r.prompt_id AS prompt_id
+"""
+
+# the faithfulness table of a prompt set (every report when $prompt_ids is null)
+FAITHFULNESS_TABLE = """
+MATCH (r:FaithfulnessReport)
+WHERE $prompt_ids IS NULL OR r.prompt_id IN $prompt_ids
+RETURN r.prompt_id AS prompt_id, r.prompt AS prompt, r.spearman AS spearman,
+       r.log_log_pearson AS log_log_pearson, r.n_sources AS n_sources, r.n_pairs AS n_pairs,
+       r.created_at AS created_at
+ORDER BY r.prompt_id
+"""
+# =========================================================================== end of faithfulness section

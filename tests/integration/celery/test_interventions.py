@@ -107,6 +107,16 @@ def test_intervention_jobs_on_a_worker(
     assert out.returncode == 0, out.stderr
     assert [r["id"] for r in json.loads(out.stdout)] == [good.content_id()]
 
+    # the faithfulness report of the stored prompt: printed, stored, in the named query
+    out = _console(["validate", pid, "--n-sources", "3", "--format", "json"], service_settings)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["n_sources"] == 3 and report["n_pairs"] > 0
+    out = _console(["query", "faithfulness", pid, "--format", "json"], service_settings)
+    assert out.returncode == 0, out.stderr
+    [row] = json.loads(out.stdout)
+    assert row["prompt_id"] == pid and row["spearman"] == report["spearman"]
+
 
 def _console(args: list[str], settings: Any) -> subprocess.CompletedProcess[str]:
     """The real console script with the test services' settings."""
