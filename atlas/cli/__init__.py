@@ -33,6 +33,7 @@ _COMMANDS: dict[str, str] = {
     "demo": "atlas.cli.demo:demo",
     "intervene": "atlas.cli.intervene:intervene",
     "validate": "atlas.cli.intervene:validate",
+    "steer-vector": "atlas.cli.intervene:steer_vector",
 }
 
 

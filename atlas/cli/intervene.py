@@ -185,3 +185,102 @@ def validate(
         return
     columns = ["prompt_id", "n_sources", "n_pairs", "spearman", "log_log_pearson"]
     print_table([report], columns, f"faithfulness of {prompt_id}")
+
+
+@click.group("steer-vector")
+def steer_vector() -> None:
+    """Concept vectors: build from two prompt sets, apply to a prompt, list."""
+
+
+@steer_vector.command("build")
+@click.argument("name")
+@click.option("--model", "model_ref", default=None, help="Model (unset: toy).")
+@click.option("--transcoders", "tc_ref", default=None, help="Transcoders (unset: toy).")
+@click.option("--layer", type=int, required=True, help="Residual stream at this layer's input.")
+@click.option("--positive", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--negative", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option(
+    "--token-rule", type=click.Choice(["last", "mean"]), default="last", show_default=True
+)
+@FORMAT
+def build(
+    name: str,
+    model_ref: str | None,
+    tc_ref: str | None,
+    layer: int,
+    positive: Path,
+    negative: Path,
+    token_rule: str,
+    fmt: str,
+) -> None:
+    """Mean residual difference of the POSITIVE and NEGATIVE prompt files (one prompt a line),
+    stored with its closest transcoder features."""
+    from atlas.cli._common import atlas_driver
+    from atlas.pipeline.steering import build_step, read_prompts
+    from atlas.store.interventions import store_vector
+    from atlas.store.supernodes import validate_name
+
+    validate_name(name)
+    pos, neg = read_prompts(positive), read_prompts(negative)
+    _quiet_loading()
+    settings = get_settings()
+    built = build_step(
+        name,
+        model=model_ref,
+        transcoders=tc_ref,
+        layer=layer,
+        positive=pos,
+        negative=neg,
+        token_rule=token_rule,
+        settings=settings,
+    )
+    with atlas_driver() as driver:
+        store_vector(driver, built, database=settings.neo4j_database)
+    shown = {k: v for k, v in built.items() if k != "vector"}
+    if fmt == "json":
+        emit_json(shown)
+        return
+    click.echo(f"{name}: layer {layer}, norm {built['norm']:.4g}, {len(pos)}+{len(neg)} prompts")
+    print_table(built["close"], ["layer", "feature", "cosine"], "closest decoder directions")
+
+
+@steer_vector.command("apply")
+@click.argument("name")
+@click.option("--prompt", required=True)
+@click.option("--alpha", type=float, required=True, help="h += alpha * v (negative: reverse).")
+@click.option("--generate", type=int, default=0, show_default=True)
+@FORMAT
+def apply(name: str, prompt: str, alpha: float, generate: int, fmt: str) -> None:
+    """Steer a prompt with a stored vector (after BOS, at the vector's layer)."""
+    from atlas.cli._common import atlas_driver
+    from atlas.pipeline.steering import apply_step
+    from atlas.store.interventions import add_projection, get_vector
+
+    settings = get_settings()
+    with atlas_driver() as driver:
+        stored = get_vector(driver, name, database=settings.neo4j_database)
+        _quiet_loading()
+        answer = apply_step(stored, prompt, alpha, generate=generate, settings=settings)
+        clean = answer["projection"]["clean"]
+        add_projection(driver, name, prompt, clean, database=settings.neo4j_database)
+    if fmt == "json":
+        emit_json(answer)
+        return
+    print_table(answer["top"], ["token", "base", "steered"], f"{name} x {alpha:g}")
+    proj = answer["projection"]
+    click.echo(f"KL = {answer['kl']:.6g}; projection {proj['clean']:.4g} -> {proj['steered']:.4g}")
+    if answer["generated"] is not None:
+        click.echo(f"generated: {answer['generated']!r}")
+
+
+@steer_vector.command("list")
+@FORMAT
+def list_cmd(fmt: str) -> None:
+    """The stored steering vectors."""
+    from atlas.cli._common import atlas_driver, output
+    from atlas.store.interventions import list_vectors
+
+    with atlas_driver() as driver:
+        rows = list_vectors(driver, database=get_settings().neo4j_database)
+    columns = ["name", "layer", "token_rule", "norm", "n_positive", "n_negative", "model"]
+    output(rows, fmt, columns, "steering vectors")

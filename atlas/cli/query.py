@@ -280,3 +280,21 @@ def faithfulness(prompt_ids: tuple[str, ...], fmt: str) -> None:
         rows = iv.faithfulness_table(driver, prompt_ids, database=database())
     columns = ["prompt_id", "prompt", "n_sources", "n_pairs", "spearman", "log_log_pearson"]
     output(rows, fmt, columns, "faithfulness")
+
+
+@query.command("vector")
+@click.argument("name")
+@click.option("--limit", type=int, default=10, show_default=True)
+@FORMAT
+def vector(name: str, limit: int, fmt: str) -> None:
+    """A steering vector's closest atlas features (decoder cosine) and the prompts where its
+    projection is largest (those it was built from or applied to)."""
+    from atlas.store import interventions as iv
+
+    with atlas_driver() as driver:
+        report = iv.vector_report(driver, name, limit=limit, database=database())
+    if fmt == "json":
+        emit_json(report)
+        return
+    print_table(report["features"], ["rank", "fid", "label", "cosine"], f"features close to {name}")
+    print_table(report["prompts"], ["prompt", "projection"], f"prompts projecting on {name}")

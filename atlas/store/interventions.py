@@ -129,3 +129,70 @@ def faithfulness_table(
     return read_rows(
         driver, Q.FAITHFULNESS_TABLE, {"prompt_ids": ids}, database=database, what="faithfulness"
     )
+
+
+# --------------------------------------------------------------------------- steering vectors
+def store_vector(driver: Any, built: dict[str, Any], *, database: str | None = None) -> None:
+    """MERGE a vector by name (a rebuild replaces it and its ``CLOSE_TO`` links)."""
+    fids = [
+        {
+            "fid": feature_ref(built["tset"], c["layer"], c["feature"]),
+            "cosine": c["cosine"],
+            "rank": i,
+        }
+        for i, c in enumerate(built["close"])
+    ]
+    params = {k: built[k] for k in ("name", "model", "transcoders", "tset", "layer", "token_rule")}
+    params |= {k: built[k] for k in ("vector", "norm", "positive", "negative")}
+    params |= {"close": _json(built["close"]), "projections": _json(built["projections"])}
+    params |= {"fids": fids, "now": time.time()}
+    write_rows(driver, Q.STORE_VECTOR, params, database=database, what="storing a steering vector")
+
+
+def get_vector(driver: Any, name: str, *, database: str | None = None) -> dict[str, Any]:
+    """A stored vector's properties (JSON ones decoded); unknown name: one line."""
+    from atlas.errors import InputError
+
+    rows = read_rows(driver, Q.GET_VECTOR, {"name": name}, database=database, what="a vector")
+    if not rows:
+        raise InputError(f"no steering vector named {name!r}")
+    v = dict(rows[0]["v"])
+    v["close"] = json.loads(v.get("close") or "[]")
+    v["projections"] = json.loads(v.get("projections") or "{}")
+    return v
+
+
+def add_projection(
+    driver: Any, name: str, prompt: str, value: float, *, database: str | None = None
+) -> None:
+    """Keep a prompt's projection on the vector (what ``atlas query vector`` ranks)."""
+    v = get_vector(driver, name, database=database)
+    projections = v["projections"] | {prompt: value}
+    write_rows(
+        driver,
+        Q.SET_VECTOR_PROJECTIONS,
+        {"name": name, "projections": _json(projections)},
+        database=database,
+        what="a projection",
+    )
+
+
+def list_vectors(driver: Any, *, database: str | None = None) -> list[dict[str, Any]]:
+    return read_rows(driver, Q.LIST_VECTORS, database=database, what="steering vectors")
+
+
+def vector_report(
+    driver: Any, name: str, *, limit: int = 10, database: str | None = None
+) -> dict[str, Any]:
+    """A vector's closest atlas features and the prompts with the largest projection on it."""
+    v = get_vector(driver, name, database=database)
+    features = read_rows(
+        driver, Q.VECTOR_CLOSE_FEATURES, {"name": name}, database=database, what="close features"
+    )
+    ranked = sorted(v["projections"].items(), key=lambda kv: -kv[1])[:limit]
+    return {
+        "name": name,
+        "layer": v["layer"],
+        "features": features,
+        "prompts": [{"prompt": p, "projection": x} for p, x in ranked],
+    }

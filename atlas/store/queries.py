@@ -937,3 +937,44 @@ RETURN r.prompt_id AS prompt_id, r.prompt AS prompt, r.spearman AS spearman,
 ORDER BY r.prompt_id
 """
 # =========================================================================== end of faithfulness section
+
+# =========================================================================== steering vectors
+# (:SteeringVector {name, model, transcoders, tset, layer, token_rule, vector, norm, positive,
+#     negative, close (JSON), projections (JSON: prompt text -> projection), created_at})
+#     -[:CLOSE_TO {cosine, rank}]->(:Feature)     its closest decoder directions, when stored
+STORE_VECTOR = """
+MERGE (v:SteeringVector {name: $name})
+SET v.model = $model, v.transcoders = $transcoders, v.tset = $tset, v.layer = $layer,
+    v.token_rule = $token_rule, v.vector = $vector, v.norm = $norm, v.positive = $positive,
+    v.negative = $negative, v.close = $close, v.projections = $projections, v.created_at = $now
+WITH v
+OPTIONAL MATCH (v)-[old:CLOSE_TO]->()
+DELETE old
+WITH DISTINCT v
+UNWIND (CASE WHEN size($fids) = 0 THEN [null] ELSE $fids END) AS c
+OPTIONAL MATCH (f:Feature {fid: c.fid})
+FOREACH (_ IN CASE WHEN f IS NULL THEN [] ELSE [1] END |
+  MERGE (v)-[r:CLOSE_TO]->(f) SET r.cosine = c.cosine, r.rank = c.rank)
+RETURN count(DISTINCT v) AS stored
+"""
+
+GET_VECTOR = "MATCH (v:SteeringVector {name: $name}) RETURN properties(v) AS v"
+
+SET_VECTOR_PROJECTIONS = """
+MATCH (v:SteeringVector {name: $name}) SET v.projections = $projections RETURN v.name AS name
+"""
+
+LIST_VECTORS = """
+MATCH (v:SteeringVector)
+RETURN v.name AS name, v.layer AS layer, v.token_rule AS token_rule, v.norm AS norm,
+       size(v.positive) AS n_positive, size(v.negative) AS n_negative, v.model AS model
+ORDER BY v.name
+"""
+
+# the atlas features closest to a vector (by decoder cosine)
+VECTOR_CLOSE_FEATURES = """
+MATCH (:SteeringVector {name: $name})-[r:CLOSE_TO]->(f:Feature)
+RETURN f.fid AS fid, f.label AS label, r.cosine AS cosine, r.rank AS rank
+ORDER BY r.rank
+"""
+# =========================================================================== end of steering vectors section

@@ -136,3 +136,57 @@ def test_bad_input_is_one_line_and_stores_nothing(
     assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
     with db.session() as s:
         assert s.run("MATCH (i:Intervention) RETURN count(i) AS n").single()["n"] == 0
+
+
+def _atlas(args: list[str], home: Path, settings: Any) -> subprocess.CompletedProcess[str]:
+    """Any ``atlas`` command with the test Neo4j."""
+    script = Path(sys.executable).with_name("atlas")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "REDIS_"))}
+    env |= {
+        "ATLAS_HOME": str(home),
+        "OMP_NUM_THREADS": "1",
+        "NEO4J_URI": settings.neo4j_uri,
+        "NEO4J_USER": settings.neo4j_user,
+        "NEO4J_PASSWORD": settings.neo4j_password.get_secret_value(),
+    }
+    return subprocess.run(
+        [str(script), *args], env=env, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT
+    )
+
+
+def test_steer_vector_build_apply_list_query(db: Any, neo4j_settings: Any, tmp_path: Path) -> None:
+    pos, neg = tmp_path / "pos.txt", tmp_path / "neg.txt"
+    pos.write_text("The cat sat\nA cat ran\n")
+    neg.write_text("The dog sat\nA dog ran\n")
+    refs = ["--model", str(MODEL), "--transcoders", str(TCS)]
+    build = ["steer-vector", "build", "cat", *refs, "--layer", "1"]
+    out = _atlas(
+        [*build, "--positive", str(pos), "--negative", str(neg), "--format", "json"],
+        tmp_path,
+        neo4j_settings,
+    )
+    assert out.returncode == 0, out.stderr
+    built = json.loads(out.stdout)
+    assert built["layer"] == 1 and len(built["close"]) == 10
+    assert built["projections"]["The cat sat"] > built["projections"]["The dog sat"]
+
+    out = _atlas(["steer-vector", "list", "--format", "json"], tmp_path, neo4j_settings)
+    assert [r["name"] for r in json.loads(out.stdout)] == ["cat"]
+
+    def apply(alpha: str) -> dict[str, Any]:
+        args = ["steer-vector", "apply", "cat", "--prompt", "A bird sat", "--alpha", alpha]
+        res = _atlas([*args, "--format", "json"], tmp_path, neo4j_settings)
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)  # type: ignore[no-any-return]
+
+    zero, up, down = apply("0"), apply("2"), apply("-2")
+    assert zero["kl"] == pytest.approx(0.0, abs=1e-9)
+    p = up["projection"]
+    assert p["steered"] > p["clean"] > down["projection"]["steered"]
+
+    out = _atlas(["query", "vector", "cat", "--format", "json"], tmp_path, neo4j_settings)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["features"] == []  # no graph ingested: no atlas features to link
+    assert "A bird sat" in [r["prompt"] for r in report["prompts"]]
+    assert report["prompts"][0]["projection"] == max(r["projection"] for r in report["prompts"])
