@@ -336,14 +336,15 @@ def intervene(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     from atlas.pipeline.interventions import intervene_item_step
 
     settings = _settings(self)
+    holder = _holder()
     try:
         p = InterventionPayload.model_validate(payload)
     except ValidationError as exc:
         reason = f"malformed {self.name} payload: {exc.errors()[0]['msg']}"
         return _retry_or_fail(self, ValueError(reason), _items_of(payload))
     try:
-        with _heartbeat(settings, _holder()):
-            return intervene_item_step(p, settings, driver=get_driver(settings))
+        with _heartbeat(settings, holder):
+            return intervene_item_step(p, settings, driver=get_driver(settings), holder=holder)
     except Retry:
         raise
     except Exception as exc:

@@ -19,6 +19,9 @@ from atlas.pipeline.payloads import MAX_PROMPT_CHARS, spec_error
 
 Mode = Literal["set", "scale", "add", "ablate"]
 
+#: The ``source`` of an intervention job's record (how a retry knows its items' kind).
+INTERVENE_SOURCE = "intervene"
+
 
 def _finite(value: float, what: str) -> float:
     if not math.isfinite(value):

@@ -21,12 +21,13 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from atlas.engine import PROCESS_ENGINES, Engine, EngineCache, check_prompt, resolve_refs
 from atlas.errors import InputError
-from atlas.pipeline.intervention_payloads import InterventionSpec
+from atlas.pipeline.intervention_payloads import INTERVENE_SOURCE, InterventionSpec
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -339,33 +340,36 @@ def intervene_step(
 
 
 # --------------------------------------------------------------------------- jobs
-INTERVENE_SOURCE = "intervene"
-
-
 def intervene_item_step(
     payload: Any,
     settings: AtlasSettings,
     *,
     driver: Any,
     engines: EngineCache | None = None,
+    holder: str | None = None,
 ) -> dict[str, Any]:
-    """One job item: run the spec, then mark the item done with the intervention's id (a refusal
-    marks it failed, and fails that item alone)."""
+    """One job item: held by ``holder`` while it runs (so a lost worker's item shows as stale
+    and is sent again), then marked done with its prompt id, or failed with the one-line reason
+    of a refusal (that item alone)."""
     from atlas.store.jobs import JobStore
 
-    jobs = JobStore(driver, settings.neo4j_database) if payload.job_id is not None else None
-    if jobs is not None and payload.item is not None:
+    tracked = payload.job_id is not None and payload.item is not None
+    jobs = JobStore(driver, settings.neo4j_database) if tracked else None
+    if jobs is not None:
         jobs.mark(payload.job_id, payload.item, state="attributing", attempt=True)
+        if holder is not None:
+            jobs.hold(payload.job_id, [payload.item], holder)
     t0 = time.perf_counter()
     try:
         answer = intervene_step(payload.spec, settings, driver=driver, engines=engines)
     except InputError as exc:
-        if jobs is not None and payload.item is not None:
-            jobs.mark(
-                payload.job_id, payload.item, state="failed", outcome="invalid", reason=str(exc)
-            )
+        if jobs is not None:
+            jobs.mark(payload.job_id, payload.item, state="failed", reason=str(exc))
         return {"outcome": "failed", "reason": str(exc)}
-    if jobs is not None and payload.item is not None:
+    finally:
+        if jobs is not None and holder is not None:
+            jobs.release(payload.job_id, [payload.item], holder)
+    if jobs is not None:
         jobs.mark(
             payload.job_id,
             payload.item,
@@ -375,6 +379,38 @@ def intervene_item_step(
             timings={"intervene_s": time.perf_counter() - t0},
         )
     return {"outcome": "computed", "id": answer["id"], "kl": answer["kl"]}
+
+
+def _dispatch(settings: AtlasSettings, driver: Any, payloads: list[Any]) -> None:
+    """Send the payloads to the GPU queue, or with no broker run them here."""
+    if settings.redis_url:
+        from workers.app import send_interventions
+
+        send_interventions(settings, [p.model_dump(mode="json") for p in payloads])
+        return
+    from atlas.pipeline.liveness import holder_id
+
+    holder = holder_id("inline")
+    for payload in payloads:
+        intervene_item_step(payload, settings, driver=driver, holder=holder)
+
+
+def resend_interventions(
+    settings: AtlasSettings, driver: Any, job_id: str, items: Sequence[Any]
+) -> int:
+    """``atlas jobs retry`` and the reaper for an intervention job: its items queued again."""
+    from atlas.pipeline.intervention_payloads import InterventionPayload
+    from atlas.pipeline.submit import job_store
+
+    payloads = [
+        InterventionPayload(
+            spec=InterventionSpec.model_validate(it.spec), job_id=job_id, item=it.idx
+        )
+        for it in items
+    ]
+    job_store(driver, settings).requeue(job_id, [it.idx for it in items])
+    _dispatch(settings, driver, payloads)
+    return len(payloads)
 
 
 def submit_interventions(
@@ -392,13 +428,7 @@ def submit_interventions(
     ids = [s.content_id() for s in specs]
     store.create(job_id, dumped, ids, source=INTERVENE_SOURCE, mode=mode_of(settings))
     payloads = [InterventionPayload(spec=s, job_id=job_id, item=i) for i, s in enumerate(specs)]
-    if settings.redis_url:
-        from workers.app import send_interventions
-
-        send_interventions(settings, [p.model_dump(mode="json") for p in payloads])
-    else:
-        for payload in payloads:
-            intervene_item_step(payload, settings, driver=driver)
+    _dispatch(settings, driver, payloads)
     return job_id
 
 

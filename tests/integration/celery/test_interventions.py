@@ -97,8 +97,12 @@ def test_intervention_jobs_on_a_worker(
     touches = "MATCH (:Intervention {id: $id})-[:TOUCHES]->(f:Feature) RETURN count(f)"
     assert _count(driver, touches, id=good.content_id()) == 3
 
-    summary = _run(service_settings, driver, [good])
-    assert summary.done == 1, summary
+    # a retry sends the failed item again as an intervention (and it fails again, alone)
+    out = _console(["jobs", "retry", summary.job_id, "--wait"], service_settings)
+    assert "re-sending 1 items" in out.stderr, out.stderr
+    assert out.returncode == 1, out.stderr
+    again = _run(service_settings, driver, [good])
+    assert again.done == 1, again
     assert _count(driver, "MATCH (i:Intervention) RETURN count(i)") == 1
 
     out = _console(
