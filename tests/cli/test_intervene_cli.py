@@ -77,6 +77,19 @@ def test_set_and_ablate_json_equal_the_core(world: tuple[Any, Any], tmp_path: Pa
     assert isinstance(got["generated"], str) and len(got["generated_ids"]) == 2
 
 
+def test_donor_of_the_same_prompt_changes_nothing(world: tuple[Any, Any], tmp_path: Path) -> None:
+    """Circuit patching a prompt with its own activations (a text donor) is the clean run."""
+    model, tset = world
+    acts = clean_run(model, tset, model.inputs(PROMPT)).activations
+    layer, pos, feature = (int(v) for v in acts.nonzero()[-1])
+    edit = f"{layer}:{pos}:{feature}=0"
+    out = console(["--donor", PROMPT, "--set", edit, "--format", "json"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["kl"] == pytest.approx(0.0, abs=1e-9)
+    assert got["interventions"] == [[layer, pos, feature, 0.0]]
+
+
 @pytest.fixture()
 def db(clean_neo4j: Any) -> Any:
     from atlas.store.schema import apply_schema
