@@ -91,6 +91,7 @@ class InterventionSpec(BaseModel):
     model: str | None = None
     transcoders: str | None = None
     image: str | None = None
+    """The image of an image + text prompt: a file path readable where the work runs."""
     edits: list[EditSpec] = Field(default_factory=list)
     supernode: SupernodeEdit | None = None
     donor: str | None = None

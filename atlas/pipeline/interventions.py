@@ -8,7 +8,7 @@ What the step resolves before the compute core runs:
 * a donor: a stored prompt's id (its artifact gives the text; another model or transcoder set is
   refused) or a prompt text. With a donor the edits name the DONOR's features to patch (their
   mode and amount are not used) and the supernode's members active in the donor are patched too,
-  scaled by its multiplier;
+  every patched value scaled by the supernode's multiplier when one is given;
 * predictions: when the artifact of this prompt (text prompts, default attribution settings)
   is in ``ARTIFACT_DIR``, the graph's direct effect of the intervention's activation changes on
   its target rows, next to the measured change of the same rows.
@@ -61,11 +61,12 @@ def _engine(spec: InterventionSpec, settings: AtlasSettings, engines: EngineCach
     return (engines or PROCESS_ENGINES).get(model_ref, tc_ref, settings)
 
 
-def _inputs(engine: Engine, spec: InterventionSpec, prompt: str | None = None) -> Any:
-    if spec.image is not None and prompt is None and not engine.model.is_vision:
+def _inputs(engine: Engine, spec: InterventionSpec) -> Any:
+    """The recipient's model inputs (an image for a text-only model is refused here, by name,
+    before the model would ignore or misread it)."""
+    if spec.image is not None and not engine.model.is_vision:
         raise InputError(f"an image was given but {engine.model_info.name} is a text-only model")
-    image = spec.image if prompt is None else None
-    return engine.model.inputs(spec.prompt if prompt is None else prompt, image=image)
+    return engine.model.inputs(spec.prompt, image=spec.image)
 
 
 def _stored_ids(
@@ -164,18 +165,43 @@ def _check_edits(spec: InterventionSpec, engine: Engine, n_pos: int) -> None:
         check_feature(engine.transcoders, e.layer, e.position(), e.feature, n_pos, what)
 
 
+def _patch(
+    spec: InterventionSpec,
+    engine: Engine,
+    settings: AtlasSettings,
+    inputs: Any,
+    clean: CleanRun,
+    members: list[tuple[int, int]],
+    knobs: dict[str, Any],
+) -> tuple[InterventionResult, str | None]:
+    """Circuit patching from the spec's donor: the edits' features, and the supernode's members
+    active in the donor; every patched value is scaled by the supernode's multiplier when one is
+    given (1 otherwise)."""
+    from atlas.interventions import circuit_patch, donor_activations
+
+    model, tset = engine.model, engine.transcoders
+    text, donor_id = _donor_text(spec, engine, settings)
+    donor = donor_activations(model, tset, model.inputs(text))
+    _check_edits(spec, engine, donor.n_pos)
+    features = _donor_features(spec)
+    scale = 1.0
+    if spec.supernode is not None:
+        active = _active_at(donor.activations, members)
+        if not active:
+            raise InputError(
+                f"{spec.supernode.name}: no member of the supernode is active in the donor"
+            )
+        features += active
+        scale = spec.supernode.multiplier
+    result = circuit_patch(model, tset, inputs, donor, features, scale=scale, clean=clean, **knobs)
+    return result, donor_id
+
+
 def _run(
     spec: InterventionSpec, engine: Engine, settings: AtlasSettings, driver: Any
 ) -> tuple[InterventionResult, list[tuple[int, int]], str | None]:
     """Resolve the spec's edits, supernode and donor and run it on the model."""
-    from atlas.interventions import (
-        circuit_patch,
-        clean_run,
-        donor_activations,
-        feature_intervention,
-        generate,
-        supernode_edits,
-    )
+    from atlas.interventions import clean_run, feature_intervention, generate, supernode_edits
 
     model, tset = engine.model, engine.transcoders
     inputs = _inputs(engine, spec)
@@ -192,23 +218,7 @@ def _run(
         members = _stored_ids(driver, spec.supernode.name, tset.info.content_hash, settings)
         touched += members
     if spec.donor is not None:
-        text, donor_id = _donor_text(spec, engine, settings)
-        donor_inputs = engine.model.inputs(text)
-        donor = donor_activations(model, tset, donor_inputs)
-        _check_edits(spec, engine, donor.n_pos)
-        features = _donor_features(spec)
-        scale = 1.0
-        if spec.supernode is not None:
-            active = _active_at(donor.activations, members)
-            if not active:
-                raise InputError(
-                    f"{spec.supernode.name}: no member of the supernode is active in the donor"
-                )
-            features += active
-            scale = spec.supernode.multiplier
-        result = circuit_patch(
-            model, tset, inputs, donor, features, scale=scale, clean=clean, **knobs
-        )
+        result, donor_id = _patch(spec, engine, settings, inputs, clean, members, knobs)
         return result, touched, donor_id
     _check_edits(spec, engine, inputs.n_pos)
     edits = _edits(spec)
