@@ -58,6 +58,8 @@ ANNOTATE_TASK = "atlas.annotate"
 PING_TASK = "atlas.ping"
 #: A task named with this prefix needs the model, so it goes to the GPU queue by construction.
 GPU_TASK_PREFIX = "atlas.gpu."
+#: One intervention spec on the model (routed to the GPU queue by its prefix).
+INTERVENE_TASK = f"{GPU_TASK_PREFIX}intervene"
 
 #: Task name (glob) -> queue. The GPU queue gets the tasks that run the model.
 TASK_ROUTES: dict[str, dict[str, str]] = {
@@ -194,6 +196,23 @@ def send_attribute(
                 for p in chunk.items:
                     if on_sent is not None:
                         on_sent(p)
+    except Exception as exc:
+        error = broker_error(settings, exc)
+        if error is exc:
+            raise
+        raise error from exc
+
+
+def send_interventions(settings: AtlasSettings, payloads: Sequence[dict[str, Any]]) -> None:
+    """Publish one ``atlas.gpu.intervene`` message per payload (JSON); broker faults are one
+    line, as for :func:`send_attribute`."""
+    app = make_celery(settings, check=True)
+    try:
+        with app.producer_or_acquire() as producer:
+            for payload in payloads:
+                app.send_task(
+                    INTERVENE_TASK, args=[payload], queue=ATTRIBUTE_QUEUE, producer=producer
+                )
     except Exception as exc:
         error = broker_error(settings, exc)
         if error is exc:

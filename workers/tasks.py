@@ -44,7 +44,14 @@ from celery.signals import (
 
 from atlas.errors import ServiceUnavailable
 from atlas.retry import TASK_BACKOFF, classify
-from workers.app import ANNOTATE_TASK, ATTRIBUTE_TASK, INGEST_QUEUE, INGEST_TASK, is_broker_fault
+from workers.app import (
+    ANNOTATE_TASK,
+    ATTRIBUTE_TASK,
+    INGEST_QUEUE,
+    INGEST_TASK,
+    INTERVENE_TASK,
+    is_broker_fault,
+)
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -320,8 +327,33 @@ def annotate(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
         return _retry_or_fail(self, exc, [(p.job_id, None)])
 
 
+def intervene(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
+    """Run one intervention spec (:class:`atlas.pipeline.intervention_payloads.InterventionPayload`)
+    on this worker's engine, store it when asked, and mark its job item."""
+    from pydantic import ValidationError
+
+    from atlas.pipeline.intervention_payloads import InterventionPayload
+    from atlas.pipeline.interventions import intervene_item_step
+
+    settings = _settings(self)
+    holder = _holder()
+    try:
+        p = InterventionPayload.model_validate(payload)
+    except ValidationError as exc:
+        reason = f"malformed {self.name} payload: {exc.errors()[0]['msg']}"
+        return _retry_or_fail(self, ValueError(reason), _items_of(payload))
+    try:
+        with _heartbeat(settings, holder):
+            return intervene_item_step(p, settings, driver=get_driver(settings), holder=holder)
+    except Retry:
+        raise
+    except Exception as exc:
+        return _retry_or_fail(self, exc, [(p.job_id, p.item)])
+
+
 def register(app: Celery) -> None:
     """Add the pipeline's tasks to ``app`` (acks late; results of the chunk tasks ignored)."""
     app.task(name=ATTRIBUTE_TASK, bind=True, acks_late=True, ignore_result=True)(attribute)
     app.task(name=INGEST_TASK, bind=True, acks_late=True, ignore_result=True)(ingest)
     app.task(name=ANNOTATE_TASK, bind=True, acks_late=True)(annotate)
+    app.task(name=INTERVENE_TASK, bind=True, acks_late=True)(intervene)

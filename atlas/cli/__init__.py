@@ -32,6 +32,9 @@ _COMMANDS: dict[str, str] = {
     "worker": "atlas.cli.worker:worker",
     "demo": "atlas.cli.demo:demo",
     "draw": "atlas.cli.draw:draw",
+    "intervene": "atlas.cli.intervene:intervene",
+    "validate": "atlas.cli.intervene:validate",
+    "steer-vector": "atlas.cli.intervene:steer_vector",
 }
 
 

@@ -252,3 +252,49 @@ def image_regions(spec: str, limit: int, image_tag: str | None, fmt: str) -> Non
         ["image", "row", "col", "n_prompts", "n_edges", "sum_w", "max_w", "top_patches"],
         f"image regions feeding {spec}",
     )
+
+
+@query.command("interventions")
+@click.option("--supernode", default=None, help="Only interventions touching this supernode.")
+@click.option("--limit", type=int, default=100, show_default=True)
+@FORMAT
+def interventions(supernode: str | None, limit: int, fmt: str) -> None:
+    """Stored interventions (on a supernode across prompts, with their effect sizes: the KL of
+    the steered next-token distribution from the clean one)."""
+    from atlas.store import interventions as iv
+
+    with atlas_driver() as driver:
+        rows = iv.interventions(driver, supernode=supernode, limit=limit, database=database())
+    columns = ["id", "prompt_id", "prompt", "supernode", "multiplier", "kl", "created_at"]
+    output(rows, fmt, columns, "interventions" + (f" on {supernode}" if supernode else ""))
+
+
+@query.command("faithfulness")
+@click.argument("prompt_ids", nargs=-1)
+@FORMAT
+def faithfulness(prompt_ids: tuple[str, ...], fmt: str) -> None:
+    """The stored faithfulness reports (``atlas validate``) of these prompts, or of all."""
+    from atlas.store import interventions as iv
+
+    with atlas_driver() as driver:
+        rows = iv.faithfulness_table(driver, prompt_ids, database=database())
+    columns = ["prompt_id", "prompt", "n_sources", "n_pairs", "spearman", "log_log_pearson"]
+    output(rows, fmt, columns, "faithfulness")
+
+
+@query.command("vector")
+@click.argument("name")
+@click.option("--limit", type=int, default=10, show_default=True)
+@FORMAT
+def vector(name: str, limit: int, fmt: str) -> None:
+    """A steering vector's closest atlas features (decoder cosine) and the prompts where its
+    projection is largest (those it was built from or applied to)."""
+    from atlas.store import interventions as iv
+
+    with atlas_driver() as driver:
+        report = iv.vector_report(driver, name, limit=limit, database=database())
+    if fmt == "json":
+        emit_json(report)
+        return
+    print_table(report["features"], ["rank", "fid", "label", "cosine"], f"features close to {name}")
+    print_table(report["prompts"], ["prompt", "projection"], f"prompts projecting on {name}")

@@ -105,9 +105,18 @@ def reap(
     if not taken:
         return 0
     by_job: dict[str, list[AttributePayload]] = {}
+    interventions: dict[str, list[dict[str, Any]]] = {}
     for jid, idx, spec in taken:
+        if "edits" in spec:  # an intervention job's item (InterventionSpec always has edits)
+            interventions.setdefault(jid, []).append({"spec": spec, "job_id": jid, "item": idx})
+            continue
         payload = AttributePayload(spec=PromptSpec.model_validate(spec), job_id=jid, item=idx)
         by_job.setdefault(jid, []).append(payload)
+    for jid, raw in interventions.items():
+        from workers.app import send_interventions
+
+        send_interventions(settings, raw)
+        store.release(jid, [r["item"] for r in raw], me)
     for jid, payloads in by_job.items():
         send(payloads)
         store.release(jid, [p.item for p in payloads if p.item is not None], me)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from atlas.errors import InputError, ServiceUnavailable
 from atlas.pipeline.images import store_spec_images
+from atlas.pipeline.intervention_payloads import INTERVENE_SOURCE
 from atlas.pipeline.liveness import heartbeat, holder_id, reap
 from atlas.pipeline.payloads import AttributePayload, PromptSpec, parse_spec
 from atlas.retry import classify
@@ -310,6 +311,10 @@ def resend(
 ) -> int:
     """Queue ``items`` of a job again (idempotent steps make this safe) and send or run them."""
     store = job_store(driver, settings)
+    if store.summary(job_id).source == INTERVENE_SOURCE:
+        from atlas.pipeline.interventions import resend_interventions
+
+        return resend_interventions(settings, driver, job_id, items)
     payloads = [
         AttributePayload(spec=PromptSpec.model_validate(it.spec), job_id=job_id, item=it.idx)
         for it in items

@@ -877,3 +877,121 @@ SET f.top_image_regions = r.regions, f.top_image_values = r.values,
     f.top_image_prompts = r.prompts
 """
 # =========================================================================== end of images section
+
+# =========================================================================== interventions
+# (:Intervention {id, spec (JSON), created_at, kl, top (JSON), predicted (JSON), n_edits, ...})
+#     -[:ON]->(:Prompt)  -[:DONOR]->(:Prompt)  -[:TOUCHES]->(:Feature)  -[:TOUCHES]->(:Supernode)
+# (:SteeringVector {name, layer, token_rule, vector, positive, negative, ...})
+#     -[:CLOSE_TO {cosine, rank}]->(:Feature)   -[:PROJECTS {projection}]->(:Prompt)
+
+# One intervention run: MERGE on the spec's content hash (a re-run updates the same node), its
+# links to the prompts (when stored) and to what it touched (features only when they exist).
+STORE_INTERVENTION = """
+MERGE (i:Intervention {id: $id})
+ON CREATE SET i.created_at = $now
+SET i.spec = $spec, i.kl = $kl, i.top = $top, i.predicted = $predicted,
+    i.measured = $measured, i.prompt_id = $prompt_id, i.prompt = $prompt,
+    i.supernode = $supernode, i.multiplier = $multiplier, i.n_edits = $n_edits,
+    i.updated_at = $now
+WITH i
+OPTIONAL MATCH (p:Prompt {id: $prompt_id})
+FOREACH (_ IN CASE WHEN p IS NULL THEN [] ELSE [1] END | MERGE (i)-[:ON]->(p))
+WITH i
+OPTIONAL MATCH (d:Prompt {id: $donor_id})
+FOREACH (_ IN CASE WHEN d IS NULL THEN [] ELSE [1] END | MERGE (i)-[:DONOR]->(d))
+WITH i
+OPTIONAL MATCH (s:Supernode {name: $supernode})
+FOREACH (_ IN CASE WHEN s IS NULL THEN [] ELSE [1] END | MERGE (i)-[:TOUCHES]->(s))
+WITH i
+UNWIND (CASE WHEN size($fids) = 0 THEN [null] ELSE $fids END) AS fid
+OPTIONAL MATCH (f:Feature {fid: fid})
+FOREACH (_ IN CASE WHEN f IS NULL THEN [] ELSE [1] END | MERGE (i)-[:TOUCHES]->(f))
+RETURN count(DISTINCT i) AS stored
+"""
+
+# interventions on one supernode across prompts, with their effect sizes
+INTERVENTIONS_ON_SUPERNODE = """
+MATCH (i:Intervention)-[:TOUCHES]->(:Supernode {name: $name})
+RETURN i.id AS id, i.prompt_id AS prompt_id, i.prompt AS prompt, i.supernode AS supernode,
+       i.multiplier AS multiplier,
+       i.kl AS kl, i.top AS top, i.predicted AS predicted, i.created_at AS created_at
+ORDER BY i.kl DESC, i.id
+"""
+
+# every stored intervention (newest first), for `atlas query interventions` without a supernode
+LIST_INTERVENTIONS = """
+MATCH (i:Intervention)
+RETURN i.id AS id, i.prompt_id AS prompt_id, i.prompt AS prompt, i.supernode AS supernode,
+       i.multiplier AS multiplier, i.kl AS kl, i.n_edits AS n_edits, i.created_at AS created_at
+ORDER BY i.created_at DESC, i.id
+LIMIT $limit
+"""
+
+COUNT_INTERVENTIONS = "MATCH (i:Intervention {id: $id}) RETURN count(i) AS n"
+# =========================================================================== end of interventions section
+
+# =========================================================================== faithfulness
+# (:FaithfulnessReport {prompt_id, spearman, log_log_pearson, n_sources, n_pairs, sources (JSON),
+#     logit_influence, kl, created_at})-[:OF]->(:Prompt)      one per prompt (MERGE on prompt_id)
+STORE_FAITHFULNESS = """
+MERGE (r:FaithfulnessReport {prompt_id: $prompt_id})
+SET r.prompt = $prompt, r.spearman = $spearman, r.log_log_pearson = $log_log_pearson,
+    r.n_sources = $n_sources, r.n_pairs = $n_pairs, r.sources = $sources,
+    r.logit_influence = $logit_influence, r.kl = $kl, r.created_at = $now
+WITH r
+OPTIONAL MATCH (p:Prompt {id: $prompt_id})
+FOREACH (_ IN CASE WHEN p IS NULL THEN [] ELSE [1] END | MERGE (r)-[:OF]->(p))
+RETURN r.prompt_id AS prompt_id
+"""
+
+# the faithfulness table of a prompt set (every report when $prompt_ids is null)
+FAITHFULNESS_TABLE = """
+MATCH (r:FaithfulnessReport)
+WHERE $prompt_ids IS NULL OR r.prompt_id IN $prompt_ids
+RETURN r.prompt_id AS prompt_id, r.prompt AS prompt, r.spearman AS spearman,
+       r.log_log_pearson AS log_log_pearson, r.n_sources AS n_sources, r.n_pairs AS n_pairs,
+       r.created_at AS created_at
+ORDER BY r.prompt_id
+"""
+# =========================================================================== end of faithfulness section
+
+# =========================================================================== steering vectors
+# (:SteeringVector {name, model, transcoders, tset, layer, token_rule, vector, norm, positive,
+#     negative, close (JSON), projections (JSON: prompt text -> projection), created_at})
+#     -[:CLOSE_TO {cosine, rank}]->(:Feature)     its closest decoder directions, when stored
+STORE_VECTOR = """
+MERGE (v:SteeringVector {name: $name})
+SET v.model = $model, v.transcoders = $transcoders, v.tset = $tset, v.layer = $layer,
+    v.token_rule = $token_rule, v.vector = $vector, v.norm = $norm, v.positive = $positive,
+    v.negative = $negative, v.close = $close, v.projections = $projections, v.created_at = $now
+WITH v
+OPTIONAL MATCH (v)-[old:CLOSE_TO]->()
+DELETE old
+WITH DISTINCT v
+UNWIND (CASE WHEN size($fids) = 0 THEN [null] ELSE $fids END) AS c
+OPTIONAL MATCH (f:Feature {fid: c.fid})
+FOREACH (_ IN CASE WHEN f IS NULL THEN [] ELSE [1] END |
+  MERGE (v)-[r:CLOSE_TO]->(f) SET r.cosine = c.cosine, r.rank = c.rank)
+RETURN count(DISTINCT v) AS stored
+"""
+
+GET_VECTOR = "MATCH (v:SteeringVector {name: $name}) RETURN properties(v) AS v"
+
+SET_VECTOR_PROJECTIONS = """
+MATCH (v:SteeringVector {name: $name}) SET v.projections = $projections RETURN v.name AS name
+"""
+
+LIST_VECTORS = """
+MATCH (v:SteeringVector)
+RETURN v.name AS name, v.layer AS layer, v.token_rule AS token_rule, v.norm AS norm,
+       size(v.positive) AS n_positive, size(v.negative) AS n_negative, v.model AS model
+ORDER BY v.name
+"""
+
+# the atlas features closest to a vector (by decoder cosine)
+VECTOR_CLOSE_FEATURES = """
+MATCH (:SteeringVector {name: $name})-[r:CLOSE_TO]->(f:Feature)
+RETURN f.fid AS fid, f.label AS label, r.cosine AS cosine, r.rank AS rank
+ORDER BY r.rank
+"""
+# =========================================================================== end of steering vectors section

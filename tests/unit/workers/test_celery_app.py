@@ -11,7 +11,13 @@ from fnmatch import fnmatch
 from atlas.settings import AtlasSettings
 from tests import REPO_ROOT
 
-PIPELINE_TASKS = {"atlas.attribute", "atlas.ingest", "atlas.annotate", "atlas.ping"}
+PIPELINE_TASKS = {
+    "atlas.attribute",
+    "atlas.ingest",
+    "atlas.annotate",
+    "atlas.ping",
+    "atlas.gpu.intervene",
+}
 
 
 def _settings() -> AtlasSettings:
@@ -23,10 +29,17 @@ def _own(names: object) -> set[str]:
 
 
 def test_an_app_built_by_workers_app_knows_every_pipeline_task() -> None:
-    from workers.app import ANNOTATE_TASK, ATTRIBUTE_TASK, INGEST_TASK, PING_TASK, make_celery
+    from workers.app import (
+        ANNOTATE_TASK,
+        ATTRIBUTE_TASK,
+        INGEST_TASK,
+        INTERVENE_TASK,
+        PING_TASK,
+        make_celery,
+    )
 
     app = make_celery(_settings())
-    assert {ATTRIBUTE_TASK, INGEST_TASK, ANNOTATE_TASK, PING_TASK} == PIPELINE_TASKS
+    assert {ATTRIBUTE_TASK, INGEST_TASK, ANNOTATE_TASK, PING_TASK, INTERVENE_TASK} == PIPELINE_TASKS
     assert _own(app.tasks) == PIPELINE_TASKS
     assert app.atlas_settings.redis_url == "redis://127.0.0.1:1/0"
 
@@ -61,8 +74,9 @@ def test_every_registered_task_has_a_route_and_gpu_tasks_go_to_the_gpu_queue() -
         "atlas.annotate": ATTRIBUTE_QUEUE,
         "atlas.ingest": INGEST_QUEUE,
         "atlas.ping": INGEST_QUEUE,
+        "atlas.gpu.intervene": ATTRIBUTE_QUEUE,
     }
-    # a future task that runs the model routes to the GPU queue by its name alone
+    # any task that runs the model routes to the GPU queue by its name alone
     assert router.route({}, f"{GPU_TASK_PREFIX}intervene")["queue"].name == ATTRIBUTE_QUEUE
 
 
