@@ -16,6 +16,7 @@ Fixtures (session-scoped unless noted):
     neo4j_driver      a connected ``neo4j.Driver``
     neo4j_schema      the driver, with schema/*.cypher applied once
     clean_neo4j       (function) the driver, with the database wiped before the test
+    db                (function) clean_neo4j with schema/*.cypher applied
     neo4j_settings    AtlasSettings pointing at the test Neo4j (temporary atlas_home, no Redis)
     redis_url         the Redis URL
     service_settings  AtlasSettings pointing at the test Neo4j and Redis
@@ -239,6 +240,15 @@ def clean_neo4j(neo4j_driver: Any, neo4j_target: Neo4jTarget) -> Any:
         )
     wipe_database(neo4j_driver)
     return neo4j_driver
+
+
+@pytest.fixture()
+def db(clean_neo4j: Any) -> Any:
+    """The session driver on an emptied database with the schema applied (most store tests)."""
+    from atlas.store.schema import apply_schema
+
+    apply_schema(clean_neo4j)
+    return clean_neo4j
 
 
 # --------------------------------------------------------------------------- Redis

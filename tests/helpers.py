@@ -10,6 +10,21 @@ from typing import Any
 
 from tests import REPO_ROOT
 
+#: (family, transcoder kind, skip connection): one of each text family the engine supports, plus
+#: skip transcoders and cross-layer transcoders; the checks that must hold on every family use it.
+FAMILY_CASES = [
+    ("gemma2", "jumprelu", False),
+    ("gemma3", "jumprelu", False),
+    ("llama", "relu", False),
+    ("qwen2", "jumprelu", False),
+    ("qwen3", "topk", False),
+    ("gpt2", "jumprelu", False),
+    ("gemma2", "jumprelu", True),
+    ("llama", "jumprelu", True),
+    ("gemma2", "clt", False),
+    ("qwen3", "clt", False),
+]
+
 
 def build_tiny_world(root: Path) -> tuple[str, str]:
     """(model dir, transcoder dir) of a tiny seeded Llama (character-level tokenizer) under

@@ -325,9 +325,9 @@ def demo(
             workers = _start_workers(settings, home / "logs")
             _wait_workers_ready(app, workers, home / "logs", timeout_s=300)
 
-        from atlas.cli.jobs import JobProgress
+        from atlas.cli.jobs import JobProgress, wait_showing
         from atlas.pipeline.payloads import PromptSpec
-        from atlas.pipeline.submit import submit, wait_for_job
+        from atlas.pipeline.submit import submit
         from atlas.store.connection import open_driver
         from atlas.toy.demo import demo_prompts
 
@@ -351,15 +351,9 @@ def demo(
                     settings, specs, source="atlas demo", driver=driver, progress=view
                 )
             t_batch = time.monotonic()
-            with JobProgress(announce=False) as view:
-                summary = wait_for_job(
-                    settings,
-                    driver,
-                    job_id,
-                    timeout_s=timeout_s,
-                    requeue_after_s=300.0,
-                    progress=view,
-                )
+            summary = wait_showing(
+                settings, driver, job_id, timeout_s=timeout_s, requeue_after_s=300.0
+            )
             batch_s = time.monotonic() - t_batch
             click.echo(
                 f"    job {job_id}: {summary.done} done, {summary.failed} failed; "

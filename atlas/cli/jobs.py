@@ -122,6 +122,28 @@ def _fmt_s(seconds: float) -> str:
     return f"{seconds}s"
 
 
+def wait_showing(
+    settings: AtlasSettings,
+    driver: Any,
+    job_id: str,
+    *,
+    timeout_s: float | None,
+    requeue_after_s: float,
+) -> JobSummary:
+    """Wait for a job with its progress bar on stderr (re-sending items stalled that long)."""
+    from atlas.pipeline.submit import wait_for_job
+
+    with JobProgress(announce=False) as view:
+        return wait_for_job(
+            settings,
+            driver,
+            job_id,
+            timeout_s=timeout_s,
+            requeue_after_s=requeue_after_s,
+            progress=view,
+        )
+
+
 def _finish(
     settings: AtlasSettings,
     driver: Any,
@@ -349,22 +371,16 @@ def jobs_status(
     job_id: str, show_items: bool, wait: bool, timeout_s: float | None, fmt: str
 ) -> None:
     """Where job JOB_ID stands; failed items are listed with their reasons."""
-    from atlas.pipeline.submit import job_store, stall_s, wait_for_job
+    from atlas.pipeline.submit import job_store, stall_s
 
     settings = get_settings()
     driver = open_atlas_driver(settings)
     try:
         store = job_store(driver, settings)
         if wait:
-            with JobProgress(announce=False) as view:
-                summary = wait_for_job(
-                    settings,
-                    driver,
-                    job_id,
-                    timeout_s=timeout_s,
-                    requeue_after_s=stall_s(settings),
-                    progress=view,
-                )
+            summary = wait_showing(
+                settings, driver, job_id, timeout_s=timeout_s, requeue_after_s=stall_s(settings)
+            )
         else:
             summary = store.summary(job_id)
         items = store.items(job_id, None if show_items else ["failed"])

@@ -72,11 +72,11 @@ def select_nodes(graph: Graph, max_nodes: int = DEFAULT_MAX_NODES) -> list[int]:
     return sorted(keep)
 
 
-def select_edges(
-    graph: Graph, kept: Sequence[int], max_edges: int = DEFAULT_MAX_EDGES
-) -> list[tuple[int, int, float]]:
-    """``(target, source, weight)`` of the edges drawn between ``kept`` nodes: the ``max_edges``
-    with the largest ``|w| / sum |w_in(target)|``, weakest first (so the strong ones lie on top)."""
+def _edges_with_input_scale(
+    graph: Graph,
+) -> tuple[list[tuple[int, int, float]], dict[int, float]]:
+    """Every ``(target, source, weight)`` edge, and each target's total ``|w|`` of input (the
+    scale an edge's share is measured against)."""
     in_scale: dict[int, float] = defaultdict(float)
     edges = list(
         zip(
@@ -88,6 +88,15 @@ def select_edges(
     )
     for t, _, w in edges:
         in_scale[t] += abs(w)
+    return edges, in_scale
+
+
+def select_edges(
+    graph: Graph, kept: Sequence[int], max_edges: int = DEFAULT_MAX_EDGES
+) -> list[tuple[int, int, float]]:
+    """``(target, source, weight)`` of the edges drawn between ``kept`` nodes: the ``max_edges``
+    with the largest ``|w| / sum |w_in(target)|``, weakest first (so the strong ones lie on top)."""
+    edges, in_scale = _edges_with_input_scale(graph)
     keep = set(kept)
     inside = [e for e in edges if e[0] in keep and e[1] in keep]
     inside.sort(key=lambda e: (-abs(e[2]) / (in_scale[e[0]] or 1.0), e[0], e[1]))
@@ -186,17 +195,7 @@ def draw_circuit(
     span = centre[-1] + 0.5 if centre else 1.0
     fig = new_figure(min(40.0, max(7.0, 0.75 * span + 2.5)), max(4.5, 0.6 * (top + 1) + 2.4))
     ax = fig.add_axes((0.07, 0.18, 0.9, 0.68))
-    in_scale: dict[int, float] = defaultdict(float)
-    edges = list(
-        zip(
-            graph.edge_target.tolist(),
-            graph.edge_source.tolist(),
-            graph.edge_weight.tolist(),
-            strict=True,
-        )
-    )
-    for t, _, w in edges:
-        in_scale[t] += abs(w)
+    _, in_scale = _edges_with_input_scale(graph)
     drawn_edges: list[tuple[str, str]] = []
     for t, s, w in select_edges(graph, kept, max_edges):
         colour, width, alpha = edge_style(w, in_scale[t])

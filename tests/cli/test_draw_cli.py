@@ -19,17 +19,10 @@ from atlas.images import store_image
 from atlas.render import select_nodes
 from atlas.store import read
 from atlas.store.ingest import graph_rows, ingest_rows
-from atlas.store.schema import apply_schema
 from atlas.store.synthetic import synthetic_graph
 from tests.unit.render.test_render import image_graph, picture, svg_text
 
 pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture()
-def db(clean_neo4j: neo4j.Driver) -> neo4j.Driver:
-    apply_schema(clean_neo4j)
-    return clean_neo4j
 
 
 def small(seed: int) -> Graph:

@@ -90,14 +90,6 @@ def test_donor_of_the_same_prompt_changes_nothing(world: tuple[Any, Any], tmp_pa
     assert got["interventions"] == [[layer, pos, feature, 0.0]]
 
 
-@pytest.fixture()
-def db(clean_neo4j: Any) -> Any:
-    from atlas.store.schema import apply_schema
-
-    apply_schema(clean_neo4j)
-    return clean_neo4j
-
-
 def _inactive_feature(world: tuple[Any, Any]) -> int:
     model, tset = world
     acts = clean_run(model, tset, model.inputs(PROMPT)).activations

@@ -13,16 +13,9 @@ from click.testing import CliRunner
 
 from atlas.cli import cli, main
 from atlas.graph import Graph, NodeKind
-from atlas.store.schema import apply_schema
 from atlas.store.synthetic import synthetic_graph, word
 
 pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture()
-def db(clean_neo4j: neo4j.Driver) -> neo4j.Driver:
-    apply_schema(clean_neo4j)
-    return clean_neo4j
 
 
 def small(seed: int) -> Graph:

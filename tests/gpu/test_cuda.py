@@ -37,7 +37,6 @@ def _on_cpu(result: Any) -> Any:
 
 @pytest.mark.parametrize("case", ["gemma2_jumprelu", "llama_gqa_jumprelu_skip"])
 def test_golden_adjacency_on_cuda(case: str) -> None:
-    from atlas.attribution import attribute
     from atlas.models import load_model
     from atlas.transcoders import load_transcoders
     from tests.unit.attribution import test_golden as golden
@@ -46,16 +45,7 @@ def test_golden_adjacency_on_cuda(case: str) -> None:
     model = load_model(golden.GOLDEN / case / "model", device="cuda", dtype=torch.float32)
     tcs = load_transcoders(golden.GOLDEN / case / "transcoders", model)
     t, meta = golden._reference(case, prompt["slug"])
-    s = meta["settings"]
-    r = attribute(
-        meta["prompt"],
-        model,
-        tcs,
-        max_n_logits=s["max_n_logits"],
-        desired_logit_prob=s["desired_logit_prob"],
-        batch_size=s["batch_size"],
-    )
-    r = _on_cpu(r)
+    r = _on_cpu(golden.attribute_as_recorded(model, tcs, meta))
     ref_ids = golden._ref_identities(t, golden._n_layers(case))
     our_ids = golden._our_identities(r)
     assert sorted(ref_ids) == sorted(our_ids)

@@ -371,6 +371,14 @@ def own_redis(tmp_path: Path) -> Any:
     redis_local.stop(directory)
 
 
+def _on_own_redis(neo4j_settings: Any, own_redis: Any, visibility_s: int) -> Any:
+    """The test Neo4j's settings on this module's own Redis, with a short visibility timeout
+    (these tests kill or restart what the session's Redis serves to other tests)."""
+    return neo4j_settings.model_copy(
+        update={"redis_url": own_redis.url, "celery_visibility_timeout_s": visibility_s}
+    )
+
+
 def test_worker_killed_mid_task_is_redelivered_exactly_once(
     tmp_path: Path,
     clean_neo4j: Any,
@@ -385,9 +393,7 @@ def test_worker_killed_mid_task_is_redelivered_exactly_once(
 
     driver = clean_neo4j
     visibility = 12
-    settings = neo4j_settings.model_copy(
-        update={"redis_url": own_redis.url, "celery_visibility_timeout_s": visibility}
-    )
+    settings = _on_own_redis(neo4j_settings, own_redis, visibility)
     pause = tmp_path / "pause-dir"
     pause.mkdir()
     (pause / "pause").touch()  # the first worker stops right after claiming its chunk
@@ -433,9 +439,7 @@ def test_redis_restart_mid_batch_completes(
 
     driver = clean_neo4j
     visibility = 15
-    settings = neo4j_settings.model_copy(
-        update={"redis_url": own_redis.url, "celery_visibility_timeout_s": visibility}
-    )
+    settings = _on_own_redis(neo4j_settings, own_redis, visibility)
     worker = start_worker(
         settings=settings, extra_env={"CELERY_VISIBILITY_TIMEOUT_S": str(visibility)}
     )

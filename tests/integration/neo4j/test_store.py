@@ -48,12 +48,6 @@ def small(seed: int, **kw: Any) -> Graph:
     return synthetic_graph(seed, **args)
 
 
-@pytest.fixture()
-def db(clean_neo4j: neo4j.Driver) -> neo4j.Driver:
-    apply_schema(clean_neo4j)
-    return clean_neo4j
-
-
 def counts(driver: neo4j.Driver) -> dict[str, Any]:
     """A fingerprint of the whole database (labels, relationship types, aggregate sums)."""
     rec = driver.execute_query(

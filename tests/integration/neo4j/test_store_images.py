@@ -56,12 +56,6 @@ def full_graphs(results: list[Any]) -> list[Graph]:
     return [r.to_graph(prune=False) for r in results]
 
 
-@pytest.fixture()
-def db(clean_neo4j: neo4j.Driver) -> neo4j.Driver:
-    apply_schema(clean_neo4j)
-    return clean_neo4j
-
-
 def _rows(driver: neo4j.Driver, text: str, **params: Any) -> list[dict[str, Any]]:
     with driver.session() as session:
         return [r.data() for r in session.run(text, **params)]

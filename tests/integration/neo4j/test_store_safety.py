@@ -23,19 +23,12 @@ from atlas.store import read, supernodes
 from atlas.store.connection import read_rows
 from atlas.store.cypher import ResultTooLarge, run_cypher
 from atlas.store.ingest import ingest_graph
-from atlas.store.schema import apply_schema
 from atlas.store.synthetic import synthetic_graph
 from tests import REPO_ROOT
 
 pytestmark = pytest.mark.timeout(600)
 
 REPO = REPO_ROOT
-
-
-@pytest.fixture()
-def db(clean_neo4j: neo4j.Driver) -> neo4j.Driver:
-    apply_schema(clean_neo4j)
-    return clean_neo4j
 
 
 def small(seed: int) -> Any:

@@ -58,10 +58,8 @@ def _reference(case: str, slug: str) -> tuple[dict[str, torch.Tensor], dict[str,
     return tensors, meta
 
 
-@functools.cache
-def _ours(case: str, slug: str) -> Any:
-    model, tcs = _loaded(case)
-    _, meta = _reference(case, slug)
+def attribute_as_recorded(model: Any, tcs: Any, meta: dict[str, Any]) -> Any:
+    """Our ``attribute()`` of a golden prompt with the settings circuit-tracer ran it with."""
     s = meta["settings"]
     return attribute(
         meta["prompt"],
@@ -73,6 +71,13 @@ def _ours(case: str, slug: str) -> Any:
         batch_size=s["batch_size"],
         update_interval=s["update_interval"],
     )
+
+
+@functools.cache
+def _ours(case: str, slug: str) -> Any:
+    model, tcs = _loaded(case)
+    _, meta = _reference(case, slug)
+    return attribute_as_recorded(model, tcs, meta)
 
 
 def _identities(

@@ -25,6 +25,7 @@ from atlas.models.freezing import PatternReplay, replayed
 from atlas.models.hooks import embedding_point, layer_hooks
 from atlas.testing.tiny import build_tiny_model, build_tiny_transcoders
 from atlas.transcoders import TranscoderSet, load_transcoders
+from tests.helpers import FAMILY_CASES
 
 PROMPT = "The cat sat on the mat"
 
@@ -182,18 +183,7 @@ def _check_graph(
         check.replay.record()
 
 
-CASES = [
-    ("gemma2", "jumprelu", False),
-    ("gemma3", "jumprelu", False),
-    ("llama", "relu", False),
-    ("qwen2", "jumprelu", False),
-    ("qwen3", "topk", False),
-    ("gpt2", "jumprelu", False),
-    ("gemma2", "jumprelu", True),
-    ("llama", "jumprelu", True),
-    ("gemma2", "clt", False),
-    ("qwen3", "clt", False),
-]
+CASES = FAMILY_CASES
 
 
 @pytest.mark.parametrize(("family", "kind", "skip"), CASES)

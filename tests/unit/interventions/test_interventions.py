@@ -46,18 +46,10 @@ from atlas.models import LoadedModel, ModelInputs, load_model
 from atlas.testing.tiny import build_tiny_model, build_tiny_transcoders
 from atlas.testing.tiny_vlm import save_language_model, save_tiny_vlm
 from atlas.transcoders import TranscoderSet, load_transcoders
+from tests.helpers import FAMILY_CASES
 
 PROMPT = "The cat sat on the mat"
-TEXT_CASES = [
-    ("gemma2", "jumprelu", False),
-    ("gemma3", "jumprelu", False),
-    ("llama", "relu", False),
-    ("qwen2", "jumprelu", False),
-    ("qwen3", "topk", False),
-    ("gpt2", "jumprelu", False),
-    ("llama", "jumprelu", True),
-    ("gemma2", "clt", False),
-]
+TEXT_CASES = FAMILY_CASES
 
 
 def _check_direct_effects(

@@ -11,19 +11,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from atlas.errors import TranscoderError
-from atlas.models import load_model
-from atlas.testing.tiny import build_tiny_model, build_tiny_transcoders
+from atlas.testing.tiny import build_tiny_transcoders
 from atlas.transcoders import load_transcoders
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model("llama", tmp_path_factory.mktemp("m") / "llama", n_layers=2)
-
-
-@pytest.fixture(scope="module")
-def model(model_dir: Path):
-    return load_model(model_dir)
 
 
 @pytest.fixture(scope="module")

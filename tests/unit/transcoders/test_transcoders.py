@@ -19,16 +19,6 @@ from atlas.transcoders import load_transcoders
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model("llama", tmp_path_factory.mktemp("m") / "llama", n_layers=2)
-
-
-@pytest.fixture(scope="module")
-def model(model_dir: Path):
-    return load_model(model_dir)
-
-
-@pytest.fixture(scope="module")
 def tc_root(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Path:
     root = tmp_path_factory.mktemp("tc")
     for kind in ("jumprelu", "relu", "topk", "clt"):
