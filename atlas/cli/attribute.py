@@ -27,13 +27,11 @@ def _default(name: str) -> Any:
 def _device_and_dtype(
     settings: AtlasSettings, device: str | None, dtype: str | None
 ) -> tuple[str, torch.dtype]:
-    """The device and torch dtype to load on: the options, else the settings."""
-    import torch
-
-    dev = device or settings.resolved_device()
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-    return dev, getattr(torch, dtype or settings.dtype)
+    """The device and torch dtype to load on: the options over the settings, resolved by the
+    settings' own rules (``auto`` -> CUDA when present; the dtype by name)."""
+    chosen = {k: v for k, v in (("device", device), ("dtype", dtype)) if v}
+    effective = settings.model_copy(update=chosen) if chosen else settings
+    return effective.resolved_device(), effective.torch_dtype()
 
 
 @click.command("attribute")
