@@ -446,9 +446,7 @@ def prompt_heatmap_png(request: Request, atlas: Atlas) -> Response:
     image = _stored_image(atlas, meta.image_sha256)
     if image is None:
         raise _not_found(f"the image of prompt {pid[:12]} is not in the artifact store")
-    return _picture(
-        atlas, "heatmap.png", lambda out: draw_heatmap(image, artifact.rollout, ks, out)
-    )
+    return _picture(atlas, "heatmap.png", lambda out: draw_heatmap(image, rollout, ks, out))
 
 
 # --------------------------------------------------------------------------- features
