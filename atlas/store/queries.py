@@ -1057,12 +1057,14 @@ OPTIONAL MATCH (n)-[:OF]->(t:Token)
 CALL (n) {
   MATCH (s:Node)-[e:EDGE]->(n)
   WITH s, e ORDER BY abs(e.w) DESC, s.id LIMIT $limit
-  RETURN collect({id: s.id, kind: s.kind, w: e.w}) AS inputs
+  OPTIONAL MATCH (s)-[:OF]->(x)
+  RETURN collect({id: s.id, kind: s.kind, w: e.w, label: coalesce(x.label, x.text)}) AS inputs
 }
 CALL (n) {
   MATCH (n)-[e:EDGE]->(d:Node)
   WITH d, e ORDER BY abs(e.w) DESC, d.id LIMIT $limit
-  RETURN collect({id: d.id, kind: d.kind, w: e.w}) AS outputs
+  OPTIONAL MATCH (d)-[:OF]->(x)
+  RETURN collect({id: d.id, kind: d.kind, w: e.w, label: coalesce(x.label, x.text)}) AS outputs
 }
 RETURN n.id AS id, n.kind AS kind, n.layer AS layer, n.pos AS pos, n.feature AS feature,
        n.token_id AS token_id, n.activation AS activation, n.influence AS influence,

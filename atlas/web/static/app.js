@@ -53,6 +53,12 @@ async function api(path, params) {
   return body;
 }
 
+// replaceChildren without the null / undefined of optional parts
+function fill(node, ...children) {
+  node.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined && c !== false));
+  return node;
+}
+
 function errorBox(err) {
   return el("div", { class: "error", role: "alert", text: String(err.message || err) });
 }
@@ -75,6 +81,13 @@ function table(rows, columns, opts) {
     return tr;
   });
   return el("table", { id: opts.id }, el("thead", {}, head), el("tbody", {}, body));
+}
+
+// a global feature id "<tset>/<layer>/<index>" as a link to its page
+function fidLink(r) {
+  const fid = String(r.neighbour ?? r.fid ?? "");
+  const m = fid.match(/\/(\d+)\/(\d+)$/);
+  return m ? link(`${m[1]}/${m[2]}`, `#/feature/${m[1]}/${m[2]}`) : fid;
 }
 
 function link(text, hash) {
@@ -111,8 +124,8 @@ function route() {
   for (const [re, fn] of routes) {
     const m = hash.match(re);
     if (m) {
-      view().replaceChildren(el("p", { class: "muted", text: "Loading…" }));
-      Promise.resolve(fn(m)).catch((e) => view().replaceChildren(errorBox(e)));
+      fill(view(), el("p", { class: "muted", text: "Loading…" }));
+      Promise.resolve(fn(m)).catch((e) => fill(view(), errorBox(e)));
       return;
     }
   }
@@ -153,14 +166,14 @@ async function promptsView() {
     load();
   });
   async function load() {
-    results.replaceChildren(el("p", { class: "muted", text: "Loading…" }));
+    fill(results, el("p", { class: "muted", text: "Loading…" }));
     try {
       const r = await api("/prompts", { q: state.q, model: state.model, job: state.job, answer: state.answer, limit: state.limit, offset: state.offset });
       const pager = el("div", { class: "pager" },
         el("button", { type: "button", text: "← newer", disabled: state.offset === 0, onclick: () => { state.offset = Math.max(0, state.offset - state.limit); load(); } }),
         el("span", { class: "muted", text: `${state.offset + 1}–${state.offset + r.prompts.length}` }),
         el("button", { type: "button", text: "older →", disabled: !r.more, onclick: () => { state.offset += state.limit; load(); } }));
-      results.replaceChildren(
+      fill(results, 
         table(r.prompts, [
           { key: "id", title: "prompt", render: (p) => promptLink(p.id) },
           { key: "text", max: 120 },
@@ -171,9 +184,9 @@ async function promptsView() {
           { key: "has_image", title: "image", render: (p) => (p.has_image ? "yes" : "") },
         ], { id: "prompt-table", rowClass: "prompt-row", onClick: (p) => (location.hash = `#/prompt/${p.id}`), empty: "no prompts match" }),
         pager);
-    } catch (e) { results.replaceChildren(errorBox(e)); }
+    } catch (e) { fill(results, errorBox(e)); }
   }
-  view().replaceChildren(el("h2", { text: "Prompts" }), form, results);
+  fill(view(), el("h2", { text: "Prompts" }), form, results);
   await load();
 }
 
@@ -246,7 +259,7 @@ async function promptView(pid) {
       el("span", { text: `replacement ${fmt(p.replacement_score)}` }), el("span", { text: `completeness ${fmt(p.completeness_score)}` }),
       p.image ? el("span", { text: `image ${p.image.slice(0, 12)} ${fmt(p.image_tags || [])}` }) : null),
     el("div", { class: "chips" }, "answers: ", p.logits.slice(0, 8).map((l) => el("span", { text: `${JSON.stringify(l.text ?? "#" + l.token_id)} ${fmt(l.prob)}` }))),
-    p.supernodes.length ? el("div", { class: "chips" }, "supernodes here: ", p.supernodes.map((s) => el("span", {}, link(`${s.name} (${s.n_nodes})`, `#/supernode/${encodeURIComponent(s.name)}`)))) : null);
+    p.supernodes.length ? el("div", { class: "chips" }, "supernodes here: ", p.supernodes.map((s) => el("span", {}, link(`${s.name} (${s.n_nodes} nodes)`, `#/supernode/${encodeURIComponent(s.name)}`)))) : null);
 
   const viewer = el("div", { class: "viewer", id: "circuit" });
   const panel = el("div", { class: "panel", id: "node-panel" }, el("p", { class: "muted", text: "Click a node of the circuit for its values, its strongest edges and, for a feature, its card." }));
@@ -263,7 +276,7 @@ async function promptView(pid) {
   });
 
   async function drawCircuit() {
-    viewer.replaceChildren(el("p", { class: "muted", text: "Drawing…" }));
+    fill(viewer, el("p", { class: "muted", text: "Drawing…" }));
     try {
       const res = await fetch(`/api/prompts/${p.id}/circuit.svg${qs({ max_nodes: state.max_nodes, max_edges: state.max_edges })}`);
       if (!res.ok) throw new Error((await res.json()).error);
@@ -272,7 +285,7 @@ async function promptView(pid) {
       svg.removeAttribute("height");
       svg.setAttribute("preserveAspectRatio", "xMidYMid meet");
       const pz = panZoom(viewer, svg);
-      viewer.replaceChildren(svg,
+      fill(viewer, svg,
         el("div", { class: "controls" },
           el("button", { type: "button", title: "zoom in", text: "+", onclick: pz.zoomIn }),
           el("button", { type: "button", title: "zoom out", text: "−", onclick: pz.zoomOut }),
@@ -281,16 +294,34 @@ async function promptView(pid) {
       svg.addEventListener("click", (e) => {
         if (svg.dataset.justDragged) { delete svg.dataset.justDragged; return; }
         const g = e.target.closest('g[id^="node-"]');
-        if (!g) return;
-        for (const s of svg.querySelectorAll("g.selected")) s.classList.remove("selected");
-        g.classList.add("selected");
-        showNode(g.id.slice(5));
+        if (g) selectNode(g.id.slice(5));
       });
-    } catch (e) { viewer.replaceChildren(errorBox(e)); }
+    } catch (e) { fill(viewer, errorBox(e)); }
+  }
+
+  // Mark the chosen node with a ring (the drawn markers keep their own styles) and show it.
+  function selectNode(nid) {
+    const svg = viewer.querySelector("svg");
+    if (svg) {
+      for (const old of svg.querySelectorAll(".selection-ring")) old.remove();
+      for (const old of svg.querySelectorAll("g.selected")) old.classList.remove("selected");
+      const g = svg.querySelector(`g[id="node-${CSS.escape(nid)}"]`);
+      if (g) {
+        g.classList.add("selected");
+        const b = g.getBBox();
+        const ring = document.createElementNS("http://www.w3.org/2000/svg", "circle");
+        ring.setAttribute("class", "selection-ring");
+        ring.setAttribute("cx", b.x + b.width / 2);
+        ring.setAttribute("cy", b.y + b.height / 2);
+        ring.setAttribute("r", Math.max(b.width, b.height) / 2 + 4);
+        svg.append(ring);
+      }
+    }
+    showNode(nid);
   }
 
   async function showNode(nid) {
-    panel.replaceChildren(el("p", { class: "muted", text: "Loading…" }));
+    fill(panel, el("p", { class: "muted", text: "Loading…" }));
     try {
       const n = await api(`/prompts/${p.id}/nodes/${encodeURIComponent(nid)}`);
       const rows = [
@@ -299,25 +330,27 @@ async function promptView(pid) {
         n.token_text !== null ? ["token", JSON.stringify(n.token_text)] : null,
         n.activation !== null ? ["activation", fmt(n.activation)] : null,
         n.influence !== null ? ["influence", fmt(n.influence)] : null,
-        n.logit_prob !== null ? ["probability", fmt(n.logit_prob)] : null,
+        n.kind === "logit" ? ["probability", fmt(n.logit_prob)] : null,
         n.image_row !== null ? ["image cell", `${n.image_row},${n.image_col} (k=${n.image_k})`] : null,
       ].filter(Boolean);
-      const edgeCols = [{ key: "id", title: "node" }, "kind", { key: "w", title: "weight" }];
-      panel.replaceChildren(
+      const edgeCols = [{ key: "id", title: "node" }, "kind", { key: "label", max: 40 }, { key: "w", title: "weight" }];
+      const edgeOpts = { empty: "none", onClick: (x) => selectNode(x.id) };
+      fill(panel,
         el("h3", { id: "node-title", text: n.label || `${n.kind} ${n.id}` }),
         el("table", { class: "kv" }, el("tbody", {}, rows.map(([k, v]) => el("tr", {}, el("th", { text: k }), el("td", { text: fmt(v) }))))),
-        n.card ? cardBlock(n.card, n.layer, n.feature) : null,
-        el("h3", { text: "strongest inputs" }), table(n.inputs, edgeCols, { empty: "none" }),
-        el("h3", { text: "strongest outputs" }), table(n.outputs, edgeCols, { empty: "none" }));
-    } catch (e) { panel.replaceChildren(errorBox(e)); }
+        n.card ? cardBlock(n.card, n.layer, n.feature, false) : null,
+        el("h3", { text: "strongest inputs" }), table(n.inputs, edgeCols, edgeOpts),
+        el("h3", { text: "strongest outputs" }), table(n.outputs, edgeCols, edgeOpts),
+        el("p", { class: "muted", text: "weights are direct effects A[target, source]; click a row to go to that node" }));
+    } catch (e) { fill(panel, errorBox(e)); }
   }
 
   const extras = el("div", {});
   const supernodeButton = el("button", { type: "button", text: "Show the supernode graph", onclick: () => {
-    extras.replaceChildren(el("h3", { text: "supernode graph" }), el("img", { class: "picture", id: "supernode-picture", alt: "supernode graph", src: `/api/prompts/${p.id}/supernodes.svg` }));
+    fill(extras, el("h3", { text: "supernode graph" }), el("img", { class: "picture", id: "supernode-picture", alt: "supernode graph", src: `/api/prompts/${p.id}/supernodes.svg` }));
   } });
   const heat = p.image ? heatmapForm(p) : null;
-  view().replaceChildren(el("h2", { text: "Circuit" }), head, controls,
+  fill(view(), el("h2", { text: "Circuit" }), head, controls,
     el("div", { class: "circuit-layout" }, viewer, panel),
     el("div", { class: "pager" }, supernodeButton), heat, extras);
   await drawCircuit();
@@ -332,16 +365,16 @@ function heatmapForm(p) {
     e.preventDefault();
     const src = `/api/prompts/${p.id}/heatmap.png${qs({ tokens: form.elements.tokens.value })}`;
     const res = await fetch(src);
-    if (!res.ok) { out.replaceChildren(errorBox(new Error((await res.json()).error))); return; }
-    out.replaceChildren(el("img", { class: "picture", alt: "rollout heatmap", src: URL.createObjectURL(await res.blob()) }));
+    if (!res.ok) { fill(out, errorBox(new Error((await res.json()).error))); return; }
+    fill(out, el("img", { class: "picture", id: "heatmap-picture", alt: "rollout heatmap", src: URL.createObjectURL(await res.blob()) }));
   });
   return el("div", {}, el("h3", { text: "attention-rollout heatmap" }), form, out);
 }
 
-function cardBlock(card, layer, index) {
+function cardBlock(card, layer, index, withLabel = true) {
   const lens = (card.top_tokens || []).map((t, i) => `${JSON.stringify(t)} ${card.top_values && card.top_values[i] !== undefined ? fmt(card.top_values[i]) : ""}`);
   return el("div", { class: "card" },
-    el("div", { class: "card-label", text: card.label || "(no label)" }),
+    withLabel ? el("div", { class: "card-label", text: card.label || "(no label)" }) : null,
     el("div", { class: "muted" }, card.name, " · ", link("feature page", `#/feature/${layer}/${index}`)),
     el("h3", { text: "logit lens" }), el("div", { class: "chips" }, lens.length ? lens.map((t) => el("span", { text: t })) : el("span", { text: "(none)" })),
     el("h3", { text: "top activations" }),
@@ -362,21 +395,21 @@ async function featuresView() {
   async function load() {
     try {
       const r = await api("/features", { q: state.q, layer: state.layer, limit: state.limit, offset: state.offset });
-      results.replaceChildren(
+      fill(results, 
         table(r.features, [{ key: "fid", title: "feature", render: featureLink }, { key: "label", max: 100 }, "n_prompts", "max_act", { key: "fid", title: "id", max: 40 }],
           { id: "feature-table", onClick: (f) => (location.hash = `#/feature/${f.layer}/${f.index}`), empty: "no features match" }),
         el("div", { class: "pager" },
           el("button", { type: "button", text: "← previous", disabled: state.offset === 0, onclick: () => { state.offset = Math.max(0, state.offset - state.limit); load(); } }),
           el("button", { type: "button", text: "next →", disabled: !r.more, onclick: () => { state.offset += state.limit; load(); } })));
-    } catch (e) { results.replaceChildren(errorBox(e)); }
+    } catch (e) { fill(results, errorBox(e)); }
   }
-  view().replaceChildren(el("h2", { text: "Features" }), form, results);
+  fill(view(), el("h2", { text: "Features" }), form, results);
   await load();
 }
 
 async function featureView(layer, index) {
   const f = await api(`/features/${layer}/${index}`);
-  view().replaceChildren(
+  fill(view(),
     el("h2", { text: `Feature ${layer}/${index}` }),
     el("div", { class: "two" },
       el("div", { class: "panel" }, cardBlock(f.card, layer, index)),
@@ -385,27 +418,27 @@ async function featureView(layer, index) {
     table(f.active, [{ key: "prompt", render: (r) => promptLink(r.prompt) }, { key: "text", max: 100 }, "max_activation", "best_influence", "n_instances", "positions"],
       { id: "feature-active", onClick: (r) => (location.hash = `#/prompt/${r.prompt}`) }),
     el("h3", { text: "aggregated neighbours (across prompts)" }),
-    table(f.neighbours, ["direction", { key: "neighbour", max: 50 }, "label", "n_prompts", "sum_w", "mean_w", "max_w", "min_w"]));
+    table(f.neighbours, ["direction", { key: "neighbour", render: fidLink }, "label", "n_prompts", "sum_w", "mean_w", "max_w", "min_w"]));
 }
 
 // ------------------------------------------------------------------ supernodes
 async function supernodesView() {
   const r = await api("/supernodes");
-  view().replaceChildren(el("h2", { text: "Supernodes" }),
+  fill(view(), el("h2", { text: "Supernodes" }),
     table(r.supernodes, ["name", "kind", "pattern", "n_members"], { id: "supernode-table", onClick: (s) => (location.hash = `#/supernode/${encodeURIComponent(s.name)}`), empty: "no supernodes defined (atlas supernode define …)" }));
 }
 
 async function supernodeView(name) {
   const s = await api(`/supernodes/${encodeURIComponent(name)}`);
-  view().replaceChildren(
+  fill(view(),
     el("h2", { text: `Supernode ${s.name}` }),
     el("p", { class: "muted", text: `${s.kind || ""} ${s.pattern ? "pattern " + s.pattern : ""} · ${s.n_members} member features` }),
     el("div", { class: "two" },
       el("div", {}, el("h3", { text: "members" }),
-        table(s.members, [{ key: "fid", title: "feature", max: 60 }, "label", "n_prompts"])),
-      el("div", {}, el("h3", { text: "neighbours across prompts" }),
-        el("img", { class: "picture", alt: "supernode neighbours", src: `/api/supernodes/${encodeURIComponent(s.name)}/neighbours.svg` }),
-        table(s.neighbours, ["direction", "neighbour", "n_prompts", "sum_w", "mean_w"]))),
+        table(s.members, [{ key: "fid", title: "feature", render: fidLink }, "label", "n_prompts"])),
+      el("div", {}, el("h3", { text: "neighbouring supernodes across prompts" }),
+        s.neighbours.length ? el("img", { class: "picture", alt: "supernode neighbours", src: `/api/supernodes/${encodeURIComponent(s.name)}/neighbours.svg` }) : null,
+        table(s.neighbours, ["direction", "neighbour", "n_prompts", "sum_w", "mean_w"], { empty: "no edges to other supernodes yet" }))),
     el("h3", { text: "active in prompts" }),
     table(s.active, [{ key: "prompt", render: (r) => promptLink(r.prompt) }, { key: "text", max: 100 }, "max_activation", "n_instances", "positions"]),
     el("h3", { text: "interventions on it" }),
@@ -459,24 +492,24 @@ function queryBlock(q) {
     e.preventDefault();
     const values = {};
     for (const [name] of q.fields) values[name] = form.elements[name].value;
-    result.replaceChildren(el("p", { class: "muted", text: "Running…" }));
+    fill(result, el("p", { class: "muted", text: "Running…" }));
     try {
       const r = await api(`/query/${q.name}`, values);
       const picture = q.picture ? el("img", { class: "picture", id: `picture-${q.name}`, alt: `${q.name} picture`, src: q.picture(values) }) : null;
-      result.replaceChildren(...[picture, q.render(r)].flat().filter(Boolean));
-    } catch (err) { result.replaceChildren(errorBox(err)); }
+      fill(result, ...[picture, q.render(r)].flat().filter(Boolean));
+    } catch (err) { fill(result, errorBox(err)); }
   });
   return el("section", { class: "query-block" }, el("h3", { text: q.title }), el("div", { class: "help", text: q.help }), form, result);
 }
 
 async function queriesView() {
-  view().replaceChildren(el("h2", { text: "Named queries" }), ...QUERIES.map(queryBlock));
+  fill(view(), el("h2", { text: "Named queries" }), ...QUERIES.map(queryBlock));
 }
 
 // ------------------------------------------------------------------ interventions
 async function interventionsView() {
   const r = await api("/interventions", { limit: 200 });
-  view().replaceChildren(el("h2", { text: "Interventions" }),
+  fill(view(), el("h2", { text: "Interventions" }),
     table(r.interventions, [{ key: "id", render: (x) => link(x.id.slice(0, 12), `#/intervention/${encodeURIComponent(x.id)}`) },
       { key: "prompt_id", render: (x) => (x.prompt_id ? promptLink(x.prompt_id) : "") }, { key: "prompt", max: 80 }, "supernode", "multiplier", "n_edits", ["kl", "KL (effect)"]],
     { id: "intervention-table", onClick: (x) => (location.hash = `#/intervention/${encodeURIComponent(x.id)}`), empty: "no interventions stored (atlas intervene …)" }));
@@ -499,15 +532,22 @@ function topTable(top) {
 async function interventionView(iid) {
   const i = await api(`/interventions/${encodeURIComponent(iid)}`);
   const pred = i.predicted || null;
-  view().replaceChildren(
+  fill(view(),
     el("h2", { text: `Intervention ${i.id.slice(0, 16)}` }),
     el("div", { class: "prompt-head" },
       el("div", { class: "text", text: i.prompt || "" }),
       el("div", { class: "chips" }, i.prompt_id ? el("span", {}, promptLink(i.prompt_id, "stored prompt")) : null,
         el("span", { text: `KL ${fmt(i.kl)}` }), i.supernode ? el("span", { text: `supernode ${i.supernode} × ${fmt(i.multiplier)}` }) : null,
         el("span", { text: `${i.n_edits ?? 0} edits` }))),
-    el("h3", { text: "effect on the next token" }), topTable(i.top),
-    pred ? el("h3", { text: "predicted by the graph vs measured" }) : null, pred ? topTable(pred) : null,
+    el("h3", { text: "effect on the next token (probabilities)" }),
+    Array.isArray(i.top)
+      ? table(i.top.map((t) => ({ ...t, change: typeof t.steered === "number" && typeof t.base === "number" ? t.steered - t.base : null })), ["token", "token_id", "base", "steered", "change"], { id: "intervention-top" })
+      : topTable(i.top),
+    pred ? el("h3", { text: "predicted by the graph (direct effect) vs measured, per target logit row" }) : null,
+    pred && Array.isArray(pred.rows)
+      ? table(pred.rows.map((row, k) => ({ row, predicted: pred.direct_effect?.[k], measured: pred.measured?.[k] })), ["row", "predicted", "measured"], { id: "intervention-predicted" })
+      : pred ? topTable(pred) : null,
+    pred && pred.sources ? el("p", { class: "muted", text: `changed features in the graph (layer, position, feature): ${pred.sources.map((x) => x.join(":")).join(", ")}` }) : null,
     el("h3", { text: "spec" }), el("pre", { id: "intervention-spec", text: JSON.stringify(i.spec, null, 1) }));
 }
 
@@ -522,10 +562,10 @@ async function cypherView() {
     e.preventDefault();
     try {
       const r = await api("/cypher", { q: form.elements.q.value });
-      result.replaceChildren(table(r.rows, r.keys.map((k) => ({ key: k, max: 200 }))), r.truncated ? el("p", { class: "muted", text: "truncated at the row cap" }) : null);
-    } catch (err) { result.replaceChildren(errorBox(err)); }
+      fill(result, table(r.rows, r.keys.map((k) => ({ key: k, max: 200 }))), r.truncated ? el("p", { class: "muted", text: "truncated at the row cap" }) : null);
+    } catch (err) { fill(result, errorBox(err)); }
   });
-  view().replaceChildren(el("h2", { text: "Cypher" }), form, result);
+  fill(view(), el("h2", { text: "Cypher" }), form, result);
 }
 
 window.addEventListener("hashchange", route);
