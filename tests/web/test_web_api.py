@@ -358,3 +358,67 @@ def test_serve_command_line() -> None:
     assert serve_command() == "atlas serve\nthen open http://127.0.0.1:8765/"
     line = serve_command("0.0.0.0", 9000, atlas_home="/tmp/a b")
     assert line.startswith("ATLAS_HOME='/tmp/a b' atlas serve --host 0.0.0.0 --port 9000")
+
+
+def test_atlas_serve_command(world: World) -> None:
+    """The real console script serves the page and the API; a busy port is one line."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from atlas.services._proc import free_port
+    from tests import REPO_ROOT
+
+    s = world.settings
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "REDIS_"))}
+    env |= {
+        "ATLAS_HOME": str(s.atlas_home),
+        "NEO4J_URI": s.neo4j_uri,
+        "NEO4J_USER": s.neo4j_user,
+        "NEO4J_PASSWORD": s.neo4j_password.get_secret_value(),
+    }
+    script = str(Path(sys.executable).with_name("atlas"))
+    port = free_port()
+    proc = subprocess.Popen(
+        [script, "serve", "--port", str(port)],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        body = None
+        while body is None:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "atlas serve did not answer"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/summary") as r:
+                    body = json.loads(r.read())
+            except OSError:
+                time.sleep(0.3)
+        assert body["n_prompts"] == 4
+        busy = subprocess.run(
+            [script, "serve", "--port", str(port)],
+            env=env,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert busy.returncode == 1
+        assert busy.stderr.strip().splitlines() == [
+            f"error: port {port} on 127.0.0.1 is in use: choose another with --port"
+        ]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
