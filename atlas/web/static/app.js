@@ -309,7 +309,7 @@ async function promptView(pid) {
       if (g) {
         g.classList.add("selected");
         const b = g.getBBox();
-        const ring = document.createElementNS("http://www.w3.org/2000/svg", "circle");
+        const ring = document.createElementNS(svg.namespaceURI, "circle");
         ring.setAttribute("class", "selection-ring");
         ring.setAttribute("cx", b.x + b.width / 2);
         ring.setAttribute("cy", b.y + b.height / 2);
