@@ -452,6 +452,7 @@ const QUERIES = [
   { name: "paths", title: "Paths between two endpoints, within each prompt, summed across prompts", help: ENDPOINT_HELP,
     fields: [["from", "token:Hand"], ["to", "logit:5"], ["max_hops", 4, "number"], ["min_weight", 0, "number"], ["image_tag", ""], ["limit", 20, "number"]],
     picture: (v) => `/api/query/paths.svg${qs(v)}`,
+    caption: "The picture draws the strongest routes (limit) as one layered graph: an edge's colour is the sign of the summed score of the routes through it (blue > 0, red < 0), its width that sum's size; it is not the sign of the single edge, which the paths table gives (weights).",
     render: (r) => [
       el("h3", { text: "routes summed across prompts" }),
       table(r.aggregate, [{ key: "route", max: 300 }, "n_prompts", "n_paths", "sum_score"], { id: "paths-aggregate", empty: "no paths" }),
@@ -496,7 +497,8 @@ function queryBlock(q) {
     try {
       const r = await api(`/query/${q.name}`, values);
       const picture = q.picture ? el("img", { class: "picture", id: `picture-${q.name}`, alt: `${q.name} picture`, src: q.picture(values) }) : null;
-      fill(result, ...[picture, q.render(r)].flat().filter(Boolean));
+      const caption = q.caption ? el("p", { class: "muted caption", text: q.caption }) : null;
+      fill(result, picture, caption, q.render(r));
     } catch (err) { fill(result, errorBox(err)); }
   });
   return el("section", { class: "query-block" }, el("h3", { text: q.title }), el("div", { class: "help", text: q.help }), form, result);
