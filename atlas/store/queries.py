@@ -995,3 +995,102 @@ RETURN f.fid AS fid, f.label AS label, r.cosine AS cosine, r.rank AS rank
 ORDER BY r.rank
 """
 # =========================================================================== end of steering vectors section
+
+# =========================================================================== web page (atlas serve)
+# Reads behind the page's lists and panels (atlas.web). Every list takes $offset and $limit
+# (bounded by the caller); filters are parameters, null meaning "any".
+
+# Prompts, newest first: text search (case-insensitive substring), model, job, answer (the text
+# of the prompt's most probable logit, whitespace-stripped).
+WEB_PROMPTS = """
+MATCH (p:Prompt) WHERE p.complete
+  AND ($q IS NULL OR toLower(p.text) CONTAINS toLower($q))
+  AND ($model IS NULL OR p.model = $model)
+  AND ($job IS NULL OR EXISTS { MATCH (i:JobItem {job_id: $job}) WHERE i.prompt_id = p.id })
+CALL (p) {
+  OPTIONAL MATCH (l:Node:LogitNode {prompt: p.id})
+  WITH l ORDER BY l.logit_prob DESC LIMIT 1
+  OPTIONAL MATCH (l)-[:OF]->(t:Token)
+  RETURN t.text AS answer, l.logit_prob AS answer_prob
+}
+WITH p, answer, answer_prob
+WHERE $answer IS NULL OR trim(answer) = $answer
+RETURN p.id AS id, left(p.text, $text_chars) AS text, p.model AS model, p.n_nodes AS n_nodes,
+       p.n_edges AS n_edges, p.replacement_score AS replacement_score,
+       p.completeness_score AS completeness_score, answer, answer_prob,
+       p.image_sha256 IS NOT NULL AS has_image
+ORDER BY p.ingested_at DESC, p.id
+SKIP $offset LIMIT $limit
+"""
+
+# The models of the stored prompts (the page's model filter).
+WEB_MODELS = """
+MATCH (p:Prompt) WHERE p.complete
+RETURN p.model AS model, count(*) AS n_prompts ORDER BY model
+"""
+
+# One prompt's head: text, tokens, sizes, scores, image.
+WEB_PROMPT = """
+MATCH (p:Prompt {id: $id}) WHERE p.complete
+OPTIONAL MATCH (p)-[:HAS_IMAGE]->(i:Image)
+RETURN p.id AS id, left(p.text, $text_chars) AS text, p.tokens[..$max_tokens] AS tokens,
+       size(p.tokens) AS n_tokens, p.model AS model, p.tset AS tset, p.n_nodes AS n_nodes,
+       p.n_edges AS n_edges, p.n_edges_total AS n_edges_total,
+       p.replacement_score AS replacement_score, p.completeness_score AS completeness_score,
+       p.created_at AS created_at, i.sha256 AS image, i.tags AS image_tags, i.width AS width,
+       i.height AS height
+"""
+
+# A prompt's logits, most probable first.
+WEB_PROMPT_LOGITS = """
+MATCH (l:Node:LogitNode {prompt: $id})
+OPTIONAL MATCH (l)-[:OF]->(t:Token)
+RETURN l.id AS id, l.token_id AS token_id, t.text AS text, l.logit_prob AS prob
+ORDER BY prob DESC, id LIMIT $limit
+"""
+
+# One node of a prompt, its global feature or token, and its strongest inputs and outputs.
+WEB_NODE = """
+MATCH (n:Node {prompt: $prompt, id: $node})
+OPTIONAL MATCH (n)-[:OF]->(f:Feature)
+OPTIONAL MATCH (n)-[:OF]->(t:Token)
+CALL (n) {
+  MATCH (s:Node)-[e:EDGE]->(n)
+  WITH s, e ORDER BY abs(e.w) DESC, s.id LIMIT $limit
+  OPTIONAL MATCH (s)-[:OF]->(x)
+  RETURN collect({id: s.id, kind: s.kind, w: e.w, label: coalesce(x.label, x.text)}) AS inputs
+}
+CALL (n) {
+  MATCH (n)-[e:EDGE]->(d:Node)
+  WITH d, e ORDER BY abs(e.w) DESC, d.id LIMIT $limit
+  OPTIONAL MATCH (d)-[:OF]->(x)
+  RETURN collect({id: d.id, kind: d.kind, w: e.w, label: coalesce(x.label, x.text)}) AS outputs
+}
+RETURN n.id AS id, n.kind AS kind, n.layer AS layer, n.pos AS pos, n.feature AS feature,
+       n.token_id AS token_id, n.activation AS activation, n.influence AS influence,
+       n.logit_prob AS logit_prob, f.fid AS fid, f.label AS label, t.text AS token_text,
+       n.row AS image_row, n.col AS image_col, n.k AS image_k, inputs, outputs
+"""
+
+# Features by label (case-insensitive substring) and layer, most widespread first.
+WEB_FEATURES = """
+MATCH (f:Feature)
+WHERE ($q IS NULL OR toLower(coalesce(f.label, '')) CONTAINS toLower($q))
+  AND ($layer IS NULL OR f.layer = $layer)
+RETURN f.fid AS fid, f.layer AS layer, f.index AS index, f.label AS label,
+       f.n_prompts AS n_prompts, f.max_act AS max_act
+ORDER BY f.n_prompts DESC, f.fid SKIP $offset LIMIT $limit
+"""
+
+# One stored intervention, every property (JSON ones decoded by the caller).
+WEB_INTERVENTION = "MATCH (i:Intervention {id: $id}) RETURN properties(i) AS props"
+
+# Stored properties of features by id (``atlas export viewer``'s feature files).
+WEB_EXPORT_FEATURES = """
+UNWIND $fids AS fid
+MATCH (f:Feature {fid: fid})
+RETURN f.fid AS fid, f.layer AS layer, f.index AS index, f.label AS label,
+       f.top_tokens AS top_tokens, f.bottom_tokens AS bottom_tokens, f.max_act AS max_act,
+       f.n_prompts AS n_prompts
+"""
+# =========================================================================== end of web page section
