@@ -5,6 +5,7 @@ at random with random edges of random sign."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 from atlas.graph import (
@@ -76,14 +77,14 @@ def planted_graph(seed: int, on: list[int]) -> Graph:
     for g in on:
         members = [idx[(lay, group_pos[g], index)] for lay, index in GROUPS[g]]
         edges[(tok0 + group_pos[g], members[0])] = 1.0
-        for a, b in zip(members, members[1:], strict=False):
+        for a, b in itertools.pairwise(members):
             edges[(a, b)] = 0.8 + 0.2 * rng.random()
         for m in members:
             edges[(m, logit0 + g)] = 0.5 + 0.2 * rng.random()
     noise = [i for i, key in enumerate(order) if key[2] >= 500]
     for i in noise:
         for _ in range(2):
-            j = rng.choice(noise + [logit0 + 3])
+            j = rng.choice([*noise, logit0 + 3])
             if j >= logit0 or layer_c[j] > layer_c[i]:
                 edges.setdefault((i, j), rng.choice([-1, 1]) * (0.1 + 0.4 * rng.random()))
     meta = GraphMetadata(

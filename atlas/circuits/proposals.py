@@ -228,7 +228,9 @@ def name_from_labels(labels: Sequence[str | None], fallback: str, n_words: int =
     for label in labels:
         if not label:
             continue
-        words = [w for w in dict.fromkeys(x.lower() for x in _WORD.findall(label)) if w not in _STOP]
+        words = [
+            w for w in dict.fromkeys(x.lower() for x in _WORD.findall(label)) if w not in _STOP
+        ]
         for w in words:
             counts[w] += 1
             first.setdefault(w, len(first))

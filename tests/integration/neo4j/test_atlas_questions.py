@@ -146,7 +146,7 @@ def _recompute(
     for pid in ids:
         graph, _ = read.export_graph(driver, pid)
 
-        def key(i: int) -> str | None:
+        def key(i: int, graph: Any = graph) -> str | None:
             k = int(graph.kind[i])
             if k == NodeKind.FEATURE:
                 fid = f"{TSET}/{int(graph.layer[i])}/{int(graph.feature[i])}"

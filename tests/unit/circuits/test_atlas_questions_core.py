@@ -3,6 +3,7 @@ global circuit keeps the planted route, contrasts find the planted difference.""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -40,7 +41,7 @@ def _planted_inputs(seed: int = 0) -> tuple[ProposalInputs, list[list[str]]]:
             units[index[f], p * 6 + rng.integers(6)] = 1
     edges = []
     for gi, g in enumerate(groups):
-        for a, b in zip(g, g[1:], strict=False):
+        for a, b in itertools.pairwise(g):
             edges.append((a, b, 0.9, 20))
         for f in g:
             edges.append((f, f"logit{gi}", 0.5, 20))
