@@ -309,3 +309,31 @@ def test_bad_input_is_one_line_and_writes_nothing(
 def test_text_only_atlas_has_no_image_end(db: neo4j.Driver, refused: Any) -> None:
     ingest_graph(db, planted_graph(7, []))
     assert "contains both" in refused("query", "global", "--from", "image", "--to", "logit:w19")
+
+
+def test_annotation_with_a_label_source(planted: neo4j.Driver) -> None:
+    from atlas.circuits.label_sources import FeatureEvidence
+    from atlas.store.labels import label_features
+
+    class Contexts:
+        name = "contexts"
+
+        def labels(self, evidence: Any) -> list[str | None]:
+            assert all(isinstance(e, FeatureEvidence) for e in evidence)
+            return [f"ctx {e.contexts[0]}" if e.contexts else None for e in evidence]
+
+    n = label_features(planted, source=Contexts())
+    assert n > 0
+    with planted.session() as s:
+        rec = s.run(
+            "MATCH (f:Feature {fid: $fid}) RETURN f.label AS label, f.top_act_prompts AS p",
+            fid=group_fids(0)[0],
+        ).single()
+    assert rec is not None and rec["label"].startswith("ctx ") and "[" in rec["label"]
+    assert len(rec["p"]) == 10
+    label_features(planted)
+    with planted.session() as s:
+        label = s.run(
+            "MATCH (f:Feature {fid: $fid}) RETURN f.label AS label", fid=group_fids(0)[0]
+        ).single()
+    assert label is not None and label["label"].startswith("on: ")

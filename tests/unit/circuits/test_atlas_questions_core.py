@@ -138,3 +138,35 @@ def test_contrast_finds_the_planted_difference() -> None:
     shared = next(r for r in rows if r["item"] == "shared")
     assert shared["p_value"] == 1.0 and shared["effect"] == 0.0
     assert contrast_items(values, a, []) == []
+
+
+def test_label_sources() -> None:
+    import pytest
+
+    from atlas.circuits.label_sources import (
+        FeatureEvidence,
+        context,
+        label_source,
+        label_sources,
+        register_label_source,
+    )
+    from atlas.errors import InputError
+
+    ev = FeatureEvidence("t/1/2", lens_tokens=[" fingers"], activating_tokens=[" hand", " hand"])
+    assert label_source().labels([ev, FeatureEvidence("t/1/3")]) == [
+        "on: hand → says: fingers",
+        None,
+    ]
+    with pytest.raises(InputError, match="unknown label source"):
+        label_source("nope")
+
+    class First:
+        name = "first"
+
+        def labels(self, evidence: object) -> list[str | None]:
+            return [e.contexts[0] if e.contexts else None for e in evidence]  # type: ignore[attr-defined]
+
+    register_label_source("first", First)
+    assert "first" in label_sources()
+    assert context(["a", " b", " c", " d"], 2) == "a b[ c] d"
+    assert label_source("first").labels([FeatureEvidence("x", contexts=["q"])]) == ["q"]
