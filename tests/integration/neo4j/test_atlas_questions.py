@@ -337,3 +337,31 @@ def test_annotation_with_a_label_source(planted: neo4j.Driver) -> None:
             "MATCH (f:Feature {fid: $fid}) RETURN f.label AS label", fid=group_fids(0)[0]
         ).single()
     assert label is not None and label["label"].startswith("on: ")
+
+
+def test_validation_ablates_a_proposal_on_the_real_model(
+    db: neo4j.Driver, neo4j_settings: Any, tmp_path: Any
+) -> None:
+    from atlas.pipeline.payloads import PromptSpec
+    from atlas.pipeline.submit import submit
+    from atlas.store.proposals import validate_proposal
+    from tests.helpers import build_tiny_world
+
+    model, tcs = build_tiny_world(tmp_path / "world")
+    texts = ["abcab", "abcba", "bcabc", "cabca"]
+    specs = [PromptSpec(prompt=t, model=model, transcoders=tcs) for t in texts]
+    job, _ = submit(neo4j_settings, specs, source="test", driver=db)
+    assert len(select_prompts(db, f"job:{job}")) == 4
+    found = propose_supernodes(db, f"job:{job}", min_prompts=2, store=True)
+    assert found
+    name = found[0]["name"]
+    res = validate_proposal(db, neo4j_settings, name, model=model, transcoders=tcs, n_prompts=2)
+    assert res["validation_prompts"] == 2 and res["validation_kl"] >= 0.0
+    row = next(r for r in list_proposals(db, kind="proposed") if r["name"] == name)
+    assert row["validation_kl"] == pytest.approx(res["validation_kl"])
+    with db.session() as s:
+        n = s.run(
+            "MATCH (i:Intervention)-[:TOUCHES]->(:Supernode {name: $n}) RETURN count(i) AS n",
+            n=name,
+        ).single()
+    assert n is not None and n["n"] == 2
