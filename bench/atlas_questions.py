@@ -86,7 +86,7 @@ def toy(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from atlas.circuits.lens import logit_lens_for
-    from atlas.circuits.proposals import precision_recall
+    from atlas.circuits.proposals import ProposalSettings, best_match, propose
     from atlas.models.loading import load_model
     from atlas.pipeline.payloads import PromptSpec
     from atlas.pipeline.submit import submit
@@ -94,7 +94,8 @@ def toy(args: argparse.Namespace) -> dict[str, Any]:
     from atlas.store.contrast import contrast
     from atlas.store.global_circuit import global_circuit
     from atlas.store.labels import label_features, store_lens
-    from atlas.store.proposals import propose_supernodes
+    from atlas.store.prompt_filter import select_prompts
+    from atlas.store.proposals import gather_inputs, propose_supernodes
     from atlas.store.schema import apply_schema
     from atlas.store.supernodes import define_from_label, show
     from atlas.toy import toy_paths
@@ -130,27 +131,31 @@ def toy(args: argparse.Namespace) -> dict[str, Any]:
         found = timed(
             report,
             "propose",
-            lambda: propose_supernodes(
-                driver, None, min_prompts=args.min_prompts, limit=200, timeout_s=600
-            ),
+            lambda: propose_supernodes(driver, None, min_prompts=args.min_prompts, timeout_s=600),
         )
-        report["n_proposals"] = len(found)
+        report["n_proposals_stored"] = len(found)
+        ids = select_prompts(driver, None)
+        inputs = gather_inputs(driver, ids, min_prompts=args.min_prompts, timeout_s=600)
+        report["n_candidates"] = len(inputs.fids)
         report["groups"] = {}
-        for name, members in refs.items():
-            best = None
-            for p in found:
-                prec, rec = precision_recall(p["members"], members)
-                f1 = 2 * prec * rec / (prec + rec) if prec + rec > 0 else 0.0
-                if best is None or f1 > best["f1"]:
-                    best = {
-                        "proposal": p["name"],
-                        "precision": prec,
-                        "recall": rec,
-                        "f1": f1,
-                        "n_members": len(p["members"]),
-                    }
-            report["groups"][name] = {"n_reference": len(members), **(best or {})}
-            print(name, report["groups"][name], flush=True)
+        for thr in args.thresholds:
+            props = propose(inputs, ProposalSettings(distance_threshold=thr))
+            for name, members in refs.items():
+                best, prec, rec = best_match(props, members)
+                f1 = 2 * prec * rec / (prec + rec) if best is not None and prec + rec > 0 else 0.0
+                row = {
+                    "threshold": thr,
+                    "n_proposals": len(props),
+                    "n_reference": len(members),
+                    "n_reference_candidates": len(set(members) & set(inputs.fids)),
+                    "best": best.name if best else None,
+                    "n_members": len(best.members) if best else 0,
+                    "precision": round(prec, 3),
+                    "recall": round(rec, 3),
+                    "f1": round(f1, 3),
+                }
+                report["groups"].setdefault(name, []).append(row)
+                print(name, row, flush=True)
         gc = timed(
             report,
             "global_hand_to_5",
@@ -253,6 +258,7 @@ def main() -> None:
     t.add_argument("--prompts", type=int, default=120)
     t.add_argument("--min-prompts", type=int, default=3)
     t.add_argument("--home", default=None)
+    t.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9])
     s = sub.add_parser("store")
     s.add_argument("--home", required=True, help="the bench/store.py launcher home")
     s.add_argument("--min-prompts", type=int, default=10)

@@ -90,7 +90,7 @@ def contrast(
     out: dict[str, Any] = {"a": a, "b": b, "n_a": len(ids_a), "n_b": len(ids_b)}
     families = {"features": feats, "edges": edges, "paths": paths}
     tables = {
-        name: contrast_items(values, ids_a, ids_b, min_prompts=min_prompts)[:limit]
+        name: contrast_items(values, ids_a, ids_b, min_prompts=min_prompts, limit=limit)
         for name, values in families.items()
     }
     keys = sorted({k for rows in tables.values() for r in rows for k in r["item"].split(" -> ")})
