@@ -233,6 +233,16 @@ def store(args: argparse.Namespace) -> dict[str, Any]:
             "n_edges": len(gc["edges"]),
             "candidate_edges": gc["n_candidate_edges"],
         }
+        from atlas.errors import StoreError
+
+        t0 = time.perf_counter()
+        try:
+            global_circuit(driver, settings, f"token:{tok}", f"logit:{logit}", None, timeout_s=2.0)
+            report["timeout_message"] = None
+        except StoreError as exc:
+            report["timeout_message"] = str(exc)
+        report["timeout_refused_after_s"] = round(time.perf_counter() - t0, 2)
+        print("2 s timeout:", report["timeout_message"], flush=True)
         ct = timed(
             report,
             "contrast",
