@@ -50,12 +50,12 @@ def contrast_items(
         part = items[start : start + chunk]
         mat = np.zeros((len(part), n_a + n_b))
         seen = np.zeros((len(part), n_a + n_b), dtype=bool)
-        for r, it in enumerate(part):
+        for j, it in enumerate(part):
             for p, v in values[it].items():
                 c = col.get(p)
                 if c is not None:
-                    mat[r, c] = v
-                    seen[r, c] = True
+                    mat[j, c] = v
+                    seen[j, c] = True
         va, vb = mat[:, :n_a], mat[:, n_a:]
         with np.errstate(all="ignore"):
             res = stats.mannwhitneyu(va, vb, axis=1, alternative="two-sided")
@@ -66,8 +66,8 @@ def contrast_items(
         pv = np.where(same | np.isnan(pv), 1.0, pv)
         k_a = seen[:, :n_a].sum(axis=1)
         k_b = seen[:, n_a:].sum(axis=1)
-        for r, it in enumerate(part):
-            ka, kb = int(k_a[r]), int(k_b[r])
+        for j, it in enumerate(part):
+            ka, kb = int(k_a[j]), int(k_b[j])
             odds = ((ka + 0.5) * (n_b - kb + 0.5)) / ((n_a - ka + 0.5) * (kb + 0.5))
             rows.append(
                 {
@@ -78,10 +78,10 @@ def contrast_items(
                     "n_b": n_b,
                     "rate_diff": ka / n_a - kb / n_b,
                     "log2_odds": math.log2(odds),
-                    "mean_a": float(va[r].mean()),
-                    "mean_b": float(vb[r].mean()),
-                    "effect": 2.0 * float(u[r]) / (n_a * n_b) - 1.0,
-                    "p_value": float(pv[r]),
+                    "mean_a": float(va[j].mean()),
+                    "mean_b": float(vb[j].mean()),
+                    "effect": 2.0 * float(u[j]) / (n_a * n_b) - 1.0,
+                    "p_value": float(pv[j]),
                 }
             )
     if rows:
