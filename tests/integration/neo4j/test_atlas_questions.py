@@ -240,70 +240,69 @@ def test_contrast_finds_the_planted_group(planted: neo4j.Driver, neo4j_settings:
     assert json.loads(r.output)["n_a"] == res["n_a"]
 
 
-@pytest.mark.parametrize(
-    "args",
+BAD_INPUT = [
+    ["query", "global", "--from", "supernode:nope", "--to", "logit:w10"],
+    ["query", "global", "--from", "feature:3/999", "--to", "logit:w10"],
+    ["query", "global", "--from", "feature:0/100", "--to", "logit:nothing"],
+    ["query", "global", "--from", "feature:0/100", "--to", "image"],
     [
-        ["query", "global", "--from", "supernode:nope", "--to", "logit:w10"],
-        ["query", "global", "--from", "feature:3/999", "--to", "logit:w10"],
-        ["query", "global", "--from", "feature:0/100", "--to", "logit:nothing"],
-        ["query", "global", "--from", "feature:0/100", "--to", "image"],
-        [
-            "query",
-            "global",
-            "--from",
-            "feature:0/100",
-            "--to",
-            "logit:w10",
-            "--prompts",
-            "colour:red",
-        ],
-        [
-            "query",
-            "global",
-            "--from",
-            "feature:0/100",
-            "--to",
-            "logit:w10",
-            "--prompts",
-            "text:zzz",
-        ],
-        ["query", "global", "--from", "feature:0/100", "--to", "logit:w10", "--prompts", "text:("],
-        [
-            "query",
-            "global",
-            "--from",
-            "feature:0/100",
-            "--to",
-            "logit:w10",
-            "--prompts",
-            "tag:none",
-        ],
-        [
-            "query",
-            "global",
-            "--from",
-            "feature:0/100",
-            "--to",
-            "logit:w10",
-            "--prompts",
-            "job:nojob",
-        ],
-        ["query", "contrast", "--a", "all", "--b", "text:groups 0"],
-        ["query", "contrast", "--a", "text:groups 0", "--b", "answer:nothing"],
-        ["query", "contrast", "--a", "text:groups 0", "--b", "supernode:nope"],
-        ["supernode", "propose", "--prompts", "bogus"],
-        ["supernode", "propose", "--prompts", "text:zzz"],
-        ["supernode", "propose", "--prompts", "!all"],
-        ["supernode", "propose", "--min-prompts", "0"],
-        ["supernode", "propose", "--prompts", "text:a & "],
+        "query",
+        "global",
+        "--from",
+        "feature:0/100",
+        "--to",
+        "logit:w10",
+        "--prompts",
+        "colour:red",
     ],
-)
-def test_bad_input_is_one_line_and_writes_nothing(
-    planted: neo4j.Driver, refused: Any, args: list[str]
-) -> None:
+    [
+        "query",
+        "global",
+        "--from",
+        "feature:0/100",
+        "--to",
+        "logit:w10",
+        "--prompts",
+        "text:zzz",
+    ],
+    ["query", "global", "--from", "feature:0/100", "--to", "logit:w10", "--prompts", "text:("],
+    [
+        "query",
+        "global",
+        "--from",
+        "feature:0/100",
+        "--to",
+        "logit:w10",
+        "--prompts",
+        "tag:none",
+    ],
+    [
+        "query",
+        "global",
+        "--from",
+        "feature:0/100",
+        "--to",
+        "logit:w10",
+        "--prompts",
+        "job:nojob",
+    ],
+    ["query", "contrast", "--a", "all", "--b", "text:groups 0"],
+    ["query", "contrast", "--a", "text:groups 0", "--b", "answer:nothing"],
+    ["query", "contrast", "--a", "text:groups 0", "--b", "supernode:nope"],
+    ["supernode", "propose", "--prompts", "bogus"],
+    ["supernode", "propose", "--prompts", "text:zzz"],
+    ["supernode", "propose", "--prompts", "!all"],
+    ["supernode", "propose", "--min-prompts", "0"],
+    ["supernode", "propose", "--prompts", "text:a & "],
+]
+
+
+def test_bad_input_is_one_line_and_writes_nothing(planted: neo4j.Driver, refused: Any) -> None:
+    propose_supernodes(planted, None, min_prompts=3)
     before = _supernodes(planted)
-    refused(*args)
-    assert _supernodes(planted) == before
+    for args in BAD_INPUT:
+        refused(*args)
+        assert _supernodes(planted) == before, args
 
 
 def test_text_only_atlas_has_no_image_end(db: neo4j.Driver, refused: Any) -> None:
@@ -339,6 +338,7 @@ def test_annotation_with_a_label_source(planted: neo4j.Driver) -> None:
     assert label is not None and label["label"].startswith("on: ")
 
 
+@pytest.mark.slow
 def test_validation_ablates_a_proposal_on_the_real_model(
     db: neo4j.Driver, neo4j_settings: Any, tmp_path: Any
 ) -> None:
