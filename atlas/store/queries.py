@@ -1094,3 +1094,207 @@ RETURN f.fid AS fid, f.layer AS layer, f.index AS index, f.label AS label,
        f.n_prompts AS n_prompts
 """
 # =========================================================================== end of web page section
+
+# =========================================================================== atlas questions
+# Prompt filters (atlas.store.prompt_filter), supernode proposals (atlas.store.proposals), global
+# circuits (atlas.store.global_circuit) and contrasts (atlas.store.contrast). Node keys used by
+# the global and contrastive questions: ``kind|ref`` (``feature|<fid>``, ``token|<tid>``,
+# ``logit|<tid>``), ``image:ROW,COL`` for an image soft token, ``@from`` / ``@to`` for the ends.
+
+PF_ALL_PROMPTS = "MATCH (p:Prompt) WHERE p.complete RETURN p.id AS id"
+
+PF_PROMPT_TEXTS = "MATCH (p:Prompt) WHERE p.complete RETURN p.id AS id, p.text AS text"
+
+# The model's answer of each prompt: the token of its logit node of highest probability.
+PF_ANSWERS = """
+UNWIND $ids AS pid
+CALL (pid) {
+  MATCH (l:Node {prompt: pid}) WHERE l.kind = 'logit'
+  RETURN l ORDER BY l.logit_prob DESC LIMIT 1
+}
+OPTIONAL MATCH (l)-[:OF]->(t:Token)
+RETURN pid AS id, t.text_norm AS answer
+"""
+
+PF_TAGGED = """
+MATCH (p:Prompt)-[:HAS_IMAGE]->(i:Image) WHERE p.complete AND $tag IN i.tags
+RETURN DISTINCT p.id AS id
+"""
+
+PF_JOB_EXISTS = "MATCH (j:Job {id: $job_id}) RETURN j.id AS id"
+
+PF_JOB_PROMPTS = """
+MATCH (i:JobItem {job_id: $job_id}) WHERE i.state = 'done' AND i.prompt_id IS NOT NULL
+MATCH (p:Prompt {id: i.prompt_id}) WHERE p.complete
+RETURN DISTINCT p.id AS id
+"""
+
+PF_SUPERNODE_PROMPTS = """
+MATCH (:Supernode {name: $name})-[:HAS]->(f:Feature)
+WITH collect(f.fid) AS refs
+MATCH (n:Node) WHERE n.ref IN refs AND n.kind = 'feature' AND n.prompt IS NOT NULL
+RETURN DISTINCT n.prompt AS id
+"""
+
+# ---- proposals
+PROP_FEATURE_INSTANCES = """
+UNWIND $ids AS pid
+MATCH (n:Node {prompt: pid}) WHERE n.kind = 'feature'
+RETURN n.ref AS ref, pid AS prompt, n.pos AS pos
+"""
+
+PROP_AGG_OUT = """
+UNWIND $fids AS fid
+MATCH (a:Feature {fid: fid})-[g:AGG]->(b:Feature)
+WHERE g.n_prompts >= $min_pair
+RETURN a.fid AS s, b.fid AS t, g.n_prompts AS n, g.sum_w AS sum_w
+"""
+
+PROP_AGG_IN = """
+UNWIND $fids AS fid
+MATCH (b:Feature {fid: fid})<-[g:AGG]-(a:Feature)
+WHERE g.n_prompts >= $min_pair
+RETURN a.fid AS s, b.fid AS t, g.n_prompts AS n, g.sum_w AS sum_w
+"""
+
+PROP_FEATURE_META = """
+UNWIND $fids AS fid
+MATCH (f:Feature {fid: fid})
+RETURN f.fid AS fid, f.label AS label, f.layer AS layer, f.index AS index, f.tset AS tset
+"""
+
+PROP_DELETE_PROPOSED = """
+MATCH (s:Supernode {kind: 'proposed'})
+DETACH DELETE s
+RETURN count(*) AS deleted
+"""
+
+PROP_SET_SCORES = """
+MATCH (s:Supernode {name: $name})
+SET s.coactivation = $coactivation, s.coherence = $coherence,
+    s.internal_positive = $internal_positive, s.downstream_agreement = $downstream_agreement,
+    s.score = $score, s.n_prompts = $n_prompts, s.n_selected = $n_selected,
+    s.proposed_at = datetime()
+"""
+
+PROP_SET_VALIDATION = """
+MATCH (s:Supernode {name: $name})
+SET s.validation_kl = $validation_kl, s.validation_drop = $validation_drop,
+    s.validation_prompts = $validation_prompts, s.validation_multiplier = $validation_multiplier
+"""
+
+PROP_LIST = """
+MATCH (s:Supernode) WHERE $kind IS NULL OR s.kind = $kind
+OPTIONAL MATCH (s)-[:HAS]->(f:Feature)
+RETURN s.name AS name, s.kind AS kind, count(f) AS n_members, s.score AS score,
+       s.coactivation AS coactivation, s.coherence AS coherence, s.n_prompts AS n_prompts,
+       s.validation_kl AS validation_kl, s.validation_drop AS validation_drop,
+       s.pattern AS pattern
+ORDER BY coalesce(s.score, -1.0) DESC, name
+"""
+
+PROP_KIND = "MATCH (s:Supernode {name: $name}) RETURN s.kind AS kind"
+
+PROP_ACCEPT = """
+MATCH (s:Supernode {name: $name}) WHERE s.kind = 'proposed'
+SET s.name = $new_name, s.kind = 'accepted', s.accepted_at = datetime()
+"""
+
+PROP_REJECT = """
+MATCH (s:Supernode {name: $name}) WHERE s.kind = 'proposed'
+DETACH DELETE s
+"""
+
+# The prompts where a supernode's members are most active (validation runs there), with the
+# prompt's model depth (the constrained range covers every layer).
+PROP_TOP_PROMPTS = """
+MATCH (:Supernode {name: $name})-[:HAS]->(f:Feature)
+WITH collect(f.fid) AS refs
+MATCH (n:Node) WHERE n.ref IN refs AND n.kind = 'feature' AND n.prompt IS NOT NULL
+WITH n.prompt AS prompt, sum(n.activation) AS total
+MATCH (p:Prompt {id: prompt}) WHERE p.complete AND p.image_sha256 IS NULL
+OPTIONAL MATCH (p)-[:USES_MODEL]->(m:Model)
+RETURN prompt, p.text AS text, m.n_layers AS n_layers, total
+ORDER BY total DESC, prompt LIMIT $limit
+"""
+
+# ---- global circuits
+# A node's key with the ends collapsed: ``$from_keys`` / ``$to_keys`` are ``kind|ref`` keys, and
+# ``$from_box`` a ``[row0, row1, col0, col1]`` box of image cells (or null).
+_GC_KEY = """CASE
+  WHEN __N__.kind = 'image' AND $from_box IS NOT NULL
+       AND __N__.row >= $from_box[0] AND __N__.row <= $from_box[1]
+       AND __N__.col >= $from_box[2] AND __N__.col <= $from_box[3] THEN '@from'
+  WHEN __N__.kind + '|' + coalesce(__N__.ref, '') IN $from_keys THEN '@from'
+  WHEN __N__.kind + '|' + coalesce(__N__.ref, '') IN $to_keys THEN '@to'
+  WHEN __N__.kind = 'image' THEN 'image:' + toString(__N__.row) + ',' + toString(__N__.col)
+  ELSE __N__.kind + '|' + coalesce(__N__.ref, '') END"""
+
+# Per (source key, target key): prompts with an edge, summed weight (each prompt's edges between
+# the two summed first), target-activation-weighted sum (TWERA's numerator) and summed |w|.
+GC_PAIR_STATS = (
+    """
+UNWIND $ids AS pid
+MATCH (a:Node {prompt: pid})-[e:EDGE]->(b:Node)
+WHERE a.kind <> 'error'
+WITH pid, e.w AS w, b.activation AS act, """
+    + _GC_KEY.replace("__N__", "a")
+    + """ AS s, """
+    + _GC_KEY.replace("__N__", "b")
+    + """ AS t
+WHERE s <> t
+WITH pid, s, t, sum(w) AS w, max(coalesce(act, 1.0)) AS act
+RETURN s, t, count(*) AS n, sum(w) AS sum_w, sum(w * act) AS sum_tw, sum(abs(w)) AS sum_abs
+"""
+)
+
+# Per node key: prompts where it is present and the sum of its per-prompt largest activation
+# (TWERA's denominator; 1.0 for nodes without an activation).
+GC_NODE_STATS = (
+    """
+UNWIND $ids AS pid
+MATCH (n:Node {prompt: pid}) WHERE n.kind <> 'error'
+WITH pid, n.activation AS act, """
+    + _GC_KEY.replace("__N__", "n")
+    + """ AS key
+WITH pid, key, max(coalesce(act, 1.0)) AS act
+RETURN key, count(*) AS n, sum(act) AS sum_act
+"""
+)
+
+# Prompts with an instance of an end (refs of one kind), or with image tokens in a box.
+GC_END_PROMPTS = """
+MATCH (n:Node) WHERE n.ref IN $refs AND n.kind = $kind AND n.prompt IS NOT NULL
+RETURN DISTINCT n.prompt AS id
+"""
+
+GC_IMAGE_PROMPTS = """
+MATCH (a:ImageTokenNode)
+WHERE a.row >= $box[0] AND a.row <= $box[1] AND a.col >= $box[2] AND a.col <= $box[3]
+RETURN DISTINCT a.prompt AS id
+"""
+
+# Display names of node keys' global entities (features and tokens by ref).
+GC_REF_NAMES = """
+UNWIND $refs AS ref
+OPTIONAL MATCH (t:Token {tid: ref})
+OPTIONAL MATCH (f:Feature {fid: ref})
+RETURN ref, t.text AS token, f.layer AS layer, f.index AS index, f.label AS label
+"""
+
+# ---- contrasts
+# Each prompt's features (largest activation over positions).
+CT_FEATURES = """
+UNWIND $ids AS pid
+MATCH (n:Node {prompt: pid}) WHERE n.kind = 'feature'
+RETURN n.ref AS ref, pid AS prompt, max(n.activation) AS act
+"""
+
+# Each prompt's edges between features and from features to logits (summed over positions).
+CT_EDGES = """
+UNWIND $ids AS pid
+MATCH (a:Node {prompt: pid})-[e:EDGE]->(b:Node)
+WHERE a.kind = 'feature' AND b.kind IN ['feature', 'logit'] AND abs(e.w) >= $min_weight
+RETURN a.kind + '|' + a.ref AS s, b.kind + '|' + b.ref AS t, pid AS prompt, sum(e.w) AS w
+"""
+# =========================================================================== end of atlas questions
