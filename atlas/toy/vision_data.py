@@ -43,11 +43,11 @@ Task = Literal["hand", "dots", "planet", "colour", "shape"]
 TASKS: tuple[Task, ...] = ("hand", "dots", "planet", "colour", "shape")
 #: Share of each task in training batches.
 TRAIN_TASK_WEIGHTS: dict[Task, float] = {
-    "hand": 0.32,
-    "dots": 0.34,
-    "planet": 0.12,
-    "colour": 0.11,
-    "shape": 0.11,
+    "hand": 0.30,
+    "dots": 0.40,
+    "planet": 0.10,
+    "colour": 0.10,
+    "shape": 0.10,
 }
 FINGER_COUNTS = (3, 4, 5, 6, 7)
 #: Finger counts of training hands: five fingers far more often than any other count.
@@ -208,12 +208,13 @@ def draw_dots(rng: random.Random, count: int, kind: str) -> Image.Image:
     """``count`` dots or stars in distinct cells of a jittered 4 x 4 grid (never overlapping)."""
     img, d = _canvas(_background(rng))
     s = IMAGE_SIZE * _SS
-    colour = _jitter(rng.choice([*COLOURS.values(), (30, 30, 30), (150, 60, 170)]), rng)
+    dark = [c for name, c in COLOURS.items() if name != "yellow"]
+    colour = _jitter(rng.choice([*dark, (30, 30, 30), (150, 60, 170)]), rng)
     cell = s / 4
     cells = rng.sample(range(16), count)
     for c in cells:
         row, col = divmod(c, 4)
-        r = rng.uniform(2.6, 4.2) * _SS if kind == "stars" else rng.uniform(2.0, 3.6) * _SS
+        r = rng.uniform(3.4, 4.6) * _SS if kind == "stars" else rng.uniform(2.6, 4.0) * _SS
         margin = r + 1 * _SS
         x = (
             col * cell + rng.uniform(margin, cell - margin)
