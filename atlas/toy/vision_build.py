@@ -90,6 +90,10 @@ class VisionBuildConfig:
     tc_images_per_chunk: int = 48
     """Image prompts per transcoder buffer (each ~40 positions, a document ~48)."""
     tc_eval_images: int = 240
+    eval_per_count: int = 40
+    """Held-out hands per finger count in the eval (half as many dots and stars per count)."""
+    eval_per_class: int = 30
+    """Held-out planets per kind (and shapes per shape and question: two thirds of it)."""
     threads: int = 1
 
     @property
@@ -111,6 +115,8 @@ class VisionBuildConfig:
             "tc_docs_per_chunk": self.tc_docs_per_chunk,
             "tc_images_per_chunk": self.tc_images_per_chunk,
             "tc_eval_images": self.tc_eval_images,
+            "eval_per_count": self.eval_per_count,
+            "eval_per_class": self.eval_per_class,
         }
 
 
@@ -384,13 +390,16 @@ def load_vision(paths: ToyPaths | None = None) -> Any:
 
 
 def evaluate_vision(
-    paths: ToyPaths | None = None, per_count: int = 40, per_class: int = 30
+    paths: ToyPaths | None = None, per_count: int | None = None, per_class: int | None = None
 ) -> dict[str, Any]:
     """Accuracy per task and per count on the held-out images (:meth:`VisionWorld.eval_samples`
-    of the build's seed), through the hub code path (:func:`predict`)."""
+    of the build's seed and eval sizes), through the hub code path (:func:`predict`)."""
     paths = paths or vision_paths()
     manifest = json.loads(paths.manifest.read_text())
     seed = int(manifest.get("seed", 0))
+    recorded = manifest.get("build_config", {})
+    per_count = per_count or int(recorded.get("eval_per_count", 40))
+    per_class = per_class or int(recorded.get("eval_per_class", 30))
     loaded = load_vision(paths)
     samples = VisionWorld(seed).eval_samples(per_count=per_count, per_class=per_class)
     old = torch.get_num_threads()
@@ -454,7 +463,7 @@ def build_toy_vision(
             heldout_image_prompts(cfg.seed, cfg.tc_eval_images),
         )
     write_json(paths.manifest, {"seed": cfg.seed})  # evaluate_vision reads the seed
-    metrics = evaluate_vision(paths)
+    metrics = evaluate_vision(paths, cfg.eval_per_count, cfg.eval_per_class)
     metrics.pop("root")
     t_total = time.perf_counter() - t0
     manifest = {

@@ -49,17 +49,17 @@ class VisionTrainConfig:
     tower_width: int = 64
     tower_layers: int = 3
     tower_heads: int = 4
-    steps: int = 1200
+    steps: int = 900
     batch_size: int = 32
-    text_batch: int = 8
+    text_batch: int = 4
     """Toy-corpus documents per step (LM loss), 0 for none."""
     text_seq_len: int = 40
     text_weight: float = 0.5
-    pool: int = 9600
+    pool: int = 6400
     """Distinct training images (drawn once, reused across steps)."""
-    lr: float = 2e-3
+    lr: float = 3e-3
     lm_lr: float = 1e-3
-    warmup_steps: int = 60
+    warmup_steps: int = 40
     weight_decay: float = 0.01
     threads: int = 1
 
@@ -302,7 +302,11 @@ def train_vlm(
                 bar.set_postfix(img=f"{ema_img:.3f}", txt=f"{ema_txt:.3f}")
             if step % 200 == 0:
                 logger.info(
-                    "toy VLM step %d image loss %.4f text loss %.4f", step, ema_img, ema_txt
+                    "toy VLM step %d image loss %.4f text loss %.4f (%s)",
+                    step,
+                    ema_img,
+                    ema_txt,
+                    " ".join(f"{k} {v:.3f}" for k, v in ema_task.items()),
                 )
         model.eval()
     return {"image_loss": ema_img, "text_loss": ema_txt}
