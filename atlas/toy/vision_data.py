@@ -61,6 +61,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (235, 210, 40),
 }
 SHAPES = ("circle", "square", "triangle")
+#: Dark, high-contrast colours of dots and stars (on the light backgrounds).
+DOT_COLOURS = ((30, 30, 30), (30, 40, 140), (140, 30, 30), (30, 110, 40))
 #: Combinations training never draws; the eval set has them (``heldout`` attribute).
 HELDOUT_COMBOS: frozenset[tuple[str, str]] = frozenset(
     {("triangle", "green"), ("circle", "yellow"), ("stars", "7")}
@@ -208,13 +210,12 @@ def draw_dots(rng: random.Random, count: int, kind: str) -> Image.Image:
     """``count`` dots or stars in distinct cells of a jittered 4 x 4 grid (never overlapping)."""
     img, d = _canvas(_background(rng))
     s = IMAGE_SIZE * _SS
-    dark = [c for name, c in COLOURS.items() if name != "yellow"]
-    colour = _jitter(rng.choice([*dark, (30, 30, 30), (150, 60, 170)]), rng)
+    colour = _jitter(rng.choice(DOT_COLOURS), rng, 12)
     cell = s / 4
     cells = rng.sample(range(16), count)
     for c in cells:
         row, col = divmod(c, 4)
-        r = rng.uniform(3.4, 4.6) * _SS if kind == "stars" else rng.uniform(2.6, 4.0) * _SS
+        r = rng.uniform(3.8, 4.6) * _SS if kind == "stars" else rng.uniform(3.0, 3.8) * _SS
         margin = r + 1 * _SS
         x = (
             col * cell + rng.uniform(margin, cell - margin)

@@ -49,13 +49,13 @@ class VisionTrainConfig:
     tower_width: int = 64
     tower_layers: int = 3
     tower_heads: int = 4
-    steps: int = 900
+    steps: int = 1600
     batch_size: int = 32
     text_batch: int = 4
     """Toy-corpus documents per step (LM loss), 0 for none."""
     text_seq_len: int = 40
     text_weight: float = 0.5
-    pool: int = 6400
+    pool: int = 9600
     """Distinct training images (drawn once, reused across steps)."""
     lr: float = 3e-3
     lm_lr: float = 1e-3
