@@ -64,7 +64,7 @@ def test_reproduces_recorded_eval_figures(manifest: dict) -> None:
     recorded = manifest["metrics"]["eval"]
     result = CliRunner().invoke(cli, ["toy", "eval", "--vision", "--format", "json"])
     assert result.exit_code == 0, result.output
-    got = json.loads(result.output)
+    got = json.loads(result.stdout)
     for key in HEADLINE_KEYS:
         assert 0.0 <= got[key] <= 1.0
         assert math.isclose(got[key], recorded[key], abs_tol=1e-9), key
