@@ -436,9 +436,7 @@ class _RankedRows:
         width = int(self.layer_start[top_layer])
         n_active = self.plan.n_active
         norm = rows.abs().sum(dim=1).clamp(min=1e-8)
-        chunk = _RowChunk(
-            rows[:, :width].clone(), rows[:, n_active:].clone(), self.n_rows, norm
-        )
+        chunk = _RowChunk(rows[:, :width].clone(), rows[:, n_active:].clone(), self.n_rows, norm)
         self.chunks.append(chunk)
         self.n_rows += chunk.n_rows
         if features is not None:
@@ -492,7 +490,9 @@ class _RankedRows:
         adjacency = torch.empty(n_nodes, n_nodes, dtype=torch.float32, device=dev)
         slot = torch.full((plan.n_active,), -1, dtype=torch.long)
         slot[selected] = torch.arange(n_select)
-        order = torch.cat(self.visit_order) if self.visit_order else torch.zeros(0, dtype=torch.long)
+        order = (
+            torch.cat(self.visit_order) if self.visit_order else torch.zeros(0, dtype=torch.long)
+        )
         dest_of_row = torch.cat([n_nodes - k + torch.arange(k), slot[order]]).to(dev)
         sel_dev = selected.to(dev)
         tail_end = n_select + self.tail_width
