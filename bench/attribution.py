@@ -179,12 +179,25 @@ def run_ours(job_path: Path) -> int:
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         t1, c1 = time.perf_counter(), time.process_time()
+        progress_path = out_dir / f"{spec['slug']}.progress.jsonl"
+        progress_path.unlink(missing_ok=True)
+        batch = int(spec.get("batch_size", 64))
+
+        def progress(done: int, total: int, path: Path = progress_path, batch: int = batch) -> None:
+            # rows done, CPU seconds and peak RSS so far: how memory grows with the rows kept
+            if done % (8 * batch) < batch or done == total:
+                rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                line = {"rows": done, "of": total, "cpu_s": time.process_time(), "peak_rss_kb": rss}
+                with path.open("a") as fh:
+                    fh.write(json.dumps(line) + "\n")
+
         r = attribute(
             spec["prompt"],
             model,
             tcs,
             batch_size=spec.get("batch_size", 64),
             max_feature_nodes=spec.get("max_feature_nodes"),
+            progress=progress,
         )
         if device.startswith("cuda"):
             torch.cuda.synchronize()

@@ -176,7 +176,7 @@ def _process(job: dict, model, out_dir: Path, scan: str, load_s: float) -> int:
 
     for spec in job["prompts"]:
         slug = spec["slug"]
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         graph = attribute(
             spec["prompt"],
             model,
@@ -194,6 +194,7 @@ def _process(job: dict, model, out_dir: Path, scan: str, load_s: float) -> int:
             "load_s": load_s,
             "attribute_s": attr_s,
             "write_s": time.perf_counter() - t2,
+            "cpu_s": time.process_time() - c1,
             "n_nodes": int(graph.adjacency_matrix.shape[0]),
         }
         (out_dir / f"{slug}.timing.json").write_text(json.dumps(meta, indent=1))

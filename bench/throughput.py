@@ -195,13 +195,16 @@ def main(argv: list[str] | None = None) -> int:
                     for i in range(len(prompts))
                 ]
                 per = [t["attribute_s"] + t["write_s"] for t in times]
+                per_cpu = [t["cpu_s"] for t in times]
                 load_s = float(times[0]["load_s"])
             else:
                 data = json.loads((out_dir / "timing.json").read_text())
                 per = [p["wall_s"] for p in data["prompts"]]
+                per_cpu = [p["cpu_s"] for p in data["prompts"]]
                 load_s = float(data["load_s"])
             row[side] = {
                 **_summary(wall, load_s, per, len(prompts)),
+                "cpu_s_per_prompt": sum(per_cpu[1:]) / max(1, len(per_cpu) - 1),
                 "process_cpu_s": cpu,
                 "peak_rss_bytes": rss,
                 "load_avg_before": load,
@@ -209,18 +212,28 @@ def main(argv: list[str] | None = None) -> int:
         ours, ct = row.get("ours", {}), row.get("ct", {})
         if ours.get("prompts_per_min") and ct.get("prompts_per_min"):
             row["ours_over_ct"] = ours["prompts_per_min"] / ct["prompts_per_min"]
+            row["ours_over_ct_cpu"] = ct["cpu_s_per_prompt"] / ours["cpu_s_per_prompt"]
         results.append(row)
         print(json.dumps(row, indent=1), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    print("| world | ct backend | ours prompts/min | ct prompts/min | ours / ct |")
-    print("| --- | --- | --- | --- | --- |")
+    print(
+        "| world | ct backend | ours prompts/min | ct prompts/min | ours / ct "
+        "| ours CPU s/prompt | ct CPU s/prompt | ct / ours CPU |"
+    )
+    print("| --- " * 8 + "|")
     for r in results:
         o, c = r.get("ours", {}), r.get("ct", {})
         ratio = f"{r['ours_over_ct']:.1f}x" if "ours_over_ct" in r else "-"
+        ratio_cpu = f"{r['ours_over_ct_cpu']:.1f}x" if "ours_over_ct_cpu" in r else "-"
+
+        def num(d: dict[str, Any], key: str, fmt: str) -> str:
+            return format(d[key], fmt) if d.get(key) is not None else "-"
+
         print(
-            f"| {r['world']} | {r['ct_backend']} | {o.get('prompts_per_min') or '-'} "
-            f"| {c.get('prompts_per_min') or '-'} | {ratio} |"
+            f"| {r['world']} | {r['ct_backend']} | {num(o, 'prompts_per_min', '.1f')} "
+            f"| {num(c, 'prompts_per_min', '.1f')} | {ratio} | {num(o, 'cpu_s_per_prompt', '.3f')} "
+            f"| {num(c, 'cpu_s_per_prompt', '.3f')} | {ratio_cpu} |"
         )
     return 0
 
