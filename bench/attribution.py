@@ -65,6 +65,13 @@ SHAPES: dict[str, dict[str, Any]] = {
         "target_l0": 20,
         "max_positions": 4096,
     },
+    # bench/gpu.sh --dry-run: the GPU script's steps on CPU in seconds
+    "tiny": {
+        "model": {"n_layers": 2, "d_model": 64, "n_heads": 4, "d_mlp": 128, "vocab_size": 512},
+        "d_transcoder": 256,
+        "target_l0": 8,
+        "max_positions": 1024,
+    },
     "gemma2-2b": {
         "model": {
             "n_layers": 26,
@@ -76,6 +83,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         },
         "d_transcoder": 16384,
         "target_l0": 64,
+        "max_positions": 8192,
     },
 }
 
@@ -163,19 +171,33 @@ def run_ours(job_path: Path) -> int:
     out_dir = Path(job["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model = load_model(job["model_dir"], device=device, dtype=torch.float32)
-    tcs = load_transcoders(job["transcoder_dir"], model, device=device, dtype=torch.float32)
+    dtype = getattr(torch, job.get("dtype", "float32"))
+    model = load_model(job["model_dir"], device=device, dtype=dtype)
+    tcs = load_transcoders(job["transcoder_dir"], model, device=device, dtype=dtype)
     load_s = time.perf_counter() - t0
     for spec in job["prompts"]:
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         t1, c1 = time.perf_counter(), time.process_time()
+        progress_path = out_dir / f"{spec['slug']}.progress.jsonl"
+        progress_path.unlink(missing_ok=True)
+        batch = int(spec.get("batch_size", 64))
+
+        def progress(done: int, total: int, path: Path = progress_path, batch: int = batch) -> None:
+            # rows done, CPU seconds and peak RSS so far: how memory grows with the rows kept
+            if done % (8 * batch) < batch or done == total:
+                rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                line = {"rows": done, "of": total, "cpu_s": time.process_time(), "peak_rss_kb": rss}
+                with path.open("a") as fh:
+                    fh.write(json.dumps(line) + "\n")
+
         r = attribute(
             spec["prompt"],
             model,
             tcs,
             batch_size=spec.get("batch_size", 64),
             max_feature_nodes=spec.get("max_feature_nodes"),
+            progress=progress,
         )
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -281,6 +303,8 @@ def _command(
         str(spec["batch_size"]),
         "--device",
         job["device"],
+        "--dtype",
+        job["dtype"],
         "--no-progress",
         "--out",
         job["out_dir"],
@@ -310,6 +334,7 @@ def _one_run(
         "scan": slug,
         "out_dir": str(out_dir),
         "device": args.device,
+        "dtype": args.dtype,
         "measure_only": True,
         "save_adjacency": "rows",
         "backend": args.ct_backend,
@@ -399,6 +424,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", choices=["plt", "clt"], default=["plt"])
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of every child, both sides (0: torch's default); 1 keeps CPU time "
+        "meaningful on a shared machine (idle OpenMP threads spin)",
+    )
     ap.add_argument("--max-feature-nodes", type=int, default=None)
     ap.add_argument("--reps", type=int, default=2, help="interleaved runs per side (median)")
     ap.add_argument("--timeout", type=float, default=None, help="seconds before a child is killed")
@@ -426,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
             print("[bench] no circuit-tracer venv (bash bench/ct_env.sh); running ours only")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env["PYTHONPATH"] = str(ROOT)
+    if args.threads:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(args.threads)
     n_layers = SHAPES[args.shape]["model"]["n_layers"]
     results = []
     for variant in args.variants:
@@ -444,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
                     "n_tokens": n_tok,
                     "max_feature_nodes": args.max_feature_nodes,
                     "ct_backend": args.ct_backend,
+                    "dtype": args.dtype,
+                    "threads": args.threads,
                 }
                 runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
                 for _ in range(args.reps):  # interleaved: ours, ct, ours, ct

@@ -11,7 +11,9 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/bench/.venv-ct"
-UV="${UV:-/tmp/bootstrap/bin/uv}"
+# uv: $UV, else the one dev/setup.sh bootstraps, else uv on PATH
+BOOT="${ATLAS_BOOTSTRAP:-${XDG_CACHE_HOME:-$HOME/.cache}/circuit-atlas/bootstrap}"
+UV="${UV:-$BOOT/bin/uv}"
 if ! command -v "$UV" >/dev/null 2>&1; then UV="uv"; fi
 OUR_PY="$ROOT/.venv/bin/python"
 

@@ -54,6 +54,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 import yaml
 
+#: the job's dtype (``"dtype"``, default float32), set in main()
+DTYPE = torch.float32
+
 
 def _load_transcoders(tc_dir: Path, scan: str, device: torch.device):
     from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
@@ -70,7 +73,7 @@ def _load_transcoders(tc_dir: Path, scan: str, device: torch.device):
             feature_input_hook=cfg["feature_input_hook"],
             feature_output_hook=cfg["feature_output_hook"],
             device=device,
-            dtype=torch.float32,
+            dtype=DTYPE,
             lazy_encoder=False,
             lazy_decoder=False,
         )
@@ -81,7 +84,7 @@ def _load_transcoders(tc_dir: Path, scan: str, device: torch.device):
             feature_output_hook=cfg["feature_output_hook"],
             scan=scan,
             device=device,
-            dtype=torch.float32,
+            dtype=DTYPE,
             lazy_decoder=False,
             lazy_encoder=False,
         )
@@ -126,7 +129,7 @@ def _tl_config(hf_cfg, model_dir: Path, device: torch.device):
         model_name=model_dir.name,
         init_weights=False,
         device=device,
-        dtype=torch.float32,
+        dtype=DTYPE,
     )
 
 
@@ -138,7 +141,7 @@ def _load_transformerlens(model_dir: Path, transcoders, device: torch.device):
     from transformer_lens.pretrained.weight_conversions.gemma import convert_gemma_weights
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=DTYPE)
     cfg = _tl_config(hf.config, model_dir, device)
     state = convert_gemma_weights(hf, cfg)
     del hf
@@ -173,7 +176,7 @@ def _process(job: dict, model, out_dir: Path, scan: str, load_s: float) -> int:
 
     for spec in job["prompts"]:
         slug = spec["slug"]
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         graph = attribute(
             spec["prompt"],
             model,
@@ -191,6 +194,7 @@ def _process(job: dict, model, out_dir: Path, scan: str, load_s: float) -> int:
             "load_s": load_s,
             "attribute_s": attr_s,
             "write_s": time.perf_counter() - t2,
+            "cpu_s": time.process_time() - c1,
             "n_nodes": int(graph.adjacency_matrix.shape[0]),
         }
         (out_dir / f"{slug}.timing.json").write_text(json.dumps(meta, indent=1))
@@ -211,6 +215,8 @@ def main() -> int:
     torch.manual_seed(0)
     torch.set_grad_enabled(True)
     device = torch.device(job.get("device", "cpu"))
+    global DTYPE
+    DTYPE = getattr(torch, job.get("dtype", "float32"))
     model_dir = Path(job["model_dir"]).resolve()
     tc_dir = Path(job["transcoder_dir"]).resolve()
     out_dir = Path(job["out_dir"])
@@ -224,7 +230,7 @@ def main() -> int:
         model = _load_transformerlens(model_dir, transcoders, device)
     else:
         model = ReplacementModel.from_pretrained_and_transcoders(
-            str(model_dir), transcoders, backend="nnsight", device=device, dtype=torch.float32
+            str(model_dir), transcoders, backend="nnsight", device=device, dtype=DTYPE
         )
     load_s = time.perf_counter() - t0
     print(f"[ct] {backend}: loaded model + transcoders in {load_s:.2f}s", file=sys.stderr)

@@ -383,70 +383,173 @@ def _full_rows(plan: _Plan) -> torch.Tensor:
     return adjacency
 
 
+@dataclass
+class _RowChunk:
+    """One backward batch of ranked rows, kept only as wide as it can be non-zero.
+
+    Active features are sorted by layer, and a row whose target sits at layer ``l`` has no source
+    at layer ``>= l``: its feature columns past the first layer-``l`` feature are exact zeros and
+    are not stored. ``tail`` holds the error and token columns.
+    """
+
+    feat: torch.Tensor
+    tail: torch.Tensor
+    first_row: int
+    norm: torch.Tensor
+    filled: int = 0
+    """Visited-feature columns of the ranking matrix already written from this chunk."""
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.feat.shape[0])
+
+
+class _RankedRows:
+    """The rows computed so far, streamed: per-batch chunks, no ``(rows, n_cols)`` copies.
+
+    Row ``r`` is logit ``r`` for ``r < k``, else the ``r - k``-th visited feature. The reference's
+    influence ranking, ``sum_t prod_t @ A_norm`` with ``prod_{t+1} = prod_t[rows] @ A_norm``, only
+    ever reads ``A_norm`` at the visited features' columns between iterations, so the iterations
+    run on that ``(rows, visited)`` block (at most ``(k + n_select) x n_select``) and the full rows
+    are read once per re-ranking, one chunk at a time.
+    """
+
+    def __init__(self, plan: _Plan) -> None:
+        self.plan = plan
+        k, n_select = plan.n_logits, plan.n_select
+        dev = plan.model.device
+        self.chunks: list[_RowChunk] = []
+        self.n_rows = 0
+        self.visit_order: list[torch.Tensor] = []
+        self.block = torch.zeros(k + n_select, n_select, dtype=torch.float32, device=dev)
+        self.tail_width = plan.n_cols - plan.n_active
+        layers = plan.pre.active[:, 0].cpu().contiguous()
+        self.layer_start = torch.searchsorted(layers, torch.arange(plan.model.n_layers + 1))
+
+    @property
+    def n_visited(self) -> int:
+        return self.n_rows - self.plan.n_logits
+
+    def add(self, rows: torch.Tensor, top_layer: int, features: torch.Tensor | None) -> None:
+        """Keep one batch of rows (targets at layers ``<= top_layer``; ``features`` for feature
+        rows, in row order, ``None`` for logit rows)."""
+        width = int(self.layer_start[top_layer])
+        n_active = self.plan.n_active
+        norm = rows.abs().sum(dim=1).clamp(min=1e-8)
+        chunk = _RowChunk(rows[:, :width].clone(), rows[:, n_active:].clone(), self.n_rows, norm)
+        self.chunks.append(chunk)
+        self.n_rows += chunk.n_rows
+        if features is not None:
+            self.visit_order.append(features)
+
+    def influence(self) -> torch.Tensor:
+        """``(n_active,)`` influence of every active feature given the rows so far."""
+        plan = self.plan
+        k, dev = plan.n_logits, plan.model.device
+        visited = torch.cat(self.visit_order).to(dev) if self.visit_order else None
+        nv = self.n_visited
+        for c in self.chunks:
+            if visited is not None and c.filled < nv:
+                cols = visited[c.filled : nv]
+                width = int(c.feat.shape[1])
+                inside = cols < width
+                vals = c.feat[:, cols.clamp(max=max(width - 1, 0))].abs() if width else None
+                part = torch.zeros(c.n_rows, cols.shape[0], device=dev)
+                if vals is not None:
+                    part = torch.where(inside, vals, part)
+                rows = slice(c.first_row, c.first_row + c.n_rows)
+                self.block[rows, c.filled : nv] = part / c.norm[:, None]
+                c.filled = nv
+        q = torch.zeros(self.n_rows, device=dev)
+        q[:k] = plan.logit_probs.to(dev).float()
+        weight = q.clone()
+        block = self.block[: self.n_rows, :nv]
+        for _ in range(128):
+            nxt = torch.zeros_like(q)
+            nxt[k:] = q @ block
+            q = nxt
+            if not bool(q.any()):
+                break
+            weight += q
+        else:
+            raise AttributionError("feature influence ranking did not converge")
+        infl = torch.zeros(plan.n_active, device=dev)
+        for c in self.chunks:
+            width = int(c.feat.shape[1])
+            if width:
+                w = weight[c.first_row : c.first_row + c.n_rows]
+                infl[:width] += w @ (c.feat.abs() / c.norm[:, None])
+        return infl
+
+    def adjacency(self, selected: torch.Tensor) -> torch.Tensor:
+        """The ``(N, N)`` adjacency: selected features' rows in node order, their columns kept,
+        unselected features' columns dropped; each chunk is freed once written."""
+        plan = self.plan
+        k, n_select, n_nodes = plan.n_logits, plan.n_select, plan.n_nodes
+        dev = plan.model.device
+        adjacency = torch.empty(n_nodes, n_nodes, dtype=torch.float32, device=dev)
+        slot = torch.full((plan.n_active,), -1, dtype=torch.long)
+        slot[selected] = torch.arange(n_select)
+        order = (
+            torch.cat(self.visit_order) if self.visit_order else torch.zeros(0, dtype=torch.long)
+        )
+        dest_of_row = torch.cat([n_nodes - k + torch.arange(k), slot[order]]).to(dev)
+        sel_dev = selected.to(dev)
+        tail_end = n_select + self.tail_width
+        while self.chunks:
+            c = self.chunks.pop(0)
+            dest = dest_of_row[c.first_row : c.first_row + c.n_rows]
+            m = int(torch.searchsorted(selected, int(c.feat.shape[1])))
+            out = torch.zeros(c.n_rows, n_nodes, dtype=torch.float32, device=dev)
+            out[:, :m] = c.feat[:, sel_dev[:m]]
+            out[:, n_select:tail_end] = c.tail
+            adjacency[dest] = out
+            del c, out
+        adjacency[n_select : n_nodes - k] = 0
+        return adjacency
+
+
 def _ranked_rows(plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
     """``(adjacency, selected)`` with only the ``n_select`` most influential features as rows.
 
     Logit rows first; then features in order of their influence estimated from the rows so
-    far, re-ranked every ``update_interval`` batches (the reference's ranking).
+    far, re-ranked every ``update_interval`` batches (the reference's ranking). The rows are
+    kept in per-batch chunks (:class:`_RankedRows`); peak memory is those rows plus one batch.
     """
     pre, k, n_layers = plan.pre, plan.n_logits, plan.model.n_layers
-    n_active, n_select, n_cols, batch = plan.n_active, plan.n_select, plan.n_cols, plan.batch
-    dev = plan.model.device
+    n_active, n_select, batch = plan.n_active, plan.n_select, plan.batch
     feat_layers = pre.active[:, 0].cpu()
     feat_pos = pre.active[:, 1].cpu()
     w_enc_rows = _encoder_rows(plan.transcoders, pre.active)
-    work = torch.zeros(k + n_select, n_cols, dtype=torch.float32, device=dev)
-    row_node = torch.zeros(k + n_select, dtype=torch.long)
+    kept = _RankedRows(plan)
     visited = torch.zeros(n_active, dtype=torch.bool)
     with ReplacementContext(plan.model, plan.transcoders, pre, batch=batch) as ctx:
         for i in range(0, k, batch):
             j = min(i + batch, k)
-            work[i:j] = ctx.rows(
+            rows = ctx.rows(
                 torch.full((j - i,), n_layers),
                 torch.full((j - i,), plan.n_pos - 1),
                 plan.logit_vecs[i:j],
             )
-            row_node[i:j] = n_cols + torch.arange(i, j)
+            kept.add(rows, n_layers, None)
+            del rows
             plan.tick(j - i)
-        n_visited, st = 0, k
-        while n_visited < n_select:
-            infl = _partial_influence(work[:st], plan.logit_probs, row_node[:st], n_cols + k)
-            rank = torch.argsort(infl[:n_active].cpu(), descending=True)
-            queue = min(plan.update_interval * batch, n_select - n_visited)
+        while kept.n_visited < n_select:
+            infl = kept.influence()
+            rank = torch.argsort(infl.cpu(), descending=True)
+            queue = min(plan.update_interval * batch, n_select - kept.n_visited)
             pending = rank[~visited[rank]][:queue]
             # same set of rows, shallower backward passes: visit by layer
             pending = pending[torch.argsort(feat_layers[pending], stable=True)]
             for s in range(0, pending.shape[0], batch):
                 idx = pending[s : s + batch]
                 rows = ctx.rows(feat_layers[idx], feat_pos[idx], w_enc_rows[idx])
-                work[st : st + idx.shape[0]] = rows
-                row_node[st : st + idx.shape[0]] = idx
-                st += idx.shape[0]
+                kept.add(rows, int(feat_layers[idx].max()), idx)
+                del rows
                 visited[idx] = True
-                n_visited += int(idx.shape[0])
                 plan.tick(int(idx.shape[0]))
     selected = torch.nonzero(visited).flatten()
-    return _gather_ranked(plan, work, row_node, selected), selected
-
-
-def _gather_ranked(
-    plan: _Plan, work: torch.Tensor, row_node: torch.Tensor, selected: torch.Tensor
-) -> torch.Tensor:
-    """The ``(N, N)`` adjacency from the ranked rows: selected features in node order, their
-    columns kept, unselected features' columns dropped."""
-    k, n_select, n_nodes = plan.n_logits, plan.n_select, plan.n_nodes
-    dev = plan.model.device
-    adjacency = torch.zeros(n_nodes, n_nodes, dtype=torch.float32, device=dev)
-    col_read = torch.cat([selected, torch.arange(plan.n_active, plan.n_cols)]).to(dev)
-    # feature rows: row of node r sits at work position where row_node == r
-    where = torch.full((plan.n_active,), -1, dtype=torch.long)
-    where[row_node[k : k + n_select]] = torch.arange(k, k + n_select)
-    src_rows = where[selected].to(dev)
-    for i in range(0, n_select, DEFAULT_BLOCK_ROWS):
-        blk = src_rows[i : i + DEFAULT_BLOCK_ROWS]
-        adjacency[i : i + blk.shape[0], : col_read.shape[0]] = work[blk][:, col_read]
-    adjacency[n_nodes - k :, : col_read.shape[0]] = work[:k][:, col_read]
-    return adjacency
+    return kept.adjacency(selected), selected
 
 
 def _encoder_rows(tset: TranscoderSet, active: torch.Tensor) -> torch.Tensor:
@@ -491,22 +594,3 @@ def _position_buckets(
         buckets.append((inputs.prefix_for(last), idx[sub]))
         start = end
     return buckets
-
-
-def _partial_influence(
-    rows: torch.Tensor, logit_p: torch.Tensor, row_node: torch.Tensor, n_total: int
-) -> torch.Tensor:
-    """Influence of every column node given the rows computed so far (reference's ranking)."""
-    a = rows.abs()
-    a /= a.sum(dim=1, keepdim=True).clamp(min=1e-8)
-    influence = torch.zeros(n_total, device=rows.device)
-    prod = torch.zeros(n_total, device=rows.device)
-    prod[n_total - logit_p.shape[0] :] = logit_p.to(rows.device)
-    for _ in range(128):
-        nxt = torch.zeros(n_total, device=rows.device)
-        nxt[: a.shape[1]] = prod[row_node.to(rows.device)] @ a
-        prod = nxt
-        if not bool(prod.any()):
-            return influence
-        influence += prod
-    raise AttributionError("feature influence ranking did not converge")

@@ -329,6 +329,25 @@ def test_max_feature_nodes_selects_subset(tiny) -> None:
     r.to_graph()
 
 
+def test_ranked_rows_equal_the_full_graph_on_the_selected_nodes(tiny) -> None:
+    """The ranked path keeps only layer-trimmed rows per batch; each kept entry equals the
+    all-features graph's entry between the same two nodes (and dropped columns are zeros)."""
+    _, _, model, tset = tiny
+    full = attribute(PROMPT, model, tset, batch_size=8)
+    part = attribute(PROMPT, model, tset, batch_size=8, max_feature_nodes=24, update_interval=1)
+    assert part.n_features == 24
+    assert torch.equal(part.active_features, full.active_features)
+    n_sel, n_rest = 24, part.n_nodes - 24
+    index = torch.cat(
+        [part.selected_features, full.n_features + torch.arange(n_rest)]
+    )  # part's nodes in full's node order
+    torch.testing.assert_close(
+        part.adjacency, full.adjacency[index][:, index], rtol=1e-5, atol=1e-7
+    )
+    # error and token rows are empty, as in the reference layout
+    assert not part.adjacency[n_sel : part.n_nodes - part.n_logits].any()
+
+
 def test_explicit_logit_tokens(tiny) -> None:
     _, _, model, tset = tiny
     r = attribute(PROMPT, model, tset, explicit_logit_tokens=[5, 9])
