@@ -80,6 +80,7 @@ def _spec(opts: dict[str, Any]) -> Any:
         "edits": edits,
         "supernode": None if opts["supernode"] is None else parse_supernode(opts["supernode"]),
         "donor": opts["donor"],
+        "donor_image": None if opts["donor_image"] is None else str(opts["donor_image"]),
         "constrained": None if opts["constrained"] is None else parse_range(opts["constrained"]),
         "freeze_attention": not opts["no_freeze_attention"],
         "generate": opts["generate"],
@@ -128,6 +129,12 @@ def _show(answer: dict[str, Any], fmt: str) -> None:
 @click.option("--ablate", multiple=True, help="Ablate a feature: L:POS:F.")
 @click.option("--supernode", default=None, help="NAME=M: scale every active member by M.")
 @click.option("--donor", default=None, help="Donor prompt id (stored artifact) or text.")
+@click.option(
+    "--donor-image",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Image of a donor given by text (a stored donor brings its own).",
+)
 @click.option("--constrained", default=None, help="A:B: MLP outputs frozen in layers A..B.")
 @click.option("--no-freeze-attention", is_flag=True, help="Live attention patterns.")
 @click.option("--generate", type=int, default=0, show_default=True, help="Greedy tokens.")
