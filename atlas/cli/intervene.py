@@ -84,6 +84,7 @@ def _spec(opts: dict[str, Any]) -> Any:
         "constrained": None if opts["constrained"] is None else parse_range(opts["constrained"]),
         "freeze_attention": not opts["no_freeze_attention"],
         "generate": opts["generate"],
+        "watch": list(opts["watch"]),
         "store": opts["store"],
     }
     return parse_intervention(raw)
@@ -114,6 +115,12 @@ def _show(answer: dict[str, Any], fmt: str) -> None:
         print_table(
             rows[:10], ["row", "predicted", "measured"], "direct effect (graph) vs measured"
         )
+    if answer.get("watch"):
+        print_table(
+            answer["watch"],
+            ["token", "base", "steered", "measured_logit", "predicted_logit"],
+            "watched tokens (probabilities; demeaned-logit change measured and predicted)",
+        )
     if "generated" in answer:
         click.echo(f"generated: {answer['generated']!r}")
 
@@ -138,6 +145,9 @@ def _show(answer: dict[str, Any], fmt: str) -> None:
 @click.option("--constrained", default=None, help="A:B: MLP outputs frozen in layers A..B.")
 @click.option("--no-freeze-attention", is_flag=True, help="Live attention patterns.")
 @click.option("--generate", type=int, default=0, show_default=True, help="Greedy tokens.")
+@click.option(
+    "--watch", multiple=True, help="A token whose probability and logit change to report."
+)
 @click.option("--store", is_flag=True, help="Store the intervention in the atlas.")
 @FORMAT
 def intervene(**opts: Any) -> None:

@@ -105,6 +105,9 @@ class InterventionSpec(BaseModel):
     """Layers ``a`` through ``b`` inclusive with frozen MLP outputs; unset: iterative."""
     freeze_attention: bool = True
     generate: int = Field(default=0, ge=0, le=512)
+    watch: list[str] = Field(default_factory=list, max_length=32)
+    """Tokens (one vocabulary token each) whose last-position probability before and after,
+    and whose demeaned-logit change measured and predicted by the graph, the answer reports."""
     store: bool = False
 
     @field_validator("constrained")

@@ -320,6 +320,51 @@ def _predicted(
     }
 
 
+def _token_id(engine: Engine, token: str) -> int:
+    """The vocabulary id of ``token`` (exactly one token, or a one-line refusal)."""
+    ids = engine.model.tokenizer(token, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise InputError(f"watched token {token!r} is {len(ids)} tokens of this model, not one")
+    return int(ids[0])
+
+
+def _watch(
+    engine: Engine, run: _Run, tokens: Sequence[str], predicted: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """Each watched token's probability before and after, and its demeaned-logit change as
+    measured and as the graph predicts it (when the graph has that logit)."""
+    import torch
+
+    r = run.result
+    p_base = torch.softmax(r.base_last_logits.double(), -1)
+    p_steer = torch.softmax(r.last_logits.double(), -1)
+    graph_logits: list[int] = []
+    n_feat = 0
+    if predicted is not None and run.graph is not None:
+        from atlas.interventions.predict import graph_view
+
+        view = graph_view(run.graph)
+        graph_logits = [int(t) for t in view.logit_tokens]
+        n_feat = len(predicted["rows"]) - len(graph_logits)
+    out = []
+    for token in tokens:
+        tid = _token_id(engine, token)
+        row: dict[str, Any] = {
+            "token": token,
+            "token_id": tid,
+            "base": float(p_base[tid]),
+            "steered": float(p_steer[tid]),
+            "predicted_logit": None,
+            "measured_logit": None,
+        }
+        if predicted is not None and tid in graph_logits:
+            k = n_feat + graph_logits.index(tid)
+            row["predicted_logit"] = predicted["direct_effect"][k]
+            row["measured_logit"] = predicted["measured"][k]
+        out.append(row)
+    return out
+
+
 def _token(engine: Engine, token_id: int) -> str:
     return str(engine.model.tokenizer.decode([token_id]))
 
@@ -340,6 +385,8 @@ def result_json(run: _Run, spec: InterventionSpec) -> dict[str, Any]:
         "predicted": _predicted(engine, run.graph, r, run.changes),
         "interventions": [list(c) for c in run.changes],
     }
+    if spec.watch:
+        out["watch"] = _watch(engine, run, spec.watch, out["predicted"])
     if spec.generate:
         out["generated"] = r.generated_text
         out["generated_ids"] = [

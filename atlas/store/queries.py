@@ -889,7 +889,7 @@ SET f.top_image_regions = r.regions, f.top_image_values = r.values,
 STORE_INTERVENTION = """
 MERGE (i:Intervention {id: $id})
 ON CREATE SET i.created_at = $now
-SET i.spec = $spec, i.kl = $kl, i.top = $top, i.predicted = $predicted,
+SET i.spec = $spec, i.kl = $kl, i.top = $top, i.watch = $watch, i.predicted = $predicted,
     i.measured = $measured, i.prompt_id = $prompt_id, i.prompt = $prompt,
     i.supernode = $supernode, i.multiplier = $multiplier, i.n_edits = $n_edits,
     i.updated_at = $now
@@ -914,7 +914,8 @@ INTERVENTIONS_ON_SUPERNODE = """
 MATCH (i:Intervention)-[:TOUCHES]->(:Supernode {name: $name})
 RETURN i.id AS id, i.prompt_id AS prompt_id, i.prompt AS prompt, i.supernode AS supernode,
        i.multiplier AS multiplier,
-       i.kl AS kl, i.top AS top, i.predicted AS predicted, i.created_at AS created_at
+       i.kl AS kl, i.top AS top, i.watch AS watch, i.predicted AS predicted,
+       i.created_at AS created_at
 ORDER BY i.kl DESC, i.id
 """
 

@@ -55,6 +55,12 @@ def _spec(case: VlmCase, **kw: Any) -> InterventionSpec:
     )
 
 
+def graph_token(case: VlmCase, token_id: int) -> str:
+    from transformers import AutoTokenizer
+
+    return str(AutoTokenizer.from_pretrained(case.model_dir).decode([token_id]))
+
+
 def _active_image_feature(case: VlmCase) -> tuple[int, int, int]:
     from atlas.interventions import clean_run
     from atlas.models import load_model
@@ -77,16 +83,26 @@ def test_image_prompt_is_predicted_from_its_stored_graph(
 ) -> None:
     from atlas.graph import Graph, artifact_path
     from atlas.interventions import feature_nodes
+    from atlas.interventions.predict import graph_view
 
     graph = Graph.load(artifact_path(neo4j_settings.resolved_artifact_dir, stored[0]))
     layer, pos, f = sorted(feature_nodes(graph))[0]  # a node of the stored graph
+    view = graph_view(graph)
+    logit = int(view.logit_tokens[0])
+    token = str(graph_token(case, logit))
     spec = _spec(
         case,
         image=str(case.image),
         edits=[{"layer": layer, "pos": pos, "feature": f, "mode": "scale", "amount": 2.0}],
+        watch=[token],
     )
     answer = intervene_step(spec, neo4j_settings)
     assert answer["prompt_id"] == stored[0]
+    [watched] = answer["watch"]
+    assert watched["token_id"] == logit and 0 <= watched["steered"] <= 1
+    k = len(answer["predicted"]["rows"]) - len(view.logit_tokens)
+    assert watched["predicted_logit"] == answer["predicted"]["direct_effect"][k]
+    assert watched["measured_logit"] == answer["predicted"]["measured"][k]
     pred = answer["predicted"]
     assert pred is not None and pred["sources"] == [[layer, pos, f]]
     assert len(pred["direct_effect"]) == len(pred["measured"]) == len(pred["rows"]) > 0
@@ -96,6 +112,7 @@ def test_image_prompt_is_predicted_from_its_stored_graph(
         case,
         image=str(Path(case.image).rename(case.image.with_name("moved.png"))),
         edits=spec.model_dump()["edits"],
+        watch=[token],
     )
     try:
         assert intervene_step(moved, neo4j_settings)["id"] == answer["id"]
