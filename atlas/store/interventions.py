@@ -93,6 +93,16 @@ def interventions(
     return [_decoded(r) for r in rows]
 
 
+def interventions_by_id(
+    driver: Any, ids: Sequence[str], *, database: str | None = None
+) -> list[dict[str, Any]]:
+    """The stored interventions with these ids (those not stored are left out)."""
+    rows = read_rows(
+        driver, Q.INTERVENTIONS_BY_ID, {"ids": list(ids)}, database=database, what="interventions"
+    )
+    return [_decoded(r) for r in rows]
+
+
 def _decoded(row: dict[str, Any]) -> dict[str, Any]:
     """JSON-string properties back to values (``kl`` is the effect size every run has)."""
     out = dict(row)

@@ -928,6 +928,15 @@ ORDER BY i.created_at DESC, i.id
 LIMIT $limit
 """
 
+# stored interventions by their ids (what a job of interventions produced)
+INTERVENTIONS_BY_ID = """
+UNWIND $ids AS id
+MATCH (i:Intervention {id: id})
+RETURN i.id AS id, i.prompt_id AS prompt_id, i.prompt AS prompt, i.supernode AS supernode,
+       i.multiplier AS multiplier, i.kl AS kl, i.top AS top, i.watch AS watch,
+       i.predicted AS predicted, i.created_at AS created_at
+"""
+
 COUNT_INTERVENTIONS = "MATCH (i:Intervention {id: $id}) RETURN count(i) AS n"
 # =========================================================================== end of interventions section
 

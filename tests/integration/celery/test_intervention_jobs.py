@@ -70,7 +70,7 @@ def test_intervention_jobs_on_a_worker(
     celery_worker: Any, service_settings: Any, clean_neo4j: Any
 ) -> None:
     from atlas.pipeline.intervention_payloads import parse_intervention
-    from atlas.store.interventions import interventions
+    from atlas.store.interventions import interventions, interventions_by_id
     from atlas.store.schema import apply_schema
 
     driver = clean_neo4j
@@ -90,6 +90,8 @@ def test_intervention_jobs_on_a_worker(
 
     rows = interventions(driver, supernode="hand")
     assert [r["id"] for r in rows] == [good.content_id()]
+    by_id = interventions_by_id(driver, [good.content_id(), "iv-not-stored"])
+    assert [r["id"] for r in by_id] == [good.content_id()]
     assert rows[0]["prompt_id"] == pid and rows[0]["kl"] is not None
     assert rows[0]["predicted"] is not None  # the worker found the prompt's graph
     on = "MATCH (:Intervention {id: $id})-[:ON]->(:Prompt {id: $pid}) RETURN count(*)"
