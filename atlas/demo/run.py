@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from atlas.demo import text
+from atlas.demo import causal, text, vision
 from atlas.demo.services import Steps, demo_services
 from atlas.errors import ConfigError
 
@@ -49,9 +49,12 @@ def run_demo(opts: DemoOptions, user: AtlasSettings) -> None:
     steps = Steps()
     with steps.step("toy world"):
         from atlas.toy import toy_paths
+        from atlas.toy.vision_build import vision_paths
 
         toy = toy_paths(user.atlas_home)
+        vlm = vision_paths()
         click.echo(f"    model {toy.model_dir}\n    transcoders {toy.transcoder_dir}", err=True)
+        click.echo(f"    VLM {vlm.model_dir}\n    transcoders {vlm.transcoder_dir}", err=True)
 
     with demo_services(home, user, steps) as svc:
         if opts.fresh:
@@ -62,17 +65,48 @@ def run_demo(opts: DemoOptions, user: AtlasSettings) -> None:
                     session.run(q.WIPE_DATABASE).consume()
 
         summary = text.text_batch(svc, steps, toy, opts.n_prompts, opts.timeout_s)
+        images = vision.image_batch(svc, steps, home / "images", opts.timeout_s)
         text.label_features(svc, steps, toy.model_dir, toy.transcoder_dir, opts.timeout_s)
+        text.label_features(svc, steps, vlm.model_dir, vlm.transcoder_dir, opts.timeout_s)
         text.hand_supernode(svc, steps)
+        vision.visual_hand_supernode(svc, steps, images)
+        pictures = home / "pictures"
         with steps.step("querying the atlas"):
             stats = text.print_paths_answer(svc, opts.max_hops, opts.min_weight, opts.limit)
+            vision.print_answers_by_count(images)
+            case = vision.six_finger_case(
+                svc,
+                images,
+                max_hops=opts.max_hops,
+                min_weight=opts.min_weight,
+                limit=opts.limit,
+                pictures=pictures,
+            )
             from atlas.store.read import count_prompts
 
             in_atlas = count_prompts(svc.driver, database=svc.settings.neo4j_database)
+        refs = {"model": str(vlm.model_dir), "transcoders": str(vlm.transcoder_dir)}
+        six5 = [im.as_target() for im in case["six5"]]
+        if six5:
+            causal.ablate_supernode(
+                svc, steps, refs, six5, vision.VISUAL_HAND, ["5", "6"], opts.timeout_s
+            )
+        planets = {im.tag("planet"): im for im in images if im.tag("planet")}
+        if "mars" in planets and "earth" in planets:
+            causal.patch_circuit(
+                svc,
+                steps,
+                refs,
+                planets["mars"].as_target(),
+                planets["earth"].as_target(),
+                ["Mars", "Earth"],
+                opts.timeout_s,
+            )
         click.echo(
             f"\ndemo: {summary.done} prompts done by this batch, {in_atlas} in the atlas; "
             f"{stats['n_paths']} paths "
             f"{text.HAND} -> '{text.TARGET}' over {stats['n_routes']} routes; "
+            f"{len(case['six5'])} six-finger hands answered '5'; "
             f"total {steps.total:.0f}s",
             err=True,
         )

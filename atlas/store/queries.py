@@ -355,6 +355,15 @@ PROMPT_EXISTS = "MATCH (p:Prompt {id: $id}) WHERE p.complete RETURN p.id AS id"
 COUNT_PROMPTS = "MATCH (p:Prompt) WHERE p.complete RETURN count(p) AS n"
 
 # text of prompts by id (tables show prompts, not hashes)
+# Each prompt's answer: its most probable logit target.
+PROMPT_ANSWERS = """
+UNWIND $prompt_ids AS pid
+MATCH (l:Node:LogitNode {prompt: pid})-[:OF]->(t:Token)
+WITH pid, l, t ORDER BY l.logit_prob DESC
+WITH pid, collect(t.text_norm)[0] AS answer, collect(l.logit_prob)[0] AS prob
+RETURN pid AS prompt_id, answer, prob
+"""
+
 PROMPT_TEXTS = """
 UNWIND $prompt_ids AS pid
 MATCH (p:Prompt {id: pid})
@@ -457,6 +466,7 @@ ORDER BY max_activation DESC LIMIT $limit
 
 TOP_CONTRIBUTORS = """
 MATCH (l:Node:LogitNode) WHERE l.ref IN $refs AND l.kind = 'logit' AND l.prompt IS NOT NULL
+  AND ($prompt_ids IS NULL OR l.prompt IN $prompt_ids)
 MATCH (s:Node)-[e:EDGE]->(l)
 WITH coalesce(s.ref, s.kind + ':' + toString(s.layer)) AS source, s.kind AS kind,
      s.layer AS layer, e.w AS w, l.prompt AS prompt
