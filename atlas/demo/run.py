@@ -99,7 +99,7 @@ def run_demo(opts: DemoOptions, user: AtlasSettings) -> None:
                 refs,
                 planets["mars"].as_target(),
                 planets["earth"].as_target(),
-                ["Mars", "Earth"],
+                ["mars", "earth"],
                 opts.timeout_s,
             )
         click.echo(
