@@ -216,7 +216,24 @@ def _attribute_once(
         edge_threshold=attribution.edge_threshold,
     )
     timings["prune_s"] = time.perf_counter() - t1
+    _name_logits(engine, graph)
     return graph
+
+
+def _name_logits(engine: Engine, graph: Graph) -> None:
+    """Record the decoded text of each logit node's token (``extra["logit_tokens"]``, in node
+    order), so the store can find and show logits whose token is not in the prompt."""
+    from atlas.graph import NodeKind
+
+    tokenizer = getattr(engine.model, "tokenizer", None)
+    if tokenizer is None:
+        return
+    ids = [
+        int(t)
+        for t, k in zip(graph.token_id.tolist(), graph.kind.tolist(), strict=True)
+        if k == NodeKind.LOGIT
+    ]
+    graph.metadata.extra["logit_tokens"] = [str(tokenizer.decode([t])) for t in ids]
 
 
 def _is_torch_oom(exc: BaseException) -> bool:

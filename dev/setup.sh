@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Idempotent set-up for a fresh machine: system packages (Redis, Java 17, Maven), uv, the .venv
-# with circuit-atlas[dev] installed editable, and the Neo4j launcher build. A second run only
-# checks stamps and is fast. Called by `make test` and `make demo`.
+# Idempotent set-up for a fresh machine: system packages (Redis, Java 17, Maven, chromium), uv,
+# the .venv with circuit-atlas[dev] installed editable, and the Neo4j launcher build. A second
+# run only checks stamps and is fast. Called by `make test` and `make demo`.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -41,6 +41,12 @@ if command -v java >/dev/null 2>&1; then
 fi
 [ "$java_ok" -eq 1 ] || need+=(openjdk-17-jdk-headless)
 command -v mvn >/dev/null 2>&1 || need+=(maven)
+# Debian's chromium for the page's browser test (tests/web; driven by Playwright, which never
+# downloads a browser of its own). ATLAS_SKIP_BROWSER=1 skips it and that test.
+if [ -z "${ATLAS_SKIP_BROWSER:-}" ]; then
+  [ -x /usr/bin/chromium ] || need+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
+fi
 if [ "${#need[@]}" -gt 0 ]; then apt_install "${need[@]}"; fi
 
 # ---------------------------------------------------------------- uv

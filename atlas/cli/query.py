@@ -298,3 +298,120 @@ def vector(name: str, limit: int, fmt: str) -> None:
         return
     print_table(report["features"], ["rank", "fid", "label", "cosine"], f"features close to {name}")
     print_table(report["prompts"], ["prompt", "projection"], f"prompts projecting on {name}")
+
+
+_FILTER_HELP = (
+    "Prompt filter: all | text:REGEX | answer:TOKEN | tag:TAG | job:ID | supernode:NAME | "
+    "id:PREFIX; terms joined by & (all hold), ! negates."
+)
+
+
+@query.command("global")
+@click.option(
+    "--from",
+    "source",
+    required=True,
+    help="feature:L/I | supernode:NAME | token:TEXT | logit:TEXT | image[:ROW,COL]",
+)
+@click.option(
+    "--to", "target", required=True, help="feature:L/I | supernode:NAME | token:TEXT | logit:TEXT"
+)
+@click.option("--prompts", "prompt_filter", default=None, help=_FILTER_HELP)
+@click.option("--node-threshold", type=float, default=0.8, show_default=True)
+@click.option("--edge-threshold", type=float, default=0.98, show_default=True)
+@click.option("--max-nodes", type=int, default=40, show_default=True)
+@click.option("--max-edges", type=int, default=200, show_default=True)
+@click.option("--limit", type=int, default=30, show_default=True, help="Edges in the table.")
+@FORMAT
+def global_(
+    source: str,
+    target: str,
+    prompt_filter: str | None,
+    node_threshold: float,
+    edge_threshold: float,
+    max_nodes: int,
+    max_edges: int,
+    limit: int,
+    fmt: str,
+) -> None:
+    """The global circuit between two ends over a prompt set: per node pair the prompts with an
+    edge, the mean weight where both are active, ERA and TWERA; pruned by influence."""
+    from atlas.store.global_circuit import global_circuit
+
+    with atlas_driver() as driver:
+        result = global_circuit(
+            driver,
+            get_settings(),
+            source,
+            target,
+            prompt_filter,
+            node_threshold=node_threshold,
+            edge_threshold=edge_threshold,
+            max_nodes=max_nodes,
+            max_edges=max_edges,
+            database=database(),
+            timeout_s=timeout(),
+        )
+    if fmt == "json":
+        emit_json(result)
+        return
+    rows = [
+        {
+            "source": e["source_name"],
+            "target": e["target_name"],
+            **{k: e[k] for k in ("n_prompts", "mean_w", "era", "twera", "score")},
+        }
+        for e in result["edges"][:limit]
+    ]
+    title = (
+        f"global circuit {source} → {target} over {result['n_prompts']} prompts "
+        f"({result['filter']}; {len(result['nodes'])} nodes, {len(result['edges'])} edges kept)"
+    )
+    print_table(rows, ["source", "target", "n_prompts", "mean_w", "era", "twera", "score"], title)
+
+
+@query.command("contrast")
+@click.option("--a", "set_a", required=True, help="Prompt set A. " + _FILTER_HELP)
+@click.option("--b", "set_b", required=True, help="Prompt set B (disjoint from A).")
+@click.option("--limit", type=int, default=15, show_default=True, help="Rows per table.")
+@click.option(
+    "--min-prompts",
+    type=int,
+    default=2,
+    show_default=True,
+    help="Items seen in fewer prompts (A and B together) are not tested.",
+)
+@click.option(
+    "--min-weight",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Edges with a smaller |weight| are not read.",
+)
+@FORMAT
+def contrast_(
+    set_a: str, set_b: str, limit: int, min_prompts: int, min_weight: float, fmt: str
+) -> None:
+    """Features, edges and two-hop paths enriched in prompt set A against B: counts, effect
+    sizes (rank-biserial, log2 odds), Mann-Whitney and Fisher p-values, BH q-values."""
+    from atlas.store.contrast import contrast
+
+    with atlas_driver() as driver:
+        result = contrast(
+            driver,
+            get_settings(),
+            set_a,
+            set_b,
+            limit=limit,
+            min_prompts=min_prompts,
+            min_weight=min_weight,
+            database=database(),
+            timeout_s=timeout(),
+        )
+    if fmt == "json":
+        emit_json(result)
+        return
+    cols = ["name", "k_a", "k_b", "mean_a", "mean_b", "effect", "log2_odds", "p_value", "q_value"]
+    head = f"A = {set_a} ({result['n_a']} prompts), B = {set_b} ({result['n_b']} prompts)"
+    for family in ("features", "edges", "paths"):
+        print_table(result[family], cols, f"{family}: {head}")

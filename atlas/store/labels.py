@@ -17,7 +17,7 @@ from typing import Any
 import neo4j
 import torch
 
-from atlas.circuits.labels import short_label
+from atlas.circuits.label_sources import FeatureEvidence, LabelSource, context, label_source
 from atlas.circuits.lens import LensInputs, logit_lens
 from atlas.store import queries as Q
 from atlas.store.connection import read_rows, write_rows
@@ -103,11 +103,14 @@ def label_features(
     database: str | None = None,
     batch_size: int = 500,
     on_batch: Callable[[int], None] | None = None,
+    source: LabelSource | None = None,
 ) -> int:
-    """Top activations (from the ingested prompts) and a short label for each feature.
+    """Top activations (from the ingested prompts) and a short label for each feature, from
+    ``source`` (:mod:`atlas.circuits.label_sources`; default: the heuristic).
 
     ``fids`` None: every feature. Returns the number of features labelled.
     """
+    source = source or label_source()
     if fids is None:
         fids = [
             r["fid"]
@@ -124,15 +127,31 @@ def label_features(
             what="top activations",
         )
         images = _image_activations(driver, chunk, top_k, database)
-        rows = []
+        texts = _prompt_tokens(
+            driver, [t["prompt"] for r in recs for t in r["top"] or []], database
+        )
+        evidence = []
         for r in recs:
             top = r["top"] or []
-            tokens = [t["token"] or "" for t in top]
-            cells = [f"{t['row']},{t['col']}" for t in images.get(r["fid"], [])]
+            evidence.append(
+                FeatureEvidence(
+                    fid=r["fid"],
+                    lens_tokens=list(r["top_tokens"] or []),
+                    activating_tokens=[t["token"] or "" for t in top],
+                    contexts=[context(texts.get(t["prompt"], []), int(t["pos"])) for t in top],
+                    activations=[float(t["activation"] or 0.0) for t in top],
+                    image_regions=[f"{t['row']},{t['col']}" for t in images.get(r["fid"], [])],
+                )
+            )
+        labels = source.labels(evidence)
+        rows = []
+        for r, ev, label in zip(recs, evidence, labels, strict=True):
+            top = r["top"] or []
+            tokens = ev.activating_tokens
             rows.append(
                 {
                     "fid": r["fid"],
-                    "label": short_label(r["top_tokens"], tokens, image_regions=cells),
+                    "label": label,
                     "tokens": tokens,
                     "values": [float(t["activation"] or 0.0) for t in top],
                     "prompts": [f"{t['prompt']}:{t['pos']}" for t in top],
@@ -145,6 +164,22 @@ def label_features(
         if on_batch is not None:
             on_batch(len(rows))
     return done
+
+
+def _prompt_tokens(
+    driver: neo4j.Driver, prompt_ids: Sequence[str], database: str | None
+) -> dict[str, list[str]]:
+    """The decoded tokens of these prompts by id (for the contexts of top activations)."""
+    if not prompt_ids:
+        return {}
+    rows = read_rows(
+        driver,
+        Q.PROMPT_TOKENS,
+        {"ids": sorted(set(prompt_ids))},
+        database=database,
+        what="prompt tokens",
+    )
+    return {r["id"]: list(r["tokens"] or []) for r in rows}
 
 
 def _image_activations(

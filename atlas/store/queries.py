@@ -1015,3 +1015,306 @@ RETURN f.fid AS fid, f.label AS label, r.cosine AS cosine, r.rank AS rank
 ORDER BY r.rank
 """
 # =========================================================================== end of steering vectors section
+
+# =========================================================================== web page (atlas serve)
+# Reads behind the page's lists and panels (atlas.web). Every list takes $offset and $limit
+# (bounded by the caller); filters are parameters, null meaning "any".
+
+# Prompts, newest first: text search (case-insensitive substring), model, job, answer (the text
+# of the prompt's most probable logit, whitespace-stripped).
+WEB_PROMPTS = """
+MATCH (p:Prompt) WHERE p.complete
+  AND ($q IS NULL OR toLower(p.text) CONTAINS toLower($q))
+  AND ($model IS NULL OR p.model = $model)
+  AND ($job IS NULL OR EXISTS { MATCH (i:JobItem {job_id: $job}) WHERE i.prompt_id = p.id })
+CALL (p) {
+  OPTIONAL MATCH (l:Node:LogitNode {prompt: p.id})
+  WITH l ORDER BY l.logit_prob DESC LIMIT 1
+  OPTIONAL MATCH (l)-[:OF]->(t:Token)
+  RETURN t.text AS answer, l.logit_prob AS answer_prob
+}
+WITH p, answer, answer_prob
+WHERE $answer IS NULL OR trim(answer) = $answer
+RETURN p.id AS id, left(p.text, $text_chars) AS text, p.model AS model, p.n_nodes AS n_nodes,
+       p.n_edges AS n_edges, p.replacement_score AS replacement_score,
+       p.completeness_score AS completeness_score, answer, answer_prob,
+       p.image_sha256 IS NOT NULL AS has_image
+ORDER BY p.ingested_at DESC, p.id
+SKIP $offset LIMIT $limit
+"""
+
+# The models of the stored prompts (the page's model filter).
+WEB_MODELS = """
+MATCH (p:Prompt) WHERE p.complete
+RETURN p.model AS model, count(*) AS n_prompts ORDER BY model
+"""
+
+# One prompt's head: text, tokens, sizes, scores, image.
+WEB_PROMPT = """
+MATCH (p:Prompt {id: $id}) WHERE p.complete
+OPTIONAL MATCH (p)-[:HAS_IMAGE]->(i:Image)
+RETURN p.id AS id, left(p.text, $text_chars) AS text, p.tokens[..$max_tokens] AS tokens,
+       size(p.tokens) AS n_tokens, p.model AS model, p.tset AS tset, p.n_nodes AS n_nodes,
+       p.n_edges AS n_edges, p.n_edges_total AS n_edges_total,
+       p.replacement_score AS replacement_score, p.completeness_score AS completeness_score,
+       p.created_at AS created_at, i.sha256 AS image, i.tags AS image_tags, i.width AS width,
+       i.height AS height
+"""
+
+# A prompt's logits, most probable first.
+WEB_PROMPT_LOGITS = """
+MATCH (l:Node:LogitNode {prompt: $id})
+OPTIONAL MATCH (l)-[:OF]->(t:Token)
+RETURN l.id AS id, l.token_id AS token_id, t.text AS text, l.logit_prob AS prob
+ORDER BY prob DESC, id LIMIT $limit
+"""
+
+# One node of a prompt, its global feature or token, and its strongest inputs and outputs.
+WEB_NODE = """
+MATCH (n:Node {prompt: $prompt, id: $node})
+OPTIONAL MATCH (n)-[:OF]->(f:Feature)
+OPTIONAL MATCH (n)-[:OF]->(t:Token)
+CALL (n) {
+  MATCH (s:Node)-[e:EDGE]->(n)
+  WITH s, e ORDER BY abs(e.w) DESC, s.id LIMIT $limit
+  OPTIONAL MATCH (s)-[:OF]->(x)
+  RETURN collect({id: s.id, kind: s.kind, w: e.w, label: coalesce(x.label, x.text)}) AS inputs
+}
+CALL (n) {
+  MATCH (n)-[e:EDGE]->(d:Node)
+  WITH d, e ORDER BY abs(e.w) DESC, d.id LIMIT $limit
+  OPTIONAL MATCH (d)-[:OF]->(x)
+  RETURN collect({id: d.id, kind: d.kind, w: e.w, label: coalesce(x.label, x.text)}) AS outputs
+}
+RETURN n.id AS id, n.kind AS kind, n.layer AS layer, n.pos AS pos, n.feature AS feature,
+       n.token_id AS token_id, n.activation AS activation, n.influence AS influence,
+       n.logit_prob AS logit_prob, f.fid AS fid, f.label AS label, t.text AS token_text,
+       n.row AS image_row, n.col AS image_col, n.k AS image_k, inputs, outputs
+"""
+
+# Features by label (case-insensitive substring) and layer, most widespread first.
+WEB_FEATURES = """
+MATCH (f:Feature)
+WHERE ($q IS NULL OR toLower(coalesce(f.label, '')) CONTAINS toLower($q))
+  AND ($layer IS NULL OR f.layer = $layer)
+RETURN f.fid AS fid, f.layer AS layer, f.index AS index, f.label AS label,
+       f.n_prompts AS n_prompts, f.max_act AS max_act
+ORDER BY f.n_prompts DESC, f.fid SKIP $offset LIMIT $limit
+"""
+
+# One stored intervention, every property (JSON ones decoded by the caller).
+WEB_INTERVENTION = "MATCH (i:Intervention {id: $id}) RETURN properties(i) AS props"
+
+# Stored properties of features by id (``atlas export viewer``'s feature files).
+WEB_EXPORT_FEATURES = """
+UNWIND $fids AS fid
+MATCH (f:Feature {fid: fid})
+RETURN f.fid AS fid, f.layer AS layer, f.index AS index, f.label AS label,
+       f.top_tokens AS top_tokens, f.bottom_tokens AS bottom_tokens, f.max_act AS max_act,
+       f.n_prompts AS n_prompts
+"""
+# =========================================================================== end of web page section
+
+# =========================================================================== atlas questions
+# Prompt filters (atlas.store.prompt_filter), supernode proposals (atlas.store.proposals), global
+# circuits (atlas.store.global_circuit) and contrasts (atlas.store.contrast). Node keys used by
+# the global and contrastive questions: ``kind|ref`` (``feature|<fid>``, ``token|<tid>``,
+# ``logit|<tid>``), ``image:ROW,COL`` for an image soft token, ``@from`` / ``@to`` for the ends.
+
+PF_ALL_PROMPTS = "MATCH (p:Prompt) WHERE p.complete RETURN p.id AS id"
+
+PF_PROMPT_TEXTS = "MATCH (p:Prompt) WHERE p.complete RETURN p.id AS id, p.text AS text"
+
+# The model's answer of each prompt: the token of its logit node of highest probability.
+PF_ANSWERS = """
+UNWIND $ids AS pid
+CALL (pid) {
+  MATCH (l:Node {prompt: pid}) WHERE l.kind = 'logit'
+  RETURN l ORDER BY l.logit_prob DESC LIMIT 1
+}
+OPTIONAL MATCH (l)-[:OF]->(t:Token)
+RETURN pid AS id, t.text_norm AS answer
+"""
+
+PF_TAGGED = """
+MATCH (p:Prompt)-[:HAS_IMAGE]->(i:Image) WHERE p.complete AND $tag IN i.tags
+RETURN DISTINCT p.id AS id
+"""
+
+PF_JOB_EXISTS = "MATCH (j:Job {id: $job_id}) RETURN j.id AS id"
+
+PF_JOB_PROMPTS = """
+MATCH (i:JobItem {job_id: $job_id}) WHERE i.state = 'done' AND i.prompt_id IS NOT NULL
+MATCH (p:Prompt {id: i.prompt_id}) WHERE p.complete
+RETURN DISTINCT p.id AS id
+"""
+
+PF_SUPERNODE_PROMPTS = """
+MATCH (:Supernode {name: $name})-[:HAS]->(f:Feature)
+WITH collect(f.fid) AS refs
+MATCH (n:Node) WHERE n.ref IN refs AND n.kind = 'feature' AND n.prompt IS NOT NULL
+RETURN DISTINCT n.prompt AS id
+"""
+
+# ---- proposals
+PROP_FEATURE_INSTANCES = """
+UNWIND $ids AS pid
+MATCH (n:Node {prompt: pid}) WHERE n.kind = 'feature'
+RETURN n.ref AS ref, pid AS prompt, n.pos AS pos
+"""
+
+PROP_AGG_OUT = """
+UNWIND $fids AS fid
+MATCH (a:Feature {fid: fid})-[g:AGG]->(b:Feature)
+WHERE g.n_prompts >= $min_pair
+RETURN a.fid AS s, b.fid AS t, g.n_prompts AS n, g.sum_w AS sum_w
+"""
+
+PROP_AGG_IN = """
+UNWIND $fids AS fid
+MATCH (b:Feature {fid: fid})<-[g:AGG]-(a:Feature)
+WHERE g.n_prompts >= $min_pair
+RETURN a.fid AS s, b.fid AS t, g.n_prompts AS n, g.sum_w AS sum_w
+"""
+
+PROP_FEATURE_META = """
+UNWIND $fids AS fid
+MATCH (f:Feature {fid: fid})
+RETURN f.fid AS fid, f.label AS label, f.layer AS layer, f.index AS index, f.tset AS tset
+"""
+
+PROP_DELETE_PROPOSED = """
+MATCH (s:Supernode {kind: 'proposed'})
+DETACH DELETE s
+RETURN count(*) AS deleted
+"""
+
+PROP_SET_SCORES = """
+MATCH (s:Supernode {name: $name})
+SET s.coactivation = $coactivation, s.coherence = $coherence,
+    s.internal_positive = $internal_positive, s.downstream_agreement = $downstream_agreement,
+    s.score = $score, s.n_prompts = $n_prompts, s.n_selected = $n_selected,
+    s.proposed_at = datetime()
+"""
+
+PROP_SET_VALIDATION = """
+MATCH (s:Supernode {name: $name})
+SET s.validation_kl = $validation_kl, s.validation_drop = $validation_drop,
+    s.validation_prompts = $validation_prompts, s.validation_multiplier = $validation_multiplier
+"""
+
+PROP_LIST = """
+MATCH (s:Supernode) WHERE $kind IS NULL OR s.kind = $kind
+OPTIONAL MATCH (s)-[:HAS]->(f:Feature)
+RETURN s.name AS name, s.kind AS kind, count(f) AS n_members, s.score AS score,
+       s.coactivation AS coactivation, s.coherence AS coherence, s.n_prompts AS n_prompts,
+       s.validation_kl AS validation_kl, s.validation_drop AS validation_drop,
+       s.pattern AS pattern
+ORDER BY coalesce(s.score, -1.0) DESC, name
+"""
+
+PROP_KIND = "MATCH (s:Supernode {name: $name}) RETURN s.kind AS kind"
+
+PROP_ACCEPT = """
+MATCH (s:Supernode {name: $name}) WHERE s.kind = 'proposed'
+SET s.name = $new_name, s.kind = 'accepted', s.accepted_at = datetime()
+"""
+
+PROP_REJECT = """
+MATCH (s:Supernode {name: $name}) WHERE s.kind = 'proposed'
+DETACH DELETE s
+"""
+
+# The prompts where a supernode's members are most active (validation runs there), with the
+# prompt's model depth (the constrained range covers every layer).
+PROP_TOP_PROMPTS = """
+MATCH (:Supernode {name: $name})-[:HAS]->(f:Feature)
+WITH collect(f.fid) AS refs
+MATCH (n:Node) WHERE n.ref IN refs AND n.kind = 'feature' AND n.prompt IS NOT NULL
+WITH n.prompt AS prompt, sum(n.activation) AS total
+MATCH (p:Prompt {id: prompt}) WHERE p.complete AND p.image_sha256 IS NULL
+OPTIONAL MATCH (p)-[:USES_MODEL]->(m:Model)
+RETURN prompt, p.text AS text, m.n_layers AS n_layers, total
+ORDER BY total DESC, prompt LIMIT $limit
+"""
+
+# ---- global circuits
+# A node's key with the ends collapsed: ``$from_keys`` / ``$to_keys`` are ``kind|ref`` keys, and
+# ``$from_box`` a ``[row0, row1, col0, col1]`` box of image cells (or null).
+_GC_KEY = """CASE
+  WHEN __N__.kind = 'image' AND $from_box IS NOT NULL
+       AND __N__.row >= $from_box[0] AND __N__.row <= $from_box[1]
+       AND __N__.col >= $from_box[2] AND __N__.col <= $from_box[3] THEN '@from'
+  WHEN __N__.kind + '|' + coalesce(__N__.ref, '') IN $from_keys THEN '@from'
+  WHEN __N__.kind + '|' + coalesce(__N__.ref, '') IN $to_keys THEN '@to'
+  WHEN __N__.kind = 'image' THEN 'image:' + toString(__N__.row) + ',' + toString(__N__.col)
+  ELSE __N__.kind + '|' + coalesce(__N__.ref, '') END"""
+
+# Per (source key, target key): prompts with an edge, summed weight (each prompt's edges between
+# the two summed first), target-activation-weighted sum (TWERA's numerator) and summed |w|.
+GC_PAIR_STATS = (
+    """
+UNWIND $ids AS pid
+MATCH (a:Node {prompt: pid})-[e:EDGE]->(b:Node)
+WHERE a.kind <> 'error'
+WITH pid, e.w AS w, b.activation AS act, """
+    + _GC_KEY.replace("__N__", "a")
+    + """ AS s, """
+    + _GC_KEY.replace("__N__", "b")
+    + """ AS t
+WHERE s <> t
+WITH pid, s, t, sum(w) AS w, max(coalesce(act, 1.0)) AS act
+RETURN s, t, count(*) AS n, sum(w) AS sum_w, sum(w * act) AS sum_tw, sum(abs(w)) AS sum_abs
+"""
+)
+
+# Per node key: prompts where it is present and the sum of its per-prompt largest activation
+# (TWERA's denominator; 1.0 for nodes without an activation).
+GC_NODE_STATS = (
+    """
+UNWIND $ids AS pid
+MATCH (n:Node {prompt: pid}) WHERE n.kind <> 'error'
+WITH pid, n.activation AS act, """
+    + _GC_KEY.replace("__N__", "n")
+    + """ AS key
+WITH pid, key, max(coalesce(act, 1.0)) AS act
+RETURN key, count(*) AS n, sum(act) AS sum_act
+"""
+)
+
+# Prompts with an instance of an end (refs of one kind), or with image tokens in a box.
+GC_END_PROMPTS = """
+MATCH (n:Node) WHERE n.ref IN $refs AND n.kind = $kind AND n.prompt IS NOT NULL
+RETURN DISTINCT n.prompt AS id
+"""
+
+GC_IMAGE_PROMPTS = """
+MATCH (a:ImageTokenNode)
+WHERE a.row >= $box[0] AND a.row <= $box[1] AND a.col >= $box[2] AND a.col <= $box[3]
+RETURN DISTINCT a.prompt AS id
+"""
+
+# Display names of node keys' global entities (features and tokens by ref).
+GC_REF_NAMES = """
+UNWIND $refs AS ref
+OPTIONAL MATCH (t:Token {tid: ref})
+OPTIONAL MATCH (f:Feature {fid: ref})
+RETURN ref, t.text AS token, f.layer AS layer, f.index AS index, f.label AS label
+"""
+
+# ---- contrasts
+# Each prompt's features (largest activation over positions).
+CT_FEATURES = """
+UNWIND $ids AS pid
+MATCH (n:Node {prompt: pid}) WHERE n.kind = 'feature'
+RETURN n.ref AS ref, pid AS prompt, max(n.activation) AS act
+"""
+
+# Each prompt's edges between features and from features to logits (summed over positions).
+CT_EDGES = """
+UNWIND $ids AS pid
+MATCH (a:Node {prompt: pid})-[e:EDGE]->(b:Node)
+WHERE a.kind = 'feature' AND b.kind IN ['feature', 'logit'] AND abs(e.w) >= $min_weight
+RETURN a.kind + '|' + a.ref AS s, b.kind + '|' + b.ref AS t, pid AS prompt, sum(e.w) AS w
+"""
+# =========================================================================== end of atlas questions

@@ -1,0 +1,297 @@
+"""Supernode proposals in the atlas: read the arrays :mod:`atlas.circuits.proposals` clusters,
+store its groups as supernodes of kind ``proposed`` with their scores, accept (rename) or reject
+them, and validate one by ablating it on the real model.
+
+What is read, for the prompts a filter selects (:mod:`atlas.store.prompt_filter`):
+
+* every feature instance (feature, prompt, position): the occurrence matrices; features active
+  in fewer than ``min_prompts`` prompts are dropped, and at most ``max_features`` (the most
+  frequent) are clustered (the similarity is dense: ``max_features``\\ :sup:`2` floats);
+* the aggregated edges (``AGG``) from and to the candidates seen in at least
+  ``min_pair_prompts`` prompts. ``AGG`` sums over every stored prompt, not only the selected
+  ones (it is the atlas' aggregate; the selection decides which features are candidates);
+* the candidates' labels (names), and optionally their decoder rows (given by the caller).
+
+A new proposal run replaces the earlier proposals (kind ``proposed``); accepted ones (kind
+``accepted``) and hand-made supernodes stay.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import neo4j
+import numpy as np
+from scipy import sparse
+
+from atlas.circuits.proposals import Proposal, ProposalInputs, ProposalSettings, propose
+from atlas.errors import InputError
+from atlas.store import queries as Q
+from atlas.store.connection import read_rows, write_rows
+from atlas.store.prompt_filter import select_prompts
+from atlas.store.read import DEFAULT_TIMEOUT_S
+from atlas.store.supernodes import define, validate_name
+
+log = logging.getLogger(__name__)
+
+PROPOSED = "proposed"
+ACCEPTED = "accepted"
+#: prompts per instance read (one statement each)
+CHUNK = 200
+
+
+def gather_inputs(
+    driver: neo4j.Driver,
+    prompt_ids: Sequence[str],
+    *,
+    min_prompts: int = 2,
+    max_features: int = 2000,
+    min_pair_prompts: int = 1,
+    database: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    decoder: Callable[[list[str]], np.ndarray | None] | None = None,
+) -> ProposalInputs:
+    """The clustering's arrays for these prompts (see the module docstring)."""
+    if min_prompts < 1 or max_features < 2 or min_pair_prompts < 1:
+        raise InputError("--min-prompts and --min-pair-prompts must be >= 1, --max-features >= 2")
+
+    def rows(query: str, params: dict[str, Any], what: str) -> list[dict[str, Any]]:
+        return read_rows(driver, query, params, database=database, what=what, timeout_s=timeout_s)
+
+    by_feature: dict[str, set[tuple[int, int]]] = {}
+    p_index = {p: i for i, p in enumerate(prompt_ids)}
+    for start in range(0, len(prompt_ids), CHUNK):
+        ids = list(prompt_ids[start : start + CHUNK])
+        for r in rows(Q.PROP_FEATURE_INSTANCES, {"ids": ids}, "reading feature instances"):
+            by_feature.setdefault(r["ref"], set()).add((p_index[r["prompt"]], int(r["pos"])))
+    counts = {f: len({p for p, _ in occ}) for f, occ in by_feature.items()}
+    fids = sorted((f for f, c in counts.items() if c >= min_prompts), key=lambda f: (-counts[f], f))
+    if len(fids) > max_features:
+        log.info("clustering the %d most frequent of %d features", max_features, len(fids))
+        fids = fids[:max_features]
+    fids.sort()
+    units: dict[tuple[int, int], int] = {}
+    pr, pc, ur, uc = [], [], [], []
+    for i, f in enumerate(fids):
+        for p, pos in by_feature[f]:
+            ur.append(i)
+            uc.append(units.setdefault((p, pos), len(units)))
+        for p in {p for p, _ in by_feature[f]}:
+            pr.append(i)
+            pc.append(p)
+    n = len(fids)
+    prompt_occ = sparse.csr_matrix((np.ones(len(pr)), (pr, pc)), shape=(n, max(len(prompt_ids), 1)))
+    pos_occ = sparse.csr_matrix((np.ones(len(ur)), (ur, uc)), shape=(n, max(len(units), 1)))
+    edges: dict[tuple[str, str], tuple[float, int]] = {}
+    for query in (Q.PROP_AGG_OUT, Q.PROP_AGG_IN):
+        for start in range(0, n, 500):
+            params = {"fids": fids[start : start + 500], "min_pair": min_pair_prompts}
+            for r in rows(query, params, "reading aggregated edges"):
+                edges[(r["s"], r["t"])] = (float(r["sum_w"]) / int(r["n"]), int(r["n"]))
+    meta = {r["fid"]: r for r in rows(Q.PROP_FEATURE_META, {"fids": fids}, "feature labels")}
+    return ProposalInputs(
+        fids=fids,
+        prompt_occ=prompt_occ,
+        pos_occ=pos_occ,
+        edges=[(s, t, w, k) for (s, t), (w, k) in sorted(edges.items())],
+        labels=[meta.get(f, {}).get("label") for f in fids],
+        decoder=decoder(fids) if decoder is not None and fids else None,
+        layers=[int(meta.get(f, {}).get("layer") or 0) for f in fids],
+    )
+
+
+def proposal_names(proposals: Sequence[Proposal]) -> list[str]:
+    """Stored names: ``P{rank} {name}`` (unique within one run)."""
+    return [validate_name(f"P{i + 1} {p.name}"[:200]) for i, p in enumerate(proposals)]
+
+
+def propose_supernodes(
+    driver: neo4j.Driver,
+    prompt_filter: str | None = None,
+    *,
+    min_prompts: int = 2,
+    max_features: int = 2000,
+    min_pair_prompts: int = 1,
+    settings: ProposalSettings | None = None,
+    limit: int = 50,
+    store: bool = True,
+    database: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    decoder: Callable[[list[str]], np.ndarray | None] | None = None,
+) -> list[dict[str, Any]]:
+    """Propose supernodes over the prompts ``prompt_filter`` selects; with ``store`` they
+    replace the earlier proposals in the atlas. Returns one dict per proposal (best first):
+    ``name``, ``members``, ``labels``, the scores."""
+    ids = select_prompts(driver, prompt_filter, database=database, timeout_s=timeout_s)
+    inputs = gather_inputs(
+        driver,
+        ids,
+        min_prompts=min_prompts,
+        max_features=max_features,
+        min_pair_prompts=min_pair_prompts,
+        database=database,
+        timeout_s=timeout_s,
+        decoder=decoder,
+    )
+    props = propose(inputs, settings)[:limit]
+    labels = dict(zip(inputs.fids, inputs.labels, strict=True))
+    names = proposal_names(props)
+    if store:
+        write_rows(driver, Q.PROP_DELETE_PROPOSED, {}, database=database, what="old proposals")
+        for name, prop in zip(names, props, strict=True):
+            define(
+                driver,
+                name,
+                prop.members,
+                kind=PROPOSED,
+                pattern=prompt_filter or "all",
+                database=database,
+            )
+            write_rows(
+                driver,
+                Q.PROP_SET_SCORES,
+                {"name": name, **_scores(prop, len(ids))},
+                database=database,
+                what="proposal scores",
+            )
+    return [
+        {
+            "name": name,
+            "n_members": len(p.members),
+            **_scores(p, len(ids)),
+            "members": p.members,
+            "labels": [labels.get(m) for m in p.members],
+        }
+        for name, p in zip(names, props, strict=True)
+    ]
+
+
+def _scores(p: Proposal, n_selected: int) -> dict[str, Any]:
+    d = asdict(p)
+    return {
+        "coactivation": d["coactivation"],
+        "coherence": d["coherence"],
+        "internal_positive": d["internal_positive"],
+        "downstream_agreement": d["downstream_agreement"],
+        "score": d["score"],
+        "n_prompts": d["n_prompts"],
+        "n_selected": n_selected,
+    }
+
+
+def list_proposals(
+    driver: neo4j.Driver, *, kind: str | None = None, database: str | None = None
+) -> list[dict[str, Any]]:
+    """Supernodes with their proposal scores (``kind`` None: every supernode)."""
+    return read_rows(
+        driver, Q.PROP_LIST, {"kind": kind}, database=database, what="listing supernodes"
+    )
+
+
+def accept(
+    driver: neo4j.Driver, name: str, new_name: str | None = None, *, database: str | None = None
+) -> str:
+    """Accept a proposal (kind ``accepted``), renamed to ``new_name`` when given."""
+    name = validate_name(name)
+    target = validate_name(new_name) if new_name else name
+    found = read_rows(driver, Q.PROP_KIND, {"name": name}, database=database, what="supernode")
+    if not found:
+        raise InputError(f"no supernode named {name!r}")
+    if found[0]["kind"] != PROPOSED:
+        raise InputError(f"supernode {name!r} is not a proposal (kind {found[0]['kind']!r})")
+    if target != name and read_rows(
+        driver, Q.PROP_KIND, {"name": target}, database=database, what="supernode"
+    ):
+        raise InputError(f"a supernode named {target!r} exists already")
+    write_rows(
+        driver,
+        Q.PROP_ACCEPT,
+        {"name": name, "new_name": target},
+        database=database,
+        what=f"accepting {name!r}",
+    )
+    return target
+
+
+def reject(driver: neo4j.Driver, name: str, *, database: str | None = None) -> None:
+    """Delete a proposal (only kind ``proposed``: accepted and hand-made ones stay)."""
+    name = validate_name(name)
+    found = read_rows(driver, Q.PROP_KIND, {"name": name}, database=database, what="supernode")
+    if not found:
+        raise InputError(f"no supernode named {name!r}")
+    if found[0]["kind"] != PROPOSED:
+        raise InputError(f"supernode {name!r} is not a proposal (kind {found[0]['kind']!r})")
+    write_rows(driver, Q.PROP_REJECT, {"name": name}, database=database, what=f"rejecting {name!r}")
+
+
+# --------------------------------------------------------------------------- validation
+def validate_proposal(
+    driver: neo4j.Driver,
+    settings: Any,
+    name: str,
+    *,
+    model: str | None = None,
+    transcoders: str | None = None,
+    n_prompts: int = 3,
+    multiplier: float = -1.0,
+    engines: Any = None,
+) -> dict[str, Any]:
+    """Ablate supernode ``name`` (constrained over every layer, every member times
+    ``multiplier``, attention frozen) on the ``n_prompts`` stored prompts where its members are
+    most active, through the interventions step (each run is stored as an ``Intervention``
+    touching the supernode). Returns and stores on the supernode the measured effect:
+    ``validation_kl`` (mean KL of the steered next-token distribution from the clean one) and
+    ``validation_drop`` (mean drop of the clean top token's probability)."""
+    from atlas.pipeline.intervention_payloads import InterventionSpec, SupernodeEdit
+    from atlas.pipeline.interventions import intervene_step
+
+    name = validate_name(name)
+    db = settings.neo4j_database
+    tops = read_rows(
+        driver,
+        Q.PROP_TOP_PROMPTS,
+        {"name": name, "limit": n_prompts},
+        database=db,
+        what="prompts of a supernode",
+    )
+    if not tops:
+        raise InputError(f"supernode {name!r} is active in no stored prompt")
+    kls, drops, ran = [], [], []
+    for row in tops:
+        meta = row["n_layers"]
+        spec = InterventionSpec(
+            prompt=row["text"],
+            model=model,
+            transcoders=transcoders,
+            supernode=SupernodeEdit(name=name, multiplier=multiplier),
+            constrained=(0, int(meta) - 1) if meta else None,
+            store=True,
+        )
+        try:
+            answer = intervene_step(spec, settings, driver=driver, engines=engines)
+        except InputError as exc:
+            log.warning("validation of %r on %s skipped: %s", name, row["prompt"][:12], exc)
+            continue
+        top = answer["top"]
+        base_best = max(top, key=lambda t: t["base"]) if top else None
+        if answer["kl"] is not None:
+            kls.append(float(answer["kl"]))
+        if base_best is not None:
+            drops.append(float(base_best["base"]) - float(base_best["steered"]))
+        ran.append(row["prompt"])
+    if not ran:
+        raise InputError(f"no prompt of supernode {name!r} could be intervened on")
+    result = {
+        "validation_kl": sum(kls) / len(kls) if kls else math.nan,
+        "validation_drop": sum(drops) / len(drops) if drops else math.nan,
+        "validation_prompts": len(ran),
+        "validation_multiplier": multiplier,
+    }
+    write_rows(
+        driver, Q.PROP_SET_VALIDATION, {"name": name, **result}, database=db, what="validation"
+    )
+    return result
