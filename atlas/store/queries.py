@@ -355,15 +355,6 @@ PROMPT_EXISTS = "MATCH (p:Prompt {id: $id}) WHERE p.complete RETURN p.id AS id"
 COUNT_PROMPTS = "MATCH (p:Prompt) WHERE p.complete RETURN count(p) AS n"
 
 # text of prompts by id (tables show prompts, not hashes)
-# Each prompt's answer: its most probable logit target.
-PROMPT_ANSWERS = """
-UNWIND $prompt_ids AS pid
-MATCH (l:Node:LogitNode {prompt: pid})-[:OF]->(t:Token)
-WITH pid, l, t ORDER BY l.logit_prob DESC
-WITH pid, collect(t.text_norm)[0] AS answer, collect(l.logit_prob)[0] AS prob
-RETURN pid AS prompt_id, answer, prob
-"""
-
 PROMPT_TEXTS = """
 UNWIND $prompt_ids AS pid
 MATCH (p:Prompt {id: pid})
@@ -1133,7 +1124,7 @@ CALL (pid) {
   RETURN l ORDER BY l.logit_prob DESC LIMIT 1
 }
 OPTIONAL MATCH (l)-[:OF]->(t:Token)
-RETURN pid AS id, t.text_norm AS answer
+RETURN pid AS id, t.text_norm AS answer, l.logit_prob AS prob
 """
 
 PF_TAGGED = """

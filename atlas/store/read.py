@@ -678,8 +678,8 @@ def prompt_answers(
     """Each stored prompt's answer: the text of its most probable logit target and its
     probability."""
     reader = _Reader(driver, database, timeout_s)
-    rows = reader.rows(Q.PROMPT_ANSWERS, {"prompt_ids": sorted(prompt_ids)}, "prompt answers")
-    return {r["prompt_id"]: (str(r["answer"]), float(r["prob"])) for r in rows}
+    rows = reader.rows(Q.PF_ANSWERS, {"ids": sorted(prompt_ids)}, "prompt answers")
+    return {r["id"]: (str(r["answer"]), float(r["prob"])) for r in rows if r["answer"] is not None}
 
 
 def image_regions(
