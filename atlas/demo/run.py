@@ -71,8 +71,10 @@ def run_demo(opts: DemoOptions, user: AtlasSettings) -> None:
         text.hand_supernode(svc, steps)
         vision.visual_hand_supernode(svc, steps, images)
         pictures = home / "pictures"
+        pictures.mkdir(parents=True, exist_ok=True)
         with steps.step("querying the atlas"):
             stats = text.print_paths_answer(svc, opts.max_hops, opts.min_weight, opts.limit)
+            text.print_global_circuit(svc, opts.limit, pictures)
             vision.print_answers_by_count(images)
             case = vision.six_finger_case(
                 svc,
@@ -82,6 +84,7 @@ def run_demo(opts: DemoOptions, user: AtlasSettings) -> None:
                 limit=opts.limit,
                 pictures=pictures,
             )
+            vision.print_contrast(svc, opts.limit)
             from atlas.store.read import count_prompts
 
             in_atlas = count_prompts(svc.driver, database=svc.settings.neo4j_database)

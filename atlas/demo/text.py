@@ -169,3 +169,47 @@ def print_paths_answer(
         "n_prompts_with_paths": n_prompts,
         "n_contributors": len(rows),
     }
+
+
+def print_global_circuit(svc: DemoServices, limit: int, pictures: Any) -> dict[str, Any]:
+    """The global circuit from ``Hand`` to ``5`` over the hand prompts: per feature pair the
+    prompts with the edge, its mean weight and ERA/TWERA, pruned by influence; and its picture."""
+    from atlas.render import draw_global_circuit
+    from atlas.store import queries as q
+    from atlas.store.global_circuit import global_circuit
+
+    flt = r"text:\bhands?\b"
+    result = global_circuit(svc.driver, svc.settings, f"supernode:{HAND}", f"logit:{TARGET}", flt)
+    out.heading(
+        f"Global circuit {HAND} -> '{TARGET}' over the {result['n_prompts']} hand prompts",
+        f" ({len(result['nodes'])} nodes, {len(result['edges'])} edges kept by influence)",
+    )
+    out.table(
+        None,
+        ["source", "target", "prompts", "mean w", "ERA", "TWERA", "score"],
+        [
+            [
+                e["source_name"],
+                e["target_name"],
+                e["n_prompts"],
+                f"{e['mean_w']:+.4g}",
+                f"{e['era']:+.4g}",
+                f"{e['twera']:+.4g}",
+                f"{e['score']:.4g}",
+            ]
+            for e in result["edges"][:limit]
+        ],
+    )
+    out.cypher_pointer("GC_PAIR_STATS", q.GC_PAIR_STATS)
+    out.cli_pointer(
+        f"atlas query global --from supernode:{HAND} --to logit:{TARGET} --prompts '{flt}'"
+    )
+    path = pictures / "global_hand_to_5.png"
+    edges = [
+        (e["source_name"], e["target_name"], e["mean_w"], e["n_prompts"])
+        for e in result["edges"][:40]
+    ]
+    drawn = draw_global_circuit(edges, path, title=f"{HAND} -> '{TARGET}' over hand prompts")
+    click.echo(f"picture of the global circuit: {drawn.path}")
+    result["picture"] = drawn.path
+    return result

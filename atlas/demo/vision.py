@@ -286,3 +286,44 @@ def _heatmap(
     image = load_stored_image(svc.settings.resolved_artifact_dir, sha).image
     path = pictures / f"heatmap_{im.path.stem}.png"
     return draw_heatmap(image, graph.rollout, tokens, path).path
+
+
+def print_contrast(svc: DemoServices, limit: int) -> dict[str, Any] | None:
+    """What differs between the six-finger hands answered '5' and the five-finger hands counted
+    right: features, edges and paths enriched in one set, with counts, effect sizes and tests."""
+    from atlas.errors import InputError
+    from atlas.store import queries as q
+    from atlas.store.contrast import contrast
+
+    a, b = f"tag:fingers:6 & answer:{TARGET}", f"tag:fingers:5 & answer:{TARGET}"
+    try:
+        result = contrast(svc.driver, svc.settings, a, b, limit=limit)
+    except InputError as exc:  # e.g. one of the sets is empty on this model
+        click.echo(f"no contrast: {exc}")
+        return None
+    out.heading(
+        "Six-finger hands answered '5' (A) against five-finger hands counted right (B)",
+        f" ({result['n_a']} against {result['n_b']} images; Mann-Whitney and Fisher tests, "
+        "Benjamini-Hochberg q)",
+    )
+    cols = ["name", "k_a", "k_b", "mean_a", "mean_b", "effect", "q_value"]
+    for family in ("features", "paths"):
+        out.table(
+            family,
+            cols,
+            [
+                [
+                    r["name"],
+                    r["k_a"],
+                    r["k_b"],
+                    f"{r['mean_a']:+.4g}",
+                    f"{r['mean_b']:+.4g}",
+                    f"{r['effect']:+.3f}",
+                    f"{r['q_value']:.2g}",
+                ]
+                for r in result[family][:limit]
+            ],
+        )
+    out.cypher_pointer("CT_FEATURES", q.CT_FEATURES)
+    out.cli_pointer(f"atlas query contrast --a '{a}' --b '{b}'")
+    return result
