@@ -342,7 +342,7 @@ class TranscoderTrainer:
         if not self.layers or min(self.layers) < 0 or max(self.layers) >= n_layers:
             raise ConfigError(f"layers {self.layers} out of range for a {n_layers}-layer model")
         model_config: Any = getattr(model, "config")  # noqa: B009
-        self.d_model = int(model_config.hidden_size)
+        self.d_model = int(model_config.get_text_config().hidden_size)  # VLMs: the LM width
         gen = torch.Generator().manual_seed(cfg.seed)
         with torch.random.fork_rng():
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))

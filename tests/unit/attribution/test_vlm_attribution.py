@@ -60,6 +60,7 @@ class Case:
     text_dir: Path
     tc_dir: Path
     image: Path
+    prompt: str = PROMPT
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,7 @@ class CheckModel:
         self.model: LoadedModel = load_model(case.vlm_dir, dtype=torch.float64)
         self.tset: TranscoderSet = load_transcoders(case.tc_dir, self.model, dtype=torch.float64)
         assert not self.tset.has_skip
-        self.inputs: ModelInputs = self.model.inputs(PROMPT, case.image)
+        self.inputs: ModelInputs = self.model.inputs(case.prompt, case.image)
         self.replay = PatternReplay()
 
     def run(
