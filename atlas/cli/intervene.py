@@ -81,6 +81,7 @@ def _spec(opts: dict[str, Any]) -> Any:
         "supernode": None if opts["supernode"] is None else parse_supernode(opts["supernode"]),
         "donor": opts["donor"],
         "donor_image": None if opts["donor_image"] is None else str(opts["donor_image"]),
+        "patch_image_tokens": opts["patch_image_tokens"],
         "constrained": None if opts["constrained"] is None else parse_range(opts["constrained"]),
         "freeze_attention": not opts["no_freeze_attention"],
         "generate": opts["generate"],
@@ -141,6 +142,11 @@ def _show(answer: dict[str, Any], fmt: str) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     help="Image of a donor given by text (a stored donor brings its own).",
+)
+@click.option(
+    "--patch-image-tokens",
+    is_flag=True,
+    help="With an image donor: patch every feature at its image tokens.",
 )
 @click.option("--constrained", default=None, help="A:B: MLP outputs frozen in layers A..B.")
 @click.option("--no-freeze-attention", is_flag=True, help="Live attention patterns.")

@@ -66,42 +66,50 @@ def _watch_cells(row: dict[str, Any], token: str) -> list[str]:
     ]
 
 
-def ablate_supernode(
+def ablate_features(
     svc: DemoServices,
     steps: Steps,
     refs: dict[str, str],
     prompts: Sequence[ImagePrompt],
-    supernode: str,
+    name: str,
+    features: Sequence[tuple[int, int]],
+    positions: Sequence[int],
     watch: Sequence[str],
     timeout_s: float,
 ) -> dict[str, Any]:
-    """Ablate ``supernode`` (multiplier 0, iterative, attention frozen) on each prompt and print
-    the watched tokens' probabilities before and after, with the graph's direct-effect
-    prediction of each demeaned-logit change next to the measured one."""
+    """Ablate ``features`` (``(layer, index)``) at every one of ``positions`` on each prompt
+    (iterative, attention frozen; inactive ones are left as they are) and print the watched
+    tokens' probabilities before and after, with the graph's direct-effect prediction of each
+    demeaned-logit change next to the measured one (when the graph has the feature)."""
     from atlas.pipeline.intervention_payloads import parse_intervention
     from atlas.store import queries as q
 
+    edits = [
+        {"layer": lay, "pos": pos, "feature": f, "mode": "ablate"}
+        for lay, f in features
+        for pos in positions
+    ]
     specs = [
         parse_intervention(
             refs
             | {
                 "prompt": p.prompt,
                 "image": p.image,
-                "supernode": {"name": supernode, "multiplier": 0.0},
+                "edits": edits,
                 "watch": list(watch),
                 "store": True,
             }
         )
         for p in prompts
     ]
-    with steps.step(f"ablating {supernode} on {len(specs)} image prompts (workers)"):
+    with steps.step(f"ablating {name} on {len(specs)} image prompts (workers)"):
         summary = _run_job(svc, specs, timeout_s)
     rows = _stored(svc, [s.content_id() for s in specs])
     columns = ["image", "KL"]
     for t in watch:
         columns += [f"P({t}) before", f"P({t}) after", f"d logit {t}", f"predicted d {t}"]
     table = []
-    moved = []
+    done = []
     for p, s in zip(prompts, specs, strict=True):
         r = rows.get(s.content_id())
         if r is None:
@@ -111,20 +119,20 @@ def ablate_supernode(
         for t in watch:
             cells += _watch_cells(r, t)
         table.append(cells)
-        moved.append(r)
+        done.append(r)
     out.heading(
-        f"Ablating the {supernode} supernode on {len(prompts)} images",
-        " (every member at every position where it is active set to 0; iterative, attention "
-        "frozen; d logit: demeaned logit change measured, and predicted by the graph's direct "
-        "effects)",
+        f"Ablating {name} on {len(prompts)} images",
+        f" ({len(features)} features set to 0 at the {len(positions)} image tokens; iterative, "
+        "attention frozen; d logit: demeaned logit change measured, and predicted by the "
+        "graph's direct effects where the graph has the feature)",
     )
     out.table(None, columns, table)
     out.cypher_pointer("INTERVENTIONS_BY_ID", q.INTERVENTIONS_BY_ID)
     out.cli_pointer(
-        f"atlas intervene --prompt TEXT --image PNG --supernode '{supernode}=0' "
+        "atlas intervene --prompt TEXT --image PNG --ablate L:POS:F ... "
         + " ".join(f"--watch {t}" for t in watch)
     )
-    return {"done": summary.done, "failed": summary.failed, "rows": moved}
+    return {"done": summary.done, "failed": summary.failed, "rows": done}
 
 
 def patch_circuit(
@@ -139,41 +147,16 @@ def patch_circuit(
     """Circuit patching: every feature of either prompt's stored graph at an image-token position
     takes the donor's activation there (features only the recipient had become 0), the rest of
     the recipient's computation live. Prints the answer before and after."""
-    from atlas.graph import Graph, artifact_path
     from atlas.pipeline.intervention_payloads import parse_intervention
     from atlas.store import queries as q
 
-    root = svc.settings.resolved_artifact_dir
-    graphs = [Graph.load(artifact_path(root, p.prompt_id)) for p in (recipient, donor)]
-    features: set[tuple[int, int, int]] = set()
-    for g in graphs:
-        if g.image_positions is None:
-            return None
-        img = set(g.image_positions.tolist())
-        is_feature = g.feature >= 0
-        for lay, pos, f in zip(
-            g.layer[is_feature].tolist(),
-            g.pos[is_feature].tolist(),
-            g.feature[is_feature].tolist(),
-            strict=True,
-        ):
-            if pos in img:
-                features.add((int(lay), int(pos), int(f)))
-    if not features:
-        click.echo(
-            "    no feature of either graph sits on an image token: nothing to patch", err=True
-        )
-        return None
     spec = parse_intervention(
         refs
         | {
             "prompt": recipient.prompt,
             "image": recipient.image,
             "donor": donor.prompt_id,
-            "edits": [
-                {"layer": lay, "pos": pos, "feature": f, "mode": "set", "amount": 0.0}
-                for lay, pos, f in sorted(features)
-            ],
+            "patch_image_tokens": True,
             "watch": list(watch),
             "store": True,
         }
@@ -183,7 +166,8 @@ def patch_circuit(
     row = _stored(svc, [spec.content_id()]).get(spec.content_id())
     out.heading(
         f"Circuit patching: {recipient.label} given {donor.label}'s image-token features",
-        f" ({len(features)} features at image positions of either graph)",
+        " (every transcoder feature at the image tokens takes the donor's activation; the text "
+        "positions compute live)",
     )
     if row is None:
         click.echo("the intervention failed: see `atlas jobs`")
@@ -203,7 +187,7 @@ def patch_circuit(
         )
     out.cypher_pointer("INTERVENTIONS_BY_ID", q.INTERVENTIONS_BY_ID)
     out.cli_pointer(
-        f"atlas intervene --prompt {recipient.prompt!r} --image MARS.png --donor {donor.prompt_id} "
-        "--set L:POS:F=0 ..."
+        f"atlas intervene --prompt {recipient.prompt!r} --image MARS.png "
+        f"--donor {donor.prompt_id} --patch-image-tokens"
     )
     return row

@@ -69,7 +69,7 @@ def run_demo(opts: DemoOptions, user: AtlasSettings) -> None:
         text.label_features(svc, steps, toy.model_dir, toy.transcoder_dir, opts.timeout_s)
         text.label_features(svc, steps, vlm.model_dir, vlm.transcoder_dir, opts.timeout_s)
         text.hand_supernode(svc, steps)
-        vision.visual_hand_supernode(svc, steps, images)
+        visual = vision.visual_hand_supernode(svc, steps, images)
         pictures = home / "pictures"
         pictures.mkdir(parents=True, exist_ok=True)
         with steps.step("querying the atlas"):
@@ -91,8 +91,16 @@ def run_demo(opts: DemoOptions, user: AtlasSettings) -> None:
         refs = {"model": str(vlm.model_dir), "transcoders": str(vlm.transcoder_dir)}
         six5 = [im.as_target() for im in case["six5"]]
         if six5:
-            causal.ablate_supernode(
-                svc, steps, refs, six5, vision.VISUAL_HAND, ["5", "6"], opts.timeout_s
+            causal.ablate_features(
+                svc,
+                steps,
+                refs,
+                six5,
+                f"the {len(visual.features)} visual Hand features",
+                visual.features,
+                visual.image_positions,
+                ["5", "6"],
+                opts.timeout_s,
             )
         planets = {im.tag("planet"): im for im in images if im.tag("planet")}
         if "mars" in planets and "earth" in planets:

@@ -114,29 +114,64 @@ def print_answers_by_count(images: Sequence[StoredImagePrompt]) -> None:
     out.table(None, ["images", "n", "right", "answers"], rows)
 
 
+@dataclass(frozen=True)
+class VisualHand:
+    """The visual Hand features and where they can act."""
+
+    features: list[tuple[int, int]]
+    """``(layer, index)`` of the toy VLM's most hand-selective features at image positions."""
+    in_atlas: int
+    """How many of them some stored graph kept (the supernode's members)."""
+    image_positions: list[int]
+    """The image tokens' positions in the demo's prompts."""
+
+
 def visual_hand_supernode(
     svc: DemoServices, steps: Steps, images: Sequence[StoredImagePrompt]
-) -> int:
+) -> VisualHand:
     """The visual Hand supernode: the features most selective for hand images at image
-    positions (:func:`atlas.toy.vision_demo.hand_features`), of the VLM's transcoder set."""
+    positions (:func:`atlas.toy.vision_demo.hand_features`), of the VLM's transcoder set; only
+    those some stored graph kept can be members."""
+    from atlas.errors import InputError
     from atlas.graph import Graph, artifact_path
+    from atlas.store.read import parse_feature
     from atlas.store.supernodes import define_from_features
     from atlas.toy.vision_demo import hand_features
 
     with steps.step(f"supernode {VISUAL_HAND!r}: the most hand-selective image features"):
         specs = hand_features()
-        meta = Graph.load(
-            artifact_path(svc.settings.resolved_artifact_dir, images[0].prompt_id)
-        ).metadata
-        n = define_from_features(
-            svc.driver,
-            VISUAL_HAND,
-            specs,
-            tset=meta.transcoders.content_hash,
-            database=svc.settings.neo4j_database,
+        graph = Graph.load(artifact_path(svc.settings.resolved_artifact_dir, images[0].prompt_id))
+        try:
+            n = define_from_features(
+                svc.driver,
+                VISUAL_HAND,
+                specs,
+                tset=graph.metadata.transcoders.content_hash,
+                database=svc.settings.neo4j_database,
+            )
+        except InputError:
+            n = 0
+        click.echo(
+            f"    {len(specs)} features ({', '.join(specs)}); {n} of them in some stored graph",
+            err=True,
         )
-        click.echo(f"    {n} features: {', '.join(specs)}", err=True)
-    return n
+    positions = [] if graph.image_positions is None else graph.image_positions.tolist()
+    return VisualHand([parse_feature(x) for x in specs], n, [int(p) for p in positions])
+
+
+def _image_feature_share(svc: DemoServices, images: Sequence[StoredImagePrompt]) -> tuple[int, int]:
+    """Feature nodes of these images' stored graphs at image positions, and in all."""
+    from atlas.graph import Graph, artifact_path
+
+    at_image = total = 0
+    for im in images:
+        g = Graph.load(artifact_path(svc.settings.resolved_artifact_dir, im.prompt_id))
+        is_feature = g.feature >= 0
+        total += int(is_feature.sum())
+        if g.image_positions is not None:
+            img = set(g.image_positions.tolist())
+            at_image += sum(1 for p in g.pos[is_feature].tolist() if p in img)
+    return at_image, total
 
 
 def six_finger_case(
@@ -164,76 +199,98 @@ def six_finger_case(
     if not six5:
         click.echo("the toy VLM answered no six-finger hand with '5': no paths to show")
         return result
-    found = paths(
+    ids = [im.prompt_id for im in six5]
+    hand = paths(
         svc.driver,
         f"supernode:{VISUAL_HAND}",
+        f"logit:{TARGET}",
+        max_hops=max_hops,
+        min_weight=0.0,
+        limit=limit,
+        database=db,
+        prompt_ids=ids,
+    )
+    at_image, total = _image_feature_share(svc, six5)
+    n_hand = sum(g["n_paths"] for g in hand["aggregate"])
+    click.echo(
+        f"paths from {VISUAL_HAND} to '{TARGET}' in those images: {n_hand} (any weight). "
+        f"Their pruned graphs keep {at_image} of {total} feature nodes at image positions: this "
+        "toy VLM reads the picture at the text positions, through attention to the image "
+        "tokens, so the circuit starts at the image tokens themselves."
+    )
+    found = paths(
+        svc.driver,
+        "image",
         f"logit:{TARGET}",
         max_hops=max_hops,
         min_weight=min_weight,
         limit=100_000,
         cap=100_000,
         database=db,
-        image_tag="fingers:6",
-        prompt_ids=[im.prompt_id for im in six5],
+        prompt_ids=ids,
     )
     agg = found["aggregate"]
     n_paths = sum(g["n_paths"] for g in agg)
     n_with = len({p["prompt"] for p in found["paths"]})
     out.heading(
-        f"All paths from {VISUAL_HAND} to '{TARGET}' in those images",
+        f"All paths from the image tokens to '{TARGET}' in those images",
         f" (1..{max_hops} hops, |w| >= {min_weight:g}: {n_paths} paths in {n_with} images)",
     )
     out.table(
         None,
-        ["route (visual Hand feature -> ... -> logit)", "images", "paths", "sum of scores"],
+        ["route (image token -> ... -> logit)", "images", "paths", "sum of scores"],
         [
             [" -> ".join(g["route"]), g["n_prompts"], g["n_paths"], f"{g['sum_score']:+.4g}"]
             for g in agg[:limit]
         ],
     )
-    out.cypher_pointer(f"PATHS[{max_hops}]  (+ PROMPTS_WITH_IMAGE_TAG)", q.PATHS[max_hops])
+    out.cypher_pointer("IMAGE_PATHS", q.IMAGE_PATHS[max_hops])
     out.cli_pointer(
-        f"atlas query paths --from 'supernode:{VISUAL_HAND}' --to logit:{TARGET} "
-        f"--image-tag fingers:6 --max-hops {max_hops} --min-weight {min_weight:g}"
+        f"atlas query paths --from image --to logit:{TARGET} --image-tag fingers:6 "
+        f"--max-hops {max_hops} --min-weight {min_weight:g}"
     )
     result["n_paths"] = n_paths
-
-    regions = image_regions(
-        svc.driver, f"supernode:{VISUAL_HAND}", limit=limit, image_tag="fingers:6", database=db
-    )
-    out.heading(
-        f"Image regions feeding the {VISUAL_HAND} nodes in six-finger images",
-        " (image soft token at grid cell; summed direct effect; its strongest rollout patches)",
-    )
-    out.table(
+    first = next(
+        (
+            part.split(" ")[0]
+            for g in agg
+            for part in g["route"][1:2]
+            if part.startswith("feature:")
+        ),
         None,
-        ["image", "cell (row, col)", "images", "edges", "sum w", "top patches"],
-        [
+    )
+    if first is not None:
+        regions = image_regions(svc.driver, first, limit=limit, image_tag="fingers:6", database=db)
+        out.heading(
+            f"Image regions feeding {first} (the first feature of the strongest route) in "
+            "six-finger images",
+            " (image soft token at grid cell; summed direct effect; its strongest rollout patches)",
+        )
+        out.table(
+            None,
+            ["image", "cell (row, col)", "images", "edges", "sum w", "top patches"],
             [
-                str(r["image"])[:12],
-                f"({r['row']}, {r['col']})",
-                r["n_prompts"],
-                r["n_edges"],
-                f"{r['sum_w']:+.4g}",
-                " ".join(f"({a},{b})" for a, b in r["top_patches"][:3]),
-            ]
-            for r in regions
-        ],
-    )
-    out.cypher_pointer("IMAGE_REGIONS", q.IMAGE_REGIONS)
-    out.cli_pointer(f"atlas query image-regions 'supernode:{VISUAL_HAND}' --image-tag fingers:6")
-    drawn = _heatmap(svc, six5[0], regions, pictures)
-    if drawn is not None:
-        click.echo(f"heatmap of {six5[0].path.name}'s Hand-feeding image tokens: {drawn}")
-        result["pictures"].append(drawn)
+                [
+                    str(r["image"])[:12],
+                    f"({r['row']}, {r['col']})",
+                    r["n_prompts"],
+                    r["n_edges"],
+                    f"{r['sum_w']:+.4g}",
+                    " ".join(f"({a},{b})" for a, b in r["top_patches"][:3]),
+                ]
+                for r in regions
+            ],
+        )
+        out.cypher_pointer("IMAGE_REGIONS", q.IMAGE_REGIONS)
+        out.cli_pointer(f"atlas query image-regions {first} --image-tag fingers:6")
+        drawn = _heatmap(svc, six5[0], regions, pictures)
+        if drawn is not None:
+            click.echo(
+                f"heatmap of the image tokens of {six5[0].path.name} feeding {first}: {drawn}"
+            )
+            result["pictures"].append(drawn)
 
-    a = top_contributors(
-        svc.driver,
-        f"logit:{TARGET}",
-        limit=limit,
-        database=db,
-        prompt_ids=[i.prompt_id for i in six5],
-    )
+    a = top_contributors(svc.driver, f"logit:{TARGET}", limit=limit, database=db, prompt_ids=ids)
     five_right = [im for im in right if im.truth == TARGET]
     b = top_contributors(
         svc.driver,

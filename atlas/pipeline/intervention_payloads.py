@@ -98,6 +98,9 @@ class InterventionSpec(BaseModel):
     donor: str | None = None
     """A stored prompt's id, or a donor prompt's text (its activations of the edited features
     replace the recipient's)."""
+    patch_image_tokens: bool = False
+    """With a donor: patch every transcoder feature at the donor's image-token positions (those
+    active in the donor or in the recipient there), besides the features the edits name."""
     donor_image: str | None = None
     """The image of a donor given by text (a path or ``sha256:<hex>``); a donor given by id
     brings its own stored image."""

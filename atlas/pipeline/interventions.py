@@ -217,9 +217,12 @@ def _patch(
 
     model, tset = engine.model, engine.transcoders
     text, image, donor_id = _donor(spec, engine, settings)
-    donor = donor_activations(model, tset, _model_inputs(engine, text, image, settings))
+    donor_inputs = _model_inputs(engine, text, image, settings)
+    donor = donor_activations(model, tset, donor_inputs)
     _check_edits(spec, engine, donor.n_pos)
     features = _donor_features(spec)
+    if spec.patch_image_tokens:
+        features += _image_token_features(donor_inputs, donor.activations, clean.activations)
     scale = 1.0
     if spec.supernode is not None:
         active = _active_at(donor.activations, members)
@@ -253,6 +256,8 @@ def _run(
             raise InputError("a supernode intervention needs the store (Neo4j)")
         members = _stored_ids(driver, spec.supernode.name, tset.info.content_hash, settings)
         touched += members
+    if spec.patch_image_tokens and spec.donor is None:
+        raise InputError("--patch-image-tokens needs a donor (--donor)")
     if spec.donor is not None:
         result, donor_id = _patch(spec, engine, settings, inputs, clean, members, knobs)
         return result, touched, donor_id
@@ -270,6 +275,27 @@ def _run(
     else:
         result = feature_intervention(model, tset, inputs, edits, clean=clean, **knobs)
     return result, touched, None
+
+
+def _image_token_features(
+    donor_inputs: Any, donor_acts: Tensor, recipient_acts: Tensor
+) -> list[tuple[int, int, int]]:
+    """Every ``(layer, pos, feature)`` at the donor's image positions active in the donor or,
+    at the same position, in the recipient (patching sets the latter to the donor's value)."""
+    positions = donor_inputs.image_positions
+    if positions is None:
+        raise InputError("--patch-image-tokens needs an image donor")
+    if recipient_acts.shape[1] != donor_acts.shape[1]:
+        raise InputError(
+            "--patch-image-tokens needs a recipient of the donor's length "
+            f"({donor_acts.shape[1]} positions, the recipient has {recipient_acts.shape[1]})"
+        )
+    pos = positions.to(donor_acts.device)
+    active = (donor_acts[:, pos] != 0) | (recipient_acts[:, pos].to(donor_acts.device) != 0)
+    out = []
+    for layer, k, f in active.nonzero().tolist():
+        out.append((int(layer), int(pos[k]), int(f)))
+    return out
 
 
 def _donor_features(spec: InterventionSpec) -> list[tuple[int, int, int]]:

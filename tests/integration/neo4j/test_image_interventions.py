@@ -133,6 +133,19 @@ def test_stored_image_prompt_is_a_donor_by_id(
         _spec(case, image=str(case.image), donor=stored[1], edits=edit), neo4j_settings
     )
     assert other["interventions"] and other["interventions"][0][:3] == [layer, pos, f]
+    # every feature at the image tokens: the image's own activations change nothing, another
+    # image's change the answer's distribution
+    whole = {"patch_image_tokens": True, "edits": []}
+    same = intervene_step(
+        _spec(case, image=str(case.image), donor=stored[0], **whole), neo4j_settings
+    )
+    assert same["kl"] == pytest.approx(0.0, abs=1e-9) and same["interventions"]
+    moved = intervene_step(
+        _spec(case, image=str(case.image), donor=stored[1], **whole), neo4j_settings
+    )
+    assert moved["kl"] > 0
+    with pytest.raises(InputError, match="needs a donor"):
+        intervene_step(_spec(case, image=str(case.image), **whole), neo4j_settings)
     with pytest.raises(InputError, match="brings its own image"):
         intervene_step(
             _spec(
