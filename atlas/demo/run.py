@@ -60,9 +60,14 @@ def run_demo(opts: DemoOptions, user: AtlasSettings) -> None:
         if opts.fresh:
             with steps.step("wiping the demo atlas (--fresh)"):
                 from atlas.store import queries as q
+                from atlas.store.connection import run_autocommit
 
-                with svc.driver.session(database=svc.settings.neo4j_database) as session:
-                    session.run(q.WIPE_DATABASE).consume()
+                run_autocommit(
+                    svc.driver,
+                    q.WIPE_DATABASE,
+                    database=svc.settings.neo4j_database,
+                    what="wiping the demo atlas",
+                )
 
         summary = text.text_batch(svc, steps, toy, opts.n_prompts, opts.timeout_s)
         images = vision.image_batch(svc, steps, home / "images", opts.timeout_s)
@@ -73,7 +78,9 @@ def run_demo(opts: DemoOptions, user: AtlasSettings) -> None:
         pictures = home / "pictures"
         pictures.mkdir(parents=True, exist_ok=True)
         with steps.step("querying the atlas"):
-            stats = text.print_paths_answer(svc, opts.max_hops, opts.min_weight, opts.limit)
+            stats = text.print_paths_answer(
+                svc, opts.max_hops, opts.min_weight, opts.limit, pictures
+            )
             text.print_global_circuit(svc, opts.limit, pictures)
             vision.print_answers_by_count(images)
             case = vision.six_finger_case(
@@ -113,6 +120,11 @@ def run_demo(opts: DemoOptions, user: AtlasSettings) -> None:
                 ["mars", "earth"],
                 opts.timeout_s,
             )
+        from atlas.web import serve_command
+
+        click.echo(f"\npictures: {pictures}")
+        click.echo("browse this atlas (the demo's services stop now; serving starts them again):")
+        click.echo("    " + serve_command(atlas_home=home).replace("\n", "\n    "))
         click.echo(
             f"\ndemo: {summary.done} prompts done by this batch, {in_atlas} in the atlas; "
             f"{stats['n_paths']} paths "

@@ -85,7 +85,7 @@ def hand_supernode(svc: DemoServices, steps: Steps) -> int:
 
 
 def print_paths_answer(
-    svc: DemoServices, max_hops: int, min_weight: float, limit: int
+    svc: DemoServices, max_hops: int, min_weight: float, limit: int, pictures: Any
 ) -> dict[str, Any]:
     """Every path from ``Hand`` to ``5`` across the atlas, grouped by route, the strongest
     single paths, and the top contributors to ``5``, each with its Cypher."""
@@ -142,6 +142,14 @@ def print_paths_answer(
         f"atlas query paths --from supernode:{HAND} --to logit:{TARGET} "
         f"--max-hops {max_hops} --min-weight {min_weight:g}"
     )
+    from atlas.render import draw_paths
+
+    drawn = draw_paths(
+        {"aggregate": aggregate[:limit]},
+        pictures / "paths_hand_to_5.png",
+        title=f"the {min(limit, len(aggregate))} strongest routes {HAND} -> '{TARGET}'",
+    )
+    click.echo(f"picture of these routes: {drawn.path}")
 
     rows = top_contributors(driver, f"logit:{TARGET}", limit=15, database=db)
     out.heading(f"Top contributors to '{TARGET}' across the atlas")

@@ -218,12 +218,13 @@ def six_finger_case(
         "toy VLM reads the picture at the text positions, through attention to the image "
         "tokens, so the circuit starts at the image tokens themselves."
     )
+    image_min_weight = min_weight / 10  # one image token carries a small share of the picture
     found = paths(
         svc.driver,
         "image",
         f"logit:{TARGET}",
         max_hops=max_hops,
-        min_weight=min_weight,
+        min_weight=image_min_weight,
         limit=100_000,
         cap=100_000,
         database=db,
@@ -234,7 +235,7 @@ def six_finger_case(
     n_with = len({p["prompt"] for p in found["paths"]})
     out.heading(
         f"All paths from the image tokens to '{TARGET}' in those images",
-        f" (1..{max_hops} hops, |w| >= {min_weight:g}: {n_paths} paths in {n_with} images)",
+        f" (1..{max_hops} hops, |w| >= {image_min_weight:g}: {n_paths} paths in {n_with} images)",
     )
     out.table(
         None,
@@ -247,7 +248,7 @@ def six_finger_case(
     out.cypher_pointer("IMAGE_PATHS", q.IMAGE_PATHS[max_hops])
     out.cli_pointer(
         f"atlas query paths --from image --to logit:{TARGET} --image-tag fingers:6 "
-        f"--max-hops {max_hops} --min-weight {min_weight:g}"
+        f"--max-hops {max_hops} --min-weight {image_min_weight:g}"
     )
     result["n_paths"] = n_paths
     first = next(

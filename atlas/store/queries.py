@@ -19,7 +19,8 @@ SET m.sha256 = $sha256, m.applied_at = datetime()
 """
 
 # Used by the tests' fixture and ``atlas db wipe``: batched so large atlases do not blow memory.
-WIPE_DATABASE = "MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS"
+# small batches: a prompt node may carry thousands of edges, and the transaction memory is bounded
+WIPE_DATABASE = "MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 500 ROWS"
 
 # =========================================================================== jobs
 # Job records live in Neo4j next to the atlas, so job state survives a Redis restart (or loss) and
