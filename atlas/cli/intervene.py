@@ -80,9 +80,12 @@ def _spec(opts: dict[str, Any]) -> Any:
         "edits": edits,
         "supernode": None if opts["supernode"] is None else parse_supernode(opts["supernode"]),
         "donor": opts["donor"],
+        "donor_image": None if opts["donor_image"] is None else str(opts["donor_image"]),
+        "patch_image_tokens": opts["patch_image_tokens"],
         "constrained": None if opts["constrained"] is None else parse_range(opts["constrained"]),
         "freeze_attention": not opts["no_freeze_attention"],
         "generate": opts["generate"],
+        "watch": list(opts["watch"]),
         "store": opts["store"],
     }
     return parse_intervention(raw)
@@ -113,6 +116,12 @@ def _show(answer: dict[str, Any], fmt: str) -> None:
         print_table(
             rows[:10], ["row", "predicted", "measured"], "direct effect (graph) vs measured"
         )
+    if answer.get("watch"):
+        print_table(
+            answer["watch"],
+            ["token", "base", "steered", "measured_logit", "predicted_logit"],
+            "watched tokens (probabilities; demeaned-logit change measured and predicted)",
+        )
     if "generated" in answer:
         click.echo(f"generated: {answer['generated']!r}")
 
@@ -128,9 +137,23 @@ def _show(answer: dict[str, Any], fmt: str) -> None:
 @click.option("--ablate", multiple=True, help="Ablate a feature: L:POS:F.")
 @click.option("--supernode", default=None, help="NAME=M: scale every active member by M.")
 @click.option("--donor", default=None, help="Donor prompt id (stored artifact) or text.")
+@click.option(
+    "--donor-image",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Image of a donor given by text (a stored donor brings its own).",
+)
+@click.option(
+    "--patch-image-tokens",
+    is_flag=True,
+    help="With an image donor: patch every feature at its image tokens.",
+)
 @click.option("--constrained", default=None, help="A:B: MLP outputs frozen in layers A..B.")
 @click.option("--no-freeze-attention", is_flag=True, help="Live attention patterns.")
 @click.option("--generate", type=int, default=0, show_default=True, help="Greedy tokens.")
+@click.option(
+    "--watch", multiple=True, help="A token whose probability and logit change to report."
+)
 @click.option("--store", is_flag=True, help="Store the intervention in the atlas.")
 @FORMAT
 def intervene(**opts: Any) -> None:

@@ -85,3 +85,27 @@ def load_spec_image(spec: PromptSpec, settings: AtlasSettings) -> LoadedImage | 
         max_pixels=settings.image_max_pixels,
         name=spec.image_name,
     )
+
+
+def load_image_ref(ref: str, settings: AtlasSettings) -> LoadedImage:
+    """An image named as specs name it: ``sha256:<hex>`` of a stored image, or a file path
+    (read and checked; not stored)."""
+    m = IMAGE_REF.match(ref)
+    if m is not None:
+        return load_stored_image(
+            settings.resolved_artifact_dir, m.group(1), max_pixels=settings.image_max_pixels
+        )
+    return load_image(Path(ref).expanduser(), max_pixels=settings.image_max_pixels, name=ref)
+
+
+def stored_image_ref(ref: str, settings: AtlasSettings, base_dir: Path | None = None) -> str:
+    """``ref`` as the ``sha256:<hex>`` of its stored image (a path is read, checked and stored;
+    a relative one is taken from ``base_dir`` when given). What queued specs carry."""
+    if IMAGE_REF.match(ref):
+        return ref
+    path = Path(ref).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    loaded = load_image_ref(str(path), settings)
+    store_image(settings.resolved_artifact_dir, loaded.data, max_pixels=settings.image_max_pixels)
+    return f"sha256:{loaded.info.sha256}"

@@ -91,16 +91,26 @@ class InterventionSpec(BaseModel):
     model: str | None = None
     transcoders: str | None = None
     image: str | None = None
-    """The image of an image + text prompt: a file path readable where the work runs."""
+    """The image of an image + text prompt: a file path readable where the work runs, or
+    ``sha256:<hex>`` of an image in the artifact store (what queued specs carry)."""
     edits: list[EditSpec] = Field(default_factory=list)
     supernode: SupernodeEdit | None = None
     donor: str | None = None
     """A stored prompt's id, or a donor prompt's text (its activations of the edited features
     replace the recipient's)."""
+    patch_image_tokens: bool = False
+    """With a donor: patch every transcoder feature at the donor's image-token positions (those
+    active in the donor or in the recipient there), besides the features the edits name."""
+    donor_image: str | None = None
+    """The image of a donor given by text (a path or ``sha256:<hex>``); a donor given by id
+    brings its own stored image."""
     constrained: tuple[int, int] | None = None
     """Layers ``a`` through ``b`` inclusive with frozen MLP outputs; unset: iterative."""
     freeze_attention: bool = True
     generate: int = Field(default=0, ge=0, le=512)
+    watch: list[str] = Field(default_factory=list, max_length=32)
+    """Tokens (one vocabulary token each) whose last-position probability before and after,
+    and whose demeaned-logit change measured and predicted by the graph, the answer reports."""
     store: bool = False
 
     @field_validator("constrained")

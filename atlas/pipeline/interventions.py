@@ -61,12 +61,20 @@ def _engine(spec: InterventionSpec, settings: AtlasSettings, engines: EngineCach
     return (engines or PROCESS_ENGINES).get(model_ref, tc_ref, settings)
 
 
-def _inputs(engine: Engine, spec: InterventionSpec) -> Any:
+def _inputs(engine: Engine, spec: InterventionSpec, settings: AtlasSettings) -> Any:
     """The recipient's model inputs (an image for a text-only model is refused here, by name,
     before the model would ignore or misread it)."""
-    if spec.image is not None and not engine.model.is_vision:
+    return _model_inputs(engine, spec.prompt, spec.image, settings)
+
+
+def _model_inputs(engine: Engine, prompt: str, image: str | None, settings: AtlasSettings) -> Any:
+    if image is None:
+        return engine.model.inputs(prompt)
+    if not engine.model.is_vision:
         raise InputError(f"an image was given but {engine.model_info.name} is a text-only model")
-    return engine.model.inputs(spec.prompt, image=spec.image)
+    from atlas.pipeline.images import load_image_ref
+
+    return engine.model.inputs(prompt, image=load_image_ref(image, settings))
 
 
 def _stored_ids(
@@ -105,16 +113,19 @@ def _active_at(acts: Tensor, features: list[tuple[int, int]]) -> list[tuple[int,
     return out
 
 
-def _donor_text(
+def _donor(
     spec: InterventionSpec, engine: Engine, settings: AtlasSettings
-) -> tuple[str, str | None]:
-    """The donor's prompt text and stored id (None for a text donor)."""
+) -> tuple[str, str | None, str | None]:
+    """The donor's prompt text, image reference and stored id (None for a donor given by
+    text). A stored image donor brings its image from the artifact store."""
     from atlas.graph import Graph, artifact_path
 
     donor = spec.donor or ""
     path = artifact_path(settings.resolved_artifact_dir, donor) if _looks_like_id(donor) else None
     if path is None or not path.is_file():
-        return donor, None
+        return donor, spec.donor_image, None
+    if spec.donor_image is not None:
+        raise InputError(f"donor {donor}: a stored donor brings its own image; drop the image")
     meta = Graph.load(path).metadata
     if meta.transcoders.content_hash != engine.transcoder_info.content_hash:
         raise InputError(f"donor {donor}: its graph comes from another transcoder set")
@@ -123,23 +134,48 @@ def _donor_text(
         engine.model_info.revision,
     ):
         raise InputError(f"donor {donor}: its graph comes from another model")
-    if meta.image_sha256:
-        raise InputError(f"donor {donor}: image donors are given by text and image, not by id")
-    return meta.prompt, donor
+    image = f"sha256:{meta.image_sha256}" if meta.image_sha256 else None
+    return meta.prompt, image, donor
 
 
 def _looks_like_id(text: str) -> bool:
     return len(text) >= 8 and all(c in "0123456789abcdef" for c in text)
 
 
-def _prompt_id(spec: InterventionSpec, engine: Engine, settings: AtlasSettings) -> str | None:
-    """The id the prompt has (or would have) in the atlas; image prompts: not computed here."""
-    if spec.image is not None:
-        return None
+def _prompt_id(spec: InterventionSpec, engine: Engine, settings: AtlasSettings) -> str:
+    """The id the prompt has (or would have) in the atlas with the default attribution
+    settings (an image prompt: with its image's hash)."""
+    from atlas.pipeline.images import IMAGE_REF, load_image_ref
     from atlas.pipeline.payloads import PromptSpec
     from atlas.pipeline.steps import prompt_id_for
 
-    return prompt_id_for(PromptSpec(prompt=spec.prompt), engine, settings)
+    image = spec.image
+    if image is not None and not IMAGE_REF.match(image):
+        image = f"sha256:{load_image_ref(image, settings).info.sha256}"
+    return prompt_id_for(PromptSpec(prompt=spec.prompt, image=image), engine, settings)
+
+
+def canonical_spec(
+    spec: InterventionSpec, settings: AtlasSettings, *, store_images: bool = False
+) -> InterventionSpec:
+    """``spec`` with its images named by content (``sha256:<hex>``), so that the same question
+    has the same id wherever its files lie; ``store_images`` also puts them in the artifact
+    store (what a queued or stored spec needs)."""
+    from atlas.pipeline.images import IMAGE_REF, load_image_ref, stored_image_ref
+
+    def ref(image: str | None) -> str | None:
+        if image is None or IMAGE_REF.match(image):
+            return image
+        if store_images:
+            return stored_image_ref(image, settings)
+        return f"sha256:{load_image_ref(image, settings).info.sha256}"
+
+    update = {"image": ref(spec.image), "donor_image": ref(spec.donor_image)}
+    return (
+        spec
+        if update == {"image": spec.image, "donor_image": spec.donor_image}
+        else (spec.model_copy(update=update))
+    )
 
 
 def _graph(prompt_id: str | None, settings: AtlasSettings) -> Graph | None:
@@ -180,10 +216,13 @@ def _patch(
     from atlas.interventions import circuit_patch, donor_activations
 
     model, tset = engine.model, engine.transcoders
-    text, donor_id = _donor_text(spec, engine, settings)
-    donor = donor_activations(model, tset, model.inputs(text))
+    text, image, donor_id = _donor(spec, engine, settings)
+    donor_inputs = _model_inputs(engine, text, image, settings)
+    donor = donor_activations(model, tset, donor_inputs)
     _check_edits(spec, engine, donor.n_pos)
     features = _donor_features(spec)
+    if spec.patch_image_tokens:
+        features += _image_token_features(donor_inputs, donor.activations, clean.activations)
     scale = 1.0
     if spec.supernode is not None:
         active = _active_at(donor.activations, members)
@@ -204,7 +243,7 @@ def _run(
     from atlas.interventions import clean_run, feature_intervention, generate, supernode_edits
 
     model, tset = engine.model, engine.transcoders
-    inputs = _inputs(engine, spec)
+    inputs = _inputs(engine, spec, settings)
     clean: CleanRun = clean_run(model, tset, inputs)
     knobs: dict[str, Any] = {
         "constrained": spec.layer_range(),
@@ -217,6 +256,8 @@ def _run(
             raise InputError("a supernode intervention needs the store (Neo4j)")
         members = _stored_ids(driver, spec.supernode.name, tset.info.content_hash, settings)
         touched += members
+    if spec.patch_image_tokens and spec.donor is None:
+        raise InputError("--patch-image-tokens needs a donor (--donor)")
     if spec.donor is not None:
         result, donor_id = _patch(spec, engine, settings, inputs, clean, members, knobs)
         return result, touched, donor_id
@@ -234,6 +275,27 @@ def _run(
     else:
         result = feature_intervention(model, tset, inputs, edits, clean=clean, **knobs)
     return result, touched, None
+
+
+def _image_token_features(
+    donor_inputs: Any, donor_acts: Tensor, recipient_acts: Tensor
+) -> list[tuple[int, int, int]]:
+    """Every ``(layer, pos, feature)`` at the donor's image positions active in the donor or,
+    at the same position, in the recipient (patching sets the latter to the donor's value)."""
+    positions = donor_inputs.image_positions
+    if positions is None:
+        raise InputError("--patch-image-tokens needs an image donor")
+    if recipient_acts.shape[1] != donor_acts.shape[1]:
+        raise InputError(
+            "--patch-image-tokens needs a recipient of the donor's length "
+            f"({donor_acts.shape[1]} positions, the recipient has {recipient_acts.shape[1]})"
+        )
+    pos = positions.to(donor_acts.device)
+    active = (donor_acts[:, pos] != 0) | (recipient_acts[:, pos].to(donor_acts.device) != 0)
+    out = []
+    for layer, k, f in active.nonzero().tolist():
+        out.append((int(layer), int(pos[k]), int(f)))
+    return out
 
 
 def _donor_features(spec: InterventionSpec) -> list[tuple[int, int, int]]:
@@ -284,6 +346,51 @@ def _predicted(
     }
 
 
+def _token_id(engine: Engine, token: str) -> int:
+    """The vocabulary id of ``token`` (exactly one token, or a one-line refusal)."""
+    ids = engine.model.tokenizer(token, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise InputError(f"watched token {token!r} is {len(ids)} tokens of this model, not one")
+    return int(ids[0])
+
+
+def _watch(
+    engine: Engine, run: _Run, tokens: Sequence[str], predicted: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """Each watched token's probability before and after, and its demeaned-logit change as
+    measured and as the graph predicts it (when the graph has that logit)."""
+    import torch
+
+    r = run.result
+    p_base = torch.softmax(r.base_last_logits.double(), -1)
+    p_steer = torch.softmax(r.last_logits.double(), -1)
+    graph_logits: list[int] = []
+    n_feat = 0
+    if predicted is not None and run.graph is not None:
+        from atlas.interventions.predict import graph_view
+
+        view = graph_view(run.graph)
+        graph_logits = [int(t) for t in view.logit_tokens]
+        n_feat = len(predicted["rows"]) - len(graph_logits)
+    out = []
+    for token in tokens:
+        tid = _token_id(engine, token)
+        row: dict[str, Any] = {
+            "token": token,
+            "token_id": tid,
+            "base": float(p_base[tid]),
+            "steered": float(p_steer[tid]),
+            "predicted_logit": None,
+            "measured_logit": None,
+        }
+        if predicted is not None and tid in graph_logits:
+            k = n_feat + graph_logits.index(tid)
+            row["predicted_logit"] = predicted["direct_effect"][k]
+            row["measured_logit"] = predicted["measured"][k]
+        out.append(row)
+    return out
+
+
 def _token(engine: Engine, token_id: int) -> str:
     return str(engine.model.tokenizer.decode([token_id]))
 
@@ -304,6 +411,8 @@ def result_json(run: _Run, spec: InterventionSpec) -> dict[str, Any]:
         "predicted": _predicted(engine, run.graph, r, run.changes),
         "interventions": [list(c) for c in run.changes],
     }
+    if spec.watch:
+        out["watch"] = _watch(engine, run, spec.watch, out["predicted"])
     if spec.generate:
         out["generated"] = r.generated_text
         out["generated_ids"] = [
@@ -333,13 +442,14 @@ def intervene_step(
     run = _Run(
         engine, prompt_id, result, _changes(result), touched, donor_id, _graph(prompt_id, settings)
     )
-    answer = result_json(run, spec)
+    named = canonical_spec(spec, settings, store_images=spec.store)
+    answer = result_json(run, named)
     if spec.store:
         from atlas.store.interventions import store_intervention
 
         store_intervention(
             driver,
-            spec,
+            named,
             answer,
             tset_hash=engine.transcoder_info.content_hash,
             touched=touched,
@@ -405,6 +515,15 @@ def _dispatch(settings: AtlasSettings, driver: Any, payloads: list[Any]) -> None
         intervene_item_step(payload, settings, driver=driver, holder=holder)
 
 
+def _queued(spec: InterventionSpec, settings: AtlasSettings) -> InterventionSpec:
+    """A spec as a worker can read it: its images stored and named by content. An image that
+    cannot be read here stays a path, so its item fails alone, with the reason, on the worker."""
+    try:
+        return canonical_spec(spec, settings, store_images=True)
+    except InputError:
+        return spec
+
+
 def resend_interventions(
     settings: AtlasSettings, driver: Any, job_id: str, items: Sequence[Any]
 ) -> int:
@@ -434,6 +553,7 @@ def submit_interventions(
 
     store = job_store(driver, settings)
     job_id = new_job_id()
+    specs = [_queued(s, settings) for s in specs]
     dumped = [s.model_dump(mode="json") for s in specs]
     ids = [s.content_id() for s in specs]
     store.create(job_id, dumped, ids, source=INTERVENE_SOURCE, mode=mode_of(settings))
@@ -464,16 +584,13 @@ def faithfulness_step(
         )
     graph = Graph.load(path)
     meta = graph.metadata
-    if meta.image_sha256:
-        raise InputError(
-            f"prompt {prompt_id}: faithfulness of image prompts is run from the library"
-        )
     model_ref = model_ref or meta.model.name
     tc_ref = tc_ref or meta.transcoders.name
     engine = (engines or PROCESS_ENGINES).get(model_ref, tc_ref, settings)
     if engine.transcoder_info.content_hash != meta.transcoders.content_hash:
         raise InputError(f"prompt {prompt_id}: its graph comes from another transcoder set")
-    inputs = engine.model.inputs(meta.prompt)
+    image = f"sha256:{meta.image_sha256}" if meta.image_sha256 else None
+    inputs = _model_inputs(engine, meta.prompt, image, settings)
     report = faithfulness(engine.model, engine.transcoders, inputs, graph, n_sources=n_sources)
     return {
         "prompt_id": prompt_id,

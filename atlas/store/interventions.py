@@ -42,6 +42,7 @@ def intervention_params(
         "spec": _json(spec.model_dump(mode="json", exclude={"store"})),
         "kl": answer.get("kl"),
         "top": _json(answer.get("top")),
+        "watch": _json(answer.get("watch")),
         "predicted": _json(predicted),
         "measured": None if predicted is None else [float(x) for x in predicted["measured"]],
         "prompt_id": answer.get("prompt_id"),
@@ -92,10 +93,20 @@ def interventions(
     return [_decoded(r) for r in rows]
 
 
+def interventions_by_id(
+    driver: Any, ids: Sequence[str], *, database: str | None = None
+) -> list[dict[str, Any]]:
+    """The stored interventions with these ids (those not stored are left out)."""
+    rows = read_rows(
+        driver, Q.INTERVENTIONS_BY_ID, {"ids": list(ids)}, database=database, what="interventions"
+    )
+    return [_decoded(r) for r in rows]
+
+
 def _decoded(row: dict[str, Any]) -> dict[str, Any]:
     """JSON-string properties back to values (``kl`` is the effect size every run has)."""
     out = dict(row)
-    for key in ("top", "predicted"):
+    for key in ("top", "watch", "predicted"):
         if isinstance(out.get(key), str):
             out[key] = json.loads(out[key])
     return out

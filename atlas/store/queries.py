@@ -19,7 +19,8 @@ SET m.sha256 = $sha256, m.applied_at = datetime()
 """
 
 # Used by the tests' fixture and ``atlas db wipe``: batched so large atlases do not blow memory.
-WIPE_DATABASE = "MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS"
+# small batches: a prompt node may carry thousands of edges, and the transaction memory is bounded
+WIPE_DATABASE = "MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 500 ROWS"
 
 # =========================================================================== jobs
 # Job records live in Neo4j next to the atlas, so job state survives a Redis restart (or loss) and
@@ -457,6 +458,7 @@ ORDER BY max_activation DESC LIMIT $limit
 
 TOP_CONTRIBUTORS = """
 MATCH (l:Node:LogitNode) WHERE l.ref IN $refs AND l.kind = 'logit' AND l.prompt IS NOT NULL
+  AND ($prompt_ids IS NULL OR l.prompt IN $prompt_ids)
 MATCH (s:Node)-[e:EDGE]->(l)
 WITH coalesce(s.ref, s.kind + ':' + toString(s.layer)) AS source, s.kind AS kind,
      s.layer AS layer, e.w AS w, l.prompt AS prompt
@@ -889,7 +891,7 @@ SET f.top_image_regions = r.regions, f.top_image_values = r.values,
 STORE_INTERVENTION = """
 MERGE (i:Intervention {id: $id})
 ON CREATE SET i.created_at = $now
-SET i.spec = $spec, i.kl = $kl, i.top = $top, i.predicted = $predicted,
+SET i.spec = $spec, i.kl = $kl, i.top = $top, i.watch = $watch, i.predicted = $predicted,
     i.measured = $measured, i.prompt_id = $prompt_id, i.prompt = $prompt,
     i.supernode = $supernode, i.multiplier = $multiplier, i.n_edits = $n_edits,
     i.updated_at = $now
@@ -914,7 +916,8 @@ INTERVENTIONS_ON_SUPERNODE = """
 MATCH (i:Intervention)-[:TOUCHES]->(:Supernode {name: $name})
 RETURN i.id AS id, i.prompt_id AS prompt_id, i.prompt AS prompt, i.supernode AS supernode,
        i.multiplier AS multiplier,
-       i.kl AS kl, i.top AS top, i.predicted AS predicted, i.created_at AS created_at
+       i.kl AS kl, i.top AS top, i.watch AS watch, i.predicted AS predicted,
+       i.created_at AS created_at
 ORDER BY i.kl DESC, i.id
 """
 
@@ -925,6 +928,15 @@ RETURN i.id AS id, i.prompt_id AS prompt_id, i.prompt AS prompt, i.supernode AS 
        i.multiplier AS multiplier, i.kl AS kl, i.n_edits AS n_edits, i.created_at AS created_at
 ORDER BY i.created_at DESC, i.id
 LIMIT $limit
+"""
+
+# stored interventions by their ids (what a job of interventions produced)
+INTERVENTIONS_BY_ID = """
+UNWIND $ids AS id
+MATCH (i:Intervention {id: id})
+RETURN i.id AS id, i.prompt_id AS prompt_id, i.prompt AS prompt, i.supernode AS supernode,
+       i.multiplier AS multiplier, i.kl AS kl, i.top AS top, i.watch AS watch,
+       i.predicted AS predicted, i.created_at AS created_at
 """
 
 COUNT_INTERVENTIONS = "MATCH (i:Intervention {id: $id}) RETURN count(i) AS n"
@@ -1113,7 +1125,7 @@ CALL (pid) {
   RETURN l ORDER BY l.logit_prob DESC LIMIT 1
 }
 OPTIONAL MATCH (l)-[:OF]->(t:Token)
-RETURN pid AS id, t.text_norm AS answer
+RETURN pid AS id, t.text_norm AS answer, l.logit_prob AS prob
 """
 
 PF_TAGGED = """

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -160,8 +161,10 @@ def paths(
     database: str | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     image_tag: str | None = None,
+    prompt_ids: Collection[str] | None = None,
 ) -> dict[str, Any]:
-    """Every directed path of 1..max_hops edges within one prompt from ``source`` to ``target``.
+    """Every directed path of 1..max_hops edges within one prompt from ``source`` to ``target``
+    (only in the prompts ``prompt_ids`` when given, and whose image has ``image_tag``).
 
     Returns ``{"paths": [{"prompt", "nodes", "weights", "score"}], "aggregate": [...],
     "truncated": bool}``. ``score`` is the product of the path's edge weights (its signed
@@ -193,6 +196,9 @@ def paths(
             "cap": cap + 1,
         }
         rows = _tagged(reader, reader.rows(Q.PATHS[max_hops], params, "paths query"), image_tag)
+    if prompt_ids is not None:
+        wanted = set(prompt_ids)
+        rows = [r for r in rows if r["prompt"] in wanted]
     truncated = len(rows) > cap
     found = [
         {
@@ -306,13 +312,17 @@ def top_contributors(
     limit: int = 20,
     database: str | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    prompt_ids: Collection[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Sources with the largest summed |direct effect| on a logit (``logit:TEXT``) across prompts."""
+    """Sources with the largest summed |direct effect| on a logit (``logit:TEXT``) across prompts
+    (only the prompts ``prompt_ids`` when given)."""
     if not spec.startswith("logit:"):
         spec = "logit:" + spec
     reader = _Reader(driver, database, timeout_s)
     ep = _resolve_endpoint(reader, spec)
-    rows = reader.rows(Q.TOP_CONTRIBUTORS, {"refs": ep.refs, "limit": limit}, "top contributors")
+    ids = None if prompt_ids is None else sorted(prompt_ids)
+    params = {"refs": ep.refs, "limit": limit, "prompt_ids": ids}
+    rows = reader.rows(Q.TOP_CONTRIBUTORS, params, "top contributors")
     texts = _ref_texts(reader, {r["source"] for r in rows})
     for r in rows:
         r["name"] = describe_ref(r["source"], texts)
@@ -656,6 +666,20 @@ def _tagged(
         return rows
     keep = {r["prompt"] for r in reader.rows(Q.PROMPTS_WITH_IMAGE_TAG, {"tag": image_tag}, "tag")}
     return [r for r in rows if r["prompt"] in keep]
+
+
+def prompt_answers(
+    driver: neo4j.Driver,
+    prompt_ids: Collection[str],
+    *,
+    database: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> dict[str, tuple[str, float]]:
+    """Each stored prompt's answer: the text of its most probable logit target and its
+    probability."""
+    reader = _Reader(driver, database, timeout_s)
+    rows = reader.rows(Q.PF_ANSWERS, {"ids": sorted(prompt_ids)}, "prompt answers")
+    return {r["id"]: (str(r["answer"]), float(r["prob"])) for r in rows if r["answer"] is not None}
 
 
 def image_regions(

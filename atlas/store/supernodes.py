@@ -141,14 +141,20 @@ def define(
 
 
 def define_from_features(
-    driver: neo4j.Driver, name: str, specs: list[str], *, database: str | None = None
+    driver: neo4j.Driver,
+    name: str,
+    specs: list[str],
+    *,
+    tset: str | None = None,
+    database: str | None = None,
 ) -> int:
-    """Supernode from ``LAYER/INDEX`` specs (matching features of every transcoder set)."""
+    """Supernode from ``LAYER/INDEX`` specs: the features of the transcoder set whose content
+    hash is ``tset``, or of every set in the atlas when ``tset`` is None."""
     pairs = [list(parse_feature(spec.removeprefix("feature:"))) for spec in specs]
     rows = read_rows(
         driver,
         Q.FEATURES_BY_PAIRS,
-        {"pairs": pairs, "tset": None},
+        {"pairs": pairs, "tset": tset},
         database=database,
         what="finding features",
     )

@@ -58,6 +58,25 @@ def test_demo_runs_end_to_end_and_stops_what_it_started(tmp_path: Path) -> None:
     assert "Top contributors to '5'" in text
     assert "atlas.store.queries.TOP_CONTRIBUTORS" in text
     assert "12 done, 0 failed" in out.stderr
+    # the image part: the batch, the six-finger case, the causal steps, the atlas-wide answers
+    assert "103 done, 0 failed" in out.stderr
+    for heading in (
+        "Global circuit Hand -> '5'",
+        "What the toy VLM answers on the demo images",
+        "The six-finger case:",
+        "All paths from the image tokens to '5'",
+        "Six-finger hands answered '5' (A)",
+        "Ablating the 8 visual Hand features",
+        "Circuit patching: planet_mars",
+    ):
+        assert heading in text, heading
+    assert "atlas.store.queries.IMAGE_PATHS" in text
+    assert "atlas.store.queries.INTERVENTIONS_BY_ID" in text
+    assert "atlas serve" in text
+    pictures = sorted(p.name for p in (home / "pictures").iterdir())
+    assert "paths_hand_to_5.png" in pictures and "global_hand_to_5.png" in pictures
+    assert any(p.startswith("heatmap_hand_6") for p in pictures), pictures
+    assert all((home / "pictures" / p).stat().st_size > 1000 for p in pictures)
 
     # everything it started is stopped: no live Neo4j or Redis in the demo home
     from atlas.services import neo4j_local, redis_local

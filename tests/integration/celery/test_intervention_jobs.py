@@ -70,7 +70,7 @@ def test_intervention_jobs_on_a_worker(
     celery_worker: Any, service_settings: Any, clean_neo4j: Any
 ) -> None:
     from atlas.pipeline.intervention_payloads import parse_intervention
-    from atlas.store.interventions import interventions
+    from atlas.store.interventions import interventions, interventions_by_id
     from atlas.store.schema import apply_schema
 
     driver = clean_neo4j
@@ -90,6 +90,8 @@ def test_intervention_jobs_on_a_worker(
 
     rows = interventions(driver, supernode="hand")
     assert [r["id"] for r in rows] == [good.content_id()]
+    by_id = interventions_by_id(driver, [good.content_id(), "iv-not-stored"])
+    assert [r["id"] for r in by_id] == [good.content_id()]
     assert rows[0]["prompt_id"] == pid and rows[0]["kl"] is not None
     assert rows[0]["predicted"] is not None  # the worker found the prompt's graph
     on = "MATCH (:Intervention {id: $id})-[:ON]->(:Prompt {id: $pid}) RETURN count(*)"
@@ -120,6 +122,47 @@ def test_intervention_jobs_on_a_worker(
     assert out.returncode == 0, out.stderr
     [row] = json.loads(out.stdout)
     assert row["prompt_id"] == pid and row["spearman"] == report["spearman"]
+
+
+def test_intervention_items_of_a_lost_worker_are_sent_again(
+    celery_worker: Any, service_settings: Any, clean_neo4j: Any
+) -> None:
+    """Intervention items held by a worker that died (no message left, heartbeat stopped) show
+    as stale, and ``wait_for_job`` sends them again as interventions; each runs once more."""
+    import time
+
+    from atlas.pipeline.intervention_payloads import INTERVENE_SOURCE, parse_intervention
+    from atlas.pipeline.submit import job_store, wait_for_job
+    from atlas.store.jobs import ensure_job_schema, new_job_id
+
+    driver = clean_neo4j
+    settings = service_settings.model_copy(
+        update={"heartbeat_interval_s": 0.5, "stale_after_s": 1.5}
+    )
+    ensure_job_schema(driver, settings.neo4j_database)
+    refs = {"model": str(GOLDEN / "model"), "transcoders": str(GOLDEN / "transcoders")}
+    specs = [
+        parse_intervention(
+            refs
+            | {"prompt": PROMPT, "edits": [{"layer": 0, "pos": 1, "feature": f, "mode": "ablate"}]}
+        )
+        for f in (1, 2)
+    ]
+    store = job_store(driver, settings)
+    job = new_job_id()
+    store.create(
+        job,
+        [s.model_dump(mode="json") for s in specs],
+        [s.content_id() for s in specs],
+        source=INTERVENE_SOURCE,
+        mode="celery",
+    )
+    store.hold(job, [0, 1], "gone-host:1")  # taken by a worker that died: no message left
+    time.sleep(2.0)
+    assert store.summary(job).stale == 2
+    summary = wait_for_job(settings, driver, job, timeout_s=240, poll_s=0.5)
+    assert (summary.done, summary.failed) == (2, 0), celery_worker.log_text()[-3000:]
+    assert all(it.attempts >= 1 for it in store.items(job))
 
 
 def _console(args: list[str], settings: Any) -> subprocess.CompletedProcess[str]:

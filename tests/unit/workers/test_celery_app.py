@@ -85,6 +85,7 @@ def test_call_sites_use_the_queue_and_task_constants() -> None:
     literals = ['"atlas.attribute"', '"atlas.ingest"', '"atlas.annotate"', '"attribute,ingest"']
     literals += ['queue="attribute"', 'queue="ingest"']
     sites = ["atlas/cli/jobs.py", "atlas/cli/worker.py", "atlas/cli/demo.py", "workers/tasks.py"]
+    sites += ["atlas/demo/services.py", "atlas/demo/text.py", "atlas/demo/run.py"]
     sites += ["dev/services_demo.py"]
     sites += ["atlas/pipeline/submit.py", "atlas/pipeline/steps.py", "bench/pipeline.py"]
     for site in sites:
