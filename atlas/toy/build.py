@@ -54,6 +54,16 @@ class ToyPaths:
         root = Path(root)
         return cls(root=root, model_dir=root / "model", transcoder_dir=root / "transcoders")
 
+    def emptied(self) -> ToyPaths:
+        """These paths with the root made and a previous build's model, transcoders and
+        manifest removed (what a build writes anew)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in (self.model_dir, self.transcoder_dir):
+            if stale.exists():
+                shutil.rmtree(stale)
+        self.manifest.unlink(missing_ok=True)
+        return self
+
     def exists(self) -> bool:
         return (
             self.manifest.is_file()
@@ -201,12 +211,7 @@ def build_toy(
     from atlas.transcoders.training import train_transcoders
 
     cfg = replace(config or ToyBuildConfig(), seed=seed)
-    paths = ToyPaths.at(Path(out_dir))
-    paths.root.mkdir(parents=True, exist_ok=True)
-    for stale in (paths.model_dir, paths.transcoder_dir):
-        if stale.exists():
-            shutil.rmtree(stale)
-    paths.manifest.unlink(missing_ok=True)
+    paths = ToyPaths.at(Path(out_dir)).emptied()
 
     t0 = time.perf_counter()
     mcfg = cfg.model_config()

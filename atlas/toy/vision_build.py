@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -158,39 +157,13 @@ def collect_image_activations(
     """``{layer: (x, y)}`` transcoder inputs/outputs at every position but BOS of image
     prompts (question without answer), like
     :func:`atlas.transcoders.training.collect_activations` for text."""
-    from atlas.models.adapters import adapter_for_config
     from atlas.toy.vision_model import batch_tensors, normalise, pixels_u8
-    from atlas.transcoders.training import locate_mlp_hooks
+    from atlas.transcoders.training import capture_mlp_io
 
-    inputs, outputs, in_hook, _ = locate_mlp_hooks(model, input_hook, output_hook)
-    adapter = adapter_for_config(model.config)
-    layer_modules = adapter.layers(model)
-    captured: dict[tuple[int, str], torch.Tensor] = {}
-
-    def grab(key: tuple[int, str], kind: str) -> Callable[..., None]:
-        def hook(_mod: Any, args: tuple[Any, ...], out: Any = None) -> None:
-            value = args[0] if kind == "input" else out
-            if isinstance(value, tuple):
-                value = value[0]
-            value = value.detach()
-            if key[1] == "x":
-                value = adapter.feature_input_value(layer_modules[key[0]], in_hook, value)
-            captured[key] = value
-
-        return hook
-
-    handles = []
-    for layer in layers:
-        mod, kind = inputs[layer]
-        if kind == "input":
-            handles.append(mod.register_forward_pre_hook(grab((layer, "x"), "input")))
-        else:
-            handles.append(mod.register_forward_hook(grab((layer, "x"), "output")))
-        handles.append(outputs[layer].register_forward_hook(grab((layer, "y"), "output")))
     xs: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     ys: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     image_id = int(model.config.image_token_id)
-    try:
+    with capture_mlp_io(model, layers, input_hook, output_hook) as captured:
         for start in range(0, len(samples), batch):
             chunk = samples[start : start + batch]
             ids, mask, _, _ = batch_tensors(tokenizer, chunk, image_id)
@@ -201,9 +174,6 @@ def collect_image_activations(
             for layer in layers:
                 xs[layer].append(captured[(layer, "x")][keep].float())
                 ys[layer].append(captured[(layer, "y")][keep].float())
-    finally:
-        for h in handles:
-            h.remove()
     return {layer: (torch.cat(xs[layer]), torch.cat(ys[layer])) for layer in layers}
 
 
@@ -439,12 +409,7 @@ def build_toy_vision(
 
     cfg = replace(config or VisionBuildConfig(), seed=seed)
     text = text_paths or toy_paths()
-    paths = ToyPaths.at(Path(out_dir))
-    paths.root.mkdir(parents=True, exist_ok=True)
-    for stale in (paths.model_dir, paths.transcoder_dir):
-        if stale.exists():
-            shutil.rmtree(stale)
-    paths.manifest.unlink(missing_ok=True)
+    paths = ToyPaths.at(Path(out_dir)).emptied()
 
     t0 = time.perf_counter()
     mcfg = cfg.model_config()

@@ -142,6 +142,50 @@ def locate_mlp_hooks(
     return inputs, outputs, in_hook, out_hook
 
 
+@contextmanager
+def capture_mlp_io(
+    model: nn.Module,
+    layers: Sequence[int],
+    input_hook: str | None = None,
+    output_hook: str | None = None,
+) -> Iterator[dict[tuple[int, str], torch.Tensor]]:
+    """Forward hooks that keep, per forward pass, each layer's transcoder input ``(layer,
+    "x")`` (as the feature input hook sees it) and MLP output ``(layer, "y")``; removed on
+    exit. The caller clears the dict between passes."""
+    from atlas.models.adapters import adapter_for_config
+
+    inputs, outputs, in_hook, _ = locate_mlp_hooks(model, input_hook, output_hook)
+    adapter = adapter_for_config(model.config)
+    layer_modules = adapter.layers(model)
+    captured: dict[tuple[int, str], torch.Tensor] = {}
+
+    def grab(key: tuple[int, str], kind: str) -> Callable[..., None]:
+        def hook(_mod: nn.Module, args: tuple[Any, ...], out: Any = None) -> None:
+            value = args[0] if kind == "input" else out
+            if isinstance(value, tuple):
+                value = value[0]
+            value = value.detach()
+            if key[1] == "x":  # e.g. ln2.hook_normalized: the value before the norm's scale
+                value = adapter.feature_input_value(layer_modules[key[0]], in_hook, value)
+            captured[key] = value
+
+        return hook
+
+    handles = []
+    try:
+        for layer in layers:
+            mod, kind = inputs[layer]
+            if kind == "input":
+                handles.append(mod.register_forward_pre_hook(grab((layer, "x"), "input")))
+            else:
+                handles.append(mod.register_forward_hook(grab((layer, "x"), "output")))
+            handles.append(outputs[layer].register_forward_hook(grab((layer, "y"), "output")))
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def collect_activations(
     model: nn.Module,
@@ -157,40 +201,14 @@ def collect_activations(
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Run ``texts`` through ``model`` and return ``{layer: (x (N, d), y (N, d))}`` for every
     real (non-padding) token, float32 on CPU."""
-    inputs, outputs, in_hook, _ = locate_mlp_hooks(model, input_hook, output_hook)
-    from atlas.models.adapters import adapter_for_config
-
-    adapter = adapter_for_config(model.config)
-    layer_modules = adapter.layers(model)
-    if not layers or max(layers) >= len(inputs):
-        raise InputError(f"layers {list(layers)} out of range for a {len(inputs)}-layer model")
-    captured: dict[tuple[int, str], torch.Tensor] = {}
-    handles = []
-
-    def grab(key: tuple[int, str], kind: str) -> Callable[..., None]:
-        def hook(_mod: nn.Module, args: tuple[Any, ...], out: Any = None) -> None:
-            value = args[0] if kind == "input" else out
-            if isinstance(value, tuple):
-                value = value[0]
-            value = value.detach()
-            if key[1] == "x":  # e.g. ln2.hook_normalized: the value before the norm's scale
-                value = adapter.feature_input_value(layer_modules[key[0]], in_hook, value)
-            captured[key] = value
-
-        return hook
-
-    for layer in layers:
-        mod, kind = inputs[layer]
-        if kind == "input":
-            handles.append(mod.register_forward_pre_hook(grab((layer, "x"), "input")))
-        else:
-            handles.append(mod.register_forward_hook(grab((layer, "x"), "output")))
-        handles.append(outputs[layer].register_forward_hook(grab((layer, "y"), "output")))
+    n_layers = len(locate_mlp_hooks(model, input_hook, output_hook)[0])
+    if not layers or max(layers) >= n_layers:
+        raise InputError(f"layers {list(layers)} out of range for a {n_layers}-layer model")
     xs: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     ys: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
-    try:
+    with capture_mlp_io(model, layers, input_hook, output_hook) as captured:
         for start in range(0, len(texts), docs_per_forward):
             batch = list(texts[start : start + docs_per_forward])
             enc = [tokenizer(t, truncation=True, max_length=max_length).input_ids for t in batch]
@@ -209,9 +227,6 @@ def collect_activations(
             for layer in layers:
                 xs[layer].append(captured[(layer, "x")][keep_d].float().cpu())
                 ys[layer].append(captured[(layer, "y")][keep_d].float().cpu())
-    finally:
-        for h in handles:
-            h.remove()
     return {layer: (torch.cat(xs[layer]), torch.cat(ys[layer])) for layer in layers}
 
 
