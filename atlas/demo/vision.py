@@ -284,12 +284,14 @@ def six_finger_case(
         )
         out.cypher_pointer("IMAGE_REGIONS", q.IMAGE_REGIONS)
         out.cli_pointer(f"atlas query image-regions {first} --image-tag fingers:6")
-        drawn = _heatmap(svc, six5[0], regions, pictures)
-        if drawn is not None:
-            click.echo(
-                f"heatmap of the image tokens of {six5[0].path.name} feeding {first}: {drawn}"
-            )
-            result["pictures"].append(drawn)
+
+    else:
+        regions = []
+    drawn = _heatmap(svc, six5[0], regions, pictures)
+    if drawn is not None:
+        fed = first or "the graph (strongest outgoing edges)"
+        click.echo(f"heatmap of the image tokens of {six5[0].path.name} feeding {fed}: {drawn}")
+        result["pictures"].append(drawn)
 
     a = top_contributors(svc.driver, f"logit:{TARGET}", limit=limit, database=db, prompt_ids=ids)
     five_right = [im for im in right if im.truth == TARGET]
@@ -325,6 +327,24 @@ def six_finger_case(
     return result
 
 
+def _strongest_image_tokens(graph: Any, k: int = 3) -> list[int]:
+    """The ``k`` image tokens (indices into the rollout) with the largest summed |weight| of
+    their outgoing edges in ``graph``."""
+    import torch
+
+    from atlas.graph import NodeKind
+
+    nodes = (graph.kind == int(NodeKind.IMAGE)).nonzero().flatten()
+    if nodes.numel() == 0 or graph.image_positions is None:
+        return [0]
+    mass = torch.zeros(int(graph.kind.numel()))
+    mass.index_add_(0, graph.edge_source, graph.edge_weight.abs().float())
+    positions = graph.pos[nodes]
+    order = torch.argsort(mass[nodes], descending=True)[:k]
+    index = {int(p): i for i, p in enumerate(graph.image_positions.tolist())}
+    return [index[int(positions[j])] for j in order if int(positions[j]) in index] or [0]
+
+
 def _heatmap(
     svc: DemoServices, im: StoredImagePrompt, regions: Sequence[dict[str, Any]], pictures: Path
 ) -> Path | None:
@@ -340,7 +360,7 @@ def _heatmap(
     sha = im.image.removeprefix("sha256:")
     cells = [(int(r["row"]), int(r["col"])) for r in regions if str(r["image"]) == sha][:3]
     grid = [tuple(int(v) for v in rc) for rc in graph.image_grid.tolist()]
-    tokens = [grid.index(c) for c in cells if c in grid] or [0]
+    tokens = [grid.index(c) for c in cells if c in grid] or _strongest_image_tokens(graph)
     image = load_stored_image(svc.settings.resolved_artifact_dir, sha).image
     path = pictures / f"heatmap_{im.path.stem}.png"
     return draw_heatmap(image, graph.rollout, tokens, path).path

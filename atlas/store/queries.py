@@ -426,6 +426,7 @@ RETURN ref, t IS NOT NULL AS is_token, coalesce(t.text, f.label) AS text,
 # from each start node (CALL), with the weight filter inside the quantified pattern.
 _PATHS_TEMPLATE = """
 MATCH (b0:Node) WHERE b0.ref IN $to_refs AND b0.kind = $to_kind AND b0.prompt IS NOT NULL
+  AND ($prompt_ids IS NULL OR b0.prompt IN $prompt_ids)
 WITH collect(DISTINCT b0.prompt) AS prompts
 MATCH (a:Node) USING INDEX a:Node(ref, kind, prompt)
 WHERE a.ref IN $from_refs AND a.kind = $from_kind AND a.prompt IN prompts
@@ -818,6 +819,7 @@ RETURN p.id AS prompt
 # paths' plan, starting from the image-token nodes of the prompts that contain the target.
 _IMAGE_PATHS_TEMPLATE = """
 MATCH (b0:Node) WHERE b0.ref IN $to_refs AND b0.kind = $to_kind AND b0.prompt IS NOT NULL
+  AND ($prompt_ids IS NULL OR b0.prompt IN $prompt_ids)
 WITH collect(DISTINCT b0.prompt) AS prompts
 MATCH (a:ImageTokenNode)
 WHERE a.prompt IN prompts

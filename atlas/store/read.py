@@ -180,9 +180,13 @@ def paths(
     if limit < 1:
         raise InputError("limit must be >= 1")
     reader = _Reader(driver, database, timeout_s)
+    ids = None if prompt_ids is None else sorted(set(prompt_ids))
     if _IMAGE_SPEC.match(source) or _IMAGE_SPEC.match(target):
-        rows = _image_path_rows(reader, source, target, max_hops, min_weight, cap, image_tag)
+        rows = _image_path_rows(reader, source, target, max_hops, min_weight, cap, image_tag, ids)
     else:
+        if image_tag is not None:  # the tag narrows the prompts before the cap, in the query
+            tagged = _tagged_ids(reader, image_tag)
+            ids = sorted(tagged if ids is None else tagged & set(ids))
         src = _resolve_endpoint(reader, source)
         dst = _resolve_endpoint(reader, target)
         if not src.refs or not dst.refs:
@@ -194,11 +198,9 @@ def paths(
             "to_kind": dst.kind,
             "min_weight": float(min_weight),
             "cap": cap + 1,
+            "prompt_ids": ids,
         }
-        rows = _tagged(reader, reader.rows(Q.PATHS[max_hops], params, "paths query"), image_tag)
-    if prompt_ids is not None:
-        wanted = set(prompt_ids)
-        rows = [r for r in rows if r["prompt"] in wanted]
+        rows = reader.rows(Q.PATHS[max_hops], params, "paths query")
     truncated = len(rows) > cap
     found = [
         {
@@ -636,6 +638,7 @@ def _image_path_rows(
     min_weight: float,
     cap: int,
     image_tag: str | None,
+    prompt_ids: list[str] | None,
 ) -> list[dict[str, Any]]:
     """Path rows from image soft tokens (an image end is a source: nothing flows into one)."""
     if _IMAGE_SPEC.match(target):
@@ -654,8 +657,14 @@ def _image_path_rows(
         "tag": image_tag,
         "min_weight": float(min_weight),
         "cap": cap + 1,
+        "prompt_ids": prompt_ids,
     }
     return reader.rows(Q.IMAGE_PATHS[max_hops], params, "image paths query")
+
+
+def _tagged_ids(reader: _Reader, image_tag: str) -> set[str]:
+    """The prompts whose image carries ``image_tag``."""
+    return {r["prompt"] for r in reader.rows(Q.PROMPTS_WITH_IMAGE_TAG, {"tag": image_tag}, "tag")}
 
 
 def _tagged(
@@ -664,7 +673,7 @@ def _tagged(
     """The rows of prompts whose image carries ``image_tag`` (all rows without a tag)."""
     if image_tag is None:
         return rows
-    keep = {r["prompt"] for r in reader.rows(Q.PROMPTS_WITH_IMAGE_TAG, {"tag": image_tag}, "tag")}
+    keep = _tagged_ids(reader, image_tag)
     return [r for r in rows if r["prompt"] in keep]
 
 
