@@ -126,6 +126,7 @@ def world(neo4j_driver: Any, neo4j_target: Neo4jTarget, neo4j_settings: Any) -> 
             "spec": json.dumps({"prompt": g.metadata.prompt, "supernode": {"name": "Hand"}}),
             "kl": 0.25,
             "top": json.dumps([{"token": " 5", "token_id": 5, "base": 0.6, "steered": 0.1}]),
+            "watch": None,
             "predicted": json.dumps(
                 {"rows": [0], "direct_effect": [-0.4], "measured": [-0.5], "sources": [[0, 1, 2]]}
             ),
