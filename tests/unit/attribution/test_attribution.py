@@ -148,9 +148,16 @@ def test_streamed_edge_threshold_matches_sort(seed: int, thr: float) -> None:
 
 @pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize(("node_thr", "edge_thr"), [(0.8, 0.98), (0.5, 0.9), (0.95, 0.995)])
-def test_prune_matches_dense_reference(seed: int, node_thr: float, edge_thr: float) -> None:
+@pytest.mark.parametrize("block", [2, 64])
+def test_prune_matches_dense_reference(
+    seed: int, node_thr: float, edge_thr: float, block: int
+) -> None:
+    """Both edge-cut paths: blocks of 2 rows stream the whole adjacency under the node mask
+    (the kept block is larger than the passes' working memory), 64 gather the kept block."""
     adj, w, n_feat, _, n_pos, k = _random_graph(seed)
-    res = prune(adj, w, n_pos, k, n_feat, node_threshold=node_thr, edge_threshold=edge_thr, block=6)
+    res = prune(
+        adj, w, n_pos, k, n_feat, node_threshold=node_thr, edge_threshold=edge_thr, block=block
+    )
     node_ref, edge_ref, infl_ref = _prune_ref(adj, w, n_pos, k, n_feat, node_thr, edge_thr)
     torch.testing.assert_close(res.node_influence, infl_ref, rtol=1e-5, atol=1e-7)
     assert torch.equal(res.node_mask, node_ref)
