@@ -437,6 +437,35 @@ def test_cli_attribute_writes_artifact(tiny, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
 
 
+def test_console_script_attribute_ends_with_its_outputs_whole(tiny, tmp_path: Path) -> None:
+    """The console script ends ``atlas attribute`` without the interpreter's teardown: the
+    summary line, the artifact, the JSON and the per-phase timings are all there and whole."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    model_dir, tc_dir, _, _ = tiny
+    out = tmp_path / "out"
+    timings = tmp_path / "timings.json"
+    args = ["attribute", "--model", str(model_dir), "--transcoders", str(tc_dir)]
+    args += ["--prompt", PROMPT, "--batch-size", "16", "--device", "cpu", "--out", str(out)]
+    args += ["--no-progress", "--timings", str(timings)]
+    script = Path(sys.executable).with_name("atlas")
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([str(script), *args], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.rstrip().endswith(".json") and "nodes=" in res.stdout
+    (artifact,) = out.glob("*.safetensors")
+    graph = Graph.load(artifact)
+    doc = json.loads(artifact.with_suffix(".json").read_text())
+    assert len(doc["nodes"]) == graph.n_nodes
+    phases = json.loads(timings.read_text())
+    names = [p["phase"] for p in phases["phases"]]
+    assert names[0].startswith("start") and "attribute()" in names and names[-1].startswith("JSON")
+    assert all(p["cpu_s"] >= 0 for p in phases["phases"]) and phases["peak_rss_bytes"] > 0
+
+
 def test_cli_overlong_prompt_is_one_line_error(tiny, tmp_path: Path, capsys) -> None:
     from atlas.cli import main
 
