@@ -17,8 +17,11 @@ average before each run, since the machines this runs on are often shared. Modes
   unpruned   circuit-tracer's load + ``attribute()`` + ``Graph.to_pt`` against ``atlas attribute
              --no-prune`` (the full artifact; its JSON refused above the link limit)
 
-For each: process wall time and peak RSS (``os.wait4`` rusage of that child alone; plus peak CUDA
-memory on GPU), ratios ct / ours. ``--timeout`` kills a child that runs longer and says so.
+For each: process CPU and wall time and peak RSS (``os.wait4`` rusage of that child alone; plus
+peak CUDA memory on GPU), ``attribute()``'s CPU time on both sides, ratios ct / ours, the peer's
+backend on every row; then, for the whole processes, where their CPU time goes (ours from
+``atlas attribute --timings``, the peer's phases from its worker). ``--timeout`` kills a child that
+runs longer and says so.
 
 Shapes:
   small      Gemma-2 shape: 8 layers, d_model 256, d_mlp 1024, vocab 2048, positions up to 4,096;
