@@ -1,3 +1,3 @@
-from atlas.cli import main
+from atlas.cli import run
 
-main()
+run()

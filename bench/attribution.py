@@ -17,8 +17,11 @@ average before each run, since the machines this runs on are often shared. Modes
   unpruned   circuit-tracer's load + ``attribute()`` + ``Graph.to_pt`` against ``atlas attribute
              --no-prune`` (the full artifact; its JSON refused above the link limit)
 
-For each: process wall time and peak RSS (``os.wait4`` rusage of that child alone; plus peak CUDA
-memory on GPU), ratios ct / ours. ``--timeout`` kills a child that runs longer and says so.
+For each: process CPU and wall time and peak RSS (``os.wait4`` rusage of that child alone; plus
+peak CUDA memory on GPU), ``attribute()``'s CPU time on both sides, ratios ct / ours, the peer's
+backend on every row; then, for the whole processes, where their CPU time goes (ours from
+``atlas attribute --timings``, the peer's phases from its worker). ``--timeout`` kills a child that
+runs longer and says so.
 
 Shapes:
   small      Gemma-2 shape: 8 layers, d_model 256, d_mlp 1024, vocab 2048, positions up to 4,096;
@@ -313,6 +316,7 @@ def _command(
         cmd += ["--max-feature-nodes", str(spec["max_feature_nodes"])]
     if mode == "unpruned":
         cmd.append("--no-prune")
+    cmd += ["--timings", str(Path(job["out_dir"]) / f"{spec['slug']}.phases.json")]
     return cmd
 
 
@@ -346,6 +350,8 @@ def _one_run(
     job_path.write_text(json.dumps(job))
     timing_path = out_dir / f"{slug}.timing.json"
     timing_path.unlink(missing_ok=True)
+    phases_path = out_dir / f"{slug}.phases.json"
+    phases_path.unlink(missing_ok=True)
     load = os.getloadavg()[0]
     print(f"[bench] {slug} {mode}: {side} (load {load:.2f}) ...", flush=True)
     rc, wall, rss, cpu = _run_child(_command(side, mode, job_path, job, spec), env, args.timeout)
@@ -359,6 +365,10 @@ def _one_run(
     res["process_cpu_s"] = cpu
     if timing_path.exists():
         res.update(json.loads(timing_path.read_text()))
+    if phases_path.exists():  # ours, whole process: CPU per phase (atlas attribute --timings)
+        phases = json.loads(phases_path.read_text())["phases"]
+        res["phases"] = phases
+        res["attribute_cpu_s"] = sum(p["cpu_s"] for p in phases if p["phase"] == "attribute()")
     return res
 
 
@@ -411,8 +421,20 @@ def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for key, value in ok[-1].items():
         if isinstance(value, int | float) and not isinstance(value, bool):
             out[key] = statistics.median(float(r[key]) for r in ok if key in r)
+    if all("phases" in r for r in ok):  # per phase, the median over the runs
+        names = [p["phase"] for p in ok[-1]["phases"]]
+        out["phases"] = [
+            {
+                "phase": name,
+                "cpu_s": statistics.median(
+                    sum(p["cpu_s"] for p in r["phases"] if p["phase"] == name) for r in ok
+                ),
+            }
+            for name in names
+        ]
     out["runs"] = len(ok)
     out["all_wall_s"] = [round(r["process_wall_s"], 2) for r in runs]
+    out["all_cpu_s"] = [round(r["process_cpu_s"], 2) for r in ok]
     return out
 
 
@@ -524,13 +546,15 @@ def _ratio(ct: dict[str, Any], us: dict[str, Any], key: str) -> str:
 
 
 def _print_table(results: list[dict[str, Any]]) -> None:
-    """One line per (case, mode): medians of the interleaved runs and ct / ours ratios."""
+    """One line per (case, mode): medians of the interleaved runs and ct / ours ratios (> 1:
+    ours faster or smaller), then where each whole process's CPU time goes."""
     nan = float("nan")
     print(
-        "| case | mode | ct backend | N | ct wall s | ours wall s | x | ct attribute() s "
-        "| ours attribute() s | x | ct peak RSS MB | ours peak RSS MB | x | load avg | agreement |"
+        "| case | mode | peer backend | N | ct CPU s | ours CPU s | x | ct wall s | ours wall s "
+        "| x | ct attribute() CPU s | ours attribute() CPU s | x | ct peak RSS MB "
+        "| ours peak RSS MB | x | load avg | agreement |"
     )
-    print("| --- " * 15 + "|")
+    print("| --- " * 18 + "|")
     for r in results:
         ct, us = r.get("ct", {}), r.get("ours", {})
         n = us.get("n_nodes") or ct.get("n_nodes") or 0
@@ -543,10 +567,14 @@ def _print_table(results: list[dict[str, Any]]) -> None:
         )
         loads = [d.get("load_avg_before") for d in (ct, us) if "load_avg_before" in d]
         print(
-            f"| {r['case']} | {r['mode']} | {r['ct_backend']} | {int(n):,} | {ct_wall} "
-            f"| {us.get('process_wall_s', nan):.1f} | {_ratio(ct, us, 'process_wall_s')} "
-            f"| {ct.get('attribute_s', nan):.1f} | {us.get('attribute_s', nan):.1f} "
-            f"| {_ratio(ct, us, 'attribute_s')} "
+            f"| {r['case']} | {_MODE_LABEL.get(r['mode'], r['mode'])} | {r['ct_backend']} "
+            f"| {int(n):,} "
+            f"| {ct.get('process_cpu_s', nan):.1f} | {us.get('process_cpu_s', nan):.1f} "
+            f"| {_ratio(ct, us, 'process_cpu_s')} "
+            f"| {ct_wall} | {us.get('process_wall_s', nan):.1f} "
+            f"| {_ratio(ct, us, 'process_wall_s')} "
+            f"| {ct.get('attribute_cpu_s', nan):.2f} | {us.get('attribute_cpu_s', nan):.2f} "
+            f"| {_ratio(ct, us, 'attribute_cpu_s')} "
             f"| {_fmt_mb(ct.get('peak_rss_bytes'))} | {_fmt_mb(us.get('peak_rss_bytes'))} "
             f"| {_ratio(ct, us, 'peak_rss_bytes')} "
             f"| {statistics.median(loads) if loads else nan:.2f} | {agree} |"
@@ -554,6 +582,33 @@ def _print_table(results: list[dict[str, Any]]) -> None:
         for side, d in (("ct", ct), ("ours", us)):
             if "peak_cuda_bytes" in d:
                 print(f"    {side} peak CUDA memory: {_fmt_mb(d['peak_cuda_bytes'])} MB")
+    _print_profiles(results)
+
+
+_MODE_LABEL = {
+    "attribute": "attribute() alone",
+    "pruned": "whole process, pruned + JSON",
+    "unpruned": "whole process, unpruned",
+}
+
+
+def _print_profiles(results: list[dict[str, Any]]) -> None:
+    """Where each whole process's CPU time goes (medians per phase); what the phases leave
+    unaccounted is the interpreter's start and exit."""
+    for r in results:
+        if r["mode"] == "attribute":
+            continue
+        for side in ("ours", "ct"):
+            d = r.get(side, {})
+            if "phases" not in d or "process_cpu_s" not in d:
+                continue
+            total = float(d["process_cpu_s"])
+            parts = [(p["phase"], float(p["cpu_s"])) for p in d["phases"]]
+            parts.append(("rest (exit, unaccounted)", max(0.0, total - sum(c for _, c in parts))))
+            text = ", ".join(
+                f"{name} {cpu:.1f} s ({100 * cpu / total:.0f}%)" for name, cpu in parts
+            )
+            print(f"  profile {r['case']} {r['mode']} {side} ({total:.1f} CPU s): {text}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,11 @@ echo "[ct_env] installing circuit-tracer==0.5.0"
 "$UV" pip install -p "$VENV/bin/python" "$TORCH_SPEC" "circuit-tracer==0.5.0"
 echo "[ct_env] installing nnsight==0.6.1"
 "$UV" pip install -p "$VENV/bin/python" "$TORCH_SPEC" "circuit-tracer==0.5.0" "nnsight==0.6.1"
+# Bytecode compiled once, as pip does at install (uv does not, and PYTHONDONTWRITEBYTECODE is common
+# on these machines): otherwise every circuit-tracer process compiles torch, transformers and
+# TransformerLens again (~5 s of each start on 2 cores), which a pip user does not pay.
+echo "[ct_env] compiling bytecode"
+"$VENV/bin/python" -m compileall -q -j 0 "$VENV"/lib/python3.*/site-packages >/dev/null 2>&1 || true
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md
 for p in ("torch", "circuit-tracer", "nnsight", "transformers", "transformer-lens"):

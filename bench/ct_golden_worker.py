@@ -169,8 +169,9 @@ def sample_rows(
     return torch.cat([rows, logits]).to(torch.int64)
 
 
-def _process(job: dict, model, out_dir: Path, scan: str, load_s: float) -> int:
-    """A user's whole run: attribute, then the pruned JSON or the full graph file (see above)."""
+def _process(job: dict, model, out_dir: Path, scan: str, load_s: float, cpu: dict) -> int:
+    """A user's whole run: attribute, then the pruned JSON or the full graph file (see above).
+    ``cpu``: CPU seconds of the imports and the loading, this process's profile so far."""
     from circuit_tracer import attribute
     from circuit_tracer.utils.create_graph_files import create_graph_files
 
@@ -184,7 +185,8 @@ def _process(job: dict, model, out_dir: Path, scan: str, load_s: float) -> int:
             max_feature_nodes=spec.get("max_feature_nodes"),
         )
         attr_s = time.perf_counter() - t1
-        t2 = time.perf_counter()
+        attr_cpu_s = time.process_time() - c1
+        t2, c2 = time.perf_counter(), time.process_time()
         if job["process"] == "pruned":
             create_graph_files(graph, slug=slug, output_path=str(out_dir), scan=scan)
         else:
@@ -195,7 +197,22 @@ def _process(job: dict, model, out_dir: Path, scan: str, load_s: float) -> int:
             "attribute_s": attr_s,
             "write_s": time.perf_counter() - t2,
             "cpu_s": time.process_time() - c1,
+            "attribute_cpu_s": attr_cpu_s,
             "n_nodes": int(graph.adjacency_matrix.shape[0]),
+            "phases": [
+                {
+                    "phase": "start, imports (torch, transformers, TransformerLens)",
+                    "cpu_s": cpu["import"],
+                },
+                {"phase": "load model + transcoders", "cpu_s": cpu["load"]},
+                {"phase": "attribute()", "cpu_s": attr_cpu_s},
+                {
+                    "phase": "create_graph_files (prune + JSON)"
+                    if job["process"] == "pruned"
+                    else "Graph.to_pt",
+                    "cpu_s": time.process_time() - c2,
+                },
+            ],
         }
         (out_dir / f"{slug}.timing.json").write_text(json.dumps(meta, indent=1))
     return 0
@@ -223,7 +240,7 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     scan = job.get("scan") or tc_dir.name
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     transcoders = _load_transcoders(tc_dir, scan, device)
     backend = job.get("backend", "nnsight")
     if backend == "transformerlens":
@@ -236,7 +253,8 @@ def main() -> int:
     print(f"[ct] {backend}: loaded model + transcoders in {load_s:.2f}s", file=sys.stderr)
 
     if job.get("process"):
-        return _process(job, model, out_dir, scan, load_s)
+        cpu = {"import": c0, "load": time.process_time() - c0}
+        return _process(job, model, out_dir, scan, load_s, cpu)
 
     for spec in job["prompts"]:
         slug = spec["slug"]

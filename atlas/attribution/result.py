@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 import atlas
-from atlas.attribution.pruning import compute_influence, graph_scores
+from atlas.attribution.pruning import compute_influence, cumulative_influence, graph_scores
 from atlas.attribution.pruning import prune as prune_fn
 from atlas.attribution.rollout import Rollout
 from atlas.graph import (
@@ -235,23 +235,24 @@ class AttributionResult:
             node_threshold=node_threshold,
             edge_threshold=edge_threshold,
         )
-        res = prune_fn(
-            self.adjacency,
-            self.logit_weights(),
-            self.n_pos,
-            self.n_logits,
-            self.n_features,
-            node_threshold=knobs.node_threshold,
-            edge_threshold=knobs.edge_threshold,
-            influence=self.influence()[0],
-        )
         cols = self.node_columns()
-        cols["influence"] = res.cumulative_scores.float().cpu()
         if knobs.pruned:
+            res = prune_fn(
+                self.adjacency,
+                self.logit_weights(),
+                self.n_pos,
+                self.n_logits,
+                self.n_features,
+                node_threshold=knobs.node_threshold,
+                edge_threshold=knobs.edge_threshold,
+                influence=self.influence()[0],
+            )
+            cols["influence"] = res.cumulative_scores.float().cpu()
             keep = res.node_mask.cpu()
             edges = self._pruned_edges(res.edge_index, keep)
             cols = {name: col[keep] for name, col in cols.items()}
-        else:
+        else:  # every node: only the influence column is needed, not the cut
+            cols["influence"] = cumulative_influence(self.influence()[0]).float().cpu()
             edges = self._all_edges()
         replacement, completeness = self.scores()
         image = self.image

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from typing import Any
 
@@ -126,3 +127,28 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     if isinstance(code, int) and code != 0:
         sys.exit(code)
+
+
+#: set by a command whose finished process needs none of Python's interpreter teardown
+_TEARDOWN = {"skip": False}
+
+
+def skip_teardown() -> None:
+    """Let the console script end this process without Python's interpreter teardown once the
+    command returns (:func:`run`). For commands that have written and closed everything they
+    produce and hold no service connection, worker or temporary file: tearing down torch's and
+    transformers' thousands of modules and objects costs ~0.8 CPU seconds on 2 cores and does
+    nothing a finished process needs."""
+    _TEARDOWN["skip"] = True
+
+
+def run() -> None:
+    """The ``atlas`` console script: :func:`main` (errors exit through it as usual); after a
+    command that called :func:`skip_teardown` returns, stdout, stderr and the logging handlers
+    are flushed and the process ends with status 0 at once."""
+    main()
+    if _TEARDOWN["skip"]:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(0)

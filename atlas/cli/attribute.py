@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from atlas.cli import get_settings
+from atlas.cli import get_settings, skip_teardown
 from atlas.graph import AttributionSettings
 
 if TYPE_CHECKING:
@@ -74,6 +74,14 @@ def _device_and_dtype(
     "written whole).",
 )
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--timings",
+    "timings_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    hidden=True,
+    help="Write CPU and wall seconds per phase of this process as JSON (bench/attribution.py).",
+)
 def attribute(
     model_ref: str,
     tc_ref: str,
@@ -96,6 +104,7 @@ def attribute(
     no_rollout: bool,
     json_max_links: int | None,
     out_dir: Path,
+    timings_path: Path | None,
 ) -> None:
     """Compute the attribution graph of PROMPT and write DIR/<prompt_id>.safetensors (+ .json).
 
@@ -103,6 +112,7 @@ def attribute(
     (tensor ``rollout``, float32 [n_image_tokens, rows, cols], unclipped), one {k}.png per image
     token (k from the first image token) and metadata.json.
     """
+    phases = _Phases()  # startup: the interpreter, click and the CLI's own imports
     from tqdm import tqdm
 
     from atlas.attribution import attribute as run_attribution
@@ -111,8 +121,10 @@ def attribute(
     from atlas.models import load_model
     from atlas.transcoders import load_transcoders
 
+    phases.mark("import torch and the engine")
     settings = get_settings()
     check_prompt(prompt, model_ref)  # before the weights load (seconds to minutes)
+    phases.mark("check the prompt (tokenizer, transformers)")
     knobs = AttributionSettings.merged(
         max_feature_nodes=max_feature_nodes,
         max_n_logits=max_n_logits,
@@ -126,7 +138,9 @@ def attribute(
     image = _load_image(image_path, settings)
     rollout = _rollout_params(rollout_last_k, rollout_head_fraction, no_rollout)
     model = load_model(model_ref, device=dev, dtype=torch_dtype, revision=revision)
+    phases.mark("load the model (its transformers modules)")
     tset = load_transcoders(tc_ref, model, device=dev, dtype=torch_dtype)
+    phases.mark("load the transcoders")
 
     bar: Any = None
 
@@ -154,9 +168,12 @@ def attribute(
     finally:
         if bar is not None:
             bar.close()
+    phases.mark("attribute()")
     graph = result.to_graph()
+    phases.mark("prune + scores + graph")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = graph.save(out_dir / f"{graph.prompt_id}.safetensors")
+    phases.mark("artifact")
     try:
         json_name = write_json(
             graph,
@@ -168,12 +185,65 @@ def attribute(
         click.echo(f"{exc} (raise --json-max-links to write it)", err=True)
         json_name = "none"
     maps = _write_maps(result, image, out_dir)
+    phases.mark("JSON (+ maps)")
+    if timings_path is not None:
+        phases.write(timings_path)
     meta = graph.metadata
     click.echo(
         f"{path} nodes={graph.n_nodes} edges={graph.n_edges}{maps} "
         f"replacement={meta.replacement_score:.3f} completeness={meta.completeness_score:.3f} "
         f"seconds={time.perf_counter() - t0:.1f} json={json_name}"
     )
+    skip_teardown()  # every output is written and closed
+
+
+class _Phases:
+    """CPU and wall seconds of this process per phase (``--timings``): the first phase runs
+    from the process's start, read from the kernel's process start time."""
+
+    def __init__(self) -> None:
+        import os
+
+        self.rows: list[dict[str, Any]] = []
+        self._cpu = time.process_time()
+        self._wall = time.time()
+        started = _process_start_time()
+        self.rows.append(
+            {
+                "phase": "start, click, the CLI",
+                "cpu_s": self._cpu,
+                "wall_s": self._wall - started if started else None,
+                "pid": os.getpid(),
+            }
+        )
+
+    def mark(self, phase: str) -> None:
+        cpu, wall = time.process_time(), time.time()
+        self.rows.append({"phase": phase, "cpu_s": cpu - self._cpu, "wall_s": wall - self._wall})
+        self._cpu, self._wall = cpu, wall
+
+    def write(self, path: Path) -> None:
+        import json
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        path.write_text(json.dumps({"phases": self.rows, "peak_rss_bytes": peak}, indent=1))
+
+
+def _process_start_time() -> float | None:
+    """This process's start (epoch seconds) from /proc, or ``None`` where there is no /proc."""
+    import os
+
+    try:
+        stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime")
+        )
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None
+    return boot + int(stat[19]) / os.sysconf("SC_CLK_TCK")
 
 
 def _load_image(path: Path | None, settings: AtlasSettings) -> Any:

@@ -229,14 +229,13 @@ def _load_hf(
     source: str, revision: str | None, dtype: torch.dtype, adapter: FamilyAdapter
 ) -> tuple[Any, Any, Any]:
     """``(model, tokenizer, processor or None)`` through the Auto classes of the model's kind."""
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForImageTextToText,
-        AutoProcessor,
-        AutoTokenizer,
-    )
+    # AutoProcessor pulls in transformers' image and video processing (seconds of imports):
+    # only a vision-language model needs it
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(adapter, VisionLanguageAdapter):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
         hf = AutoModelForImageTextToText.from_pretrained(
             source, revision=revision, dtype=dtype, attn_implementation="eager"
         )

@@ -148,9 +148,16 @@ def test_streamed_edge_threshold_matches_sort(seed: int, thr: float) -> None:
 
 @pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize(("node_thr", "edge_thr"), [(0.8, 0.98), (0.5, 0.9), (0.95, 0.995)])
-def test_prune_matches_dense_reference(seed: int, node_thr: float, edge_thr: float) -> None:
+@pytest.mark.parametrize("block", [2, 64])
+def test_prune_matches_dense_reference(
+    seed: int, node_thr: float, edge_thr: float, block: int
+) -> None:
+    """Both edge-cut paths: blocks of 2 rows stream the whole adjacency under the node mask
+    (the kept block is larger than the passes' working memory), 64 gather the kept block."""
     adj, w, n_feat, _, n_pos, k = _random_graph(seed)
-    res = prune(adj, w, n_pos, k, n_feat, node_threshold=node_thr, edge_threshold=edge_thr, block=6)
+    res = prune(
+        adj, w, n_pos, k, n_feat, node_threshold=node_thr, edge_threshold=edge_thr, block=block
+    )
     node_ref, edge_ref, infl_ref = _prune_ref(adj, w, n_pos, k, n_feat, node_thr, edge_thr)
     torch.testing.assert_close(res.node_influence, infl_ref, rtol=1e-5, atol=1e-7)
     assert torch.equal(res.node_mask, node_ref)
@@ -428,6 +435,35 @@ def test_cli_attribute_writes_artifact(tiny, tmp_path: Path) -> None:
     assert artifacts[0].stem == g.prompt_id
     res = CliRunner().invoke(cli, [*args, "--no-prune", "--no-progress"])
     assert res.exit_code == 0, res.output
+
+
+def test_console_script_attribute_ends_with_its_outputs_whole(tiny, tmp_path: Path) -> None:
+    """The console script ends ``atlas attribute`` without the interpreter's teardown: the
+    summary line, the artifact, the JSON and the per-phase timings are all there and whole."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    model_dir, tc_dir, _, _ = tiny
+    out = tmp_path / "out"
+    timings = tmp_path / "timings.json"
+    args = ["attribute", "--model", str(model_dir), "--transcoders", str(tc_dir)]
+    args += ["--prompt", PROMPT, "--batch-size", "16", "--device", "cpu", "--out", str(out)]
+    args += ["--no-progress", "--timings", str(timings)]
+    script = Path(sys.executable).with_name("atlas")
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([str(script), *args], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.rstrip().endswith(".json") and "nodes=" in res.stdout
+    (artifact,) = out.glob("*.safetensors")
+    graph = Graph.load(artifact)
+    doc = json.loads(artifact.with_suffix(".json").read_text())
+    assert len(doc["nodes"]) == graph.n_nodes
+    phases = json.loads(timings.read_text())
+    names = [p["phase"] for p in phases["phases"]]
+    assert names[0].startswith("start") and "attribute()" in names and names[-1].startswith("JSON")
+    assert all(p["cpu_s"] >= 0 for p in phases["phases"]) and phases["peak_rss_bytes"] > 0
 
 
 def test_cli_overlong_prompt_is_one_line_error(tiny, tmp_path: Path, capsys) -> None:
