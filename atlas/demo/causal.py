@@ -66,6 +66,12 @@ def _watch_cells(row: dict[str, Any], token: str) -> list[str]:
     ]
 
 
+def _span(positions: Sequence[int]) -> str:
+    if positions and list(positions) == list(range(positions[0], positions[-1] + 1)):
+        return f"{positions[0]}..{positions[-1]}"
+    return ", ".join(str(p) for p in positions)
+
+
 def ablate_features(
     svc: DemoServices,
     steps: Steps,
@@ -122,7 +128,7 @@ def ablate_features(
         done.append(r)
     out.heading(
         f"Ablating {name} on {len(prompts)} images",
-        f" ({len(features)} features set to 0 at the {len(positions)} image tokens; iterative, "
+        f" ({len(features)} features set to 0 at positions {_span(positions)}; iterative, "
         "attention frozen; d logit: demeaned logit change measured, and predicted by the "
         "graph's direct effects where the graph has the feature)",
     )

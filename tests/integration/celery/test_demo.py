@@ -64,13 +64,14 @@ def test_demo_runs_end_to_end_and_stops_what_it_started(tmp_path: Path) -> None:
         "Global circuit Hand -> '5'",
         "What the toy VLM answers on the demo images",
         "The six-finger case:",
-        "All paths from the image tokens to '5'",
+        "All paths from Visual hand to '5' in those images",
+        "Image regions feeding the Visual hand nodes",
         "Six-finger hands answered '5' (A)",
         "Ablating the 8 visual Hand features",
         "Circuit patching: planet_mars",
     ):
         assert heading in text, heading
-    assert "atlas.store.queries.IMAGE_PATHS" in text
+    assert "atlas.store.queries.IMAGE_REGIONS" in text
     assert "atlas.store.queries.INTERVENTIONS_BY_ID" in text
     assert "atlas serve" in text
     pictures = sorted(p.name for p in (home / "pictures").iterdir())
