@@ -56,7 +56,7 @@ class VisionTrainConfig:
     tower_width: int = 64
     tower_layers: int = 1
     tower_heads: int = 4
-    steps: int = 1600
+    steps: int = 2000
     batch_size: int = 32
     text_batch: int = 4
     """Toy-corpus documents per step (LM loss), 0 for none."""
