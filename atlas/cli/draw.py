@@ -66,25 +66,14 @@ def _wrote(drawn: Any) -> None:
 @click.option("--max-edges", type=int, default=300, show_default=True, help="Edge cap.")
 def circuit(prompt_id: str, out: Path, max_nodes: int, max_edges: int) -> None:
     """One prompt's pruned circuit (x = token position, y = layer)."""
-    from atlas.render import draw_circuit
+    from atlas.render import draw_prompt_circuit
     from atlas.store import read
 
     _check_suffix(out)
     found = _ask(read.prompt_circuit, prompt_id)
-    graph = found["graph"]
-    image = _stored_image(graph.metadata.image_sha256) if graph.metadata.image else None
-    _wrote(
-        draw_circuit(
-            graph,
-            out,
-            labels=found["labels"],
-            token_texts=found["token_texts"],
-            supernodes=found["supernodes"],
-            max_nodes=max_nodes,
-            max_edges=max_edges,
-            image=image,
-        )
-    )
+    meta = found["graph"].metadata
+    image = _stored_image(meta.image_sha256) if meta.image else None
+    _wrote(draw_prompt_circuit(found, out, max_nodes=max_nodes, max_edges=max_edges, image=image))
 
 
 @draw.command()

@@ -1,7 +1,8 @@
 """The demo's causal steps, through the same queue and store as attribution: ablating a visual
 supernode on image prompts (the six-finger case: does removing "hand" move P('5') and P('6'),
 as the graph predicts?), and circuit patching between two images (a Mars picture given the
-Earth picture's image-token features).
+Earth picture's features: those at the image tokens, and the circuit at the question's
+positions).
 
 Every intervention is an ``atlas.gpu.intervene`` job item run by the demo's attribute worker and
 stored next to its prompt; what is printed comes back from the store. Whatever the toy model
@@ -66,6 +67,12 @@ def _watch_cells(row: dict[str, Any], token: str) -> list[str]:
     ]
 
 
+def _span(positions: Sequence[int]) -> str:
+    if positions and list(positions) == list(range(positions[0], positions[-1] + 1)):
+        return f"{positions[0]}..{positions[-1]}"
+    return ", ".join(str(p) for p in positions)
+
+
 def ablate_features(
     svc: DemoServices,
     steps: Steps,
@@ -122,7 +129,7 @@ def ablate_features(
         done.append(r)
     out.heading(
         f"Ablating {name} on {len(prompts)} images",
-        f" ({len(features)} features set to 0 at the {len(positions)} image tokens; iterative, "
+        f" ({len(features)} features set to 0 at positions {_span(positions)}; iterative, "
         "attention frozen; d logit: demeaned logit change measured, and predicted by the "
         "graph's direct effects where the graph has the feature)",
     )
@@ -135,6 +142,21 @@ def ablate_features(
     return {"done": summary.done, "failed": summary.failed, "rows": done}
 
 
+def _question_features(svc: DemoServices, prompt_ids: Sequence[str]) -> list[tuple[int, int, int]]:
+    """``(layer, pos, feature)`` of every feature node at a text position (not BOS, not an
+    image token) of these prompts' stored graphs."""
+    from atlas.graph import Graph, artifact_path
+
+    found: set[tuple[int, int, int]] = set()
+    for pid in prompt_ids:
+        g = Graph.load(artifact_path(svc.settings.resolved_artifact_dir, pid))
+        image = set() if g.image_positions is None else set(g.image_positions.tolist())
+        for layer, pos, f in zip(g.layer.tolist(), g.pos.tolist(), g.feature.tolist(), strict=True):
+            if f >= 0 and pos > 0 and pos not in image:
+                found.add((layer, pos, f))
+    return sorted(found)
+
+
 def patch_circuit(
     svc: DemoServices,
     steps: Steps,
@@ -144,50 +166,60 @@ def patch_circuit(
     watch: Sequence[str],
     timeout_s: float,
 ) -> dict[str, Any] | None:
-    """Circuit patching: every feature of either prompt's stored graph at an image-token position
-    takes the donor's activation there (features only the recipient had become 0), the rest of
-    the recipient's computation live. Prints the answer before and after."""
+    """Circuit patching, two ways, the rest of the recipient's computation live: (1) every
+    feature at the image tokens takes the donor's activation there; (2) the circuit at the
+    question's positions: every feature node of either prompt's stored graph there takes the
+    donor's activation (features only the recipient had become 0). Prints the answers."""
     from atlas.pipeline.intervention_payloads import parse_intervention
     from atlas.store import queries as q
 
-    spec = parse_intervention(
-        refs
-        | {
-            "prompt": recipient.prompt,
-            "image": recipient.image,
-            "donor": donor.prompt_id,
-            "patch_image_tokens": True,
-            "watch": list(watch),
-            "store": True,
-        }
-    )
-    with steps.step(f"patching {donor.label}'s image features into {recipient.label} (workers)"):
-        _run_job(svc, [spec], timeout_s)
-    row = _stored(svc, [spec.content_id()]).get(spec.content_id())
+    circuit = _question_features(svc, [recipient.prompt_id, donor.prompt_id])
+    base = refs | {
+        "prompt": recipient.prompt,
+        "image": recipient.image,
+        "donor": donor.prompt_id,
+        "watch": list(watch),
+        "store": True,
+    }
+    ways = {
+        "image-token features": parse_intervention(base | {"patch_image_tokens": True}),
+        f"the circuit at the question ({len(circuit)} features)": parse_intervention(
+            base | {"edits": [{"layer": lay, "pos": pos, "feature": f} for lay, pos, f in circuit]}
+        ),
+    }
+    specs = list(ways.values())
+    with steps.step(f"patching {donor.label} into {recipient.label}, two ways (workers)"):
+        _run_job(svc, specs, timeout_s)
+    rows = _stored(svc, [s.content_id() for s in specs])
     out.heading(
-        f"Circuit patching: {recipient.label} given {donor.label}'s image-token features",
-        " (every transcoder feature at the image tokens takes the donor's activation; the text "
-        "positions compute live)",
+        f"Circuit patching: {recipient.label} given {donor.label}'s features",
+        " (the patched features take the donor image's activations; everything else computes "
+        "live on the recipient's image; attention frozen)",
     )
-    if row is None:
-        click.echo("the intervention failed: see `atlas jobs`")
-        return None
-    top = row.get("top") or []
-    base = max(top, key=lambda t: t["base"]) if top else None
-    steered = max(top, key=lambda t: t["steered"]) if top else None
+    table = []
+    for what, spec in ways.items():
+        row = rows.get(spec.content_id())
+        if row is None:
+            table.append([what, "failed", "-", "-"])
+            continue
+        top = row.get("top") or []
+        answer = max(top, key=lambda t: t["steered"]) if top else None
+        cells = [what, f"{row['kl']:.3g}"]
+        cells.append("-" if answer is None else f"{answer['token']!r} ({answer['steered']:.3f})")
+        for t in watch:
+            w = next((x for x in row.get("watch") or [] if x["token"] == t), None)
+            cells.append("-" if w is None else f"{w['base']:.3f} -> {w['steered']:.3f}")
+        table.append(cells)
     out.table(
         None,
-        ["token", f"P on {recipient.label}", "P after patching"],
-        [[t["token"], f"{t['base']:.3f}", f"{t['steered']:.3f}"] for t in top[:6]],
+        ["patched", "KL", "answer after", *(f"P({t})" for t in watch)],
+        table,
     )
-    if base is not None and steered is not None:
-        click.echo(
-            f"answer before: {base['token']!r} ({base['base']:.3f}); "
-            f"after: {steered['token']!r} ({steered['steered']:.3f}); KL {row['kl']:.3g}"
-        )
     out.cypher_pointer("INTERVENTIONS_BY_ID", q.INTERVENTIONS_BY_ID)
     out.cli_pointer(
         f"atlas intervene --prompt {recipient.prompt!r} --image MARS.png "
-        f"--donor {donor.prompt_id} --patch-image-tokens"
+        f"--donor {donor.prompt_id} --patch-image-tokens   (a circuit: --set L:POS:F=0 ... "
+        "names the features that take the donor's values)"
     )
-    return row
+    done = [rows[s.content_id()] for s in specs if s.content_id() in rows]
+    return {"rows": done, "circuit": circuit}

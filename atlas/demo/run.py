@@ -86,6 +86,7 @@ def run_demo(opts: DemoOptions, user: AtlasSettings) -> None:
             case = vision.six_finger_case(
                 svc,
                 images,
+                visual,
                 max_hops=opts.max_hops,
                 min_weight=opts.min_weight,
                 limit=opts.limit,
@@ -105,7 +106,7 @@ def run_demo(opts: DemoOptions, user: AtlasSettings) -> None:
                 six5,
                 f"the {len(visual.features)} visual Hand features",
                 visual.features,
-                visual.image_positions,
+                visual.positions,
                 ["5", "6"],
                 opts.timeout_s,
             )

@@ -119,28 +119,31 @@ class VisualHand:
     """The visual Hand features and where they can act."""
 
     features: list[tuple[int, int]]
-    """``(layer, index)`` of the toy VLM's most hand-selective features at image positions."""
+    """``(layer, index)`` of the toy VLM's most hand-selective features."""
     in_atlas: int
     """How many of them some stored graph kept (the supernode's members)."""
     image_positions: list[int]
     """The image tokens' positions in the demo's prompts."""
+    positions: list[int]
+    """Every position of a hand prompt but BOS (the image tokens, then the question)."""
 
 
 def visual_hand_supernode(
     svc: DemoServices, steps: Steps, images: Sequence[StoredImagePrompt]
 ) -> VisualHand:
-    """The visual Hand supernode: the features most selective for hand images at image
-    positions (:func:`atlas.toy.vision_demo.hand_features`), of the VLM's transcoder set; only
-    those some stored graph kept can be members."""
+    """The visual Hand supernode: the features most selective for hand images against every
+    other kind of image (:func:`atlas.toy.vision_demo.hand_features`), of the VLM's
+    transcoder set; only those some stored graph kept can be members."""
     from atlas.errors import InputError
     from atlas.graph import Graph, artifact_path
     from atlas.store.read import parse_feature
     from atlas.store.supernodes import define_from_features
     from atlas.toy.vision_demo import hand_features
 
-    with steps.step(f"supernode {VISUAL_HAND!r}: the most hand-selective image features"):
+    with steps.step(f"supernode {VISUAL_HAND!r}: the most hand-selective features"):
         specs = hand_features()
-        graph = Graph.load(artifact_path(svc.settings.resolved_artifact_dir, images[0].prompt_id))
+        hand = next((im for im in images if im.tag("fingers")), images[0])
+        graph = Graph.load(artifact_path(svc.settings.resolved_artifact_dir, hand.prompt_id))
         try:
             n = define_from_features(
                 svc.driver,
@@ -156,27 +159,48 @@ def visual_hand_supernode(
             err=True,
         )
     positions = [] if graph.image_positions is None else graph.image_positions.tolist()
-    return VisualHand([parse_feature(x) for x in specs], n, [int(p) for p in positions])
+    n_pos = int(graph.input_ids.numel())
+    return VisualHand(
+        [parse_feature(x) for x in specs],
+        n,
+        [int(p) for p in positions],
+        list(range(1, n_pos)),
+    )
 
 
-def _image_feature_share(svc: DemoServices, images: Sequence[StoredImagePrompt]) -> tuple[int, int]:
-    """Feature nodes of these images' stored graphs at image positions, and in all."""
+def _feature_positions(
+    svc: DemoServices, images: Sequence[StoredImagePrompt], features: Sequence[tuple[int, int]]
+) -> tuple[int, int, int, int]:
+    """In these images' stored graphs: feature nodes at image positions and in all, and nodes
+    of ``features`` at image positions and in all."""
     from atlas.graph import Graph, artifact_path
 
-    at_image = total = 0
+    wanted = set(features)
+    at_image = total = hand_image = hand_total = 0
     for im in images:
         g = Graph.load(artifact_path(svc.settings.resolved_artifact_dir, im.prompt_id))
-        is_feature = g.feature >= 0
-        total += int(is_feature.sum())
-        if g.image_positions is not None:
-            img = set(g.image_positions.tolist())
-            at_image += sum(1 for p in g.pos[is_feature].tolist() if p in img)
-    return at_image, total
+        img = set() if g.image_positions is None else set(g.image_positions.tolist())
+        for is_f, lay, f, p in zip(
+            (g.feature >= 0).tolist(),
+            g.layer.tolist(),
+            g.feature.tolist(),
+            g.pos.tolist(),
+            strict=True,
+        ):
+            if not is_f:
+                continue
+            total += 1
+            at_image += p in img
+            if (lay, f) in wanted:
+                hand_total += 1
+                hand_image += p in img
+    return at_image, total, hand_image, hand_total
 
 
 def six_finger_case(
     svc: DemoServices,
     images: Sequence[StoredImagePrompt],
+    visual: VisualHand,
     *,
     max_hops: int,
     min_weight: float,
@@ -195,36 +219,17 @@ def six_finger_case(
         f"The six-finger case: {len(six5)} of {len(six)} six-finger hands answered '{TARGET}'",
         f" ({len(right)} hands counted right)",
     )
-    result: dict[str, Any] = {"six5": six5, "right": right, "pictures": []}
+    result: dict[str, Any] = {"six5": six5, "right": right, "pictures": [], "n_paths": 0}
     if not six5:
         click.echo("the toy VLM answered no six-finger hand with '5': no paths to show")
         return result
     ids = [im.prompt_id for im in six5]
-    hand = paths(
+    found = paths(
         svc.driver,
         f"supernode:{VISUAL_HAND}",
         f"logit:{TARGET}",
         max_hops=max_hops,
-        min_weight=0.0,
-        limit=limit,
-        database=db,
-        prompt_ids=ids,
-    )
-    at_image, total = _image_feature_share(svc, six5)
-    n_hand = sum(g["n_paths"] for g in hand["aggregate"])
-    click.echo(
-        f"paths from {VISUAL_HAND} to '{TARGET}' in those images: {n_hand} (any weight). "
-        f"Their pruned graphs keep {at_image} of {total} feature nodes at image positions: this "
-        "toy VLM reads the picture at the text positions, through attention to the image "
-        "tokens, so the circuit starts at the image tokens themselves."
-    )
-    image_min_weight = min_weight / 10  # one image token carries a small share of the picture
-    found = paths(
-        svc.driver,
-        "image",
-        f"logit:{TARGET}",
-        max_hops=max_hops,
-        min_weight=image_min_weight,
+        min_weight=min_weight,
         limit=100_000,
         cap=100_000,
         database=db,
@@ -234,63 +239,65 @@ def six_finger_case(
     n_paths = sum(g["n_paths"] for g in agg)
     n_with = len({p["prompt"] for p in found["paths"]})
     out.heading(
-        f"All paths from the image tokens to '{TARGET}' in those images",
-        f" (1..{max_hops} hops, |w| >= {image_min_weight:g}: {n_paths} paths in {n_with} images)",
+        f"All paths from {VISUAL_HAND} to '{TARGET}' in those images",
+        f" (1..{max_hops} hops, every edge |w| >= {min_weight:g}: {n_paths} paths in "
+        f"{n_with} of {len(six5)} images)",
     )
     out.table(
         None,
-        ["route (image token -> ... -> logit)", "images", "paths", "sum of scores"],
+        ["route (Hand feature -> ... -> logit)", "images", "paths", "sum of scores"],
         [
             [" -> ".join(g["route"]), g["n_prompts"], g["n_paths"], f"{g['sum_score']:+.4g}"]
             for g in agg[:limit]
         ],
     )
-    out.cypher_pointer("IMAGE_PATHS", q.IMAGE_PATHS[max_hops])
+    out.cypher_pointer(f"PATHS[{max_hops}]  (built from _PATHS_TEMPLATE)", q.PATHS[max_hops])
     out.cli_pointer(
-        f"atlas query paths --from image --to logit:{TARGET} --image-tag fingers:6 "
-        f"--max-hops {max_hops} --min-weight {image_min_weight:g}"
+        f"atlas query paths --from 'supernode:{VISUAL_HAND}' --to logit:{TARGET} "
+        f"--image-tag fingers:6 --max-hops {max_hops} --min-weight {min_weight:g}"
     )
     result["n_paths"] = n_paths
-    first = next(
-        (
-            part.split(" ")[0]
-            for g in agg
-            for part in g["route"][1:2]
-            if part.startswith("feature:")
-        ),
-        None,
+    at_image, total, hand_image, hand_total = _feature_positions(svc, six5, visual.features)
+    click.echo(
+        f"where the Hand nodes sit: {hand_total - hand_image} of the {hand_total} Hand nodes in "
+        f"those graphs are at the question's positions and {hand_image} at image tokens "
+        f"({at_image} of all {total} feature nodes kept are at image tokens). The question is "
+        "the same for hands and dots, so these features fire because of the picture, which the "
+        "question's positions read through attention to the image tokens."
     )
-    if first is not None:
-        regions = image_regions(svc.driver, first, limit=limit, image_tag="fingers:6", database=db)
-        out.heading(
-            f"Image regions feeding {first} (the first feature of the strongest route) in "
-            "six-finger images",
-            " (image soft token at grid cell; summed direct effect; its strongest rollout patches)",
-        )
-        out.table(
-            None,
-            ["image", "cell (row, col)", "images", "edges", "sum w", "top patches"],
-            [
-                [
-                    str(r["image"])[:12],
-                    f"({r['row']}, {r['col']})",
-                    r["n_prompts"],
-                    r["n_edges"],
-                    f"{r['sum_w']:+.4g}",
-                    " ".join(f"({a},{b})" for a, b in r["top_patches"][:3]),
-                ]
-                for r in regions
-            ],
-        )
-        out.cypher_pointer("IMAGE_REGIONS", q.IMAGE_REGIONS)
-        out.cli_pointer(f"atlas query image-regions {first} --image-tag fingers:6")
 
-    else:
-        regions = []
-    drawn = _heatmap(svc, six5[0], regions, pictures)
+    regions = image_regions(
+        svc.driver, f"supernode:{VISUAL_HAND}", limit=limit, image_tag="fingers:6", database=db
+    )
+    out.heading(
+        f"Image regions feeding the {VISUAL_HAND} nodes in six-finger images",
+        " (image soft token at grid cell; summed direct effect; its strongest rollout patches)",
+    )
+    out.table(
+        None,
+        ["image", "cell (row, col)", "images", "edges", "sum w", "top patches"],
+        [
+            [
+                str(r["image"])[:12],
+                f"({r['row']}, {r['col']})",
+                r["n_prompts"],
+                r["n_edges"],
+                f"{r['sum_w']:+.4g}",
+                " ".join(f"({a},{b})" for a, b in r["top_patches"][:3]),
+            ]
+            for r in regions
+        ],
+    )
+    out.cypher_pointer("IMAGE_REGIONS", q.IMAGE_REGIONS)
+    out.cli_pointer(f"atlas query image-regions 'supernode:{VISUAL_HAND}' --image-tag fingers:6")
+    shown = next((im for im in six5 if any(str(r["image"]) == im.image[7:] for r in regions)), None)
+    shown = shown or six5[0]
+    drawn = _heatmap(svc, shown, regions, pictures)
     if drawn is not None:
-        fed = first or "the graph (strongest outgoing edges)"
-        click.echo(f"heatmap of the image tokens of {six5[0].path.name} feeding {fed}: {drawn}")
+        click.echo(
+            f"heatmap of the image tokens of {shown.path.name} feeding {VISUAL_HAND} "
+            f"(their attention rollout onto the pixels): {drawn}"
+        )
         result["pictures"].append(drawn)
 
     a = top_contributors(svc.driver, f"logit:{TARGET}", limit=limit, database=db, prompt_ids=ids)

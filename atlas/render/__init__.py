@@ -7,6 +7,7 @@ with id ``node-<id>`` and every edge ``edge-<source>-<target>``; supernode boxes
 ``supernode-<name>`` and image-token thumbnails ``thumb-<id>``.
 
     draw_circuit          one prompt's pruned circuit (token position x layer)
+    draw_prompt_circuit   the same, from a stored prompt's circuit (``read.prompt_circuit``)
     draw_supernode_graph  a prompt collapsed to supernodes
     draw_paths            the routes of a paths query as a layered graph
     draw_global_circuit   (source, target, weight, n_prompts) edges across prompts
@@ -20,6 +21,7 @@ from atlas.render.circuit import (
     DEFAULT_MAX_NODES,
     crop_cell,
     draw_circuit,
+    draw_prompt_circuit,
     select_edges,
     select_nodes,
 )
@@ -42,6 +44,7 @@ __all__ = [
     "draw_heatmap",
     "draw_network",
     "draw_paths",
+    "draw_prompt_circuit",
     "draw_supernode_graph",
     "output_format",
     "select_edges",

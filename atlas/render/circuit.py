@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.offsetbox import AnnotationBbox, OffsetImage
@@ -368,3 +368,25 @@ def _legend(ax: Axes) -> None:
         handles=handles, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=6, fontsize=6,
         frameon=False, borderaxespad=0.2,
     )  # fmt: skip
+
+
+def draw_prompt_circuit(
+    found: Mapping[str, Any],
+    out: str | Path,
+    *,
+    max_nodes: int = DEFAULT_MAX_NODES,
+    max_edges: int = DEFAULT_MAX_EDGES,
+    image: Image.Image | None = None,
+) -> Drawn:
+    """:func:`draw_circuit` of a stored prompt's circuit as ``read.prompt_circuit`` returns it
+    (``graph``, ``labels``, ``token_texts``, ``supernodes``)."""
+    return draw_circuit(
+        found["graph"],
+        out,
+        labels=found["labels"],
+        token_texts=found["token_texts"],
+        supernodes=found["supernodes"],
+        max_nodes=max_nodes,
+        max_edges=max_edges,
+        image=image,
+    )

@@ -4,14 +4,19 @@ Tasks (:data:`TASKS`), each a :class:`VisionSample` (a 48 x 48 RGB image, a ques
 answer is the next word, the answer word, attributes and tags):
 
 * ``hand``: a hand with 3 to 7 fingers in varied sizes, rotations, skin colours and positions;
-  question ``"how many fingers ?"``, answer the digit. In training five fingers is far more
+  question ``"how many ?"``, answer the digit. In training five fingers is far more
   common than any other count (:data:`TRAIN_FINGER_WEIGHTS`), as in the world.
-* ``dots``: 1 to 9 dots or five-pointed stars to count (``"how many dots ?"`` /
-  ``"how many stars ?"``).
+* ``dots``: 1 to 9 dots or five-pointed stars to count, with the same question
+  ``"how many ?"``: only the picture tells a hand from dots, so the answer depends on what the
+  model sees.
 * ``planet``: a red cratered Mars, a blue-green Earth with clouds or a ringed Saturn on a starry
   sky; prompt ``"this is the planet"``, answer ``mars`` / ``earth`` / ``saturn``.
 * ``colour`` and ``shape``: one circle, square or triangle in red, green, blue or yellow
   (``"what colour is the shape ?"`` / ``"what shape is this ?"``).
+
+Every image also has a caption word (:attr:`VisionSample.caption`: ``hand``, ``dots``,
+``stars``, ``planet``, or the shape's name), the next word after the image alone in the toy
+VLM's captioning task.
 
 Splits: ``train`` samples are drawn from a seeded stream (:meth:`VisionWorld.train_samples`);
 ``eval`` samples (:meth:`VisionWorld.eval_samples`) come from a different seed stream (held-out
@@ -69,9 +74,9 @@ HELDOUT_COMBOS: frozenset[tuple[str, str]] = frozenset(
 )
 
 QUESTIONS: dict[str, str] = {
-    "hand": "how many fingers ?",
-    "dots": "how many dots ?",
-    "stars": "how many stars ?",
+    "hand": "how many ?",
+    "dots": "how many ?",
+    "stars": "how many ?",
     "planet": "this is the planet",
     "colour": "what colour is the shape ?",
     "shape": "what shape is this ?",
@@ -84,6 +89,7 @@ VISION_WORDS: tuple[str, ...] = tuple(
         + list(PLANETS)
         + list(COLOURS)
         + list(SHAPES)
+        + ["hand", "dots", "stars", "planet"]
     )
 )
 
@@ -124,6 +130,14 @@ class VisionSample:
         if "heldout" in a:
             out.append("heldout")
         return out
+
+    @property
+    def caption(self) -> str:
+        """The object's word: ``hand``, ``dots`` / ``stars``, ``planet``, or the shape."""
+        if self.task in ("hand", "planet"):
+            return self.task
+        a = self.attr
+        return a["kind"] if self.task == "dots" else a["shape"]
 
     def png_bytes(self) -> bytes:
         import io
@@ -207,26 +221,18 @@ def _star(cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float
 
 
 def draw_dots(rng: random.Random, count: int, kind: str) -> Image.Image:
-    """``count`` dots or stars in distinct cells of a jittered 4 x 4 grid (never overlapping)."""
+    """``count`` dots or stars of one size, each in its own cell of the 6 x 6 grid of the
+    toy VLM's 8-pixel patches (jittered inside it, never overlapping)."""
     img, d = _canvas(_background(rng))
     s = IMAGE_SIZE * _SS
     colour = _jitter(rng.choice(DOT_COLOURS), rng, 12)
-    cell = s / 4
-    cells = rng.sample(range(16), count)
-    for c in cells:
-        row, col = divmod(c, 4)
-        r = rng.uniform(3.8, 4.6) * _SS if kind == "stars" else rng.uniform(3.0, 3.8) * _SS
-        margin = r + 1 * _SS
-        x = (
-            col * cell + rng.uniform(margin, cell - margin)
-            if cell > 2 * margin
-            else (col + 0.5) * cell
-        )
-        y = (
-            row * cell + rng.uniform(margin, cell - margin)
-            if cell > 2 * margin
-            else (row + 0.5) * cell
-        )
+    grid = IMAGE_SIZE // 8
+    cell = s / grid
+    r = (rng.uniform(2.9, 3.2) if kind == "stars" else rng.uniform(2.3, 2.6)) * _SS
+    for c in rng.sample(range(grid * grid), count):
+        row, col = divmod(c, grid)
+        x = (col + 0.5) * cell + rng.uniform(-0.6, 0.6) * _SS
+        y = (row + 0.5) * cell + rng.uniform(-0.6, 0.6) * _SS
         if kind == "stars":
             d.polygon(_star(x, y, r, rng.uniform(-0.3, 0.3)), fill=colour)
         else:

@@ -7,10 +7,12 @@ stars of every count from 1 to 9, and the three planets. ``item.spec()`` is the 
 arguments of a :class:`atlas.pipeline.payloads.PromptSpec` (prompt, image path, tags, the toy
 VLM and its transcoders).
 
-``hand_features(paths)`` ranks transcoder features by how selectively they fire on the image
-positions of hand images against the other images (mean of the per-image maximum activation
-over image tokens, hands minus the rest), and returns ``LAYER/INDEX`` specs, as
-:func:`atlas.store.supernodes.define_from_features` takes them.
+``hand_features(paths)`` ranks transcoder features by how selectively they fire on hand images
+against each other kind of image (per image the maximum activation over every position but
+BOS, image tokens and question alike; the hands' mean minus the largest mean of another kind),
+and returns ``LAYER/INDEX`` specs, as :func:`atlas.store.supernodes.define_from_features` takes
+them. Hands and dots are asked the same question (``"how many ?"``), so a feature that beats
+the dots fires because of what the picture shows, wherever the model computes it.
 """
 
 from __future__ import annotations
@@ -142,8 +144,6 @@ def feature_selectivity(
     tc_cfg = yaml.safe_load((paths.transcoder_dir / "config.yaml").read_text())
     files = sorted(paths.transcoder_dir.glob("layer_*.safetensors"))
     tensors = {int(f.stem.split("_")[1]): load_file(str(f)) for f in files}
-    from atlas.toy.vision_model import N_IMAGE_TOKENS
-
     out: dict[int, torch.Tensor] = {}
     per_image: dict[str, dict[int, torch.Tensor]] = {}
     for name, group in groups.items():  # one question length per group
@@ -159,18 +159,17 @@ def feature_selectivity(
         per_image[name] = {}
         for layer, (x, _y) in acts.items():
             _, a = apply_transcoder(tensors[layer], x)
-            # rows: per image, the image positions come first (BOS dropped), then the question
+            # rows: per image, every position but BOS (the image tokens, then the question)
             n_pos = a.shape[0] // len(group)
-            a = a.reshape(len(group), n_pos, -1)[:, :N_IMAGE_TOKENS]
-            per_image[name][layer] = a.amax(1)
+            per_image[name][layer] = a.reshape(len(group), n_pos, -1).amax(1)
     for layer in tensors:
-        rest = torch.cat([per_image[k][layer] for k in groups if k != "hand"])
-        out[layer] = per_image["hand"][layer].mean(0) - rest.mean(0)
+        others = torch.stack([per_image[k][layer].mean(0) for k in groups if k != "hand"])
+        out[layer] = per_image["hand"][layer].mean(0) - others.amax(0)
     return out
 
 
 def hand_features(paths: ToyPaths | None = None, top: int = 8, seed: int = 0) -> list[str]:
-    """The ``top`` most hand-selective features at image positions, as ``LAYER/INDEX`` specs
+    """The ``top`` most hand-selective features, as ``LAYER/INDEX`` specs
     (most selective first; only features with positive selectivity)."""
     sel = feature_selectivity(paths, seed)
     ranked: list[tuple[float, int, int]] = []

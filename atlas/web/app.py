@@ -379,27 +379,20 @@ def prompt_node(request: Request, atlas: Atlas) -> Response:
 @endpoint
 def prompt_circuit_svg(request: Request, atlas: Atlas) -> Response:
     """The prompt's circuit as SVG (``max_nodes``, ``max_edges``)."""
-    from atlas.render import DEFAULT_MAX_EDGES, DEFAULT_MAX_NODES, draw_circuit
+    from atlas.render import DEFAULT_MAX_EDGES, DEFAULT_MAX_NODES, draw_prompt_circuit
 
     p = Params(request, ("max_nodes", "max_edges"))
     max_nodes = p.integer("max_nodes", DEFAULT_MAX_NODES, 1, MAX_PICTURE_NODES)
     max_edges = p.integer("max_edges", DEFAULT_MAX_EDGES, 1, MAX_PICTURE_EDGES)
     pid = prompt_id(atlas, request.path_params["pid"])
     found = atlas.ask(read.prompt_circuit, pid)
-    graph = found["graph"]
-    image = _stored_image(atlas, graph.metadata.image_sha256) if graph.metadata.image else None
+    meta = found["graph"].metadata
+    image = _stored_image(atlas, meta.image_sha256) if meta.image else None
     return _picture(
         atlas,
         "circuit.svg",
-        lambda out: draw_circuit(
-            graph,
-            out,
-            labels=found["labels"],
-            token_texts=found["token_texts"],
-            supernodes=found["supernodes"],
-            max_nodes=max_nodes,
-            max_edges=max_edges,
-            image=image,
+        lambda out: draw_prompt_circuit(
+            found, out, max_nodes=max_nodes, max_edges=max_edges, image=image
         ),
     )
 

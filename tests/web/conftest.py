@@ -5,7 +5,6 @@ image prompt with its image and artifact, and a stored intervention."""
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,10 +15,12 @@ from starlette.testclient import TestClient
 
 from atlas.graph import Graph, NodeKind, artifact_path
 from atlas.images import store_image
+from atlas.pipeline.intervention_payloads import InterventionSpec
 from atlas.store import queries as Q
 from atlas.store import supernodes
 from atlas.store.connection import write_rows
 from atlas.store.ingest import graph_rows, ingest_rows
+from atlas.store.interventions import intervention_params
 from atlas.store.jobs import JobStore
 from atlas.store.schema import apply_schema
 from atlas.store.synthetic import synthetic_graph
@@ -117,28 +118,25 @@ def world(neo4j_driver: Any, neo4j_target: Neo4jTarget, neo4j_settings: Any) -> 
     )
 
     iid = "0f" * 16
+    spec = InterventionSpec(
+        prompt=g.metadata.prompt, supernode={"name": "Hand", "multiplier": -1.0}
+    )
+    answer = {
+        "id": iid,
+        "kl": 0.25,
+        "top": [{"token": " 5", "token_id": 5, "base": 0.6, "steered": 0.1}],
+        "predicted": {
+            "rows": [0],
+            "direct_effect": [-0.4],
+            "measured": [-0.5],
+            "sources": [[0, 1, 2]],
+        },
+        "prompt_id": g.prompt_id,
+    }
     write_rows(
         driver,
         Q.STORE_INTERVENTION,
-        {
-            "id": iid,
-            "now": 1.0,
-            "spec": json.dumps({"prompt": g.metadata.prompt, "supernode": {"name": "Hand"}}),
-            "kl": 0.25,
-            "top": json.dumps([{"token": " 5", "token_id": 5, "base": 0.6, "steered": 0.1}]),
-            "watch": None,
-            "predicted": json.dumps(
-                {"rows": [0], "direct_effect": [-0.4], "measured": [-0.5], "sources": [[0, 1, 2]]}
-            ),
-            "measured": [-0.5],
-            "prompt_id": g.prompt_id,
-            "prompt": g.metadata.prompt,
-            "supernode": "Hand",
-            "multiplier": -1.0,
-            "n_edits": 4,
-            "donor_id": None,
-            "fids": [],
-        },
+        intervention_params(spec, answer, tset_hash="", touched=[], donor_id=None),
         database="neo4j",
         what="test intervention",
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,13 +65,18 @@ def test_demo_runs_end_to_end_and_stops_what_it_started(tmp_path: Path) -> None:
         "Global circuit Hand -> '5'",
         "What the toy VLM answers on the demo images",
         "The six-finger case:",
-        "All paths from the image tokens to '5'",
+        "All paths from Visual hand to '5' in those images",
+        "Image regions feeding the Visual hand nodes",
         "Six-finger hands answered '5' (A)",
         "Ablating the 8 visual Hand features",
         "Circuit patching: planet_mars",
     ):
         assert heading in text, heading
-    assert "atlas.store.queries.IMAGE_PATHS" in text
+    assert "atlas.store.queries.IMAGE_REGIONS" in text
+    # the six-finger case on the shipped toy VLM: the visual Hand supernode reaches '5'
+    found = re.search(r"All paths from Visual hand to '5' in those images \(.*?: (\d+) paths", text)
+    assert found is not None and int(found.group(1)) > 0, text[-4000:]
+    assert re.search(r"the circuit at the question \(\d+ features\)", text)
     assert "atlas.store.queries.INTERVENTIONS_BY_ID" in text
     assert "atlas serve" in text
     pictures = sorted(p.name for p in (home / "pictures").iterdir())
