@@ -23,10 +23,17 @@ if TYPE_CHECKING:
 
 
 def draw_heatmap(
-    image: Image.Image, rollout: torch.Tensor, tokens: Sequence[int], out: str | Path
+    image: Image.Image,
+    rollout: torch.Tensor,
+    tokens: Sequence[int],
+    out: str | Path,
+    *,
+    min_side: int = 384,
 ) -> Drawn:
     """Write ``image`` with the rollout heat of image tokens ``tokens`` (indices ``k`` into
-    ``rollout``, ``(T, rows, cols)``) overlaid, as a PNG of the image's size."""
+    ``rollout``, ``(T, rows, cols)``) overlaid, as a PNG of the image's size; an image whose
+    longer side is under ``min_side`` pixels is first enlarged by the smallest integer factor
+    that reaches it (nearest neighbour, so every pixel stays a sharp block)."""
     from atlas.attribution.rollout import render_map
 
     output_format(out, (".png",))
@@ -36,6 +43,12 @@ def draw_heatmap(
     bad = [k for k in tokens if not 0 <= k < n]
     if bad:
         raise InputError(f"image token {bad[0]} is not one of the prompt's {n} (0..{n - 1})")
+    longest = max(image.size)
+    if 0 < longest < min_side:
+        k = -(-min_side // longest)
+        from PIL.Image import Resampling
+
+        image = image.resize((image.width * k, image.height * k), Resampling.NEAREST)
     heat = rollout[list(tokens)].amax(dim=0)
     picture = render_map(heat, image)
     path = Path(out)

@@ -217,9 +217,12 @@ def test_heatmap_has_the_images_size(tmp_path: Path) -> None:
     im = picture((64, 48))
     g = image_graph(im)
     assert g.rollout is not None
-    drawn = draw_heatmap(im, g.rollout, [0, 3], tmp_path / "h.png")
+    drawn = draw_heatmap(im, g.rollout, [0, 3], tmp_path / "h.png", min_side=0)
     with Image.open(drawn.path) as out:
         assert out.size == (64, 48) == drawn.size
+    big = draw_heatmap(im, g.rollout, [0, 3], tmp_path / "big.png")  # small images are enlarged
+    with Image.open(big.path) as out:
+        assert out.size == (64 * 6, 48 * 6) == big.size
     with pytest.raises(InputError, match="not one of"):
         draw_heatmap(im, g.rollout, [4], tmp_path / "bad.png")
     with pytest.raises(InputError):
@@ -232,7 +235,7 @@ def test_heatmap_of_one_token_is_the_rollout_rendering(tmp_path: Path) -> None:
     im = picture()
     g = image_graph(im)
     assert g.rollout is not None
-    drawn = draw_heatmap(im, g.rollout, [2], tmp_path / "h.png")
+    drawn = draw_heatmap(im, g.rollout, [2], tmp_path / "h.png", min_side=0)
     with Image.open(drawn.path) as out:
         assert out.tobytes() == render_map(g.rollout[2], im).tobytes()
 
