@@ -449,6 +449,7 @@ PATHS: dict[int, str] = {
 
 ACTIVE_PROMPTS = """
 MATCH (n:Node:FeatureNode) WHERE n.ref IN $refs AND n.kind = 'feature' AND n.prompt IS NOT NULL
+  AND ($prompt_ids IS NULL OR n.prompt IN $prompt_ids)
 WITH n.prompt AS prompt, max(n.activation) AS max_activation,
      min(n.influence) AS best_influence, count(n) AS n_instances,
      collect(DISTINCT n.pos) AS positions
@@ -1188,7 +1189,7 @@ MATCH (s:Supernode {name: $name})
 SET s.coactivation = $coactivation, s.coherence = $coherence,
     s.internal_positive = $internal_positive, s.downstream_agreement = $downstream_agreement,
     s.score = $score, s.n_prompts = $n_prompts, s.n_selected = $n_selected,
-    s.proposed_at = datetime()
+    s.level = $level, s.parts = $parts, s.proposed_at = datetime()
 """
 
 PROP_SET_VALIDATION = """
@@ -1203,8 +1204,8 @@ OPTIONAL MATCH (s)-[:HAS]->(f:Feature)
 RETURN s.name AS name, s.kind AS kind, count(f) AS n_members, s.score AS score,
        s.coactivation AS coactivation, s.coherence AS coherence, s.n_prompts AS n_prompts,
        s.validation_kl AS validation_kl, s.validation_drop AS validation_drop,
-       s.pattern AS pattern
-ORDER BY coalesce(s.score, -1.0) DESC, name
+       s.pattern AS pattern, s.level AS level, s.parts AS parts
+ORDER BY coalesce(s.level, 1), coalesce(s.score, -1.0) DESC, name
 """
 
 PROP_KIND = "MATCH (s:Supernode {name: $name}) RETURN s.kind AS kind"
