@@ -42,7 +42,8 @@ different positions), averaged with the decoder cosine when decoders are given; 
 distance to another is the mean over their member pairs, and
 average-linkage clustering of the units cut at ``concept_threshold`` gives the concepts. A
 first-level group is never split, so the two levels nest; a concept is kept when it joins at
-least two units and has ``min_size`` to ``max_concept_size`` members. Concepts are scored like
+least two units, one of them a first-level group, and has ``min_size`` to ``max_concept_size``
+members. Concepts are scored like
 the first level.
 """
 
@@ -387,8 +388,11 @@ def concepts(
         group = sorted(i for k in ks for i in units[k])
         if len(ks) < 2 or not settings.min_size <= len(group) <= settings.max_concept_size:
             continue
+        parts = sorted(p for k in ks if (p := unit_part[k]) is not None)
+        if not parts:  # a concept extends at least one tight group
+            continue
         concept = score(group, level=2)
-        concept.parts = sorted(p for k in ks if (p := unit_part[k]) is not None)
+        concept.parts = parts
         out.append(concept)
     out.sort(key=lambda p: (-p.score, -len(p.members), p.members[0]))
     return out

@@ -365,3 +365,52 @@ def test_validation_ablates_a_proposal_on_the_real_model(
             n=name,
         ).single()
     assert n is not None and n["n"] == 2
+
+
+def _proposal_state(driver: neo4j.Driver) -> list[Any]:
+    with driver.session() as s:
+        nodes = s.run(
+            "MATCH (s:Supernode) OPTIONAL MATCH (s)-[:HAS]->(f:Feature) "
+            "RETURN s.name AS n, s.kind AS k, s.score AS score, s.level AS level, "
+            "s.parts AS parts, collect(f.fid) AS members ORDER BY n"
+        ).data()
+        sagg = s.run("MATCH ()-[g:SAGG]->() RETURN count(g) AS n").single()
+    return [nodes, sagg["n"] if sagg else 0]
+
+
+def test_proposals_are_stored_all_or_nothing(
+    planted: neo4j.Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure while storing the third proposal leaves the earlier run's proposals as they
+    were and nothing of the new run; a run that succeeds then stores both levels."""
+    from atlas.store import proposals
+
+    first = propose_supernodes(planted, None, min_prompts=3)
+    before = _proposal_state(planted)
+    assert {r["n"] for r in before[0]} == {p["name"] for p in first}
+
+    real, calls = proposals._store_one, []
+
+    def failing(tx: Any, prop: dict[str, Any], pattern: str) -> None:
+        calls.append(prop["name"])
+        if len(calls) == 3:
+            raise RuntimeError("disk full (simulated)")
+        real(tx, prop, pattern)
+
+    monkeypatch.setattr(proposals, "_store_one", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        propose_supernodes(planted, "text:groups .*1", min_prompts=3)
+    assert len(calls) == 3
+    assert _proposal_state(planted) == before
+
+    monkeypatch.setattr(proposals, "_store_one", real)
+    found = propose_supernodes(planted, "text:groups .*1", min_prompts=3)
+    stored = {r["name"]: r for r in list_proposals(planted, kind="proposed")}
+    assert set(stored) == {p["name"] for p in found}
+    for p in found:
+        assert stored[p["name"]]["level"] == p["level"]
+        assert stored[p["name"]]["parts"] == p["parts"]
+    levels = [p["level"] for p in found]
+    assert levels == sorted(levels) and levels[0] == 1
+    for c in (p for p in found if p["level"] == 2):
+        assert c["name"].startswith("C") and set(c["parts"]) <= set(stored)
