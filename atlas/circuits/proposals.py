@@ -37,8 +37,9 @@ fires on (its rows of ``prompt_occ`` and ``token_occ`` side by side), TF-IDF wei
 latent dimensions (:class:`sklearn.decomposition.TruncatedSVD`: latent semantic analysis, so
 features met in the same kind of prompt are close even when they rarely meet in one prompt),
 centred. The similarity is the mean of the cosine of those embeddings (clipped at 0) and the
-cosine of the prompt occurrences (features of one concept that fire in the same prompts at
-different positions), averaged with the decoder cosine when decoders are given; a unit's
+larger of two direct cosines: of the prompt occurrences (features of one concept that fire in
+the same prompts at different positions) and of the TF-IDF input-token profiles (features that
+read the same tokens); averaged with the decoder cosine when decoders are given. A unit's
 distance to another is the mean over their member pairs, and
 average-linkage clustering of the units cut at ``concept_threshold`` gives the concepts. A
 first-level group is never split, so the two levels nest; a concept is kept when it joins at
@@ -326,7 +327,11 @@ def concept_similarity(inputs: ProposalInputs, settings: ProposalSettings) -> np
     dims = min(settings.concept_dims, n - 1, x.shape[1] - 1)
     emb = TruncatedSVD(dims, random_state=0).fit_transform(x) if dims >= 1 else x.toarray()
     emb = emb - emb.mean(axis=0)  # centred: the shared first component would join everything
-    sim = 0.5 * (np.clip(_cosine(emb), 0, 1) + _cosine(blocks[0]))
+    # the larger of: fired in the same prompts (any position); read the same tokens
+    shared = _cosine(blocks[0])
+    if len(blocks) > 1:
+        shared = np.maximum(shared, _cosine(x[:, blocks[0].shape[1] :]))
+    sim = 0.5 * (np.clip(_cosine(emb), 0, 1) + shared)
     if inputs.decoder is not None and settings.w_decoder > 0:
         if inputs.decoder.shape[0] != n:
             raise InputError("decoder rows do not match the candidate features")

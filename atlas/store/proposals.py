@@ -78,7 +78,9 @@ def gather_inputs(
     for start in range(0, len(prompt_ids), CHUNK):
         ids = list(prompt_ids[start : start + CHUNK])
         for r in rows(Q.PROP_FEATURE_INSTANCES, {"ids": ids}, "reading feature instances"):
-            by_feature.setdefault(r["ref"], set()).add((p_index[r["prompt"]], int(r["pos"])))
+            p = p_index[r["prompt"]]
+            for ref, pos in zip(r["refs"], r["pos"], strict=True):
+                by_feature.setdefault(ref, set()).add((p, int(pos)))
         for r in rows(Q.PROMPT_TOKENS, {"ids": ids}, "reading prompt tokens"):
             tokens[p_index[r["id"]]] = list(r["tokens"] or [])
     counts = {f: len({p for p, _ in occ}) for f, occ in by_feature.items()}

@@ -1152,10 +1152,11 @@ RETURN DISTINCT n.prompt AS id
 """
 
 # ---- proposals
+# one record per prompt (lists, not a record per instance: the driver's cost is per record)
 PROP_FEATURE_INSTANCES = """
 UNWIND $ids AS pid
 MATCH (n:Node {prompt: pid}) WHERE n.kind = 'feature'
-RETURN n.ref AS ref, pid AS prompt, n.pos AS pos
+RETURN pid AS prompt, collect(n.ref) AS refs, collect(n.pos) AS pos
 """
 
 PROP_AGG_OUT = """
@@ -1246,7 +1247,8 @@ _GC_KEY = """CASE
   ELSE __N__.kind + '|' + coalesce(__N__.ref, '') END"""
 
 # Per (source key, target key): prompts with an edge, summed weight (each prompt's edges between
-# the two summed first), target-activation-weighted sum (TWERA's numerator) and summed |w|.
+# the two summed first), target-activation-weighted sum (TWERA's numerator) and summed |w|. One
+# record of parallel lists per chunk of prompts (the driver's cost is per record).
 GC_PAIR_STATS = (
     """
 UNWIND $ids AS pid
@@ -1259,12 +1261,14 @@ WITH pid, e.w AS w, b.activation AS act, """
     + """ AS t
 WHERE s <> t
 WITH pid, s, t, sum(w) AS w, max(coalesce(act, 1.0)) AS act
-RETURN s, t, count(*) AS n, sum(w) AS sum_w, sum(w * act) AS sum_tw, sum(abs(w)) AS sum_abs
+WITH s, t, count(*) AS n, sum(w) AS sum_w, sum(w * act) AS sum_tw, sum(abs(w)) AS sum_abs
+RETURN collect(s) AS s, collect(t) AS t, collect(n) AS n, collect(sum_w) AS sum_w,
+       collect(sum_tw) AS sum_tw, collect(sum_abs) AS sum_abs
 """
 )
 
 # Per node key: prompts where it is present and the sum of its per-prompt largest activation
-# (TWERA's denominator; 1.0 for nodes without an activation).
+# (TWERA's denominator; 1.0 for nodes without an activation); parallel lists, as above.
 GC_NODE_STATS = (
     """
 UNWIND $ids AS pid
@@ -1273,7 +1277,8 @@ WITH pid, n.activation AS act, """
     + _GC_KEY.replace("__N__", "n")
     + """ AS key
 WITH pid, key, max(coalesce(act, 1.0)) AS act
-RETURN key, count(*) AS n, sum(act) AS sum_act
+WITH key, count(*) AS n, sum(act) AS sum_act
+RETURN collect(key) AS key, collect(n) AS n, collect(sum_act) AS sum_act
 """
 )
 
