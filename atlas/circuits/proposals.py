@@ -350,7 +350,7 @@ def concepts(
     ``proposals``. Best ``score`` first."""
     settings = settings or ProposalSettings()
     n = len(inputs.fids)
-    if n < 3:
+    if n < 3 or not proposals:  # a concept extends at least one tight group
         return []
     from sklearn.cluster import AgglomerativeClustering
 

@@ -293,6 +293,7 @@ BAD_INPUT = [
     ["supernode", "propose", "--prompts", "text:zzz"],
     ["supernode", "propose", "--prompts", "!all"],
     ["supernode", "propose", "--min-prompts", "0"],
+    ["supernode", "propose", "--concept-threshold", "0"],
     ["supernode", "propose", "--prompts", "text:a & "],
 ]
 
@@ -414,3 +415,20 @@ def test_proposals_are_stored_all_or_nothing(
     assert levels == sorted(levels) and levels[0] == 1
     for c in (p for p in found if p["level"] == 2):
         assert c["name"].startswith("C") and set(c["parts"]) <= set(stored)
+
+
+def test_cli_proposes_tight_groups_only_on_request(
+    planted: neo4j.Driver, neo4j_settings: Any
+) -> None:
+    args = ["supernode", "propose", "--min-prompts", "3", "--format", "json"]
+    r = invoke(neo4j_settings, *args, "--no-concepts")
+    assert r.exit_code == 0, r.output
+    assert {p["level"] for p in json.loads(r.output)} == {1}
+    r = invoke(neo4j_settings, *args, "--concept-threshold", "1.0", "--dry-run")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    tight = [p for p in doc if p["level"] == 1]
+    assert [p["level"] for p in doc] == sorted(p["level"] for p in doc)
+    for c in (p for p in doc if p["level"] == 2):  # a concept is a union of tight groups + more
+        parts = {m for p in tight if p["name"] in c["parts"] for m in p["members"]}
+        assert parts <= set(c["members"]) and len(c["parts"]) >= 1
