@@ -3,9 +3,15 @@ contrasts and annotation, with wall time and peak memory.
 
     # the toy text world: attribute N demo prompts into a fresh local Neo4j, annotate, define
     # concept groups from labels (Hand, legs, colour), propose supernodes, and report precision
-    # and recall of the best-matching proposal against each; then the global circuit Hand -> 5
-    # over the hand prompts and the contrast of hand prompts against the others
+    # and recall of the best-matching proposal against each, first level alone (tight groups)
+    # and with the second (concepts); then the global circuit Hand -> 5 over the hand prompts
+    # and the contrast of hand prompts against the others
     .venv/bin/python bench/atlas_questions.py toy --prompts 120
+
+    # also the toy vision demo's image prompts, and the visual Hand supernode (the most
+    # hand-selective image features, atlas.toy.vision_demo.hand_features()) as a reference;
+    # --reference NAME adds any supernode already in the atlas (--home DIR keeps and reuses one)
+    .venv/bin/python bench/atlas_questions.py toy --prompts 120 --vision
 
     # a bench/store.py atlas (synthetic prompts): proposals, a global circuit and a contrast
     .venv/bin/python bench/atlas_questions.py store --home /tmp/atlas-bench/neo4j
@@ -82,11 +88,62 @@ def start_neo4j(home: Path, heap: str, pagecache: str) -> tuple[Any, Callable[[]
     return settings, lambda: neo4j_local.stop(settings, home=home)
 
 
+def match_row(props: list[Any], members: list[str], fids: list[str]) -> dict[str, Any]:
+    """The best-matching proposal's precision and recall against a reference member list
+    (recall also among the reference members that were candidates)."""
+    from atlas.circuits.proposals import best_match
+
+    best, prec, rec = best_match(props, members)
+    f1 = 2 * prec * rec / (prec + rec) if best is not None and prec + rec > 0 else 0.0
+    cands = set(members) & set(fids)
+    hit = len(set(best.members) & cands) if best is not None else 0
+    return {
+        "best": best.name if best else None,
+        "level": best.level if best else None,
+        "n_members": len(best.members) if best else 0,
+        "precision": round(prec, 3),
+        "recall": round(rec, 3),
+        "recall_of_candidates": round(hit / len(cands), 3) if cands else None,
+        "f1": round(f1, 3),
+    }
+
+
+def add_vision(settings: Any, driver: Any, home: Path) -> list[str]:
+    """Attribute the toy vision demo's image prompts into the atlas and define the visual Hand
+    supernode (:func:`atlas.toy.vision_demo.hand_features`, of the VLM's transcoder set); its
+    name, or nothing when none of its features is in a stored graph."""
+    from atlas.errors import InputError
+    from atlas.graph import Graph, artifact_path
+    from atlas.pipeline.payloads import PromptSpec
+    from atlas.pipeline.submit import job_store, submit
+    from atlas.store.supernodes import define_from_features
+    from atlas.toy.vision_demo import demo_image_prompts, hand_features
+
+    items = demo_image_prompts(home.parent / "images")
+    job, _ = submit(
+        settings, [PromptSpec(**item.spec()) for item in items], source="bench", driver=driver
+    )
+    ids = [r.prompt_id for r in job_store(driver, settings).items(job) if r.prompt_id]
+    if not ids:
+        return []
+    graph = Graph.load(artifact_path(settings.resolved_artifact_dir, ids[0]))
+    try:
+        define_from_features(
+            driver, VISUAL_HAND, hand_features(), tset=graph.metadata.transcoders.content_hash
+        )
+    except InputError:
+        return []
+    return [VISUAL_HAND]
+
+
+VISUAL_HAND = "Visual hand"
+
+
 def toy(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from atlas.circuits.lens import logit_lens_for
-    from atlas.circuits.proposals import ProposalSettings, best_match, propose
+    from atlas.circuits.proposals import ProposalSettings, concepts, propose
     from atlas.models.loading import load_model
     from atlas.pipeline.payloads import PromptSpec
     from atlas.pipeline.submit import submit
@@ -120,6 +177,11 @@ def toy(args: argparse.Namespace) -> dict[str, Any]:
             "attribute_and_ingest",
             lambda: submit(settings, specs, source="bench", driver=driver),
         )
+        references = list(args.reference)
+        if args.vision:
+            references += timed(
+                report, "vision_attribute_and_ingest", lambda: add_vision(settings, driver, home)
+            )
         model = load_model(paths.model_dir)
         tcs = load_transcoders(paths.transcoder_dir, model)
         timed(report, "logit_lens", lambda: store_lens(driver, logit_lens_for(model, tcs)))
@@ -128,31 +190,33 @@ def toy(args: argparse.Namespace) -> dict[str, Any]:
         for name, pattern in TOY_GROUPS.items():
             define_from_label(driver, name, pattern)
             refs[name] = [m["fid"] for m in show(driver, name)["members"]]
+        for name in references:
+            refs[name] = [m["fid"] for m in show(driver, name)["members"]]
         found = timed(
             report,
             "propose",
             lambda: propose_supernodes(driver, None, min_prompts=args.min_prompts, timeout_s=600),
         )
         report["n_proposals_stored"] = len(found)
+        report["n_concepts_stored"] = sum(p["level"] == 2 for p in found)
         ids = select_prompts(driver, None)
         inputs = gather_inputs(driver, ids, min_prompts=args.min_prompts, timeout_s=600)
         report["n_candidates"] = len(inputs.fids)
         report["groups"] = {}
         for thr in args.thresholds:
-            props = propose(inputs, ProposalSettings(distance_threshold=thr))
+            cut = ProposalSettings(distance_threshold=thr, concept_threshold=args.concept_threshold)
+            props = propose(inputs, cut)
+            cons = concepts(inputs, props, cut)
             for name, members in refs.items():
-                best, prec, rec = best_match(props, members)
-                f1 = 2 * prec * rec / (prec + rec) if best is not None and prec + rec > 0 else 0.0
                 row = {
                     "threshold": thr,
+                    "concept_threshold": args.concept_threshold,
                     "n_proposals": len(props),
+                    "n_concepts": len(cons),
                     "n_reference": len(members),
                     "n_reference_candidates": len(set(members) & set(inputs.fids)),
-                    "best": best.name if best else None,
-                    "n_members": len(best.members) if best else 0,
-                    "precision": round(prec, 3),
-                    "recall": round(rec, 3),
-                    "f1": round(f1, 3),
+                    "tight": match_row(props, members, inputs.fids),
+                    "with_concepts": match_row([*props, *cons], members, inputs.fids),
                 }
                 report["groups"].setdefault(name, []).append(row)
                 print(name, row, flush=True)
@@ -193,7 +257,8 @@ def store(args: argparse.Namespace) -> dict[str, Any]:
     from atlas.store.labels import label_features
     from atlas.store.proposals import propose_supernodes
     from atlas.store.read import count_prompts
-    from atlas.store.synthetic import synthetic_graph, word
+    from atlas.store.supernodes import define_from_features, delete
+    from atlas.store.synthetic import word
 
     home = Path(args.home)
     settings, stop = start_neo4j(home, args.heap, args.pagecache)
@@ -218,45 +283,58 @@ def store(args: argparse.Namespace) -> dict[str, Any]:
         report["n_proposals"] = len(found)
         report["largest_proposal"] = max((len(p["members"]) for p in found), default=0)
         report["peak_rss_after_propose_mb"] = round(peak_mb())
-        g = synthetic_graph(0)
-        tok = word(int(g.input_ids[1])).strip()
-        logit = word(int(g.token_id[g.n_nodes - 1])).strip()
+        # ends present in many prompts: the BOS-like first token, and a supernode of the most
+        # frequent features (synthetic features and logits rarely recur)
+        top = [
+            f"{r['l']}/{r['i']}"
+            for r in driver.execute_query(TOP_FEATURES, n=args.top_features).records
+        ]
+        timed(report, "define_top_supernode", lambda: define_from_features(driver, TOP, top))
+        src, dst = f"token:{word(0).strip()}", f"supernode:{TOP}"
+        report["global_ends"] = [src, dst, args.global_filter]
         gc = timed(
             report,
-            "global_token_to_logit",
-            lambda: global_circuit(
-                driver, settings, f"token:{tok}", f"logit:{logit}", args.global_filter
-            ),
+            "global_token_to_supernode",
+            lambda: global_circuit(driver, settings, src, dst, args.global_filter),
         )
         report["global"] = {
             "n_prompts": gc["n_prompts"],
             "n_edges": len(gc["edges"]),
             "candidate_edges": gc["n_candidate_edges"],
         }
+        report["peak_rss_after_global_mb"] = round(peak_mb())
         from atlas.errors import StoreError
 
         t0 = time.perf_counter()
         try:
-            global_circuit(driver, settings, f"token:{tok}", f"logit:{logit}", None, timeout_s=2.0)
+            global_circuit(driver, settings, src, dst, None, timeout_s=2.0)
             report["timeout_message"] = None
         except StoreError as exc:
             report["timeout_message"] = str(exc)
         report["timeout_refused_after_s"] = round(time.perf_counter() - t0, 2)
         print("2 s timeout:", report["timeout_message"], flush=True)
-        ct = timed(
-            report,
-            "contrast",
-            lambda: contrast(driver, settings, args.contrast_a, args.contrast_b, limit=5),
-        )
-        report["contrast"] = {"n_a": ct["n_a"], "n_b": ct["n_b"]}
+        if not args.skip_contrast:
+            ct = timed(
+                report,
+                "contrast",
+                lambda: contrast(driver, settings, args.contrast_a, args.contrast_b, limit=5),
+            )
+            report["contrast"] = {"n_a": ct["n_a"], "n_b": ct["n_b"]}
         if args.annotate:
             report["labelled"] = timed(report, "label", lambda: label_features(driver))
+        delete(driver, TOP)
         report["peak_rss_mb"] = round(peak_mb())
         report["neo4j_peak_mb"] = neo4j_peak_mb(home)
         driver.close()
     finally:
         stop()
     return report
+
+
+TOP = "bench-top-features"
+TOP_FEATURES = (
+    "MATCH (f:Feature) RETURN f.layer AS l, f.index AS i ORDER BY f.n_prompts DESC LIMIT $n"
+)
 
 
 def main() -> None:
@@ -269,11 +347,26 @@ def main() -> None:
     t.add_argument("--min-prompts", type=int, default=3)
     t.add_argument("--home", default=None)
     t.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9])
+    t.add_argument("--concept-threshold", type=float, default=0.7)
+    t.add_argument(
+        "--vision",
+        action="store_true",
+        help="also the toy vision demo's image prompts and the visual Hand reference",
+    )
+    t.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a supernode in the atlas to report precision/recall against (repeatable)",
+    )
     s = sub.add_parser("store")
     s.add_argument("--home", required=True, help="the bench/store.py launcher home")
     s.add_argument("--min-prompts", type=int, default=10)
     s.add_argument("--max-features", type=int, default=2000)
     s.add_argument("--global-filter", default="id:0")
+    s.add_argument("--top-features", type=int, default=50, help="members of the global end")
+    s.add_argument("--skip-contrast", action="store_true")
     s.add_argument("--contrast-a", default="id:0")
     s.add_argument("--contrast-b", default="id:1")
     s.add_argument("--annotate", action="store_true")

@@ -27,6 +27,25 @@ at ``distance_threshold`` gives the groups. Each group of at least ``min_size`` 
   (co-activation alone without edges), the ranking.
 
 The name comes from the members' labels: their most frequent words (each member counted once).
+
+**Concepts** (:func:`concepts`, a second level): those tight groups are pure but small, since a
+concept such as "hand" is read by features of different roles at different positions. The
+second level groups the first-level groups and the unclustered candidates by what they share
+regardless of position: each candidate's occurrences across prompts and the input tokens it
+fires on (its rows of ``prompt_occ`` and ``token_occ`` side by side), TF-IDF weighted
+(:class:`sklearn.feature_extraction.text.TfidfTransformer`) and reduced to ``concept_dims``
+latent dimensions (:class:`sklearn.decomposition.TruncatedSVD`: latent semantic analysis, so
+features met in the same kind of prompt are close even when they rarely meet in one prompt),
+centred. The similarity is the mean of the cosine of those embeddings (clipped at 0) and the
+larger of two direct cosines: of the prompt occurrences (features of one concept that fire in
+the same prompts at different positions) and of the TF-IDF input-token profiles (features that
+read the same tokens); averaged with the decoder cosine when decoders are given. A unit's
+distance to another is the mean over their member pairs, and
+average-linkage clustering of the units cut at ``concept_threshold`` gives the concepts. A
+first-level group is never split, so the two levels nest; a concept is kept when it joins at
+least two units, one of them a first-level group, and has ``min_size`` to ``max_concept_size``
+members. Concepts are scored like
+the first level.
 """
 
 from __future__ import annotations
@@ -61,6 +80,8 @@ class ProposalInputs:
     labels: list[str | None] = field(default_factory=list)
     decoder: np.ndarray | None = None
     layers: list[int] = field(default_factory=list)
+    #: ``(n, n_tokens)`` counts of the input tokens at each candidate's active positions
+    token_occ: sparse.csr_matrix | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +94,9 @@ class ProposalSettings:
     distance_threshold: float = 0.6
     min_size: int = 2
     max_size: int = 64
+    concept_threshold: float = 0.7
+    concept_dims: int = 16
+    max_concept_size: int = 256
 
 
 @dataclass
@@ -88,6 +112,10 @@ class Proposal:
     n_prompts: int
     score: float
     validation: dict[str, float] | None = None
+    #: 1: a tight group (:func:`propose`); 2: a concept (:func:`concepts`)
+    level: int = 1
+    #: for a concept: the indices of its first-level parts in the list given to :func:`concepts`
+    parts: list[int] = field(default_factory=list)
 
 
 def jaccard(occ: sparse.csr_matrix) -> np.ndarray:
@@ -240,38 +268,137 @@ def name_from_labels(labels: Sequence[str | None], fallback: str, n_words: int =
     return "/".join(best)
 
 
+class _Scorer:
+    """Scores and names groups of candidate indices (shared by both levels)."""
+
+    def __init__(self, inputs: ProposalInputs) -> None:
+        self.inputs = inputs
+        self.prompt_j = jaccard(inputs.prompt_occ)
+        self.labels = inputs.labels or [None] * len(inputs.fids)
+        self.occ = sparse.csr_matrix(inputs.prompt_occ > 0)
+
+    def __call__(self, group: list[int], level: int = 1) -> Proposal:
+        members = [self.inputs.fids[i] for i in group]
+        sub = self.prompt_j[np.ix_(group, group)]
+        k = len(group)
+        coact = float((sub.sum() - np.trace(sub)) / (k * (k - 1)))
+        coh, internal, downstream = coherence(members, self.inputs.edges)
+        n_prompts = int((np.asarray(self.occ[group].sum(axis=0)).ravel() > 0).sum())
+        fallback = "features " + ",".join(
+            m.rsplit("/", 2)[-2] + "/" + m.rsplit("/", 1)[-1] for m in members[:3]
+        )
+        return Proposal(
+            members=sorted(members),
+            name=name_from_labels([self.labels[i] for i in group], fallback),
+            coactivation=coact,
+            coherence=coh,
+            internal_positive=internal,
+            downstream_agreement=downstream,
+            n_prompts=n_prompts,
+            score=coact * (coh if coh is not None else 1.0),
+            level=level,
+        )
+
+
 def propose(inputs: ProposalInputs, settings: ProposalSettings | None = None) -> list[Proposal]:
     """Proposals from the candidates, best ``score`` first."""
     settings = settings or ProposalSettings()
     if not inputs.fids:
         return []
     sim = similarity(inputs, settings)
-    prompt_j = jaccard(inputs.prompt_occ)
-    labels = inputs.labels or [None] * len(inputs.fids)
-    occ = sparse.csr_matrix(inputs.prompt_occ > 0)
+    score = _Scorer(inputs)
+    out = [score(group) for group in cluster(sim, settings)]
+    out.sort(key=lambda p: (-p.score, -len(p.members), p.members[0]))
+    return out
+
+
+def concept_similarity(inputs: ProposalInputs, settings: ProposalSettings) -> np.ndarray:
+    """The second level's position-free similarity ``(n, n)`` (see the module docstring)."""
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfTransformer
+
+    n = len(inputs.fids)
+    blocks = [sparse.csr_matrix(inputs.prompt_occ > 0, dtype=np.float64)]
+    if inputs.token_occ is not None:
+        if inputs.token_occ.shape[0] != n:
+            raise InputError("token occurrences do not match the candidate features")
+        blocks.append(sparse.csr_matrix(inputs.token_occ, dtype=np.float64))
+    x = TfidfTransformer().fit_transform(sparse.hstack(blocks).tocsr())
+    dims = min(settings.concept_dims, n - 1, x.shape[1] - 1)
+    emb = TruncatedSVD(dims, random_state=0).fit_transform(x) if dims >= 1 else x.toarray()
+    emb = emb - emb.mean(axis=0)  # centred: the shared first component would join everything
+    # the larger of: fired in the same prompts (any position); read the same tokens
+    shared = _cosine(blocks[0])
+    if len(blocks) > 1:
+        shared = np.maximum(shared, _cosine(x[:, blocks[0].shape[1] :]))
+    sim = 0.5 * (np.clip(_cosine(emb), 0, 1) + shared)
+    if inputs.decoder is not None and settings.w_decoder > 0:
+        if inputs.decoder.shape[0] != n:
+            raise InputError("decoder rows do not match the candidate features")
+        sim = 0.5 * (sim + np.clip(_cosine(inputs.decoder), 0, 1))
+    np.fill_diagonal(sim, 1.0)
+    return sim
+
+
+def concepts(
+    inputs: ProposalInputs,
+    proposals: Sequence[Proposal],
+    settings: ProposalSettings | None = None,
+) -> list[Proposal]:
+    """Second-level proposals (``level`` 2) over the first-level ``proposals`` of the same
+    ``inputs`` and the candidates in none of them; each concept's ``parts`` index
+    ``proposals``. Best ``score`` first."""
+    settings = settings or ProposalSettings()
+    n = len(inputs.fids)
+    if n < 3 or not proposals:  # a concept extends at least one tight group
+        return []
+    from sklearn.cluster import AgglomerativeClustering
+
+    index = {f: i for i, f in enumerate(inputs.fids)}
+    units: list[list[int]] = []
+    unit_part: list[int | None] = []
+    placed: set[int] = set()
+    for k, prop in enumerate(proposals):
+        members = [index[m] for m in prop.members if m in index and index[m] not in placed]
+        if members:
+            units.append(members)
+            unit_part.append(k)
+            placed.update(members)
+    for i in range(n):
+        if i not in placed:
+            units.append([i])
+            unit_part.append(None)
+    if len(units) < 2:
+        return []
+    dist = 1.0 - concept_similarity(inputs, settings)
+    rows = [u for unit in units for u in unit]
+    cols = [k for k, unit in enumerate(units) for _ in unit]
+    vals = [1.0 / len(unit) for unit in units for _ in unit]
+    avg = sparse.csr_matrix((vals, (cols, rows)), shape=(len(units), n))
+    unit_dist = np.asarray(avg @ (avg @ dist).T)  # mean distance over member pairs
+    unit_dist = np.clip(0.5 * (unit_dist + unit_dist.T), 0.0, None)
+    np.fill_diagonal(unit_dist, 0.0)
+    labels = AgglomerativeClustering(
+        n_clusters=None,
+        metric="precomputed",
+        linkage="average",
+        distance_threshold=settings.concept_threshold,
+    ).fit_predict(unit_dist)
+    joined: dict[int, list[int]] = {}
+    for k, lab in enumerate(labels.tolist()):
+        joined.setdefault(int(lab), []).append(k)
+    score = _Scorer(inputs)
     out = []
-    for group in cluster(sim, settings):
-        members = [inputs.fids[i] for i in group]
-        sub = prompt_j[np.ix_(group, group)]
-        k = len(group)
-        coact = float((sub.sum() - np.trace(sub)) / (k * (k - 1)))
-        coh, internal, downstream = coherence(members, inputs.edges)
-        n_prompts = int((np.asarray(occ[group].sum(axis=0)).ravel() > 0).sum())
-        fallback = "features " + ",".join(
-            m.rsplit("/", 2)[-2] + "/" + m.rsplit("/", 1)[-1] for m in members[:3]
-        )
-        out.append(
-            Proposal(
-                members=sorted(members),
-                name=name_from_labels([labels[i] for i in group], fallback),
-                coactivation=coact,
-                coherence=coh,
-                internal_positive=internal,
-                downstream_agreement=downstream,
-                n_prompts=n_prompts,
-                score=coact * (coh if coh is not None else 1.0),
-            )
-        )
+    for ks in joined.values():
+        group = sorted(i for k in ks for i in units[k])
+        if len(ks) < 2 or not settings.min_size <= len(group) <= settings.max_concept_size:
+            continue
+        parts = sorted(p for k in ks if (p := unit_part[k]) is not None)
+        if not parts:  # a concept extends at least one tight group
+            continue
+        concept = score(group, level=2)
+        concept.parts = parts
+        out.append(concept)
     out.sort(key=lambda p: (-p.score, -len(p.members), p.members[0]))
     return out
 

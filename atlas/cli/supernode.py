@@ -92,6 +92,7 @@ def sn_list(kind: str | None, fmt: str) -> None:
     cols = [
         "name",
         "kind",
+        "level",
         "n_members",
         "score",
         "coactivation",
@@ -167,8 +168,18 @@ def sn_delete(name: str) -> None:
     show_default=True,
     help="Average-linkage distance (1 - similarity) at which clusters stop merging.",
 )
+@click.option(
+    "--concept-threshold",
+    type=float,
+    default=0.7,
+    show_default=True,
+    help="Cut of the second level (concepts: groups of the tight groups, position-free).",
+)
+@click.option("--no-concepts", is_flag=True, help="Propose the tight groups only.")
 @click.option("--min-size", type=int, default=2, show_default=True)
-@click.option("--limit", type=int, default=30, show_default=True, help="Proposals kept.")
+@click.option(
+    "--limit", type=int, default=30, show_default=True, help="Proposals kept (of each level)."
+)
 @click.option(
     "--model",
     "model_dir",
@@ -192,6 +203,8 @@ def sn_propose(
     max_features: int,
     min_pair_prompts: int,
     threshold: float,
+    concept_threshold: float,
+    no_concepts: bool,
     min_size: int,
     limit: int,
     model_dir: str | None,
@@ -202,7 +215,8 @@ def sn_propose(
 ) -> None:
     """Propose supernodes: features that co-occur across prompts and positions and share
     aggregated inputs and outputs, stored as supernodes of kind 'proposed' (replacing the
-    earlier proposals)."""
+    earlier proposals). A second level, the concepts (C1, C2, ...), groups the tight groups
+    (P1, P2, ...) by the prompts and input tokens their features share, whatever the position."""
     from atlas.circuits.proposals import ProposalSettings
     from atlas.cli import get_settings
     from atlas.errors import InputError
@@ -212,8 +226,10 @@ def sn_propose(
         raise InputError("--model and --transcoders go together")
     if n_validate and dry_run:
         raise InputError("--validate stores interventions: not with --dry-run")
-    if not 0 < threshold <= 1 or min_size < 2 or limit < 1:
-        raise InputError("--threshold must be in (0, 1], --min-size >= 2, --limit >= 1")
+    if not 0 < threshold <= 1 or not 0 < concept_threshold <= 1 or min_size < 2 or limit < 1:
+        raise InputError(
+            "--threshold and --concept-threshold must be in (0, 1], --min-size >= 2, --limit >= 1"
+        )
     settings = get_settings()
     decoder = _decoder_rows(model_dir, tc_dir, settings) if model_dir and tc_dir else None
     with atlas_driver() as driver:
@@ -223,14 +239,19 @@ def sn_propose(
             min_prompts=min_prompts,
             max_features=max_features,
             min_pair_prompts=min_pair_prompts,
-            settings=ProposalSettings(distance_threshold=threshold, min_size=min_size),
+            settings=ProposalSettings(
+                distance_threshold=threshold,
+                concept_threshold=concept_threshold,
+                min_size=min_size,
+            ),
             limit=limit,
+            with_concepts=not no_concepts,
             store=not dry_run,
             database=database(),
             timeout_s=timeout(),
             decoder=decoder,
         )
-        for prop in found[:n_validate]:
+        for prop in [p for p in found if p["level"] == 1][:n_validate]:
             prop.update(
                 proposals.validate_proposal(
                     driver, settings, prop["name"], model=model_dir, transcoders=tc_dir
@@ -239,7 +260,7 @@ def sn_propose(
     if fmt == "json":
         emit_json(found)
         return
-    cols = ["name", "n_members", "score", "coactivation", "coherence", "n_prompts"]
+    cols = ["name", "level", "n_members", "score", "coactivation", "coherence", "n_prompts"]
     if n_validate:
         cols += ["validation_kl", "validation_drop"]
     print_table(found, cols, "proposed supernodes" + (" (not stored)" if dry_run else ""))

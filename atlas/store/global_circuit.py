@@ -119,11 +119,13 @@ def global_circuit(
                 what="global circuit",
                 timeout_s=left,
             ):
-                acc = pairs.setdefault((r["s"], r["t"]), [0, 0.0, 0.0, 0.0])
-                acc[0] += r["n"]
-                acc[1] += r["sum_w"]
-                acc[2] += r["sum_tw"]
-                acc[3] += r["sum_abs"]
+                cols = (r["s"], r["t"], r["n"], r["sum_w"], r["sum_tw"], r["sum_abs"])
+                for s, t, n, sum_w, sum_tw, sum_abs in zip(*cols, strict=True):
+                    acc = pairs.setdefault((s, t), [0, 0.0, 0.0, 0.0])
+                    acc[0] += n
+                    acc[1] += sum_w
+                    acc[2] += sum_tw
+                    acc[3] += sum_abs
             left = timeout_s - (time.monotonic() - t0)
             for r in read_rows(
                 driver,
@@ -133,9 +135,10 @@ def global_circuit(
                 what="global circuit",
                 timeout_s=max(left, 0.001),
             ):
-                acc = nodes.setdefault(r["key"], [0, 0.0])
-                acc[0] += r["n"]
-                acc[1] += r["sum_act"]
+                for key, n, sum_act in zip(r["key"], r["n"], r["sum_act"], strict=True):
+                    acc = nodes.setdefault(key, [0, 0.0])
+                    acc[0] += n
+                    acc[1] += sum_act
     except StoreError as exc:
         if _timed_out(exc):
             raise StoreError(

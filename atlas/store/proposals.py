@@ -10,10 +10,14 @@ What is read, for the prompts a filter selects (:mod:`atlas.store.prompt_filter`
 * the aggregated edges (``AGG``) from and to the candidates seen in at least
   ``min_pair_prompts`` prompts. ``AGG`` sums over every stored prompt, not only the selected
   ones (it is the atlas' aggregate; the selection decides which features are candidates);
+* the input tokens of the selected prompts (for the second level's token profiles);
 * the candidates' labels (names), and optionally their decoder rows (given by the caller).
 
-A new proposal run replaces the earlier proposals (kind ``proposed``); accepted ones (kind
-``accepted``) and hand-made supernodes stay.
+Both levels are stored (``P{rank} name`` tight groups, ``C{rank} name`` concepts with their
+parts' names), all in one transaction with the removal of the earlier proposals: a failure
+leaves the earlier ones in place and nothing new written. A new proposal run replaces the
+earlier proposals (kind ``proposed``); accepted ones (kind ``accepted``) and hand-made
+supernodes stay.
 """
 
 from __future__ import annotations
@@ -28,13 +32,19 @@ import neo4j
 import numpy as np
 from scipy import sparse
 
-from atlas.circuits.proposals import Proposal, ProposalInputs, ProposalSettings, propose
+from atlas.circuits.proposals import (
+    Proposal,
+    ProposalInputs,
+    ProposalSettings,
+    concepts,
+    propose,
+)
 from atlas.errors import InputError
 from atlas.store import queries as Q
-from atlas.store.connection import read_rows, write_rows
+from atlas.store.connection import read_rows, write_rows, write_tx
 from atlas.store.prompt_filter import select_prompts
 from atlas.store.read import DEFAULT_TIMEOUT_S
-from atlas.store.supernodes import define, validate_name
+from atlas.store.supernodes import define_in, validate_name
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +74,15 @@ def gather_inputs(
 
     by_feature: dict[str, set[tuple[int, int]]] = {}
     p_index = {p: i for i, p in enumerate(prompt_ids)}
+    tokens: dict[int, list[str]] = {}
     for start in range(0, len(prompt_ids), CHUNK):
         ids = list(prompt_ids[start : start + CHUNK])
         for r in rows(Q.PROP_FEATURE_INSTANCES, {"ids": ids}, "reading feature instances"):
-            by_feature.setdefault(r["ref"], set()).add((p_index[r["prompt"]], int(r["pos"])))
+            p = p_index[r["prompt"]]
+            for ref, pos in zip(r["refs"], r["pos"], strict=True):
+                by_feature.setdefault(ref, set()).add((p, int(pos)))
+        for r in rows(Q.PROMPT_TOKENS, {"ids": ids}, "reading prompt tokens"):
+            tokens[p_index[r["id"]]] = list(r["tokens"] or [])
     counts = {f: len({p for p, _ in occ}) for f, occ in by_feature.items()}
     fids = sorted((f for f, c in counts.items() if c >= min_prompts), key=lambda f: (-counts[f], f))
     if len(fids) > max_features:
@@ -75,17 +90,23 @@ def gather_inputs(
         fids = fids[:max_features]
     fids.sort()
     units: dict[tuple[int, int], int] = {}
-    pr, pc, ur, uc = [], [], [], []
+    vocab: dict[str, int] = {}
+    pr, pc, ur, uc, tr, tc = [], [], [], [], [], []
     for i, f in enumerate(fids):
         for p, pos in by_feature[f]:
             ur.append(i)
             uc.append(units.setdefault((p, pos), len(units)))
+            toks = tokens.get(p, [])
+            if 0 <= pos < len(toks):
+                tr.append(i)
+                tc.append(vocab.setdefault(toks[pos], len(vocab)))
         for p in {p for p, _ in by_feature[f]}:
             pr.append(i)
             pc.append(p)
     n = len(fids)
     prompt_occ = sparse.csr_matrix((np.ones(len(pr)), (pr, pc)), shape=(n, max(len(prompt_ids), 1)))
     pos_occ = sparse.csr_matrix((np.ones(len(ur)), (ur, uc)), shape=(n, max(len(units), 1)))
+    token_occ = sparse.csr_matrix((np.ones(len(tr)), (tr, tc)), shape=(n, max(len(vocab), 1)))
     edges: dict[tuple[str, str], tuple[float, int]] = {}
     for query in (Q.PROP_AGG_OUT, Q.PROP_AGG_IN):
         for start in range(0, n, 500):
@@ -101,12 +122,13 @@ def gather_inputs(
         labels=[meta.get(f, {}).get("label") for f in fids],
         decoder=decoder(fids) if decoder is not None and fids else None,
         layers=[int(meta.get(f, {}).get("layer") or 0) for f in fids],
+        token_occ=token_occ,
     )
 
 
-def proposal_names(proposals: Sequence[Proposal]) -> list[str]:
-    """Stored names: ``P{rank} {name}`` (unique within one run)."""
-    return [validate_name(f"P{i + 1} {p.name}"[:200]) for i, p in enumerate(proposals)]
+def proposal_names(proposals: Sequence[Proposal], prefix: str = "P") -> list[str]:
+    """Stored names: ``P{rank} {name}`` (``C`` for concepts; unique within one run)."""
+    return [validate_name(f"{prefix}{i + 1} {p.name}"[:200]) for i, p in enumerate(proposals)]
 
 
 def propose_supernodes(
@@ -122,10 +144,13 @@ def propose_supernodes(
     database: str | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     decoder: Callable[[list[str]], np.ndarray | None] | None = None,
+    with_concepts: bool = True,
 ) -> list[dict[str, Any]]:
     """Propose supernodes over the prompts ``prompt_filter`` selects; with ``store`` they
-    replace the earlier proposals in the atlas. Returns one dict per proposal (best first):
-    ``name``, ``members``, ``labels``, the scores."""
+    replace the earlier proposals in the atlas (one transaction). Returns one dict per
+    proposal: the tight groups best first, then the concepts (``level`` 2, with ``parts``, the
+    names of their stored first-level parts) best first; ``name``, ``members``, ``labels``,
+    the scores. At most ``limit`` of each level."""
     ids = select_prompts(driver, prompt_filter, database=database, timeout_s=timeout_s)
     inputs = gather_inputs(
         driver,
@@ -137,37 +162,67 @@ def propose_supernodes(
         timeout_s=timeout_s,
         decoder=decoder,
     )
-    props = propose(inputs, settings)[:limit]
+    every = propose(inputs, settings)
+    props = every[:limit]
+    cons = concepts(inputs, every, settings)[:limit] if with_concepts else []
     labels = dict(zip(inputs.fids, inputs.labels, strict=True))
     names = proposal_names(props)
-    if store:
-        write_rows(driver, Q.PROP_DELETE_PROPOSED, {}, database=database, what="old proposals")
-        for name, prop in zip(names, props, strict=True):
-            define(
-                driver,
-                name,
-                prop.members,
-                kind=PROPOSED,
-                pattern=prompt_filter or "all",
-                database=database,
-            )
-            write_rows(
-                driver,
-                Q.PROP_SET_SCORES,
-                {"name": name, **_scores(prop, len(ids))},
-                database=database,
-                what="proposal scores",
-            )
-    return [
+    concept_names = proposal_names(cons, "C")
+    found = [
         {
             "name": name,
+            "level": p.level,
             "n_members": len(p.members),
             **_scores(p, len(ids)),
+            "parts": [names[k] for k in p.parts if k < len(names)],
             "members": p.members,
             "labels": [labels.get(m) for m in p.members],
         }
-        for name, p in zip(names, props, strict=True)
+        for name, p in zip([*names, *concept_names], [*props, *cons], strict=True)
     ]
+    if store:
+        store_proposals(driver, found, pattern=prompt_filter or "all", database=database)
+    return found
+
+
+def store_proposals(
+    driver: neo4j.Driver,
+    found: Sequence[dict[str, Any]],
+    *,
+    pattern: str,
+    database: str | None = None,
+) -> None:
+    """Replace the stored proposals by ``found`` (:func:`propose_supernodes`' dicts) in one
+    transaction: all of them or, on any failure, none (the earlier ones stay)."""
+
+    def work(tx: neo4j.ManagedTransaction) -> int:
+        tx.run(Q.PROP_DELETE_PROPOSED).consume()
+        for prop in found:
+            _store_one(tx, prop, pattern)
+        return len(found)
+
+    write_tx(driver, work, database=database, what="storing proposals")
+
+
+def _store_one(tx: neo4j.ManagedTransaction, prop: dict[str, Any], pattern: str) -> None:
+    """One proposal's supernode, members, aggregates and scores, inside ``tx``."""
+    name = prop["name"]
+    define_in(tx, name, sorted(set(prop["members"])), kind=PROPOSED, pattern=pattern)
+    params = {k: prop[k] for k in _SCORE_KEYS}
+    tx.run(
+        Q.PROP_SET_SCORES, name=name, level=prop["level"], parts=prop["parts"], **params
+    ).consume()
+
+
+_SCORE_KEYS = (
+    "coactivation",
+    "coherence",
+    "internal_positive",
+    "downstream_agreement",
+    "score",
+    "n_prompts",
+    "n_selected",
+)
 
 
 def _scores(p: Proposal, n_selected: int) -> dict[str, Any]:

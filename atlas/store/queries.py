@@ -449,6 +449,7 @@ PATHS: dict[int, str] = {
 
 ACTIVE_PROMPTS = """
 MATCH (n:Node:FeatureNode) WHERE n.ref IN $refs AND n.kind = 'feature' AND n.prompt IS NOT NULL
+  AND ($prompt_ids IS NULL OR n.prompt IN $prompt_ids)
 WITH n.prompt AS prompt, max(n.activation) AS max_activation,
      min(n.influence) AS best_influence, count(n) AS n_instances,
      collect(DISTINCT n.pos) AS positions
@@ -1151,10 +1152,11 @@ RETURN DISTINCT n.prompt AS id
 """
 
 # ---- proposals
+# one record per prompt (lists, not a record per instance: the driver's cost is per record)
 PROP_FEATURE_INSTANCES = """
 UNWIND $ids AS pid
 MATCH (n:Node {prompt: pid}) WHERE n.kind = 'feature'
-RETURN n.ref AS ref, pid AS prompt, n.pos AS pos
+RETURN pid AS prompt, collect(n.ref) AS refs, collect(n.pos) AS pos
 """
 
 PROP_AGG_OUT = """
@@ -1188,7 +1190,7 @@ MATCH (s:Supernode {name: $name})
 SET s.coactivation = $coactivation, s.coherence = $coherence,
     s.internal_positive = $internal_positive, s.downstream_agreement = $downstream_agreement,
     s.score = $score, s.n_prompts = $n_prompts, s.n_selected = $n_selected,
-    s.proposed_at = datetime()
+    s.level = $level, s.parts = $parts, s.proposed_at = datetime()
 """
 
 PROP_SET_VALIDATION = """
@@ -1203,8 +1205,8 @@ OPTIONAL MATCH (s)-[:HAS]->(f:Feature)
 RETURN s.name AS name, s.kind AS kind, count(f) AS n_members, s.score AS score,
        s.coactivation AS coactivation, s.coherence AS coherence, s.n_prompts AS n_prompts,
        s.validation_kl AS validation_kl, s.validation_drop AS validation_drop,
-       s.pattern AS pattern
-ORDER BY coalesce(s.score, -1.0) DESC, name
+       s.pattern AS pattern, s.level AS level, s.parts AS parts
+ORDER BY coalesce(s.level, 1), coalesce(s.score, -1.0) DESC, name
 """
 
 PROP_KIND = "MATCH (s:Supernode {name: $name}) RETURN s.kind AS kind"
@@ -1245,7 +1247,8 @@ _GC_KEY = """CASE
   ELSE __N__.kind + '|' + coalesce(__N__.ref, '') END"""
 
 # Per (source key, target key): prompts with an edge, summed weight (each prompt's edges between
-# the two summed first), target-activation-weighted sum (TWERA's numerator) and summed |w|.
+# the two summed first), target-activation-weighted sum (TWERA's numerator) and summed |w|. One
+# record of parallel lists per chunk of prompts (the driver's cost is per record).
 GC_PAIR_STATS = (
     """
 UNWIND $ids AS pid
@@ -1258,12 +1261,14 @@ WITH pid, e.w AS w, b.activation AS act, """
     + """ AS t
 WHERE s <> t
 WITH pid, s, t, sum(w) AS w, max(coalesce(act, 1.0)) AS act
-RETURN s, t, count(*) AS n, sum(w) AS sum_w, sum(w * act) AS sum_tw, sum(abs(w)) AS sum_abs
+WITH s, t, count(*) AS n, sum(w) AS sum_w, sum(w * act) AS sum_tw, sum(abs(w)) AS sum_abs
+RETURN collect(s) AS s, collect(t) AS t, collect(n) AS n, collect(sum_w) AS sum_w,
+       collect(sum_tw) AS sum_tw, collect(sum_abs) AS sum_abs
 """
 )
 
 # Per node key: prompts where it is present and the sum of its per-prompt largest activation
-# (TWERA's denominator; 1.0 for nodes without an activation).
+# (TWERA's denominator; 1.0 for nodes without an activation); parallel lists, as above.
 GC_NODE_STATS = (
     """
 UNWIND $ids AS pid
@@ -1272,7 +1277,8 @@ WITH pid, n.activation AS act, """
     + _GC_KEY.replace("__N__", "n")
     + """ AS key
 WITH pid, key, max(coalesce(act, 1.0)) AS act
-RETURN key, count(*) AS n, sum(act) AS sum_act
+WITH key, count(*) AS n, sum(act) AS sum_act
+RETURN collect(key) AS key, collect(n) AS n, collect(sum_act) AS sum_act
 """
 )
 

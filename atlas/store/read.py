@@ -256,10 +256,10 @@ def active_prompts(
     (with ``image_tag``: among the prompts whose image carries it)."""
     reader = _Reader(driver, database, timeout_s)
     refs = _feature_refs(reader, spec, "active prompts take feature:L/I or supernode:NAME")
-    if image_tag is None:
-        return reader.rows(Q.ACTIVE_PROMPTS, {"refs": refs, "limit": limit}, "active prompts")
-    rows = reader.rows(Q.ACTIVE_PROMPTS, {"refs": refs, "limit": 1 << 30}, "active prompts")
-    return _tagged(reader, rows, image_tag)[:limit]
+    # the tag narrows the prompts inside the query, before the row cap
+    ids = None if image_tag is None else sorted(_tagged_ids(reader, image_tag))
+    params = {"refs": refs, "limit": limit, "prompt_ids": ids}
+    return reader.rows(Q.ACTIVE_PROMPTS, params, "active prompts")
 
 
 def count_prompts(
@@ -665,16 +665,6 @@ def _image_path_rows(
 def _tagged_ids(reader: _Reader, image_tag: str) -> set[str]:
     """The prompts whose image carries ``image_tag``."""
     return {r["prompt"] for r in reader.rows(Q.PROMPTS_WITH_IMAGE_TAG, {"tag": image_tag}, "tag")}
-
-
-def _tagged(
-    reader: _Reader, rows: list[dict[str, Any]], image_tag: str | None
-) -> list[dict[str, Any]]:
-    """The rows of prompts whose image carries ``image_tag`` (all rows without a tag)."""
-    if image_tag is None:
-        return rows
-    keep = _tagged_ids(reader, image_tag)
-    return [r for r in rows if r["prompt"] in keep]
 
 
 def prompt_answers(

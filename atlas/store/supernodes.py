@@ -125,18 +125,31 @@ def define(
     fids = sorted(set(fids))
 
     def work(tx: neo4j.ManagedTransaction) -> int:
-        rec = tx.run(Q.UPSERT_SUPERNODE, name=name, kind=kind, pattern=pattern, fids=fids).single()
-        n = int(rec["n_members"]) if rec is not None else 0
-        tx.run(Q.CLEAR_SUPERNODE_AGG, name=name).consume()
-        tx.run(Q.REBUILD_SUPERNODE_AGG_OUT, name=name).consume()
-        tx.run(Q.REBUILD_SUPERNODE_AGG_IN, name=name).consume()
-        return n
+        return define_in(tx, name, fids, kind=kind, pattern=pattern)
 
     n = int(write_tx(driver, work, database=database, what=f"defining supernode {name!r}"))
     if n < len(fids):
         log.warning(
             "supernode %r: %d of %d features are not in the atlas", name, len(fids) - n, len(fids)
         )
+    return n
+
+
+def define_in(
+    tx: neo4j.ManagedTransaction,
+    name: str,
+    fids: list[str],
+    *,
+    kind: str = "features",
+    pattern: str | None = None,
+) -> int:
+    """:func:`define`'s statements inside the caller's transaction (``name`` already validated,
+    ``fids`` sorted and unique); returns the member count."""
+    rec = tx.run(Q.UPSERT_SUPERNODE, name=name, kind=kind, pattern=pattern, fids=fids).single()
+    n = int(rec["n_members"]) if rec is not None else 0
+    tx.run(Q.CLEAR_SUPERNODE_AGG, name=name).consume()
+    tx.run(Q.REBUILD_SUPERNODE_AGG_OUT, name=name).consume()
+    tx.run(Q.REBUILD_SUPERNODE_AGG_IN, name=name).consume()
     return n
 
 

@@ -293,6 +293,7 @@ BAD_INPUT = [
     ["supernode", "propose", "--prompts", "text:zzz"],
     ["supernode", "propose", "--prompts", "!all"],
     ["supernode", "propose", "--min-prompts", "0"],
+    ["supernode", "propose", "--concept-threshold", "0"],
     ["supernode", "propose", "--prompts", "text:a & "],
 ]
 
@@ -365,3 +366,69 @@ def test_validation_ablates_a_proposal_on_the_real_model(
             n=name,
         ).single()
     assert n is not None and n["n"] == 2
+
+
+def _proposal_state(driver: neo4j.Driver) -> list[Any]:
+    with driver.session() as s:
+        nodes = s.run(
+            "MATCH (s:Supernode) OPTIONAL MATCH (s)-[:HAS]->(f:Feature) "
+            "RETURN s.name AS n, s.kind AS k, s.score AS score, s.level AS level, "
+            "s.parts AS parts, collect(f.fid) AS members ORDER BY n"
+        ).data()
+        sagg = s.run("MATCH ()-[g:SAGG]->() RETURN count(g) AS n").single()
+    return [nodes, sagg["n"] if sagg else 0]
+
+
+def test_proposals_are_stored_all_or_nothing(
+    planted: neo4j.Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure while storing the third proposal leaves the earlier run's proposals as they
+    were and nothing of the new run; a run that succeeds then stores both levels."""
+    from atlas.store import proposals
+
+    first = propose_supernodes(planted, None, min_prompts=3)
+    before = _proposal_state(planted)
+    assert {r["n"] for r in before[0]} == {p["name"] for p in first}
+
+    real, calls = proposals._store_one, []
+
+    def failing(tx: Any, prop: dict[str, Any], pattern: str) -> None:
+        calls.append(prop["name"])
+        if len(calls) == 3:
+            raise RuntimeError("disk full (simulated)")
+        real(tx, prop, pattern)
+
+    monkeypatch.setattr(proposals, "_store_one", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        propose_supernodes(planted, "text:groups .*1", min_prompts=3)
+    assert len(calls) == 3
+    assert _proposal_state(planted) == before
+
+    monkeypatch.setattr(proposals, "_store_one", real)
+    found = propose_supernodes(planted, "text:groups .*1", min_prompts=3)
+    stored = {r["name"]: r for r in list_proposals(planted, kind="proposed")}
+    assert set(stored) == {p["name"] for p in found}
+    for p in found:
+        assert stored[p["name"]]["level"] == p["level"]
+        assert stored[p["name"]]["parts"] == p["parts"]
+    levels = [p["level"] for p in found]
+    assert levels == sorted(levels) and levels[0] == 1
+    for c in (p for p in found if p["level"] == 2):
+        assert c["name"].startswith("C") and set(c["parts"]) <= set(stored)
+
+
+def test_cli_proposes_tight_groups_only_on_request(
+    planted: neo4j.Driver, neo4j_settings: Any
+) -> None:
+    args = ["supernode", "propose", "--min-prompts", "3", "--format", "json"]
+    r = invoke(neo4j_settings, *args, "--no-concepts")
+    assert r.exit_code == 0, r.output
+    assert {p["level"] for p in json.loads(r.output)} == {1}
+    r = invoke(neo4j_settings, *args, "--concept-threshold", "1.0", "--dry-run")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    tight = [p for p in doc if p["level"] == 1]
+    assert [p["level"] for p in doc] == sorted(p["level"] for p in doc)
+    for c in (p for p in doc if p["level"] == 2):  # a concept is a union of tight groups + more
+        parts = {m for p in tight if p["name"] in c["parts"] for m in p["members"]}
+        assert parts <= set(c["members"]) and len(c["parts"]) >= 1

@@ -169,9 +169,11 @@ def test_image_regions_and_image_labels(db: neo4j.Driver, full_graphs: list[Grap
     assert abs(regions[0]["sum_w"]) >= abs(regions[-1]["sum_w"])
     assert read.image_regions(db, spec, image_tag="no-such-tag") == []
     active = read.active_prompts(db, spec, limit=10)
-    assert read.active_prompts(db, spec, image_tag="hands") == [
-        r for r in active if r["prompt"] in {graphs[0].prompt_id, graphs[1].prompt_id}
-    ]
+    tagged = [r for r in active if r["prompt"] in {graphs[0].prompt_id, graphs[1].prompt_id}]
+    assert read.active_prompts(db, spec, image_tag="hands") == tagged
+    # the tag narrows inside the query, before the row cap
+    assert read.active_prompts(db, spec, image_tag="hands", limit=1) == tagged[:1]
+    assert read.active_prompts(db, spec, image_tag="no-such-tag") == []
 
     label_features(db)
     labelled = _rows(

@@ -15,6 +15,7 @@ from atlas.circuits.proposals import (
     ProposalInputs,
     best_match,
     coherence,
+    concepts,
     name_from_labels,
     precision_recall,
     propose,
@@ -170,3 +171,52 @@ def test_label_sources() -> None:
     assert "first" in label_sources()
     assert context(["a", " b", " c", " d"], 2) == "a b[ c] d"
     assert label_source("first").labels([FeatureEvidence("x", contexts=["q"])]) == ["q"]
+
+
+def test_concepts_join_groups_that_share_prompts_at_other_positions() -> None:
+    """A concept read at two positions (each half fires at its own token, in the same prompts)
+    is two tight groups at the first level and one concept at the second; noise stays out."""
+    rng = np.random.default_rng(3)
+    n_prompts, noise = 80, 30
+    halves = [[f"c{h}/{i}" for i in range(4)] for h in range(2)]
+    other = [f"o/{i}" for i in range(4)]
+    fids = [f for h in halves for f in h] + other + [f"n/{i}" for i in range(noise)]
+    index = {f: i for i, f in enumerate(fids)}
+    prompt = np.zeros((len(fids), n_prompts))
+    units = np.zeros((len(fids), n_prompts * 6))
+    tokens = np.zeros((len(fids), 20))
+    for p in range(n_prompts):
+        if rng.random() < 0.4:  # the concept: half 0 at position 1 ("hand"), half 1 at 4
+            for h, pos, tok in ((0, 1, 0), (1, 4, 1)):
+                if rng.random() < 0.3:  # each half is missing from some of its prompts
+                    continue
+                for f in halves[h]:
+                    prompt[index[f], p] = units[index[f], p * 6 + pos] = 1
+                    tokens[index[f], tok] += 1
+        if rng.random() < 0.4:  # an unrelated group
+            pos = int(rng.integers(6))
+            for f in other:
+                prompt[index[f], p] = units[index[f], p * 6 + pos] = 1
+                tokens[index[f], 2] += 1
+        for i in rng.choice(noise, 6, replace=False):
+            f, pos = f"n/{i}", int(rng.integers(6))
+            prompt[index[f], p] = units[index[f], p * 6 + pos] = 1
+            tokens[index[f], 3 + int(rng.integers(17))] += 1
+    inputs = ProposalInputs(
+        fids=fids,
+        prompt_occ=sparse.csr_matrix(prompt),
+        pos_occ=sparse.csr_matrix(units),
+        token_occ=sparse.csr_matrix(tokens),
+    )
+    props = propose(inputs)
+    union = halves[0] + halves[1]
+    for h in halves:
+        assert best_match(props, h)[1:] == (1.0, 1.0)
+    assert best_match(props, union)[2] <= 0.5  # the first level keeps the halves apart
+    cons = concepts(inputs, props)
+    best, prec, rec = best_match(cons, union)
+    assert best is not None and (prec, rec) == (1.0, 1.0), best.members
+    assert best.level == 2 and len(best.parts) == 2
+    assert {m for k in best.parts for m in props[k].members} == set(union)
+    assert best_match(props + cons, other)[1:] == (1.0, 1.0)
+    assert all(not set(c.members) & set(other) for c in cons if set(c.members) & set(union))
