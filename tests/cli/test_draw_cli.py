@@ -176,6 +176,6 @@ def test_draw_image_prompt(db: neo4j.Driver, neo4j_settings: Any, tmp_path: Path
     )
     assert r.exit_code == 0, r.output
     with Image.open(heat) as h:
-        assert h.size == (64, 48)
+        assert h.size == (64 * 6, 48 * 6)  # a small image is enlarged to >= 384 px
     r = invoke(neo4j_settings, "draw", "heatmap", g.prompt_id, "--tokens", "9", "--out", str(heat))
     assert r.exit_code != 0 and "not one of" in str(r.exception)

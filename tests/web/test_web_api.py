@@ -131,7 +131,7 @@ def test_image_prompt_thumbnails_and_heatmap(client: TestClient, world: World) -
     png = ok(client, f"/api/prompts/{pid}/heatmap.png", tokens="0,3")
     assert png.headers["content-type"] == "image/png"
     with Image.open(io.BytesIO(png.content)) as im:
-        assert im.size == (64, 48)
+        assert im.size == (64 * 6, 48 * 6)  # a small image is enlarged
     bad = client.get(f"/api/prompts/{pid}/heatmap.png", params={"tokens": "9"})
     assert bad.status_code == 400 and "not one of" in bad.json()["error"]
     text_only = client.get(f"/api/prompts/{world.graphs[0].prompt_id}/heatmap.png?tokens=0")

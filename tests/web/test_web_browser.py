@@ -206,7 +206,7 @@ def test_prompt_list_circuit_node_and_paths_in_a_browser(
     page.click("#heatmap-form button[type=submit]")
     heat = page.locator("#heatmap-picture")
     expect(heat).to_have_js_property("complete", True)
-    assert heat.evaluate("img => img.naturalWidth") == 64
+    assert heat.evaluate("img => img.naturalWidth") == 64 * 6  # enlarged to >= 384 px
     page.screenshot(path=str(shots / "09-image-prompt.png"), full_page=True)
 
     assert not errors, errors
