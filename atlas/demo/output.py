@@ -28,6 +28,18 @@ def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any
     console().print(t)
 
 
+def routes_table(aggregate: Sequence[dict[str, Any]], limit: int, first: str, unit: str) -> None:
+    """The routes of a paths answer (its ``aggregate``): route, prompts, paths, summed score."""
+    table(
+        None,
+        [first, unit, "paths", "sum of scores"],
+        [
+            [" -> ".join(g["route"]), g["n_prompts"], g["n_paths"], f"{g['sum_score']:+.4g}"]
+            for g in aggregate[:limit]
+        ],
+    )
+
+
 def cypher_pointer(name: str, text: str) -> None:
     """The named query an answer came from, and its Cypher."""
     click.echo(click.style(f"Cypher: atlas.store.queries.{name}", dim=True))

@@ -113,14 +113,7 @@ def print_paths_answer(
         + (", capped" if result.get("truncated") else "")
         + ")",
     )
-    out.table(
-        None,
-        ["route (Hand feature -> ... -> logit)", "prompts", "paths", "sum of scores"],
-        [
-            [" -> ".join(g["route"]), g["n_prompts"], g["n_paths"], f"{g['sum_score']:+.4g}"]
-            for g in aggregate[:limit]
-        ],
-    )
+    out.routes_table(aggregate, limit, "route (Hand feature -> ... -> logit)", "prompts")
     if found:
         top = found[: min(10, limit)]
         texts = out.prompt_texts(driver, settings, sorted({p["prompt"] for p in top}))

@@ -122,8 +122,6 @@ class VisualHand:
     """``(layer, index)`` of the toy VLM's most hand-selective features."""
     in_atlas: int
     """How many of them some stored graph kept (the supernode's members)."""
-    image_positions: list[int]
-    """The image tokens' positions in the demo's prompts."""
     positions: list[int]
     """Every position of a hand prompt but BOS (the image tokens, then the question)."""
 
@@ -158,14 +156,8 @@ def visual_hand_supernode(
             f"    {len(specs)} features ({', '.join(specs)}); {n} of them in some stored graph",
             err=True,
         )
-    positions = [] if graph.image_positions is None else graph.image_positions.tolist()
     n_pos = int(graph.input_ids.numel())
-    return VisualHand(
-        [parse_feature(x) for x in specs],
-        n,
-        [int(p) for p in positions],
-        list(range(1, n_pos)),
-    )
+    return VisualHand([parse_feature(x) for x in specs], n, list(range(1, n_pos)))
 
 
 def _feature_positions(
@@ -243,14 +235,7 @@ def six_finger_case(
         f" (1..{max_hops} hops, every edge |w| >= {min_weight:g}: {n_paths} paths in "
         f"{n_with} of {len(six5)} images)",
     )
-    out.table(
-        None,
-        ["route (Hand feature -> ... -> logit)", "images", "paths", "sum of scores"],
-        [
-            [" -> ".join(g["route"]), g["n_prompts"], g["n_paths"], f"{g['sum_score']:+.4g}"]
-            for g in agg[:limit]
-        ],
-    )
+    out.routes_table(agg, limit, "route (Hand feature -> ... -> logit)", "images")
     out.cypher_pointer(f"PATHS[{max_hops}]  (built from _PATHS_TEMPLATE)", q.PATHS[max_hops])
     out.cli_pointer(
         f"atlas query paths --from 'supernode:{VISUAL_HAND}' --to logit:{TARGET} "
