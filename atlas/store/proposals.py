@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -126,9 +126,23 @@ def gather_inputs(
     )
 
 
-def proposal_names(proposals: Sequence[Proposal], prefix: str = "P") -> list[str]:
-    """Stored names: ``P{rank} {name}`` (``C`` for concepts; unique within one run)."""
-    return [validate_name(f"{prefix}{i + 1} {p.name}"[:200]) for i, p in enumerate(proposals)]
+def proposal_names(
+    proposals: Sequence[Proposal], prefix: str = "P", taken: Collection[str] = ()
+) -> list[str]:
+    """Stored names: ``P{rank} {name}`` (``C`` for concepts; unique within one run). A name in
+    ``taken`` (an accepted or hand-made supernode) gets `` (2)``, `` (3)``... until free, so a
+    new run never overwrites a supernode that is not a proposal."""
+    used = set(taken)
+    names = []
+    for i, p in enumerate(proposals):
+        base = f"{prefix}{i + 1} {p.name}"[:190]
+        name, k = base, 1
+        while name in used:
+            k += 1
+            name = f"{base} ({k})"
+        used.add(name)
+        names.append(validate_name(name))
+    return names
 
 
 def propose_supernodes(
@@ -166,8 +180,10 @@ def propose_supernodes(
     props = every[:limit]
     cons = concepts(inputs, every, settings)[:limit] if with_concepts else []
     labels = dict(zip(inputs.fids, inputs.labels, strict=True))
-    names = proposal_names(props)
-    concept_names = proposal_names(cons, "C")
+    rows = read_rows(driver, Q.PROP_TAKEN_NAMES, {}, database=database, what="supernode names")
+    taken = set(rows[0]["names"]) if rows else set()
+    names = proposal_names(props, taken=taken)
+    concept_names = proposal_names(cons, "C", taken=taken)
     found = [
         {
             "name": name,
@@ -205,8 +221,15 @@ def store_proposals(
 
 
 def _store_one(tx: neo4j.ManagedTransaction, prop: dict[str, Any], pattern: str) -> None:
-    """One proposal's supernode, members, aggregates and scores, inside ``tx``."""
+    """One proposal's supernode, members, aggregates and scores, inside ``tx``; a name held by
+    a supernode that is not a proposal (one accepted or defined since the names were chosen)
+    fails the whole transaction rather than overwrite it."""
     name = prop["name"]
+    held = tx.run(Q.PROP_KIND, name=name).single()
+    if held is not None and held["kind"] != PROPOSED:
+        raise InputError(
+            f"supernode {name!r} exists already (kind {held['kind']!r}); nothing was stored"
+        )
     define_in(tx, name, sorted(set(prop["members"])), kind=PROPOSED, pattern=pattern)
     params = {k: prop[k] for k in _SCORE_KEYS}
     tx.run(

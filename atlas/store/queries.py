@@ -1211,6 +1211,12 @@ ORDER BY coalesce(s.level, 1), coalesce(s.score, -1.0) DESC, name
 
 PROP_KIND = "MATCH (s:Supernode {name: $name}) RETURN s.kind AS kind"
 
+# names a new run of proposals must not take: every supernode that is not a proposal
+PROP_TAKEN_NAMES = """
+MATCH (s:Supernode) WHERE coalesce(s.kind, '') <> 'proposed'
+RETURN collect(s.name) AS names
+"""
+
 PROP_ACCEPT = """
 MATCH (s:Supernode {name: $name}) WHERE s.kind = 'proposed'
 SET s.name = $new_name, s.kind = 'accepted', s.accepted_at = datetime()

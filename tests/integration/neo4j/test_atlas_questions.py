@@ -432,3 +432,26 @@ def test_cli_proposes_tight_groups_only_on_request(
     for c in (p for p in doc if p["level"] == 2):  # a concept is a union of tight groups + more
         parts = {m for p in tight if p["name"] in c["parts"] for m in p["members"]}
         assert parts <= set(c["members"]) and len(c["parts"]) >= 1
+
+
+def test_a_new_run_never_overwrites_an_accepted_proposal(planted: neo4j.Driver) -> None:
+    """A proposal accepted under its own name keeps its kind and members when a new run
+    proposes the same group again: the new one takes a free name."""
+    from atlas.store.proposals import accept
+
+    first = propose_supernodes(planted, None, min_prompts=3)
+    kept = first[0]
+    accept(planted, kept["name"])
+    again = propose_supernodes(planted, None, min_prompts=3)
+    assert again[0]["members"] == kept["members"]
+    assert again[0]["name"] == f"{kept['name']} (2)"
+    kinds = dict(_supernodes(planted))
+    assert kinds[kept["name"]] == "accepted"
+    members = {
+        r["fid"]
+        for r in planted.execute_query(
+            "MATCH (:Supernode {name: $n})-[:HAS]->(f:Feature) RETURN f.fid AS fid",
+            n=kept["name"],
+        ).records
+    }
+    assert members == set(kept["members"])
