@@ -8,8 +8,9 @@ contrasts and annotation, with wall time and peak memory.
     # and the contrast of hand prompts against the others
     .venv/bin/python bench/atlas_questions.py toy --prompts 120
 
-    # also the toy vision demo's image prompts, and the visual Hand supernode (the most
-    # hand-selective image features, atlas.toy.vision_demo.hand_features()) as a reference;
+    # also the toy vision demo's image prompts, and the visual Hand supernodes as references:
+    # from labels (image features named by the tags of hand images), and from the model (the
+    # features most selective for hand images, atlas.toy.vision_demo.hand_features());
     # --reference NAME adds any supernode already in the atlas (--home DIR keeps and reuses one)
     .venv/bin/python bench/atlas_questions.py toy --prompts 120 --vision
 
@@ -32,12 +33,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-#: concept groups of the toy world, defined from feature labels (full-match regexes)
+#: concept groups of the toy text world, defined from feature labels (full-match regexes; a
+#: label named by image tags, ``images: ...``, belongs to an image feature)
 TOY_GROUPS = {
-    "Hand": r"(?i).*\b(hands?|fingers?)\b.*",
-    "Legs": r"(?i).*\b(legs?|spider|dog|cat|horse|ant|insect|bird)\b.*",
-    "Colour": r"(?i).*\b(colou?r|blue|red|green|yellow|white|black|orange|brown|grey|purple|pink)\b.*",
+    "Hand": r"(?i)(?!images:).*\b(hands?|fingers?)\b.*",
+    "Legs": r"(?i)(?!images:).*\b(legs?|spider|dog|cat|horse|ant|insect|bird)\b.*",
+    "Colour": (
+        r"(?i)(?!images:).*\b(colou?r|blue|red|green|yellow|white|black|orange|brown|grey|purple"
+        r"|pink)\b.*"
+    ),
 }
+#: the visual Hand supernode from labels: image features named by the tags of hand images
+VISUAL_HAND_PATTERN = r"images: hand\b.*"
 
 
 def free_port() -> int:
@@ -108,16 +115,13 @@ def match_row(props: list[Any], members: list[str], fids: list[str]) -> dict[str
     }
 
 
-def add_vision(settings: Any, driver: Any, home: Path) -> list[str]:
-    """Attribute the toy vision demo's image prompts into the atlas and define the visual Hand
-    supernode (:func:`atlas.toy.vision_demo.hand_features`, of the VLM's transcoder set); its
-    name, or nothing when none of its features is in a stored graph."""
-    from atlas.errors import InputError
+def add_vision(settings: Any, driver: Any, home: Path) -> str | None:
+    """Attribute the toy vision demo's image prompts into the atlas; the content hash of the
+    VLM's transcoder set, or None when no prompt was stored."""
     from atlas.graph import Graph, artifact_path
     from atlas.pipeline.payloads import PromptSpec
     from atlas.pipeline.submit import job_store, submit
-    from atlas.store.supernodes import define_from_features
-    from atlas.toy.vision_demo import demo_image_prompts, hand_features
+    from atlas.toy.vision_demo import demo_image_prompts
 
     items = demo_image_prompts(home.parent / "images")
     job, _ = submit(
@@ -125,18 +129,38 @@ def add_vision(settings: Any, driver: Any, home: Path) -> list[str]:
     )
     ids = [r.prompt_id for r in job_store(driver, settings).items(job) if r.prompt_id]
     if not ids:
-        return []
+        return None
     graph = Graph.load(artifact_path(settings.resolved_artifact_dir, ids[0]))
-    try:
-        define_from_features(
-            driver, VISUAL_HAND, hand_features(), tset=graph.metadata.transcoders.content_hash
-        )
-    except InputError:
-        return []
-    return [VISUAL_HAND]
+    return graph.metadata.transcoders.content_hash
+
+
+def visual_references(driver: Any, tset: str) -> list[str]:
+    """The visual Hand supernodes (after labelling): from labels (image features named by the
+    tags of hand images), and, independent of the atlas, the features whose hand selectivity on
+    held-out images (:func:`atlas.toy.vision_demo.feature_selectivity`) exceeds 1, and the 8
+    most selective (the demo's VisualHand); the names of those with a stored member."""
+    from atlas.errors import InputError
+    from atlas.store.supernodes import define_from_features, define_from_label
+    from atlas.toy.vision_demo import hand_features
+
+    names = []
+    if define_from_label(driver, VISUAL_HAND, VISUAL_HAND_PATTERN):
+        names.append(VISUAL_HAND)
+    for name, specs in (
+        (VISUAL_HAND_SELECTIVE, hand_features(top=None, min_selectivity=1.0)),
+        (VISUAL_HAND_TOP8, hand_features()),
+    ):
+        try:
+            define_from_features(driver, name, specs, tset=tset)
+        except InputError:
+            continue
+        names.append(name)
+    return names
 
 
 VISUAL_HAND = "Visual hand"
+VISUAL_HAND_SELECTIVE = "Visual hand (selectivity > 1)"
+VISUAL_HAND_TOP8 = "Visual hand (top 8)"
 
 
 def toy(args: argparse.Namespace) -> dict[str, Any]:
@@ -178,8 +202,9 @@ def toy(args: argparse.Namespace) -> dict[str, Any]:
             lambda: submit(settings, specs, source="bench", driver=driver),
         )
         references = list(args.reference)
+        vlm_tset = None
         if args.vision:
-            references += timed(
+            vlm_tset = timed(
                 report, "vision_attribute_and_ingest", lambda: add_vision(settings, driver, home)
             )
         model = load_model(paths.model_dir)
@@ -190,6 +215,8 @@ def toy(args: argparse.Namespace) -> dict[str, Any]:
         for name, pattern in TOY_GROUPS.items():
             define_from_label(driver, name, pattern)
             refs[name] = [m["fid"] for m in show(driver, name)["members"]]
+        if vlm_tset:
+            references += visual_references(driver, vlm_tset)
         for name in references:
             refs[name] = [m["fid"] for m in show(driver, name)["members"]]
         found = timed(

@@ -30,6 +30,8 @@ class FeatureEvidence:
     activations: list[float] = field(default_factory=list)
     image_regions: list[str] = field(default_factory=list)
     """``"row,col"`` grid cells of its top activations at image soft tokens."""
+    image_tags: list[list[str]] = field(default_factory=list)
+    """Per top activation, the tags of its prompt's image (empty for a text prompt)."""
 
 
 class LabelSource(Protocol):
@@ -41,13 +43,18 @@ class LabelSource(Protocol):
 
 
 class HeuristicLabels:
-    """``"sees: image 3,1 → on: hand → says: fingers"`` from the evidence alone."""
+    """``"images: hand → sees: image 3,1 → on: ? → says: 5"`` from the evidence alone."""
 
     name = "heuristic"
 
     def labels(self, evidence: Sequence[FeatureEvidence]) -> list[str | None]:
         return [
-            short_label(e.lens_tokens, e.activating_tokens, image_regions=e.image_regions)
+            short_label(
+                e.lens_tokens,
+                e.activating_tokens,
+                image_regions=e.image_regions,
+                image_tags=e.image_tags,
+            )
             for e in evidence
         ]
 

@@ -21,6 +21,8 @@ def short_label(
     n_lens: int = 3,
     n_act: int = 2,
     image_regions: Sequence[str] | None = None,
+    image_tags: Sequence[Sequence[str]] | None = None,
+    n_tags: int = 2,
 ) -> str | None:
     """``"on: capital, Texas → says: Austin, Dallas"``-style label, or None with no evidence.
 
@@ -28,9 +30,14 @@ def short_label(
     activating first); the most frequent ones are named. ``top_tokens`` are its logit-lens top
     tokens, in order. ``image_regions`` (``"row,col"`` grid cells of its strongest activations
     at image soft tokens, most activating first) add ``"sees: image 3,1, 3,2"``: a feature read
-    off pictures is named by where in them it fires.
+    off pictures is named by where in them it fires. ``image_tags`` (per top activation, the
+    tags of its prompt's image) add ``"images: hand"``: the tags that at least half of the top
+    activations carry, most frequent first (a feature of one kind of picture is named by it).
     """
     parts = []
+    tags = common_tags(image_tags or [], n_tags)
+    if tags:
+        parts.append("images: " + ", ".join(tags))
     if image_regions:
         cells = list(dict.fromkeys(image_regions))[:n_act]
         parts.append("sees: image " + ", ".join(cells))
@@ -52,3 +59,19 @@ def short_label(
         return None
     label = " → ".join(parts)
     return label if len(label) <= MAX_LABEL_LEN else label[: MAX_LABEL_LEN - 1] + "…"
+
+
+def common_tags(per_activation: Sequence[Sequence[str]], n: int = 2) -> list[str]:
+    """The tags that at least half of ``per_activation`` carry (each counted once per
+    activation), most frequent first, then in order of first appearance; at most ``n``."""
+    if not per_activation or n < 1:
+        return []
+    counts: Counter[str] = Counter()
+    order: dict[str, int] = {}
+    for tags in per_activation:
+        for t in dict.fromkeys(tags):
+            counts[t] += 1
+            order.setdefault(t, len(order))
+    need = len(per_activation) / 2
+    kept = [t for t, c in counts.items() if c >= need]
+    return sorted(kept, key=lambda t: (-counts[t], order[t]))[:n]

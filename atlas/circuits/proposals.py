@@ -246,7 +246,7 @@ def coherence(
 
 
 _WORD = re.compile(r"[^\W\d_]{2,}|\d+", re.UNICODE)
-_STOP = {"on", "says", "sees", "image", "the", "of", "and", "a", "an", "is", "has", "in"}
+_STOP = {"on", "says", "sees", "image", "images", "the", "of", "and", "a", "an", "is", "has", "in"}
 
 
 def name_from_labels(labels: Sequence[str | None], fallback: str, n_words: int = 2) -> str:

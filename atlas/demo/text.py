@@ -13,8 +13,10 @@ from atlas.demo.services import DemoServices, Steps
 from atlas.errors import AtlasError
 from workers.app import ANNOTATE_TASK
 
-#: Label pattern of the Hand supernode (a full-match regex over feature labels).
-HAND_PATTERN = r"(?i).*\b(hands?|fingers?)\b.*"
+#: Label pattern of the Hand supernode (a full-match regex over feature labels): features whose
+#: labels mention hand or finger, except those named by the tags of hand images
+#: (``images: hand``), which the visual Hand supernode covers.
+HAND_PATTERN = r"(?i)(?!images:).*\b(hands?|fingers?)\b.*"
 HAND = "Hand"
 TARGET = "5"
 

@@ -48,8 +48,11 @@ def draw_network(
     pos = nx.multipartite_layout(g, subset_key="layer", align="horizontal") if g else {}
     biggest = max((abs(d["weight"]) for _, _, d in g.edges(data=True)), default=1.0) or 1.0
     drawn: list[tuple[str, str]] = []
+    placed: list[tuple[float, float]] = []
+    span = _span(pos)
     for s, t, d in sorted(g.edges(data=True), key=lambda e: abs(e[2]["weight"])):
         colour, lw, alpha = edge_style(d["weight"], biggest * 0.4)
+        rad = 0.08 + 0.35 * (layer[t] - layer[s] - 1)
         arrow = FancyArrowPatch(
             pos[s],
             pos[t],
@@ -60,7 +63,7 @@ def draw_network(
             alpha=alpha,
             shrinkA=12,
             shrinkB=12,
-            connectionstyle=f"arc3,rad={0.08 + 0.35 * (layer[t] - layer[s] - 1):.2f}",
+            connectionstyle=f"arc3,rad={rad:.2f}",
             zorder=1,
         )
         ax.add_patch(arrow)
@@ -68,8 +71,19 @@ def draw_network(
         drawn.append((str(s), str(t)))
         note = (edge_notes or {}).get((s, t))
         if note:
-            (x0, y0), (x1, y1) = pos[s], pos[t]
-            ax.text((x0 + x1) / 2, (y0 + y1) / 2, note, fontsize=6, color="#4a5568", zorder=2)
+            x, y = _note_spot(pos[s], pos[t], rad, placed, 0.07 * span)
+            placed.append((x, y))
+            ax.text(
+                x,
+                y,
+                note,
+                fontsize=6,
+                color="#4a5568",
+                ha="center",
+                va="center",
+                zorder=2,
+                bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.7},
+            )
     for n in g.nodes:
         x, y = pos[n]
         dot = ax.scatter([x], [y], s=160, c="#f6ad55", edgecolors="#2d3748", lw=0.7, zorder=3)
@@ -90,6 +104,42 @@ def draw_network(
         ax.set_ylim(min(ys) - 0.2, max(ys) + 0.3)
     fig.suptitle(short(title, 100) if title else "", fontsize=9)
     return save(fig, out, nodes=[str(n) for n in g.nodes], edges=drawn)
+
+
+def _span(pos: Mapping[Any, Any]) -> float:
+    """The larger side of the nodes' bounding box (1 for fewer than two nodes)."""
+    if len(pos) < 2:
+        return 1.0
+    xs, ys = zip(*pos.values(), strict=True)
+    return float(max(max(xs) - min(xs), max(ys) - min(ys))) or 1.0
+
+
+def _note_spot(
+    a: Sequence[float],
+    b: Sequence[float],
+    rad: float,
+    placed: Sequence[tuple[float, float]],
+    min_gap: float,
+) -> tuple[float, float]:
+    """Where an edge's note goes: the first point along the drawn arc (matplotlib's ``arc3``: a
+    quadratic Bezier through the control point ``mid + rad * (dy, -dx)``), from the middle
+    outwards, that is at least ``min_gap`` from every note already placed; the middle when none
+    is."""
+    (x0, y0), (x1, y1) = a, b
+    cx, cy = (x0 + x1) / 2 + rad * (y1 - y0), (y0 + y1) / 2 - rad * (x1 - x0)
+
+    def at(u: float) -> tuple[float, float]:
+        v = 1 - u
+        return (
+            v * v * x0 + 2 * u * v * cx + u * u * x1,
+            v * v * y0 + 2 * u * v * cy + u * u * y1,
+        )
+
+    for u in (0.5, 0.35, 0.65, 0.25, 0.75, 0.2, 0.8):
+        x, y = at(u)
+        if all((x - px) ** 2 + (y - py) ** 2 >= min_gap**2 for px, py in placed):
+            return x, y
+    return at(0.5)
 
 
 def _layers(g: nx.DiGraph) -> dict[Any, int]:

@@ -141,6 +141,7 @@ def label_features(
                     contexts=[context(texts.get(t["prompt"], []), int(t["pos"])) for t in top],
                     activations=[float(t["activation"] or 0.0) for t in top],
                     image_regions=[f"{t['row']},{t['col']}" for t in images.get(r["fid"], [])],
+                    image_tags=[list(t.get("image_tags") or []) for t in top],
                 )
             )
         labels = source.labels(evidence)

@@ -631,7 +631,8 @@ RETURN f.fid AS fid, f.layer AS layer, f.index AS index
 
 ALL_FEATURE_IDS = "MATCH (f:Feature) RETURN f.fid AS fid ORDER BY fid"
 
-# Top activating (prompt, position, token text) of each feature, from what is ingested.
+# Top activating (prompt, position, token text, the tags of the prompt's image) of each feature,
+# from what is ingested.
 TOP_ACTIVATIONS = """
 UNWIND $fids AS fid
 MATCH (f:Feature {fid: fid})
@@ -640,7 +641,9 @@ CALL (f) {
   WITH n ORDER BY n.activation DESC LIMIT $limit
   MATCH (p:Prompt {id: n.prompt}) WHERE p.complete
   RETURN collect({prompt: n.prompt, pos: n.pos, activation: n.activation,
-                  token: p.tokens[n.pos]}) AS top
+                  token: p.tokens[n.pos],
+                  image_tags: reduce(acc = [], ts IN [(p)-[:HAS_IMAGE]->(i:Image) | i.tags] |
+                                     acc + coalesce(ts, []))}) AS top
 }
 RETURN f.fid AS fid, f.top_tokens AS top_tokens, top
 """

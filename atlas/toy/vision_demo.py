@@ -168,13 +168,18 @@ def feature_selectivity(
     return out
 
 
-def hand_features(paths: ToyPaths | None = None, top: int = 8, seed: int = 0) -> list[str]:
-    """The ``top`` most hand-selective features, as ``LAYER/INDEX`` specs
-    (most selective first; only features with positive selectivity)."""
+def hand_features(
+    paths: ToyPaths | None = None,
+    top: int | None = 8,
+    seed: int = 0,
+    min_selectivity: float = 0.0,
+) -> list[str]:
+    """The ``top`` (``None``: all) most hand-selective features, as ``LAYER/INDEX`` specs, most
+    selective first; only features whose selectivity exceeds ``min_selectivity`` (>= 0)."""
     sel = feature_selectivity(paths, seed)
     ranked: list[tuple[float, int, int]] = []
     for layer, s in sel.items():
-        for f in torch.nonzero(s > 0).flatten().tolist():
+        for f in torch.nonzero(s > max(min_selectivity, 0.0)).flatten().tolist():
             ranked.append((float(s[f]), layer, f))
     ranked.sort(key=lambda t: (-t[0], t[1], t[2]))
     return [f"{layer}/{f}" for _, layer, f in ranked[:top]]

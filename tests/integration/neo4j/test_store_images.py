@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from atlas.attribution import attribute
+from atlas.circuits.labels import common_tags
 from atlas.graph import Graph, NodeKind
 from atlas.images import sha256_bytes
 from atlas.models import load_model
@@ -186,6 +187,15 @@ def test_image_regions_and_image_labels(db: neo4j.Driver, full_graphs: list[Grap
     sha, cell = first["regions"][0].split("@")
     assert any(g.metadata.image_sha256.startswith(sha) for g in graphs)  # type: ignore[union-attr]
     assert "sees: image" in first["label"] and cell in first["label"]
+    # a label names the image tags at least half of its top activations carry
+    tags = {graphs[0].prompt_id: ["hands"], graphs[1].prompt_id: ["hands"]}
+    seen = set()
+    for r in _rows(db, "MATCH (f:Feature) RETURN f.label AS label, f.top_act_prompts AS top"):
+        per_activation = [tags.get(ref.rsplit(":", 1)[0], []) for ref in r["top"] or []]
+        named = common_tags(per_activation) == ["hands"]
+        assert (r["label"] or "").startswith("images: hands") == named, r
+        seen.add(named)
+    assert seen == {True, False}
 
 
 # --------------------------------------------------------------------------- pipeline and CLI

@@ -7,7 +7,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from atlas.circuits.labels import short_label
+from atlas.circuits.labels import common_tags, short_label
 from atlas.circuits.lens import logit_lens
 from atlas.errors import CypherRefused, InputError
 from atlas.graph import NodeKind
@@ -136,6 +136,17 @@ def test_short_label() -> None:
     )
     assert label == "on: Texas, capital → says: Austin, Dallas, Houston"
     assert len(short_label(["x" * 200], None) or "") <= 80
+
+
+def test_short_label_names_the_tags_most_top_activations_share() -> None:
+    tags = [["hand", "fingers:5"], ["hand", "fingers:6"], ["hand", "fingers:5"], []]
+    assert common_tags(tags) == ["hand", "fingers:5"]  # 3 of 4, then 2 of 4
+    assert common_tags(tags, n=1) == ["hand"]
+    assert common_tags([["dots"], [], []]) == []  # fewer than half
+    assert common_tags([]) == []
+    label = short_label([" 5"], ["?"], image_regions=["2,3"], image_tags=tags[:3])
+    assert label == "images: hand, fingers:5 → sees: image 2,3 → on: ? → says: 5"
+    assert short_label(None, ["?"], image_tags=[[], []]) == "on: ?"
 
 
 def _eval_cypher_arithmetic(expr: str, env: dict[str, int]) -> int:
