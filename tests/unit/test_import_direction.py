@@ -35,7 +35,7 @@ def _ruff(filename: str, source: str) -> subprocess.CompletedProcess[str]:
         ("atlas/attribution/probe.py", "from celery import Celery\n"),
         ("atlas/transcoders/probe.py", "import click\n"),
         ("atlas/graph.py", "from atlas.store import read\n"),
-        ("atlas/interchange.py", "from atlas.pipeline.steps import run_inline\n"),
+        ("atlas/interchange/probe.py", "from atlas.pipeline.steps import run_inline\n"),
         ("atlas/interventions/probe.py", "import atlas.cli\n"),
         ("atlas/circuits/probe.py", "from atlas.engine import Engine\n"),
         ("atlas/testing/probe.py", "from tests.conftest import clean_neo4j\n"),

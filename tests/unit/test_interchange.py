@@ -165,7 +165,8 @@ def test_round_trip_is_lossless(seed: int, tmp_path: Path) -> None:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_streamed_file_equals_the_document(seed: int, tmp_path: Path) -> None:
     """write_json streams the links in chunks yet writes the bytes of the whole document."""
-    from atlas.interchange import _json_parts, _stream_document
+    from atlas.interchange.export import _json_parts
+    from atlas.interchange.files import _stream_document
 
     g = make_graph(seed)
     whole = write_document(graph_to_json(g, slug="s"), tmp_path / "whole.json").read_bytes()

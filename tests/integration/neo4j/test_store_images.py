@@ -187,7 +187,7 @@ def test_image_regions_and_image_labels(db: neo4j.Driver, full_graphs: list[Grap
     sha, cell = first["regions"][0].split("@")
     assert any(g.metadata.image_sha256.startswith(sha) for g in graphs)  # type: ignore[union-attr]
     assert "sees: image" in first["label"] and cell in first["label"]
-    # a label names the image tags at least half of its top activations carry
+    # a label names the image tags at least two thirds of its top activations carry
     tags = {graphs[0].prompt_id: ["hands"], graphs[1].prompt_id: ["hands"]}
     seen = set()
     for r in _rows(db, "MATCH (f:Feature) RETURN f.label AS label, f.top_act_prompts AS top"):

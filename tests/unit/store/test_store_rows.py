@@ -140,9 +140,11 @@ def test_short_label() -> None:
 
 def test_short_label_names_the_tags_most_top_activations_share() -> None:
     tags = [["hand", "fingers:5"], ["hand", "fingers:6"], ["hand", "fingers:5"], []]
-    assert common_tags(tags) == ["hand", "fingers:5"]  # 3 of 4, then 2 of 4
-    assert common_tags(tags, n=1) == ["hand"]
-    assert common_tags([["dots"], [], []]) == []  # fewer than half
+    assert common_tags(tags) == ["hand"]  # 3 of 4; fingers:5 on 2 of 4 only
+    assert common_tags(tags, share=0.5) == ["hand", "fingers:5"]
+    assert common_tags(tags, n=1, share=0.5) == ["hand"]
+    assert common_tags([["dots"], ["dots"], []]) == ["dots"]  # two thirds
+    assert common_tags([["dots"], [], []]) == []
     assert common_tags([]) == []
     label = short_label([" 5"], ["?"], image_regions=["2,3"], image_tags=tags[:3])
     assert label == "images: hand, fingers:5 → sees: image 2,3 → on: ? → says: 5"
