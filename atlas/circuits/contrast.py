@@ -14,7 +14,10 @@ feature's largest activation, the edge's weight summed over positions, a path's 
 * ``q_value``: Benjamini-Hochberg adjusted ``p_value`` over every item of the family
   (:func:`scipy.stats.false_discovery_control`).
 
-Items are ranked by ``q_value``, then by ``|effect|``.
+Items are ranked by ``q_value``, then by ``|effect|``. :func:`summarise` counts a family: the
+items tested, those significant (``q_value`` below ``alpha``) and those *shared*, present in
+nearly every prompt of both sets (what the two sets have in common rather than what tells them
+apart).
 """
 
 from __future__ import annotations
@@ -40,6 +43,19 @@ def contrast_items(
     present) seen in at least ``min_prompts`` prompts of A and B together; best first, the
     ``limit`` best (all with ``None``). The rank tests run vectorised over ``chunk`` items at a
     time; Fisher's test only for the rows returned."""
+    return top_rows(rank_items(values, set_a, set_b, min_prompts=min_prompts, chunk=chunk), limit)
+
+
+def rank_items(
+    values: Mapping[str, Mapping[str, float]],
+    set_a: Sequence[str],
+    set_b: Sequence[str],
+    *,
+    min_prompts: int = 1,
+    chunk: int = 20_000,
+) -> list[dict[str, Any]]:
+    """Every row of :func:`contrast_items`, ranked, without Fisher's test (:func:`top_rows`
+    adds it)."""
     n_a, n_b = len(set_a), len(set_b)
     if n_a == 0 or n_b == 0:
         return []
@@ -89,8 +105,51 @@ def contrast_items(
         for r, qv in zip(rows, np.atleast_1d(q).tolist(), strict=True):
             r["q_value"] = float(qv)
     rows.sort(key=lambda r: (r["q_value"], -abs(r["effect"]), r["item"]))
-    rows = rows if limit is None else rows[:limit]
+    return rows
+
+
+def top_rows(ranked: Sequence[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
+    """The ``limit`` best of :func:`rank_items`' rows (all with ``None``), with Fisher's exact
+    test of presence (``p_presence``)."""
+    rows = list(ranked if limit is None else ranked[:limit])
     for r in rows:
-        table = [[r["k_a"], n_a - r["k_a"]], [r["k_b"], n_b - r["k_b"]]]
+        table = [[r["k_a"], r["n_a"] - r["k_a"]], [r["k_b"], r["n_b"] - r["k_b"]]]
         r["p_presence"] = float(stats.fisher_exact(table).pvalue)
     return rows
+
+
+def summarise(
+    ranked: Sequence[Mapping[str, Any]],
+    *,
+    alpha: float = 0.05,
+    shared: float = 0.9,
+    max_shared: int = 100,
+) -> dict[str, Any]:
+    """``n_tested``, ``n_significant`` (``q_value < alpha``), ``min_q`` (None with no item),
+    ``n_shared``: the items present in at least ``shared`` of the prompts of each set, and
+    ``shared``: the first ``max_shared`` of them in rank order."""
+    common = [
+        str(r["item"])
+        for r in ranked
+        if r["k_a"] >= shared * r["n_a"] and r["k_b"] >= shared * r["n_b"]
+    ]
+    return {
+        "n_tested": len(ranked),
+        "n_significant": sum(1 for r in ranked if r["q_value"] < alpha),
+        "alpha": alpha,
+        "min_q": min((float(r["q_value"]) for r in ranked), default=None),
+        "shared_at": shared,
+        "n_shared": len(common),
+        "shared": common[:max_shared],
+    }
+
+
+def contrast_reading(result: Mapping[str, Any], family: str) -> str:
+    """One line for a family of a contrast's ``summary``: ``"412 tested, 0 with q < 0.05
+    (smallest q 0.56), 37 in >= 90% of both sets"``."""
+    s = result["summary"][family]
+    smallest = f" (smallest q {s['min_q']:.2g})" if s["min_q"] is not None else ""
+    return (
+        f"{s['n_tested']} tested, {s['n_significant']} with q < {s['alpha']:g}{smallest}, "
+        f"{s['n_shared']} in >= {s['shared_at']:.0%} of both sets"
+    )

@@ -394,6 +394,7 @@ def contrast_(
 ) -> None:
     """Features, edges and two-hop paths enriched in prompt set A against B: counts, effect
     sizes (rank-biserial, log2 odds), Mann-Whitney and Fisher p-values, BH q-values."""
+    from atlas.circuits.contrast import contrast_reading
     from atlas.store.contrast import contrast
 
     with atlas_driver() as driver:
@@ -414,4 +415,4 @@ def contrast_(
     cols = ["name", "k_a", "k_b", "mean_a", "mean_b", "effect", "log2_odds", "p_value", "q_value"]
     head = f"A = {set_a} ({result['n_a']} prompts), B = {set_b} ({result['n_b']} prompts)"
     for family in ("features", "edges", "paths"):
-        print_table(result[family], cols, f"{family}: {head}")
+        print_table(result[family], cols, f"{family}: {head}; {contrast_reading(result, family)}")

@@ -361,6 +361,7 @@ def _heatmap(
 def print_contrast(svc: DemoServices, limit: int) -> dict[str, Any] | None:
     """What differs between the six-finger hands answered '5' and the five-finger hands counted
     right: features, edges and paths enriched in one set, with counts, effect sizes and tests."""
+    from atlas.circuits.contrast import contrast_reading
     from atlas.errors import InputError
     from atlas.store import queries as q
     from atlas.store.contrast import contrast
@@ -394,6 +395,36 @@ def print_contrast(svc: DemoServices, limit: int) -> dict[str, Any] | None:
                 for r in result[family][:limit]
             ],
         )
+    for family in ("features", "edges", "paths"):
+        click.echo(f"{family}: {contrast_reading(result, family)}")
+    click.echo(_error_reading(svc, result))
     out.cypher_pointer("CT_FEATURES", q.CT_FEATURES)
     out.cli_pointer(f"atlas query contrast --a '{a}' --b '{b}'")
     return result
+
+
+def _error_reading(svc: DemoServices, result: dict[str, Any]) -> str:
+    """What the contrast says about the error: the features that tell the sets apart, or, when
+    none does, how many of the visual Hand features both sets share."""
+    from atlas.errors import InputError
+    from atlas.store.supernodes import show
+
+    feats = result["summary"]["features"]
+    if feats["n_significant"]:
+        return (
+            f"what explains the error: the {feats['n_significant']} features with q < "
+            f"{feats['alpha']:g}, first in the table above"
+        )
+    try:
+        members = {m["fid"] for m in show(svc.driver, VISUAL_HAND)["members"]}
+    except InputError:
+        members = set()
+    shared = {item.split("|", 1)[1] for item in feats["shared"] if item.startswith("feature|")}
+    return (
+        f"what explains the error: no feature tells the {result['n_a']} six-finger hands from "
+        f"the {result['n_b']} five-finger ones; {feats['n_shared']} features fire in nearly "
+        f"every image of both, {len(members & shared)} of the {len(members)} {VISUAL_HAND} "
+        f"features among them: the hand features that drive '{TARGET}' (the routes above) are "
+        "there whether the hand has five fingers or six, so the model answers from seeing a "
+        "hand, not from counting its fingers (the six-finger case of the VLM paper)"
+    )

@@ -16,7 +16,7 @@ from typing import Any
 
 import neo4j
 
-from atlas.circuits.contrast import contrast_items
+from atlas.circuits.contrast import rank_items, summarise, top_rows
 from atlas.errors import InputError, StoreError
 from atlas.store import queries as Q
 from atlas.store.connection import read_rows
@@ -42,7 +42,9 @@ def contrast(
 ) -> dict[str, Any]:
     """Features, edges and paths of prompt set ``a`` against ``b`` (filters of
     :mod:`atlas.store.prompt_filter`). Returns ``a``, ``b``, ``n_a``, ``n_b`` and, for each of
-    ``features``, ``edges``, ``paths``, the ``limit`` best rows (``name``, the statistics)."""
+    ``features``, ``edges``, ``paths``, the ``limit`` best rows (``name``, the statistics), and
+    ``summary``: per family, :func:`atlas.circuits.contrast.summarise` (items tested,
+    significant, shared by both sets)."""
     if settings is not None:
         database = database or settings.neo4j_database
         timeout_s = timeout_s or settings.query_timeout_s
@@ -89,10 +91,12 @@ def contrast(
     reader = _Reader(driver, database, timeout_s)
     out: dict[str, Any] = {"a": a, "b": b, "n_a": len(ids_a), "n_b": len(ids_b)}
     families = {"features": feats, "edges": edges, "paths": paths}
-    tables = {
-        name: contrast_items(values, ids_a, ids_b, min_prompts=min_prompts, limit=limit)
+    ranked = {
+        name: rank_items(values, ids_a, ids_b, min_prompts=min_prompts)
         for name, values in families.items()
     }
+    out["summary"] = {name: summarise(rows) for name, rows in ranked.items()}
+    tables = {name: top_rows(rows, limit) for name, rows in ranked.items()}
     keys = sorted({k for rows in tables.values() for r in rows for k in r["item"].split(" -> ")})
     names = key_names(reader, keys, {})
     for name, rows in tables.items():

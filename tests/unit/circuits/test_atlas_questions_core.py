@@ -9,7 +9,7 @@ import math
 import numpy as np
 from scipy import sparse
 
-from atlas.circuits.contrast import contrast_items
+from atlas.circuits.contrast import contrast_items, rank_items, summarise
 from atlas.circuits.global_graph import FROM, TO, PairStat, global_circuit
 from atlas.circuits.proposals import (
     ProposalInputs,
@@ -139,6 +139,11 @@ def test_contrast_finds_the_planted_difference() -> None:
     shared = next(r for r in rows if r["item"] == "shared")
     assert shared["p_value"] == 1.0 and shared["effect"] == 0.0
     assert contrast_items(values, a, []) == []
+    summary = summarise(rank_items(values, a, b))
+    assert summary["n_tested"] == 2 and summary["n_significant"] == 1
+    assert summary["min_q"] == top["q_value"]
+    assert summary["n_shared"] == 1 and summary["shared"] == ["shared"]
+    assert summarise([])["min_q"] is None
 
 
 def test_label_sources() -> None:
