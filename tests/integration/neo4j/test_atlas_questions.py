@@ -238,6 +238,16 @@ def test_contrast_finds_the_planted_group(planted: neo4j.Driver, neo4j_settings:
     )
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["n_a"] == res["n_a"]
+    feats = res["summary"]["features"]
+    assert feats["n_significant"] >= 4 and feats["min_q"] == res["features"][0]["q_value"]
+    assert feats["n_tested"] >= feats["n_significant"] + feats["n_shared"]
+    assert not set(feats["shared"]) & {f"feature|{f}" for f in group_fids(2)}
+    r = invoke(
+        neo4j_settings, "query", "contrast", "--a", "text:groups 2", "--b", "!text:groups .*2"
+    )
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())  # the table title wraps
+    assert f"{feats['n_tested']} tested, {feats['n_significant']} with q < 0.05" in text
 
 
 BAD_INPUT = [
