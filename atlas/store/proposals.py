@@ -31,6 +31,7 @@ from typing import Any
 import neo4j
 import numpy as np
 from scipy import sparse
+from scipy.special import softmax
 
 from atlas.circuits.proposals import (
     Proposal,
@@ -320,7 +321,8 @@ def validate_proposal(
 ) -> dict[str, Any]:
     """Ablate supernode ``name`` (constrained over every layer, every member times
     ``multiplier``, attention frozen) on the ``n_prompts`` stored prompts where its members are
-    most active, through the interventions step (each run is stored as an ``Intervention``
+    most active (text or image + text, the image from the artifact store), through the
+    interventions step (each run is stored as an ``Intervention``
     touching the supernode). Returns and stores on the supernode the measured effect:
     ``validation_kl`` (mean KL of the steered next-token distribution from the clean one) and
     ``validation_drop`` (mean drop of the clean top token's probability)."""
@@ -343,6 +345,7 @@ def validate_proposal(
         meta = row["n_layers"]
         spec = InterventionSpec(
             prompt=row["text"],
+            image=f"sha256:{row['image']}" if row["image"] else None,
             model=model,
             transcoders=transcoders,
             supernode=SupernodeEdit(name=name, multiplier=multiplier),
@@ -354,12 +357,11 @@ def validate_proposal(
         except InputError as exc:
             log.warning("validation of %r on %s skipped: %s", name, row["prompt"][:12], exc)
             continue
-        top = answer["top"]
-        base_best = max(top, key=lambda t: t["base"]) if top else None
         if answer["kl"] is not None:
             kls.append(float(answer["kl"]))
-        if base_best is not None:
-            drops.append(float(base_best["base"]) - float(base_best["steered"]))
+        drop = _top_token_drop(answer["base_logits"], answer["steered_logits"])
+        if drop is not None:
+            drops.append(drop)
         ran.append(row["prompt"])
     if not ran:
         raise InputError(f"no prompt of supernode {name!r} could be intervened on")
@@ -373,3 +375,14 @@ def validate_proposal(
         driver, Q.PROP_SET_VALIDATION, {"name": name, **result}, database=db, what="validation"
     )
     return result
+
+
+def _top_token_drop(base_logits: Sequence[float], steered_logits: Sequence[float]) -> float | None:
+    """The clean run's most probable token: its probability clean minus steered (None without
+    logits). Read off the full logits, since the steered run's top list may not hold it."""
+    if not base_logits or len(base_logits) != len(steered_logits):
+        return None
+    p_base = softmax(np.asarray(base_logits, dtype=np.float64))
+    p_steered = softmax(np.asarray(steered_logits, dtype=np.float64))
+    t = int(np.argmax(p_base))
+    return float(p_base[t] - p_steered[t])

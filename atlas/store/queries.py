@@ -1231,15 +1231,15 @@ DETACH DELETE s
 """
 
 # The prompts where a supernode's members are most active (validation runs there), with the
-# prompt's model depth (the constrained range covers every layer).
+# prompt's image (sha256, or null) and model depth (the constrained range covers every layer).
 PROP_TOP_PROMPTS = """
 MATCH (:Supernode {name: $name})-[:HAS]->(f:Feature)
 WITH collect(f.fid) AS refs
 MATCH (n:Node) WHERE n.ref IN refs AND n.kind = 'feature' AND n.prompt IS NOT NULL
 WITH n.prompt AS prompt, sum(n.activation) AS total
-MATCH (p:Prompt {id: prompt}) WHERE p.complete AND p.image_sha256 IS NULL
+MATCH (p:Prompt {id: prompt}) WHERE p.complete
 OPTIONAL MATCH (p)-[:USES_MODEL]->(m:Model)
-RETURN prompt, p.text AS text, m.n_layers AS n_layers, total
+RETURN prompt, p.text AS text, p.image_sha256 AS image, m.n_layers AS n_layers, total
 ORDER BY total DESC, prompt LIMIT $limit
 """
 

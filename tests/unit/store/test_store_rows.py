@@ -225,3 +225,17 @@ def test_server_commands_are_refused_by_text() -> None:
         "MATCH (n) WHERE n.label =~ '(a+)+' RETURN n",
         "MATCH (n) WHERE n.label =~ n.other RETURN n",
     )
+
+
+def test_validation_drop_reads_the_clean_top_token_off_the_full_logits() -> None:
+    from scipy.special import softmax
+
+    from atlas.store.proposals import _top_token_drop
+
+    base = [4.0, 1.0, 0.0, 0.0]
+    steered = [-6.0, 3.0, 3.0, 3.0]  # the clean top token is last of the steered run
+    p_b, p_s = softmax(base), softmax(steered)
+    assert _top_token_drop(base, steered) == pytest.approx(p_b[0] - p_s[0])
+    assert _top_token_drop(base, steered) > 0.9
+    assert _top_token_drop([], []) is None
+    assert _top_token_drop([1.0], [1.0, 2.0]) is None
