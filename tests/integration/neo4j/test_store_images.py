@@ -286,6 +286,34 @@ def test_batch_with_good_and_bad_images(
     assert q.returncode == 0, q.stderr[-2000:]
     assert json.loads(q.stdout)["paths"]
 
+    # a supernode of image-prompt features is validated on those prompts, with their image
+    top = _rows(
+        clean_neo4j,
+        "MATCH (n:FeatureNode) RETURN n.layer AS l, n.feature AS f, sum(n.activation) AS a "
+        "ORDER BY a DESC, l, f LIMIT 3",
+    )
+    specs = [f"{r['l']}/{r['f']}" for r in top]
+    made = _console(
+        ["supernode", "define", "Seen", *(a for spec in specs for a in ("--feature", spec))],
+        neo4j_settings,
+    )
+    assert made.returncode == 0, made.stderr[-2000:]
+    v = _console(
+        ["supernode", "validate", "Seen", "--prompts", "2", "--model", str(case.model_dir),
+         "--transcoders", str(case.tc_dir), "--format", "json"],
+        neo4j_settings,
+    )  # fmt: skip
+    assert v.returncode == 0, v.stderr[-2000:]
+    (res,) = json.loads(v.stdout)
+    assert res["name"] == "Seen" and res["validation_prompts"] == 2 and res["validation_kl"] >= 0.0
+    assert -1.0 <= res["validation_drop"] <= 1.0
+    runs = _rows(
+        clean_neo4j,
+        "MATCH (i:Intervention)-[:TOUCHES]->(:Supernode {name: 'Seen'}) "
+        "MATCH (p:Prompt {id: i.prompt_id}) RETURN p.image_sha256 AS sha",
+    )
+    assert [r["sha"] for r in runs] == [sha, sha]
+
 
 def test_enqueue_with_image(clean_neo4j: neo4j.Driver, neo4j_settings: Any, case: VlmCase) -> None:
     apply_schema(clean_neo4j)
