@@ -4,14 +4,21 @@
    (``{atlas_home}/demo`` by default, free ports), so a user's own atlas is never touched;
 2. starts real Celery worker subprocesses (``atlas worker``): one on the ``attribute`` queue and
    one on the ``ingest`` queue, so ingestion of one prompt overlaps attribution of the next;
-3. enqueues a batch of toy-corpus prompts (every hand/finger fact plus other facts) and waits
-   with a progress line; a re-run skips what the demo atlas already holds (``fresh`` wipes it);
-4. labels the features (logit lens + top activating tokens) through the worker's ``annotate``
-   task and defines a ``Hand`` supernode from the labels that mention hand/finger;
-5. prints every path from ``Hand`` to the logit ``5`` across the atlas, and the top
-   contributors to ``5``, each with the Cypher behind it (the constant in
-   :mod:`atlas.store.queries`);
-6. stops everything it started.
+3. enqueues a batch of toy-corpus prompts (every hand/finger fact plus other facts) and one of
+   toy-VLM image prompts, and waits with a progress line; a re-run skips what the demo atlas
+   already holds (``fresh`` wipes it);
+4. labels the features (logit lens, top activating tokens, image cells and tags) through the
+   worker's ``annotate`` task and defines the text ``Hand`` supernode from the labels that
+   mention hand/finger and the ``Visual hand`` one from the most hand-selective features;
+5. prints the answers, each with the Cypher behind it (the constant in
+   :mod:`atlas.store.queries`): every path from ``Hand`` to the logit ``5`` across the atlas,
+   the top contributors, the global circuit, the six-finger case (:mod:`atlas.demo.vision`)
+   and its contrast;
+6. proposes supernodes from the atlas and matches them against the Hand supernodes, then
+   validates the visual one by ablation (:mod:`atlas.demo.proposals`);
+7. runs the interventions through the workers (:mod:`atlas.demo.causal`): the visual Hand
+   ablated on the six-finger hands, a circuit patched from an Earth image into a Mars one;
+8. stops everything it started.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from atlas.demo import causal, text, vision
+from atlas.demo import causal, proposals, text, vision
 from atlas.demo.services import Steps, demo_services
 from atlas.errors import ConfigError
 
@@ -97,6 +104,7 @@ def run_demo(opts: DemoOptions, user: AtlasSettings) -> None:
 
             in_atlas = count_prompts(svc.driver, database=svc.settings.neo4j_database)
         refs = {"model": str(vlm.model_dir), "transcoders": str(vlm.transcoder_dir)}
+        proposals.print_proposals(svc, steps, refs)
         six5 = [im.as_target() for im in case["six5"]]
         if six5:
             causal.ablate_features(

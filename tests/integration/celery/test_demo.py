@@ -68,6 +68,8 @@ def test_demo_runs_end_to_end_and_stops_what_it_started(tmp_path: Path) -> None:
         "All paths from Visual hand to '5' in those images",
         "Image regions feeding the Visual hand nodes",
         "Six-finger hands answered '5' (A)",
+        "what explains the error:",
+        "Supernodes proposed from the atlas",
         "Ablating the 8 visual Hand features",
         "Circuit patching: planet_mars",
     ):
@@ -77,6 +79,9 @@ def test_demo_runs_end_to_end_and_stops_what_it_started(tmp_path: Path) -> None:
     found = re.search(r"All paths from Visual hand to '5' in those images \(.*?: (\d+) paths", text)
     assert found is not None and int(found.group(1)) > 0, text[-4000:]
     assert re.search(r"the circuit at the question \(\d+ features\)", text)
+    # the proposals hold a match for the visual Hand from labels, proved by ablation
+    assert re.search(r"│ Hand images +│ \d+ +│ P\d+ ", text), text[-6000:]
+    assert re.search(r"ablating 'P\d+ [^']*' \(\d+ features.*: KL [0-9.e+-]+", text)
     assert "atlas.store.queries.INTERVENTIONS_BY_ID" in text
     assert "atlas serve" in text
     pictures = sorted(p.name for p in (home / "pictures").iterdir())
