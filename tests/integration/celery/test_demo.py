@@ -80,8 +80,8 @@ def test_demo_runs_end_to_end_and_stops_what_it_started(tmp_path: Path) -> None:
     assert found is not None and int(found.group(1)) > 0, text[-4000:]
     assert re.search(r"the circuit at the question \(\d+ features\)", text)
     # the proposals hold a match for the visual Hand from labels, proved by ablation
-    assert re.search(r"│ Hand images +│ \d+ +│ P\d+ ", text), text[-6000:]
-    assert re.search(r"ablating 'P\d+ [^']*' \(\d+ features.*: KL [0-9.e+-]+", text)
+    assert re.search(r"│ Hand images +│ \d+ +│ [PC]\d+ ", text), text[-6000:]
+    assert re.search(r"ablating '[PC]\d+ [^']*' \(\d+ features.*: KL [0-9.e+-]+", text)
     assert "atlas.store.queries.INTERVENTIONS_BY_ID" in text
     assert "atlas serve" in text
     pictures = sorted(p.name for p in (home / "pictures").iterdir())
