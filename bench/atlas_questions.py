@@ -43,8 +43,6 @@ TOY_GROUPS = {
         r"|pink)\b.*"
     ),
 }
-#: the visual Hand supernode from labels: image features named by the tags of hand images
-VISUAL_HAND_PATTERN = r"images: hand\b.*"
 
 
 def free_port() -> int:
@@ -139,12 +137,13 @@ def visual_references(driver: Any, tset: str) -> list[str]:
     tags of hand images), and, independent of the atlas, the features whose hand selectivity on
     held-out images (:func:`atlas.toy.vision_demo.feature_selectivity`) exceeds 1, and the 8
     most selective (the demo's VisualHand); the names of those with a stored member."""
+    from atlas.demo.proposals import HAND_IMAGES_PATTERN
     from atlas.errors import InputError
     from atlas.store.supernodes import define_from_features, define_from_label
     from atlas.toy.vision_demo import hand_features
 
     names = []
-    if define_from_label(driver, VISUAL_HAND, VISUAL_HAND_PATTERN):
+    if define_from_label(driver, VISUAL_HAND, HAND_IMAGES_PATTERN):
         names.append(VISUAL_HAND)
     for name, specs in (
         (VISUAL_HAND_SELECTIVE, hand_features(top=None, min_selectivity=1.0)),

@@ -53,13 +53,16 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 from scipy import sparse
 
 from atlas.errors import InputError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -411,12 +414,15 @@ def precision_recall(proposed: Sequence[str], reference: Sequence[str]) -> tuple
 
 
 def best_match(
-    proposals: Sequence[Proposal], reference: Sequence[str]
-) -> tuple[Proposal | None, float, float]:
-    """The proposal of highest F1 against ``reference`` with its precision and recall."""
-    best: tuple[Proposal | None, float, float, float] = (None, math.nan, math.nan, -1.0)
+    proposals: Sequence[T],
+    reference: Sequence[str],
+    members: Callable[[T], Sequence[str]] = lambda p: p.members,  # type: ignore[attr-defined]
+) -> tuple[T | None, float, float]:
+    """The proposal of highest F1 against ``reference`` with its precision and recall;
+    ``members`` reads a proposal's members (default: a :class:`Proposal`'s)."""
+    best: tuple[T | None, float, float, float] = (None, math.nan, math.nan, -1.0)
     for prop in proposals:
-        prec, rec = precision_recall(prop.members, reference)
+        prec, rec = precision_recall(members(prop), reference)
         f1 = 2 * prec * rec / (prec + rec) if prec + rec > 0 else 0.0
         if f1 > best[3]:
             best = (prop, prec, rec, f1)

@@ -3,6 +3,7 @@ supernodes defined from labels, and the best match for the visual one proved by 
 
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import Any
 
 import click
@@ -24,6 +25,7 @@ def print_proposals(svc: DemoServices, steps: Steps, vlm: dict[str, str]) -> dic
     """Propose supernodes over every stored prompt (stored as kind ``proposed``), print the best
     match for the text ``Hand`` and for ``Hand images`` with precision and recall, and validate
     the latter's match by ablation on the VLM (``vlm``: its ``model`` and ``transcoders``)."""
+    from atlas.circuits.proposals import best_match
     from atlas.store import queries as q
     from atlas.store.proposals import propose_supernodes, validate_proposal
     from atlas.store.supernodes import define_from_label, show
@@ -44,7 +46,7 @@ def print_proposals(svc: DemoServices, steps: Steps, vlm: dict[str, str]) -> dic
     matches = {}
     for ref in (text.HAND, HAND_IMAGES):
         members = {m["fid"] for m in show(driver, ref, database=db)["members"]}
-        matches[ref] = (len(members), *_best(found, members))
+        matches[ref] = (len(members), *best_match(found, list(members), itemgetter("members")))
     out.heading(
         "Supernodes proposed from the atlas",
         f" ({len(found)} over every prompt; the best match for each Hand supernode defined "
@@ -84,18 +86,3 @@ def print_proposals(svc: DemoServices, steps: Steps, vlm: dict[str, str]) -> dic
         f"--prompts {VALIDATE_ON} --model M --transcoders T"
     )
     return result
-
-
-def _best(
-    found: list[dict[str, Any]], reference: set[str]
-) -> tuple[dict[str, Any] | None, float, float]:
-    """The proposal of highest F1 against ``reference``, with its precision and recall."""
-    from atlas.circuits.proposals import precision_recall
-
-    best: tuple[dict[str, Any] | None, float, float, float] = (None, 0.0, 0.0, -1.0)
-    for p in found:
-        prec, rec = precision_recall(p["members"], list(reference))
-        f1 = 2 * prec * rec / (prec + rec) if prec + rec > 0 else 0.0
-        if f1 > best[3]:
-            best = (p, prec, rec, f1)
-    return best[0], best[1], best[2]
